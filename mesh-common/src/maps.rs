@@ -1,0 +1,179 @@
+//! Map names, pin paths and key/value layouts.
+//!
+//! Names must fit the kernel's 15-character object names. `mesh-ebpf` declares each map with
+//! `#[map(name = ...)]` using the same string; `mesh-node`'s tests load the built object and
+//! check that every name below is present, so the two sides cannot drift apart.
+
+/// Enrolled workloads: netns cookie (`u64`) → [`Workload`]. Written by the agent, read by the
+/// capture program (is this socket's netns enrolled?) and by the proxy (who sent this?).
+pub const ENROLLED: &str = "SN_ENROLLED";
+/// Captured but not yet established: socket cookie (`u64`) → [`OrigDst`] (LRU).
+pub const PENDING: &str = "SN_PENDING";
+/// Original destinations of established captured connections: the client's local address
+/// ([`SockKey`]) → [`OrigDst`] (LRU). Entries are removed when the client socket closes.
+pub const ORIG_DST: &str = "SN_ORIG_DST";
+/// Capture settings: one [`ProxyConfig`] at index 0 (array).
+pub const CONFIG: &str = "SN_CONFIG";
+/// Destination ports never captured: port (`u16`, host order) → `u8` (1).
+pub const EXCL_PORTS: &str = "SN_EXCL_PORTS";
+/// Destination CIDRs never captured: LPM trie over [`Addr`] (IPv4 prefixes as `96 + len`).
+pub const EXCL_CIDRS: &str = "SN_EXCL_CIDRS";
+/// Per-CPU counters indexed by [`Stat`].
+pub const STATS: &str = "SN_STATS";
+
+/// Every map the object defines, for checks and for the CLI.
+pub const ALL_MAPS: [&str; 7] = [
+    ENROLLED, PENDING, ORIG_DST, CONFIG, EXCL_PORTS, EXCL_CIDRS, STATS,
+];
+
+pub const ENROLLED_MAX: u32 = 16_384;
+pub const PENDING_MAX: u32 = 65_536;
+pub const ORIG_DST_MAX: u32 = 262_144;
+pub const EXCL_PORTS_MAX: u32 = 1_024;
+pub const EXCL_CIDRS_MAX: u32 = 1_024;
+
+/// Program names (the Rust function names in `mesh-ebpf`).
+pub const PROG_CONNECT4: &str = "sn_connect4";
+pub const PROG_SOCKOPS: &str = "sn_sockops";
+
+/// Everything sidenode pins lives under `<bpffs>/sidenode/`.
+pub const PIN_ROOT: &str = "sidenode";
+/// Maps are pinned by name under `<bpffs>/sidenode/maps/`.
+pub const PIN_MAPS: &str = "sidenode/maps";
+/// Program links are pinned under `<bpffs>/sidenode/links/<program>`.
+pub const PIN_LINKS: &str = "sidenode/links";
+
+/// An IPv6 address or an IPv4-mapped IPv4 address, network byte order, as four words in memory
+/// order (what `bpf_sock_addr.user_ip6` holds).
+pub type Addr = [u32; 4];
+
+/// Word 2 of an IPv4-mapped address (`00 00 ff ff`), in memory order on any endianness.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4-mapped form of an IPv4 address given as it sits in memory (network order).
+#[inline(always)]
+pub const fn addr_from_v4(ip4_net: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4_net]
+}
+
+/// `AF_INET` / `AF_INET6` as stored in [`OrigDst::family`].
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// Key of [`ORIG_DST`]: the captured client's own address and port, which is what the proxy
+/// sees as the peer of the accepted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub addr: Addr,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Where a captured connection was meant to go, and from which workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: Addr,
+    /// Host order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u16,
+    pub _pad: u32,
+    /// Network-namespace cookie of the client socket (a key of [`ENROLLED`]).
+    pub netns_cookie: u64,
+}
+
+pub const NAME_LEN: usize = 128;
+pub const NAMESPACE_LEN: usize = 64;
+pub const SA_LEN: usize = 64;
+
+/// Value of [`ENROLLED`]: who lives in an enrolled network namespace. Strings are UTF-8,
+/// NUL-padded (and truncated to fit; Kubernetes namespace and service-account names fit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    pub addr: Addr,
+    /// [`WORKLOAD_F_*`](WORKLOAD_F_CAPTURE) bits.
+    pub flags: u32,
+    pub _pad: u32,
+    pub name: [u8; NAME_LEN],
+    pub namespace: [u8; NAMESPACE_LEN],
+    pub service_account: [u8; SA_LEN],
+}
+
+/// Outbound connections of this workload are captured.
+pub const WORKLOAD_F_CAPTURE: u32 = 1;
+
+/// Value of [`CONFIG`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The proxy's IPv4 address, network order (as in `bpf_sock_addr.user_ip4`). 0 = capture off.
+    pub proxy_ip4: u32,
+    /// Outbound listener port, host order.
+    pub outbound_port: u16,
+    pub _pad: u16,
+    /// `SO_MARK` of the proxy's own sockets: never captured.
+    pub proxy_mark: u32,
+    /// Ports on `proxy_ip4` that are never rewritten (host order; 0 = unused slot).
+    pub proxy_ports: [u16; 8],
+}
+
+/// Indexes of [`STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// `connect()` rewritten to the proxy.
+    Captured = 0,
+    /// From an enrolled netns, but the destination is excluded (loopback, port, CIDR, proxy).
+    Excluded = 1,
+    /// From an enrolled netns, by the proxy's own marked socket.
+    ProxyOwn = 2,
+    /// Captured connection established: original destination recorded by 4-tuple.
+    Recorded = 3,
+    /// Original-destination entry removed at close.
+    Closed = 4,
+    /// A map update failed in the kernel.
+    MapErrors = 5,
+}
+pub const STAT_COUNT: u32 = 6;
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "captured",
+    "excluded",
+    "proxy_own",
+    "recorded",
+    "closed",
+    "map_errors",
+];
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these types are repr(C), Copy, and made only of integers and integer arrays
+    // with explicit padding fields, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::Workload {}
+    unsafe impl aya::Pod for super::ProxyConfig {}
+}
+
+/// Copies `s` into a NUL-padded fixed buffer, truncating at a UTF-8 boundary.
+pub fn fill_name<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = s.len().min(N);
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// Reads a NUL-padded buffer back as text (invalid UTF-8 is cut at the first bad byte).
+pub fn name_str(buf: &[u8]) -> &str {
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match core::str::from_utf8(&buf[..end]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or(""),
+    }
+}

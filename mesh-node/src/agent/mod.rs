@@ -1,0 +1,156 @@
+//! The node agent: owns the kernel side of one node. It installs (or adopts) the capture
+//! programs at the cgroup root, writes the capture settings, and keeps the enrolled-workload
+//! map in step with the configuration folder it watches. It does not carry traffic — the
+//! node proxy does (`proxy`), so restarting or killing the agent never touches a connection.
+
+pub mod enroll;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use mesh_common::ProxyConfig;
+use mesh_common::ports::{PROXY_MARK, PROXY_PORTS};
+use tracing::{error, info, warn};
+
+use crate::config::watch::FileSource;
+use crate::kernel::maps::{NodeMaps, ip_to_addr, ip4_to_net};
+use crate::kernel::{Pins, load};
+use enroll::Enroller;
+
+/// Everything the agent needs, filled from the command line (`cli`), defaults in `defaults`.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    pub config_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub proxy_ip: Ipv4Addr,
+    pub outbound_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub scan_interval: Duration,
+    pub resync_interval: Duration,
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let pins = Pins::new(&cfg.bpffs);
+    let (mut maps, how) = load::install(&pins, &cfg.cgroup_root).with_context(|| {
+        format!(
+            "installing capture programs on {}",
+            cfg.cgroup_root.display()
+        )
+    })?;
+    write_capture_settings(&mut maps, &cfg)?;
+
+    let mut source = FileSource::new(&cfg.config_dir);
+    let mut enroller = Enroller::new(&cfg.node);
+    sync(&mut source, &mut enroller, &mut maps, true);
+    info!(node = %cfg.node, install = ?how, config = %cfg.config_dir.display(), "agent ready");
+
+    let mut tick = tokio::time::interval(cfg.scan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        let full = last_full.elapsed() >= cfg.resync_interval;
+        if full {
+            last_full = Instant::now();
+        }
+        sync(&mut source, &mut enroller, &mut maps, full);
+    }
+    info!("agent stopping; capture programs stay attached (pinned) for the next start");
+    Ok(())
+}
+
+/// Re-reads what changed, and reconciles the kernel when something did (or `force`).
+fn sync(source: &mut FileSource, enroller: &mut Enroller, maps: &mut NodeMaps, force: bool) {
+    let scan = source.scan();
+    for e in &scan.new_errors {
+        error!("config error: {e}; keeping the last good state");
+    }
+    if !(scan.changed || force) {
+        return;
+    }
+    let (snap, dups) = source.snapshot();
+    for d in dups {
+        warn!("config: {d}");
+    }
+    let out = enroller.reconcile(&snap, maps);
+    if out.added + out.removed > 0 {
+        info!(
+            enrolled = out.enrolled,
+            added = out.added,
+            removed = out.removed,
+            "enrollment updated"
+        );
+    }
+}
+
+fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> {
+    let mut proxy_ports = [0u16; 8];
+    proxy_ports[..PROXY_PORTS.len()].copy_from_slice(&PROXY_PORTS);
+    proxy_ports[PROXY_PORTS.len()] = cfg.outbound_port;
+    let pc = ProxyConfig {
+        proxy_ip4: ip4_to_net(cfg.proxy_ip),
+        outbound_port: cfg.outbound_port,
+        _pad: 0,
+        proxy_mark: PROXY_MARK,
+        proxy_ports,
+    };
+    maps.config.set(0, pc, 0).context("writing SN_CONFIG")?;
+
+    let want: std::collections::BTreeSet<u16> = cfg.exclude_ports.iter().copied().collect();
+    let have: Vec<u16> = maps.excl_ports.keys().filter_map(Result::ok).collect();
+    for p in have.iter().filter(|p| !want.contains(p)) {
+        maps.excl_ports
+            .remove(p)
+            .context("updating SN_EXCL_PORTS")?;
+    }
+    for p in &want {
+        maps.excl_ports
+            .insert(p, 1, 0)
+            .context("updating SN_EXCL_PORTS")?;
+    }
+
+    use aya::maps::lpm_trie::Key;
+    let want: Vec<(u32, mesh_common::Addr)> = cfg
+        .exclude_cidrs
+        .iter()
+        .map(|n| {
+            let len = match n {
+                IpNet::V4(v4) => 96 + u32::from(v4.prefix_len()),
+                IpNet::V6(v6) => u32::from(v6.prefix_len()),
+            };
+            (len, ip_to_addr(n.network()))
+        })
+        .collect();
+    let have: Vec<Key<mesh_common::Addr>> = maps.excl_cidrs.keys().filter_map(Result::ok).collect();
+    for k in &have {
+        let (len, data) = (k.prefix_len(), k.data());
+        if !want.contains(&(len, data)) {
+            maps.excl_cidrs
+                .remove(k)
+                .context("updating SN_EXCL_CIDRS")?;
+        }
+    }
+    for (len, data) in want {
+        maps.excl_cidrs
+            .insert(&Key::new(len, data), 1, 0)
+            .context("updating SN_EXCL_CIDRS")?;
+    }
+    info!(
+        proxy = %format!("{}:{}", cfg.proxy_ip, cfg.outbound_port),
+        exclude_ports = ?cfg.exclude_ports,
+        exclude_cidrs = ?cfg.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "capture settings written"
+    );
+    Ok(())
+}

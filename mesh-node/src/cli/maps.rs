@@ -1,0 +1,138 @@
+//! `mesh-node maps`: the kernel's view, read straight from the pinned maps (works while the
+//! agent is down).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use mesh_common::name_str;
+use serde::Serialize;
+
+use crate::defaults;
+use crate::kernel::Pins;
+use crate::kernel::maps::{NodeMaps, addr_to_ip, orig_dst_addr};
+
+#[derive(Args)]
+pub struct MapsArgs {
+    #[arg(long, default_value = defaults::BPFFS)]
+    bpffs: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Enrolled {
+    netns_cookie: u64,
+    pod: String,
+    namespace: String,
+    service_account: String,
+    ip: String,
+}
+
+#[derive(Serialize)]
+struct OrigDstEntry {
+    client: String,
+    dst: String,
+    netns_cookie: u64,
+    pod: String,
+    namespace: String,
+}
+
+#[derive(Serialize)]
+struct View {
+    enrolled: Vec<Enrolled>,
+    orig_dst: Vec<OrigDstEntry>,
+    pending: usize,
+    stats: serde_json::Map<String, serde_json::Value>,
+}
+
+pub fn run(args: MapsArgs) -> Result<()> {
+    let maps = NodeMaps::open(&Pins::new(&args.bpffs))?;
+    let view = read(&maps);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_tables(&view);
+    }
+    Ok(())
+}
+
+fn read(maps: &NodeMaps) -> View {
+    let mut enrolled: Vec<Enrolled> = maps
+        .enrolled
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(cookie, w)| Enrolled {
+            netns_cookie: cookie,
+            pod: name_str(&w.name).to_string(),
+            namespace: name_str(&w.namespace).to_string(),
+            service_account: name_str(&w.service_account).to_string(),
+            ip: addr_to_ip(&w.addr).to_string(),
+        })
+        .collect();
+    enrolled.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+    let mut orig_dst: Vec<OrigDstEntry> = maps
+        .orig_dst
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, o)| {
+            let who = enrolled.iter().find(|e| e.netns_cookie == o.netns_cookie);
+            OrigDstEntry {
+                client: std::net::SocketAddr::new(addr_to_ip(&k.addr), k.port).to_string(),
+                dst: orig_dst_addr(&o).to_string(),
+                netns_cookie: o.netns_cookie,
+                pod: who.map(|e| e.pod.clone()).unwrap_or_default(),
+                namespace: who.map(|e| e.namespace.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    orig_dst.sort_by(|a, b| a.client.cmp(&b.client));
+    let pending = maps.pending.keys().filter_map(Result::ok).count();
+    let stats = maps
+        .stats()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    View {
+        enrolled,
+        orig_dst,
+        pending,
+        stats,
+    }
+}
+
+fn print_tables(v: &View) {
+    println!("ENROLLED WORKLOADS ({})", v.enrolled.len());
+    println!(
+        "{:<20} {:<16} {:<32} {:<20} IP",
+        "NETNS COOKIE", "NAMESPACE", "POD", "SERVICE ACCOUNT"
+    );
+    for e in &v.enrolled {
+        println!(
+            "{:<20} {:<16} {:<32} {:<20} {}",
+            e.netns_cookie, e.namespace, e.pod, e.service_account, e.ip
+        );
+    }
+    println!();
+    println!(
+        "ORIGINAL DESTINATIONS ({} live, {} pending)",
+        v.orig_dst.len(),
+        v.pending
+    );
+    println!(
+        "{:<24} {:<24} {:<16} POD",
+        "CLIENT", "ORIGINAL DST", "NAMESPACE"
+    );
+    for o in &v.orig_dst {
+        println!(
+            "{:<24} {:<24} {:<16} {}",
+            o.client, o.dst, o.namespace, o.pod
+        );
+    }
+    println!();
+    println!("COUNTERS");
+    for (k, val) in &v.stats {
+        println!("{k:<12} {val}");
+    }
+}

@@ -1,0 +1,432 @@
+//! One YAML file (possibly several `---` documents) into model objects.
+//!
+//! Each document is parsed on its own, so a bad document is reported with its line and does
+//! not hide the good ones. Kinds the mesh does not read are skipped. Unknown fields are
+//! allowed (real manifests carry many), but a field the mesh reads must have the right type.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use crate::model::{
+    Labels, Namespace, ObjKey, Object, Origin, Pod, Service, ServicePort, TargetPort,
+};
+
+/// Which object a document describes, as far as it could be read.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjId {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == "Namespace" {
+            write!(f, "Namespace {}", self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl Object {
+    pub fn id(&self) -> ObjId {
+        match self {
+            Object::Namespace(n) => ObjId {
+                kind: "Namespace".into(),
+                namespace: String::new(),
+                name: n.name.clone(),
+            },
+            Object::Pod(p) => ObjId {
+                kind: "Pod".into(),
+                namespace: p.key.namespace.clone(),
+                name: p.key.name.clone(),
+            },
+            Object::Service(s) => ObjId {
+                kind: "Service".into(),
+                namespace: s.key.namespace.clone(),
+                name: s.key.name.clone(),
+            },
+        }
+    }
+}
+
+/// The outcome of parsing one file.
+#[derive(Debug, Default)]
+pub struct FileParse {
+    pub objects: Vec<Object>,
+    pub errors: Vec<ConfigError>,
+    /// Documents that failed but whose identity is known: their last good version stays.
+    pub failed: Vec<ObjId>,
+    /// A document could not even be read as YAML: keep every last-good object of the file
+    /// that this parse did not produce.
+    pub unreadable: bool,
+}
+
+/// A document and the file line it starts on (1-based).
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut cur = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let is_sep = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if is_sep {
+            if !cur.trim().is_empty() {
+                docs.push((start, std::mem::take(&mut cur)));
+            }
+            cur.clear();
+            start = i + 2;
+            // Content after the marker on the same line belongs to the new document.
+            let rest = line[3..].trim();
+            if !rest.is_empty() {
+                start = i + 1;
+                cur.push_str(rest);
+                cur.push('\n');
+            }
+            continue;
+        }
+        if line == "..." {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+    }
+    if !cur.trim().is_empty() {
+        docs.push((start, cur));
+    }
+    docs
+}
+
+pub fn parse_file(path: &Path, text: &str) -> FileParse {
+    let mut out = FileParse::default();
+    for (start, doc) in split_documents(text) {
+        let err = |line: usize, object: Option<String>, field: Option<String>, message: String| {
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                object,
+                field,
+                message,
+            }
+        };
+        // First: is it YAML at all, and what does it claim to be?
+        let value: serde_yaml::Value = match serde_yaml::from_str(&doc) {
+            Ok(v) => v,
+            Err(e) => {
+                let line = e.location().map(|l| start + l.line() - 1).unwrap_or(start);
+                out.errors
+                    .push(err(line, None, None, format!("malformed YAML: {e}")));
+                out.unreadable = true;
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let Some(head) = Head::of(&value) else {
+            out.errors.push(err(
+                start,
+                None,
+                None,
+                "document is not a mapping with `kind`".into(),
+            ));
+            out.unreadable = true;
+            continue;
+        };
+        let id = head.id();
+        let origin = Origin {
+            file: path.to_path_buf(),
+            line: start,
+        };
+        let parsed = match head.kind.as_str() {
+            "Namespace" => typed::<RawNamespace>(&doc, start).and_then(|r| r.into_model(origin)),
+            "Pod" => typed::<RawPod>(&doc, start).and_then(|r| r.into_model(origin)),
+            "Service" => typed::<RawService>(&doc, start).and_then(|r| r.into_model(origin)),
+            // Kinds the mesh does not read (Deployments, ConfigMaps, ...) are not errors.
+            _ => continue,
+        };
+        match parsed {
+            Ok(obj) => out.objects.push(obj),
+            Err(e) => {
+                out.errors
+                    .push(err(e.line, Some(id.to_string()), e.field, e.message));
+                out.failed.push(id);
+            }
+        }
+    }
+    out
+}
+
+/// `kind`, `metadata.name` and `metadata.namespace`, read leniently to name the object in
+/// errors even when the rest of it is wrong.
+struct Head {
+    kind: String,
+    name: String,
+    namespace: String,
+}
+
+impl Head {
+    fn of(v: &serde_yaml::Value) -> Option<Head> {
+        let kind = v.get("kind")?.as_str()?.to_string();
+        let meta = v.get("metadata");
+        let s = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+        };
+        Some(Head {
+            kind,
+            name: s("name").unwrap_or_else(|| "<unnamed>".into()),
+            namespace: s("namespace").unwrap_or_else(|| "default".into()),
+        })
+    }
+    fn id(&self) -> ObjId {
+        let namespace = if self.kind == "Namespace" {
+            String::new()
+        } else {
+            self.namespace.clone()
+        };
+        ObjId {
+            kind: self.kind.clone(),
+            namespace,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// An error inside one object: the line and field, when known.
+struct ObjError {
+    line: usize,
+    field: Option<String>,
+    message: String,
+}
+
+impl ObjError {
+    fn field(line: usize, field: &str, message: impl Into<String>) -> Self {
+        ObjError {
+            line,
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(doc: &str, start: usize) -> Result<T, ObjError> {
+    let de = serde_yaml::Deserializer::from_str(doc);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .location()
+            .map(|l| start + l.line() - 1)
+            .unwrap_or(start);
+        // serde_yaml prefixes its message with the path it knows; keep the plain message.
+        let message = inner.to_string();
+        let message = match message.split_once(": ") {
+            Some((head, rest)) if head == path || head.ends_with(&path) => rest.to_string(),
+            _ => message,
+        };
+        ObjError {
+            line,
+            field: (path != ".").then_some(path),
+            message,
+        }
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+impl RawMeta {
+    fn name(&self, line: usize) -> Result<String, ObjError> {
+        match &self.name {
+            Some(n) if !n.is_empty() => Ok(n.clone()),
+            _ => Err(ObjError::field(line, "metadata.name", "missing")),
+        }
+    }
+    fn key(&self, line: usize) -> Result<ObjKey, ObjError> {
+        Ok(ObjKey {
+            namespace: self.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: self.name(line)?,
+        })
+    }
+    fn labels(&self) -> Labels {
+        self.labels.clone().unwrap_or_default()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawNamespace {
+    #[serde(default)]
+    metadata: RawMeta,
+}
+
+impl RawNamespace {
+    fn into_model(self, origin: Origin) -> Result<Object, ObjError> {
+        Ok(Object::Namespace(Namespace {
+            name: self.metadata.name(origin.line)?,
+            labels: self.metadata.labels(),
+            origin,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawPod {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: RawPodSpec,
+    #[serde(default)]
+    status: RawPodStatus,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPodSpec {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+    host_network: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPodStatus {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<RawPodIp>>,
+}
+
+#[derive(Deserialize)]
+struct RawPodIp {
+    ip: String,
+}
+
+fn parse_ip(line: usize, field: &str, s: &str) -> Result<IpAddr, ObjError> {
+    s.parse()
+        .map_err(|_| ObjError::field(line, field, format!("`{s}` is not an IP address")))
+}
+
+impl RawPod {
+    fn into_model(self, origin: Origin) -> Result<Object, ObjError> {
+        let line = origin.line;
+        let key = self.metadata.key(line)?;
+        let ip = match self.status.pod_ip.as_deref() {
+            Some(s) if !s.is_empty() => parse_ip(line, "status.podIP", s)?,
+            _ => {
+                return Err(ObjError::field(
+                    line,
+                    "status.podIP",
+                    "missing: a pod needs an IP to be part of the mesh",
+                ));
+            }
+        };
+        let mut ips = vec![ip];
+        for (i, p) in self.status.pod_ips.unwrap_or_default().iter().enumerate() {
+            let extra = parse_ip(line, &format!("status.podIPs[{i}].ip"), &p.ip)?;
+            if !ips.contains(&extra) {
+                ips.push(extra);
+            }
+        }
+        Ok(Object::Pod(Pod {
+            key,
+            node: self.spec.node_name,
+            ip,
+            ips,
+            service_account: self
+                .spec
+                .service_account_name
+                .unwrap_or_else(|| "default".into()),
+            host_network: self.spec.host_network.unwrap_or(false),
+            labels: self.metadata.labels(),
+            annotations: self.metadata.annotations.clone().unwrap_or_default(),
+            origin,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: RawServiceSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawServiceSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    ports: Option<Vec<RawServicePort>>,
+    selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawServicePort {
+    name: Option<String>,
+    port: u16,
+    target_port: Option<RawTargetPort>,
+    protocol: Option<String>,
+    app_protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl RawService {
+    fn into_model(self, origin: Origin) -> Result<Object, ObjError> {
+        let line = origin.line;
+        let key = self.metadata.key(line)?;
+        let cluster_ip = match self.spec.cluster_ip.as_deref() {
+            None | Some("") | Some("None") => None,
+            Some(s) => Some(parse_ip(line, "spec.clusterIP", s)?),
+        };
+        let mut ports = Vec::new();
+        for (i, p) in self.spec.ports.unwrap_or_default().into_iter().enumerate() {
+            if p.port == 0 {
+                return Err(ObjError::field(
+                    line,
+                    &format!("spec.ports[{i}].port"),
+                    "must be 1-65535",
+                ));
+            }
+            ports.push(ServicePort {
+                name: p.name,
+                port: p.port,
+                target_port: p.target_port.map(|t| match t {
+                    RawTargetPort::Number(n) => TargetPort::Number(n),
+                    RawTargetPort::Name(s) => TargetPort::Name(s),
+                }),
+                protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol,
+            });
+        }
+        Ok(Object::Service(Service {
+            key,
+            cluster_ip,
+            ports,
+            selector: self.spec.selector.unwrap_or_default(),
+            origin,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;

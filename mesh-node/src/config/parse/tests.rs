@@ -1,0 +1,121 @@
+use super::*;
+use std::path::PathBuf;
+
+fn parse(text: &str) -> FileParse {
+    parse_file(&PathBuf::from("cfg/pods.yaml"), text)
+}
+
+const GOOD: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: mesh
+  labels:
+    sidenode.io/dataplane-mode: enabled
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: a
+  namespace: mesh
+  annotations:
+    sidenode.io/netns: /var/run/netns/x
+spec:
+  nodeName: node1
+  serviceAccountName: sa-a
+status:
+  podIP: 198.19.1.2
+---
+kind: Deployment
+metadata: {name: ignored}
+";
+
+#[test]
+fn multi_document_file_gives_objects_and_skips_other_kinds() {
+    let p = parse(GOOD);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert_eq!(p.objects.len(), 2);
+    let Object::Pod(pod) = &p.objects[1] else {
+        panic!("second object is a pod")
+    };
+    assert_eq!(pod.key.to_string(), "mesh/a");
+    assert_eq!(pod.ip.to_string(), "198.19.1.2");
+    assert_eq!(pod.service_account, "sa-a");
+    assert_eq!(pod.node.as_deref(), Some("node1"));
+    assert_eq!(pod.origin.line, 8);
+    let Object::Namespace(ns) = &p.objects[0] else {
+        panic!("first object is a namespace")
+    };
+    assert!(ns.mesh_enabled());
+}
+
+#[test]
+fn pod_without_ip_is_named_with_file_line_and_field() {
+    let p = parse(
+        "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: b, namespace: mesh}\nspec: {nodeName: n}\n",
+    );
+    assert_eq!(p.objects.len(), 1);
+    assert_eq!(p.errors.len(), 1);
+    let e = p.errors[0].to_string();
+    assert!(
+        e.starts_with("cfg/pods.yaml:4: Pod mesh/b: status.podIP: missing"),
+        "{e}"
+    );
+    assert_eq!(p.failed.len(), 1);
+    assert!(!p.unreadable);
+}
+
+#[test]
+fn wrong_field_type_names_the_field() {
+    let p = parse(
+        "kind: Pod\nmetadata:\n  name: c\n  namespace: mesh\n  labels: 5\nstatus: {podIP: 1.2.3.4}\n",
+    );
+    assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+    let e = p.errors[0].to_string();
+    assert!(
+        e.contains("Pod mesh/c: metadata.labels: invalid type"),
+        "{e}"
+    );
+    assert!(e.starts_with("cfg/pods.yaml:5:"), "{e}");
+}
+
+#[test]
+fn malformed_yaml_reports_the_line_and_marks_the_file_unreadable() {
+    let p = parse("kind: Namespace\nmetadata: {name: ok}\n---\nkind: Pod\nmetadata: [unclosed\n");
+    assert_eq!(p.objects.len(), 1);
+    assert!(p.unreadable);
+    let e = p.errors[0].to_string();
+    assert!(e.contains("malformed YAML"), "{e}");
+    assert!(e.starts_with("cfg/pods.yaml:"), "{e}");
+}
+
+#[test]
+fn bad_ip_and_bad_port_are_errors() {
+    let p = parse(
+        "kind: Pod\nmetadata: {name: d}\nstatus: {podIP: nope}\n---\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 0}]}\n",
+    );
+    assert_eq!(p.errors.len(), 2);
+    assert!(
+        p.errors[0]
+            .to_string()
+            .contains("status.podIP: `nope` is not an IP address")
+    );
+    assert!(p.errors[1].to_string().contains("spec.ports[0].port"));
+}
+
+#[test]
+fn service_parses_ports_and_headless() {
+    let p = parse(
+        "kind: Service\nmetadata: {name: web, namespace: mesh}\nspec:\n  clusterIP: None\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http-alt, appProtocol: http}\n  - {port: 81, targetPort: 8081}\n",
+    );
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let Object::Service(s) = &p.objects[0] else {
+        panic!("a service")
+    };
+    assert_eq!(s.cluster_ip, None);
+    assert_eq!(
+        s.ports[0].target_port,
+        Some(TargetPort::Name("http-alt".into()))
+    );
+    assert_eq!(s.ports[1].target_port, Some(TargetPort::Number(8081)));
+}

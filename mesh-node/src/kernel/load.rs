@@ -1,0 +1,198 @@
+//! Installing the kernel programs once per node, or adopting the ones already pinned.
+//!
+//! First start: load the object (maps pinned by name under `<bpffs>/sidenode/maps/`), attach
+//! `sn_connect4` and `sn_sockops` to the cgroup root with bpf links, and pin the links under
+//! `<bpffs>/sidenode/links/`. Later starts find both link pins and adopt them: nothing is
+//! detached or reloaded, so capture never stops across agent restarts.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{info, warn};
+
+use super::maps::NodeMaps;
+use super::{KernelError, Pins};
+
+/// The compiled `mesh-ebpf` object, built by this crate's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDENODE_EBPF_OBJECT"));
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// How the agent came to own the programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// Loaded and attached now.
+    Fresh,
+    /// Found pinned from an earlier run and kept as they were.
+    Adopted,
+}
+
+/// Loads and attaches, or adopts, then opens the maps.
+pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), KernelError> {
+    check_cgroup2(cgroup_root)?;
+    for dir in [pins.maps_dir(), pins.links_dir()] {
+        std::fs::create_dir_all(&dir).map_err(|source| KernelError::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let links = [mesh_common::PROG_CONNECT4, mesh_common::PROG_SOCKOPS].map(|p| pins.link(p));
+    let how = if links.iter().all(|l| PinnedLink::from_pin(l).is_ok()) {
+        info!(bpffs = %pins.bpffs().display(), "adopting pinned programs and maps");
+        Install::Adopted
+    } else {
+        for l in &links {
+            if l.exists() {
+                warn!(path = %l.display(), "removing a stale link pin");
+                let _ = std::fs::remove_file(l);
+            }
+        }
+        attach(pins, cgroup_root)?;
+        info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
+        Install::Fresh
+    };
+    Ok((NodeMaps::open(pins)?, how))
+}
+
+fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
+    let mut ebpf: Ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
+        .load(OBJECT)
+        .map_err(|e| KernelError::Load(Box::new(e)))?;
+    let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Io {
+        what: "opening cgroup",
+        path: cgroup_root.to_path_buf(),
+        source,
+    })?;
+
+    let name = mesh_common::PROG_CONNECT4;
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| KernelError::Program { name, source })?;
+    let id = prog
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|source| KernelError::Program { name, source })?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|source| KernelError::Program { name, source })?
+        .try_into()
+        .map_err(|source| KernelError::Link {
+            path: pins.link(name),
+            source,
+        })?;
+    pin(link, pins.link(name))?;
+
+    let name = mesh_common::PROG_SOCKOPS;
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| KernelError::Program { name, source })?;
+    let id = prog
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|source| KernelError::Program { name, source })?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|source| KernelError::Program { name, source })?
+        .try_into()
+        .map_err(|source| KernelError::Link {
+            path: pins.link(name),
+            source,
+        })?;
+    pin(link, pins.link(name))?;
+    Ok(())
+}
+
+fn pin(link: FdLink, path: PathBuf) -> Result<(), KernelError> {
+    link.pin(&path)
+        .map(|_| ())
+        .map_err(|source| KernelError::Pin { path, source })
+}
+
+/// Removes every sidenode pin on this bpffs: the links then detach and the maps go away once
+/// no process holds them.
+pub fn uninstall(pins: &Pins) -> Result<(), KernelError> {
+    let root = pins.root();
+    if root.exists() {
+        std::fs::remove_dir_all(&root).map_err(|source| KernelError::Io {
+            what: "removing",
+            path: root,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn check_cgroup2(path: &Path) -> Result<(), KernelError> {
+    use std::os::unix::ffi::OsStrExt;
+    let io = |source| KernelError::Io {
+        what: "checking cgroup",
+        path: path.to_path_buf(),
+        source,
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a cgroup v2 folder (pass --cgroup-root inside the cgroup2 mount)",
+        )));
+    }
+    Ok(())
+}
+
+/// The machine's cgroup2 mount point, from /proc/self/mountinfo.
+pub fn default_cgroup_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The names in mesh-common are the names in the object: the two sides cannot drift.
+    #[test]
+    fn object_defines_every_map_and_program_named_in_mesh_common() {
+        let obj = aya_obj_names(super::OBJECT);
+        for name in mesh_common::ALL_MAPS {
+            assert!(
+                obj.contains(&name.to_string()),
+                "map {name} missing from the object"
+            );
+        }
+        for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_SOCKOPS] {
+            assert!(
+                obj.contains(&name.to_string()),
+                "program {name} missing from the object"
+            );
+        }
+    }
+
+    /// Symbol names in the ELF string table (enough to find map and program names).
+    fn aya_obj_names(data: &[u8]) -> Vec<String> {
+        data.split(|b| *b == 0)
+            .filter_map(|s| std::str::from_utf8(s).ok())
+            .map(str::to_string)
+            .collect()
+    }
+}

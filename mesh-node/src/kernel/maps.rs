@@ -1,0 +1,153 @@
+//! Typed handles on the pinned maps, opened by path: the agent writes them, the proxy and the
+//! `maps` CLI read them. Layouts come from `mesh-common`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use mesh_common::{Addr, OrigDst, ProxyConfig, SockKey, Workload};
+
+use super::{KernelError, Pins};
+
+/// Every map of a node, opened from its pins.
+pub struct NodeMaps {
+    pub enrolled: HashMap<MapData, u64, Workload>,
+    pub pending: HashMap<MapData, u64, OrigDst>,
+    pub orig_dst: HashMap<MapData, SockKey, OrigDst>,
+    pub config: Array<MapData, ProxyConfig>,
+    pub excl_ports: HashMap<MapData, u16, u8>,
+    pub excl_cidrs: LpmTrie<MapData, Addr, u8>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+fn open(pins: &Pins, name: &'static str) -> Result<Map, KernelError> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| KernelError::OpenPin { path, source })?;
+    Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })
+}
+
+macro_rules! typed {
+    ($pins:expr, $name:expr) => {
+        open($pins, $name)?
+            .try_into()
+            .map_err(|source| KernelError::Map {
+                name: $name,
+                source,
+            })?
+    };
+}
+
+impl NodeMaps {
+    pub fn open(pins: &Pins) -> Result<Self, KernelError> {
+        Ok(Self {
+            enrolled: typed!(pins, mesh_common::ENROLLED),
+            pending: typed!(pins, mesh_common::PENDING),
+            orig_dst: typed!(pins, mesh_common::ORIG_DST),
+            config: typed!(pins, mesh_common::CONFIG),
+            excl_ports: typed!(pins, mesh_common::EXCL_PORTS),
+            excl_cidrs: typed!(pins, mesh_common::EXCL_CIDRS),
+            stats: typed!(pins, mesh_common::STATS),
+        })
+    }
+
+    /// Counters summed over CPUs, in [`mesh_common::Stat`] order.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        mesh_common::STAT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let sum = self
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().copied().sum())
+                    .unwrap_or(0);
+                (*name, sum)
+            })
+            .collect()
+    }
+}
+
+/// Only what the proxy needs, read-only.
+pub struct ProxyMaps {
+    pub enrolled: HashMap<MapData, u64, Workload>,
+    pub orig_dst: HashMap<MapData, SockKey, OrigDst>,
+}
+
+impl ProxyMaps {
+    pub fn open(pins: &Pins) -> Result<Self, KernelError> {
+        Ok(Self {
+            enrolled: typed!(pins, mesh_common::ENROLLED),
+            orig_dst: typed!(pins, mesh_common::ORIG_DST),
+        })
+    }
+
+    /// The original destination of an accepted connection, by its peer address.
+    pub fn orig_dst(&self, peer: SocketAddr) -> Option<OrigDst> {
+        self.orig_dst.get(&sock_key(peer), 0).ok()
+    }
+
+    pub fn workload(&self, netns_cookie: u64) -> Option<Workload> {
+        self.enrolled.get(&netns_cookie, 0).ok()
+    }
+}
+
+pub fn sock_key(addr: SocketAddr) -> SockKey {
+    SockKey {
+        addr: ip_to_addr(addr.ip()),
+        port: addr.port(),
+        _pad: 0,
+    }
+}
+
+/// The map form of an address (IPv4 as IPv4-mapped IPv6).
+pub fn ip_to_addr(ip: IpAddr) -> Addr {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let mut out = [0u32; 4];
+    for (i, w) in out.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+    }
+    out
+}
+
+/// Back from the map form; IPv4-mapped addresses come back as IPv4.
+pub fn addr_to_ip(addr: &Addr) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// An IPv4 address as `bpf_sock_addr.user_ip4` holds it (network order in memory).
+pub fn ip4_to_net(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn orig_dst_addr(o: &OrigDst) -> SocketAddr {
+    SocketAddr::new(addr_to_ip(&o.addr), o.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_round_trips_through_the_mapped_form() {
+        let ip: IpAddr = "198.19.1.2".parse().expect("literal");
+        let a = ip_to_addr(ip);
+        assert_eq!(
+            a,
+            mesh_common::addr_from_v4(ip4_to_net("198.19.1.2".parse().expect("lit")))
+        );
+        assert_eq!(addr_to_ip(&a), ip);
+        let v6: IpAddr = "fd00::1".parse().expect("literal");
+        assert_eq!(addr_to_ip(&ip_to_addr(v6)), v6);
+    }
+}

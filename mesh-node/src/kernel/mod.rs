@@ -1,0 +1,95 @@
+//! The userspace side of the kernel programs: loading or adopting them (`load`), the pinned
+//! maps as typed handles (`maps`), and network-namespace cookies (`netns`).
+//!
+//! Everything is pinned under `<bpffs>/sidenode/`: maps in `maps/`, program links in `links/`.
+//! While the pins exist the programs stay attached, so capture goes on while the agent is down.
+
+pub mod load;
+pub mod maps;
+pub mod netns;
+
+use std::path::{Path, PathBuf};
+
+/// Where a node's pins live.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    bpffs: PathBuf,
+}
+
+impl Pins {
+    pub fn new(bpffs: impl Into<PathBuf>) -> Self {
+        Self {
+            bpffs: bpffs.into(),
+        }
+    }
+    pub fn root(&self) -> PathBuf {
+        self.bpffs.join(mesh_common::PIN_ROOT)
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.bpffs.join(mesh_common::PIN_MAPS)
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.bpffs.join(mesh_common::PIN_LINKS)
+    }
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+}
+
+/// Errors of the kernel side, each naming what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("opening pinned map {path}: {source} (is the agent installed on this bpffs?)")]
+    OpenPin {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("adopting pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,125 @@
+//! The one internal vocabulary: namespaces, pods and services as the mesh sees them, whatever
+//! source they came from (a folder of YAML today, the Kubernetes API later).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Namespace (and pod) label that turns the mesh on (`enabled`) or a pod out of it (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "sidenode.io/dataplane-mode";
+pub const DATAPLANE_ENABLED: &str = "enabled";
+pub const DATAPLANE_NONE: &str = "none";
+/// Standalone mode: the path of a pod's network namespace.
+pub const NETNS_ANNOTATION: &str = "sidenode.io/netns";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Where an object was read from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// `namespace/name` identity of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    pub origin: Origin,
+}
+
+impl Namespace {
+    /// Is the mesh turned on for this namespace?
+    pub fn mesh_enabled(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_ENABLED)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub key: ObjKey,
+    pub node: Option<String>,
+    /// `status.podIP`.
+    pub ip: IpAddr,
+    /// `status.podIPs` (includes `ip`).
+    pub ips: Vec<IpAddr>,
+    pub service_account: String,
+    pub host_network: bool,
+    pub labels: Labels,
+    pub annotations: Labels,
+    pub origin: Origin,
+}
+
+impl Pod {
+    /// The pod asked to stay out of the mesh.
+    pub fn opted_out(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: Option<TargetPort>,
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjKey,
+    /// `None` for headless services.
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+    pub origin: Origin,
+}
+
+/// Every object of one kind the mesh reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+}
+
+/// A whole, consistent view of the cluster's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjKey, Pod>,
+    pub services: BTreeMap<ObjKey, Service>,
+}
+
+impl Snapshot {
+    pub fn namespace_enabled(&self, ns: &str) -> bool {
+        self.namespaces.get(ns).is_some_and(Namespace::mesh_enabled)
+    }
+}

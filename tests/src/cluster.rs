@@ -1,0 +1,592 @@
+//! The simulated cluster: network namespaces for a fabric, nodes and pods; cgroup v2 folders
+//! per node and pod; a fresh bpffs; config YAML the agents watch; and per node a `mesh-node
+//! agent` and `mesh-node proxy` running in the node's namespace.
+//!
+//! Layout (prefix `P`, node `i` 1-based, pod `j` 1-based):
+//! - netns `P-net` (bridge `br0`), `P-node<i>` (`eth0` = 198.18.0.i/24), `P-n<i>p<j>`
+//!   (`eth0` = 198.19.i.(j+1)/32, default via 169.254.1.1 which the node answers by proxy ARP);
+//! - cgroups `<cgroup2>/P/node<i>/pod<j>`;
+//! - state `/run/sidenode-P/`: `cluster.json`, `config/`, `logs/<node>-{agent,proxy}.log`,
+//!   `bpffs/` (a bpffs mount; node i's pins live under `bpffs/node<i>`).
+//!
+//! Everything is found again by prefix, so [`Cluster::down`] cleans up after a crash too.
+
+mod agents;
+mod net;
+mod procs;
+mod yaml;
+
+pub use net::{netns_path, node_ip, pod_ip};
+pub use procs::{cgroup2_mount, pid_alive};
+pub use yaml::{MODE_LABEL, NETNS_ANNOTATION, PodObject, namespaces_yaml, pods_yaml};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+/// Namespace whose pods are enrolled (labelled `sidenode.io/dataplane-mode: enabled`).
+pub const MESH_NS: &str = "mesh";
+/// Namespace whose pods are not enrolled.
+pub const PLAIN_NS: &str = "plain";
+/// How long `up`/restarts wait for `agent ready` / `proxy ready`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterOpts {
+    /// ≤ 6 chars of `[a-z0-9]`; every namespace, folder and mount carries it.
+    pub prefix: String,
+    pub nodes: usize,
+    /// Pods per node.
+    pub pods: usize,
+    /// The `mesh-node` binary.
+    pub mesh_node: PathBuf,
+    /// Start an agent and a proxy on every node.
+    pub start_agents: bool,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        Self {
+            prefix: "sn".into(),
+            nodes: 2,
+            pods: 2,
+            mesh_node: PathBuf::from("mesh-node"),
+            start_agents: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodStatus {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: String,
+    pub cgroup: PathBuf,
+}
+
+/// What `cargo xtask cluster status --json` prints.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<PodStatus>,
+    pub config_dir: PathBuf,
+    /// Node i's pins are under `<bpffs>/node<i>`.
+    pub bpffs: PathBuf,
+}
+
+/// `cluster.json`: the status plus what is needed to manage and tear down.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(flatten)]
+    status: Status,
+    opts: ClusterOpts,
+    cgroup_root: PathBuf,
+    /// `"<node>-agent"` / `"<node>-proxy"` → pid.
+    pids: BTreeMap<String, u32>,
+}
+
+pub struct Cluster {
+    pub opts: ClusterOpts,
+    pub state_dir: PathBuf,
+    /// `<cgroup2 mount>/<prefix>`.
+    pub cgroup_root: PathBuf,
+    status: Status,
+    pids: BTreeMap<String, u32>,
+    children: HashMap<String, Child>,
+    namespaces: BTreeMap<String, bool>,
+    opt_out: BTreeSet<String>,
+    extra_pods: Vec<PodObject>,
+}
+
+pub fn state_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/run/sidenode-{prefix}"))
+}
+
+fn check_prefix(prefix: &str) -> Result<()> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 6
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !ok {
+        bail!("cluster prefix {prefix:?} must be 1-6 chars of [a-z0-9]");
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Create everything; on failure, tear down what was made and return the error.
+    pub fn up(opts: ClusterOpts) -> Result<Cluster> {
+        check_prefix(&opts.prefix)?;
+        if !(1..=250).contains(&opts.nodes) || !(1..=250).contains(&opts.pods) {
+            bail!("nodes and pods must be 1..=250");
+        }
+        let sd = state_dir(&opts.prefix);
+        let taken = net::list_netns()?
+            .iter()
+            .any(|n| n.starts_with(&format!("{}-", opts.prefix)));
+        if sd.exists() || taken {
+            bail!(
+                "a cluster with prefix {:?} exists ({} or netns {}-*); run `cargo xtask cluster down --prefix {}` first",
+                opts.prefix,
+                sd.display(),
+                opts.prefix,
+                opts.prefix
+            );
+        }
+        let prefix = opts.prefix.clone();
+        match Self::build(opts) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                Self::down(&prefix);
+                Err(e.context(format!("bringing up cluster {prefix}")))
+            }
+        }
+    }
+
+    fn build(opts: ClusterOpts) -> Result<Cluster> {
+        let p = opts.prefix.clone();
+        let state_dir = state_dir(&p);
+        let cgroup_root = cgroup2_mount()?.join(&p);
+        let mut nodes = Vec::new();
+        let mut pods = Vec::new();
+        for i in 1..=opts.nodes {
+            let node = format!("node{i}");
+            nodes.push(NodeStatus {
+                name: node.clone(),
+                netns: format!("{p}-node{i}"),
+                ip: node_ip(i),
+            });
+            for j in 1..=opts.pods {
+                let namespace = if j < opts.pods || opts.pods == 1 {
+                    MESH_NS
+                } else {
+                    PLAIN_NS
+                };
+                pods.push(PodStatus {
+                    name: format!("{node}-pod{j}"),
+                    namespace: namespace.into(),
+                    node: node.clone(),
+                    netns: format!("{p}-n{i}p{j}"),
+                    ip: pod_ip(i, j),
+                    cgroup: cgroup_root.join(&node).join(format!("pod{j}")),
+                });
+            }
+        }
+        let status = Status {
+            nodes,
+            pods,
+            config_dir: state_dir.join("config"),
+            bpffs: state_dir.join("bpffs"),
+        };
+        let mut c = Cluster {
+            opts,
+            state_dir,
+            cgroup_root,
+            status,
+            pids: BTreeMap::new(),
+            children: HashMap::new(),
+            namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
+            opt_out: BTreeSet::new(),
+            extra_pods: Vec::new(),
+        };
+        for d in ["config", "logs", "bpffs", "tmp"] {
+            let dir = c.state_dir.join(d);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        c.save()?;
+        net::run(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&c.status.bpffs),
+        )?;
+        let net_ns = format!("{p}-net");
+        net::setup_fabric(&net_ns)?;
+        let n = c.opts.nodes;
+        for (i, node) in c.status.nodes.iter().enumerate() {
+            net::setup_node(&net_ns, &node.netns, i + 1, n)?;
+            let bpf_dir = c.status.bpffs.join(&node.name);
+            std::fs::create_dir_all(&bpf_dir)
+                .with_context(|| format!("creating {}", bpf_dir.display()))?;
+        }
+        for pod in &c.status.pods {
+            let node_idx = c.node_index(&pod.node)?;
+            let node_ns = c.status.nodes[node_idx - 1].netns.clone();
+            let j: usize = pod
+                .name
+                .rsplit("pod")
+                .next()
+                .and_then(|s| s.parse().ok())
+                .context("pod index")?;
+            net::setup_pod(&node_ns, &pod.netns, node_idx, j)?;
+            std::fs::create_dir_all(&pod.cgroup)
+                .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+        }
+        c.write_namespaces()?;
+        for node in c.node_names() {
+            c.write_node_pods(&node)?;
+        }
+        if c.opts.start_agents {
+            for node in c.node_names() {
+                c.start_process(&node, "agent")?;
+                c.start_process(&node, "proxy")?;
+            }
+            for node in c.node_names() {
+                c.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
+                c.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Re-open a running cluster from its `cluster.json`.
+    pub fn load(prefix: &str) -> Result<Cluster> {
+        check_prefix(prefix)?;
+        let sd = state_dir(prefix);
+        let path = sd.join("cluster.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (is cluster {prefix} up?)", path.display()))?;
+        let st: StateFile =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Cluster {
+            opts: st.opts,
+            state_dir: sd,
+            cgroup_root: st.cgroup_root,
+            status: st.status,
+            pids: st.pids,
+            children: HashMap::new(),
+            namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
+            opt_out: BTreeSet::new(),
+            extra_pods: Vec::new(),
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let st = StateFile {
+            status: self.status.clone(),
+            opts: self.opts.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            pids: self.pids.clone(),
+        };
+        let text = serde_json::to_string_pretty(&st)?;
+        yaml::write_atomic(
+            &self.state_dir,
+            &self.state_dir.join("tmp"),
+            "cluster.json",
+            &text,
+        )
+    }
+
+    /// Tear down everything with this prefix. Idempotent; never fails on "already gone".
+    pub fn down(prefix: &str) {
+        if check_prefix(prefix).is_err() {
+            return;
+        }
+        let sd = state_dir(prefix);
+        // 1. agents and proxies from the state file (only if they still look like mesh-node).
+        if let Ok(text) = std::fs::read_to_string(sd.join("cluster.json"))
+            && let Ok(st) = serde_json::from_str::<StateFile>(&text)
+        {
+            let pids: Vec<u32> = st
+                .pids
+                .values()
+                .copied()
+                .filter(|p| procs::cmdline(*p).contains("mesh-node"))
+                .collect();
+            for p in &pids {
+                procs::signal(*p, libc::SIGKILL);
+            }
+            procs::wait_gone(&pids, Duration::from_secs(5));
+        }
+        // 2. anything still inside our namespaces.
+        let ours: Vec<String> = net::list_netns()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{prefix}-")))
+            .collect();
+        let mut pids = Vec::new();
+        for ns in &ours {
+            pids.extend(net::netns_pids(ns));
+        }
+        let me = std::process::id();
+        pids.retain(|p| *p != me);
+        for p in &pids {
+            procs::signal(*p, libc::SIGKILL);
+        }
+        procs::wait_gone(&pids, Duration::from_secs(5));
+        // 3. anything in our cgroups, then the folders.
+        if let Ok(root) = cgroup2_mount() {
+            let cg = root.join(prefix);
+            procs::kill_cgroup_tree(&cg);
+            procs::rmdir_cgroup_tree(&cg);
+        }
+        // 4. bpffs (pinned maps and links go with it).
+        let bpffs = sd.join("bpffs");
+        for _ in 0..10 {
+            if !procs::is_mounted(&bpffs) {
+                break;
+            }
+            let _ = Command::new("umount").arg(&bpffs).output();
+            if procs::is_mounted(&bpffs) {
+                let _ = Command::new("umount").arg("-l").arg(&bpffs).output();
+            }
+        }
+        // 5. namespaces, then the state folder.
+        for ns in &ours {
+            net::del_netns(ns);
+        }
+        if !procs::is_mounted(&bpffs) {
+            let _ = std::fs::remove_dir_all(&sd);
+        }
+    }
+
+    /// Kill the processes this handle started (reaping them), then [`Cluster::down`].
+    pub fn shutdown(&mut self) {
+        for (_, mut child) in self.children.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Self::down(&self.opts.prefix);
+    }
+
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    pub fn status_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(&self.status)?)
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.status.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeStatus> {
+        self.status
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&PodStatus> {
+        self.status
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))
+    }
+
+    fn node_index(&self, name: &str) -> Result<usize> {
+        name.strip_prefix("node")
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad node name {name}"))
+    }
+
+    /// `<state>/bpffs/<node>`: where this node's agent pins.
+    pub fn node_bpffs(&self, node: &str) -> PathBuf {
+        self.status.bpffs.join(node)
+    }
+
+    /// `<cgroup root>/<node>`: where this node's capture programs attach.
+    pub fn node_cgroup(&self, node: &str) -> PathBuf {
+        self.cgroup_root.join(node)
+    }
+
+    pub fn log_path(&self, node: &str, kind: &str) -> PathBuf {
+        self.state_dir
+            .join("logs")
+            .join(format!("{node}-{kind}.log"))
+    }
+
+    // ---- config ------------------------------------------------------------------------------
+
+    /// Write a file into the config folder atomically.
+    pub fn write_config_file(&self, name: &str, yaml: &str) -> Result<()> {
+        yaml::write_atomic(
+            &self.status.config_dir,
+            &self.state_dir.join("tmp"),
+            name,
+            yaml,
+        )
+    }
+
+    /// Remove a config file; fine if it is not there.
+    pub fn remove_config_file(&self, name: &str) -> Result<()> {
+        let path = self.status.config_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Label (or unlabel) a namespace with `sidenode.io/dataplane-mode: enabled`.
+    pub fn set_namespace_enabled(&mut self, ns: &str, enabled: bool) -> Result<()> {
+        self.namespaces.insert(ns.to_string(), enabled);
+        self.write_namespaces()
+    }
+
+    fn write_namespaces(&self) -> Result<()> {
+        self.write_config_file("namespaces.yaml", &namespaces_yaml(&self.namespaces))
+    }
+
+    /// Label a pod `sidenode.io/dataplane-mode: none` (opt out) or drop that label; rewrites
+    /// its node's file.
+    pub fn set_pod_opt_out(&mut self, pod: &str, opt_out: bool) -> Result<()> {
+        let node = self.pod(pod)?.node.clone();
+        if opt_out {
+            self.opt_out.insert(pod.to_string());
+        } else {
+            self.opt_out.remove(pod);
+        }
+        self.write_node_pods(&node)
+    }
+
+    /// Add a Pod object to its node's file (for example one whose netns is the node's own).
+    pub fn add_pod_object(&mut self, pod: PodObject) -> Result<()> {
+        let node = pod.node.clone();
+        self.extra_pods.push(pod);
+        self.write_node_pods(&node)
+    }
+
+    /// The Pod objects of a node, as they are (or will be) written to `<node>.yaml`.
+    pub fn pod_objects(&self, node: &str) -> Vec<PodObject> {
+        let mut out: Vec<PodObject> = self
+            .status
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| PodObject {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                node: p.node.clone(),
+                ip: p.ip.clone(),
+                netns_path: netns_path(&p.netns),
+                service_account: format!("sa-{}", p.name),
+                labels: if self.opt_out.contains(&p.name) {
+                    [(MODE_LABEL.to_string(), "none".to_string())].into()
+                } else {
+                    BTreeMap::new()
+                },
+            })
+            .collect();
+        out.extend(self.extra_pods.iter().filter(|p| p.node == node).cloned());
+        out
+    }
+
+    /// Rewrite `<node>.yaml` from [`Cluster::pod_objects`].
+    pub fn write_node_pods(&self, node: &str) -> Result<()> {
+        self.write_config_file(&format!("{node}.yaml"), &pods_yaml(&self.pod_objects(node)))
+    }
+
+    /// A command that runs in the pod: it joins the pod's cgroup and netns before exec.
+    pub fn pod_command(&self, pod: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        let p = self.pod(pod)?;
+        let fd = procs::open_netns(&netns_path(&p.netns))?;
+        let mut cmd = Command::new(program);
+        procs::enter_in_child(&mut cmd, fd, Some(&p.cgroup.join("cgroup.procs")))?;
+        Ok(cmd)
+    }
+
+    /// A command that runs in the node's netns (no cgroup).
+    pub fn node_command(&self, node: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        let n = self.node(node)?;
+        let fd = procs::open_netns(&netns_path(&n.netns))?;
+        let mut cmd = Command::new(program);
+        procs::enter_in_child(&mut cmd, fd, None)?;
+        Ok(cmd)
+    }
+
+    /// `mesh-node maps --bpffs <bpffs>/<node> --json`, parsed.
+    pub fn maps_json(&self, node: &str) -> Result<serde_json::Value> {
+        let out = Command::new(&self.opts.mesh_node)
+            .arg("maps")
+            .arg("--bpffs")
+            .arg(self.node_bpffs(node))
+            .arg("--json")
+            .output()
+            .context("running mesh-node maps")?;
+        if !out.status.success() {
+            bail!(
+                "mesh-node maps failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "parsing mesh-node maps --json output: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+/// A cluster torn down when dropped (also when a test panics).
+pub struct TestCluster(pub Cluster);
+
+impl TestCluster {
+    pub fn up(opts: ClusterOpts) -> Result<TestCluster> {
+        Ok(TestCluster(Cluster::up(opts)?))
+    }
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::env::var_os("SIDENODE_KEEP_CLUSTER").is_some() {
+            eprintln!(
+                "SIDENODE_KEEP_CLUSTER set: leaving cluster {} up",
+                self.0.opts.prefix
+            );
+            return;
+        }
+        self.0.shutdown();
+    }
+}
+
+/// A random-ish prefix `t` + 4 hex chars (pid, time and a counter hashed).
+pub fn unique_prefix(first: char) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    format!("{first}{:04x}", h.finish() & 0xffff)
+}
+
+/// Path-ish helper for docs and the xtask: where a cluster's state lives.
+pub fn cluster_exists(prefix: &str) -> bool {
+    Path::new(&state_dir(prefix)).join("cluster.json").exists()
+}

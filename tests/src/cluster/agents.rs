@@ -1,0 +1,150 @@
+//! Starting, stopping and watching each node's `mesh-node agent` and `mesh-node proxy`.
+
+use super::{Cluster, READY_TIMEOUT, netns_path, node_ip, pid_alive, procs};
+use anyhow::{Context, Result, bail};
+use std::fs::OpenOptions;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn check_kind(kind: &str) -> Result<()> {
+    if kind != "agent" && kind != "proxy" {
+        bail!("process kind must be \"agent\" or \"proxy\", not {kind:?}");
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Start a node's `agent` or `proxy` in the node netns, in its own session, logging to
+    /// `logs/<node>-<kind>.log`. Does not wait for readiness.
+    pub fn start_process(&mut self, node: &str, kind: &str) -> Result<()> {
+        check_kind(kind)?;
+        let i = self.node_index(node)?;
+        let netns = self.node(node)?.netns.clone();
+        let bpffs = self.node_bpffs(node);
+        std::fs::create_dir_all(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+        let log_path = self.log_path(node, kind);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let log2 = log.try_clone().context("duplicating log fd")?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns_path(&netns)))
+            .arg("--")
+            .arg(&self.opts.mesh_node)
+            .arg(kind)
+            .args(["--node", node]);
+        if kind == "agent" {
+            cmd.arg("--config")
+                .arg(&self.status.config_dir)
+                .arg("--cgroup-root")
+                .arg(self.node_cgroup(node));
+        }
+        cmd.arg("--bpffs")
+            .arg(&bpffs)
+            .args(["--proxy-ip", &node_ip(i)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        procs::new_session(&mut cmd);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {cmd:?} (mesh-node at {})",
+                self.opts.mesh_node.display()
+            )
+        })?;
+        let key = format!("{node}-{kind}");
+        self.pids.insert(key.clone(), child.id());
+        self.children.insert(key, child);
+        self.save()
+    }
+
+    /// The pid of a node's agent or proxy, if started.
+    pub fn pid(&self, node: &str, kind: &str) -> Option<u32> {
+        self.pids.get(&format!("{node}-{kind}")).copied()
+    }
+
+    pub fn is_alive(&mut self, node: &str, kind: &str) -> bool {
+        let key = format!("{node}-{kind}");
+        if let Some(child) = self.children.get_mut(&key) {
+            return matches!(child.try_wait(), Ok(None));
+        }
+        self.pids.get(&key).is_some_and(|p| pid_alive(*p))
+    }
+
+    /// Send `signal` to a node's agent or proxy and wait (10 s) for it to exit.
+    pub fn kill_process(&mut self, node: &str, kind: &str, signal: i32) -> Result<()> {
+        check_kind(kind)?;
+        let key = format!("{node}-{kind}");
+        let pid = *self
+            .pids
+            .get(&key)
+            .with_context(|| format!("{key} was not started"))?;
+        procs::signal(pid, signal);
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        if let Some(child) = self.children.get_mut(&key) {
+            loop {
+                if child.try_wait().context("waiting for child")?.is_some() {
+                    break;
+                }
+                if std::time::Instant::now() > end {
+                    bail!("{key} (pid {pid}) did not exit within 10 s after signal {signal}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.children.remove(&key);
+        } else if !procs::wait_gone(&[pid], Duration::from_secs(10)) {
+            bail!("{key} (pid {pid}) did not exit within 10 s after signal {signal}");
+        }
+        Ok(())
+    }
+
+    /// Stop (SIGTERM, then SIGKILL) if running, start again, and wait for `<kind> ready`
+    /// written after the restart.
+    pub fn restart_process(&mut self, node: &str, kind: &str) -> Result<()> {
+        if self.is_alive(node, kind) && self.kill_process(node, kind, libc::SIGTERM).is_err() {
+            self.kill_process(node, kind, libc::SIGKILL)?;
+        }
+        let offset = self.log_len(node, kind);
+        self.start_process(node, kind)?;
+        self.wait_for_log_after(node, kind, offset, &format!("{kind} ready"), READY_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Current length of a log, to wait for lines written after this point.
+    pub fn log_len(&self, node: &str, kind: &str) -> u64 {
+        std::fs::metadata(self.log_path(node, kind))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Wait until the log has a line containing `needle`; returns the line. Fails early, with
+    /// the log's tail, if the process has exited.
+    pub fn wait_for_log(
+        &mut self,
+        node: &str,
+        kind: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.wait_for_log_after(node, kind, 0, needle, timeout)
+    }
+
+    /// Like [`Cluster::wait_for_log`], looking only at bytes from `offset` on.
+    pub fn wait_for_log_after(
+        &mut self,
+        node: &str,
+        kind: &str,
+        offset: u64,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        check_kind(kind)?;
+        let path = self.log_path(node, kind);
+        procs::wait_for_file_line(&path, offset, needle, timeout, &mut || {
+            self.is_alive(node, kind)
+        })
+        .with_context(|| format!("waiting for {node} {kind}"))
+    }
+}

@@ -1,0 +1,199 @@
+//! Network namespaces, veths, the bridge and routes, all through iproute2.
+//!
+//! Every interface lives inside a namespace the harness creates (they are created directly in
+//! their namespace with `ip -n`), so the machine's own namespace is never touched.
+
+use anyhow::{Context, Result, bail};
+use std::process::Command;
+
+/// Folder where `ip netns` keeps its namespace files.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+pub fn netns_path(name: &str) -> String {
+    format!("{NETNS_DIR}/{name}")
+}
+
+/// Run a command, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `ip <args>`.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// `ip -n <ns> <args>`.
+pub fn ip_ns(ns: &str, args: &[&str]) -> Result<()> {
+    run(Command::new("ip").arg("-n").arg(ns).args(args))
+}
+
+/// Write a sysctl inside a namespace (via nsenter, so /proc/sys/net is the namespace's).
+pub fn sysctl_ns(ns: &str, key: &str, value: &str) -> Result<()> {
+    run(Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(ns)))
+        .arg("--")
+        .arg("sysctl")
+        .arg("-qw")
+        .arg(format!("{key}={value}")))
+}
+
+/// Names from `ip netns list` (each line is `name` or `name (id: N)`).
+pub fn list_netns() -> Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("running ip netns list")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// PIDs of processes in a namespace (`ip netns pids`); empty when it is gone.
+pub fn netns_pids(name: &str) -> Vec<u32> {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+pub fn add_netns(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip_ns(name, &["link", "set", "lo", "up"])
+}
+
+/// Best effort: delete a namespace, ignoring "already gone".
+pub fn del_netns(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+}
+
+pub fn node_ip(i: usize) -> String {
+    format!("198.18.0.{i}")
+}
+
+pub fn pod_ip(node: usize, pod: usize) -> String {
+    format!("198.19.{node}.{}", pod + 1)
+}
+
+/// The fabric namespace with its bridge.
+pub fn setup_fabric(net_ns: &str) -> Result<()> {
+    add_netns(net_ns)?;
+    ip_ns(net_ns, &["link", "add", "br0", "type", "bridge"])?;
+    ip_ns(net_ns, &["link", "set", "br0", "up"])
+}
+
+/// Node `i`: its namespace, `eth0` on the bridge with 198.18.0.i/24, forwarding on, and
+/// a route towards every other node's pod range.
+pub fn setup_node(net_ns: &str, node_ns: &str, i: usize, nodes: usize) -> Result<()> {
+    add_netns(node_ns)?;
+    let br_port = format!("n{i}");
+    ip_ns(
+        net_ns,
+        &[
+            "link", "add", &br_port, "type", "veth", "peer", "name", "eth0", "netns", node_ns,
+        ],
+    )?;
+    ip_ns(net_ns, &["link", "set", &br_port, "master", "br0"])?;
+    ip_ns(net_ns, &["link", "set", &br_port, "up"])?;
+    ip_ns(
+        node_ns,
+        &["addr", "add", &format!("{}/24", node_ip(i)), "dev", "eth0"],
+    )?;
+    ip_ns(node_ns, &["link", "set", "eth0", "up"])?;
+    sysctl_ns(node_ns, "net.ipv4.ip_forward", "1")?;
+    // Proxy ARP answers for the pods' gateway 169.254.1.1 only when the node has a unicast
+    // route to it through another interface; `lo` is such an interface and sends nothing out.
+    ip_ns(node_ns, &["route", "add", "169.254.1.1/32", "dev", "lo"])?;
+    for k in (1..=nodes).filter(|k| *k != i) {
+        ip_ns(
+            node_ns,
+            &[
+                "route",
+                "add",
+                &format!("198.19.{k}.0/24"),
+                "via",
+                &node_ip(k),
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Pod `j` of node `i`: `eth0` with its /32, a link route to 169.254.1.1 and a default via it;
+/// the node side `p<j>` with proxy ARP and a /32 route to the pod.
+pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> {
+    add_netns(pod_ns)?;
+    let node_if = format!("p{j}");
+    let ip_addr = pod_ip(i, j);
+    ip_ns(
+        node_ns,
+        &[
+            "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns,
+        ],
+    )?;
+    sysctl_ns(node_ns, &format!("net.ipv4.conf.{node_if}.proxy_arp"), "1")?;
+    sysctl_ns(
+        node_ns,
+        &format!("net.ipv4.neigh.{node_if}.proxy_delay"),
+        "0",
+    )?;
+    ip_ns(node_ns, &["link", "set", &node_if, "up"])?;
+    ip_ns(
+        node_ns,
+        &[
+            "route",
+            "add",
+            &format!("{ip_addr}/32"),
+            "dev",
+            &node_if,
+            "scope",
+            "link",
+        ],
+    )?;
+    ip_ns(
+        pod_ns,
+        &["addr", "add", &format!("{ip_addr}/32"), "dev", "eth0"],
+    )?;
+    ip_ns(pod_ns, &["link", "set", "eth0", "up"])?;
+    ip_ns(
+        pod_ns,
+        &[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ],
+    )?;
+    ip_ns(
+        pod_ns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ],
+    )
+}

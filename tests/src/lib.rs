@@ -1,0 +1,5 @@
+//! sidenode's end-to-end test support: the simulated cluster ([`cluster`]) used by
+//! `cargo xtask cluster` and the e2e tests, and helpers to run the `testpod` workload in pods
+//! ([`workload`]).
+pub mod cluster;
+pub mod workload;

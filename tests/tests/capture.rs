@@ -1,0 +1,290 @@
+//! End-to-end capture tests on the simulated cluster. Run as root:
+//! `cargo test -p sidenode-tests -- --test-threads=2` (needs `target/debug/mesh-node` or
+//! `$SIDENODE_MESH_NODE`). Each test has its own cluster prefix, torn down on drop.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use sidenode_tests::cluster::{PodObject, netns_path};
+use sidenode_tests::workload::{DialResult, Server, Session, dial};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const SERVER_POD: &str = "node2-pod1";
+const TARGET: &str = "198.19.2.2:8080";
+
+#[test]
+fn enrolled_pod_is_captured_plain_is_not_and_unenroll_stops_capture() -> Result<()> {
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+
+    // Captured: the server sees node1's proxy, the client keeps its own address.
+    let r = dial_one(&c, "node1-pod1", TARGET)?;
+    ensure!(was_captured(&c, "node1-pod1", &r)?, "not captured: {r:?}");
+    ensure!(
+        r.local.as_deref().map(ip_of) == Some("198.19.1.2"),
+        "client local address is not the pod IP: {r:?}"
+    );
+    ensure!(
+        r.server_local.as_deref() == Some(TARGET),
+        "wrong destination: {r:?}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        0,
+        &["connection closed", &format!("dst={TARGET}")],
+        Duration::from_secs(5),
+    )?;
+
+    // While a session is open, the orig-dst map has its entry.
+    let mut s = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
+    ensure!(
+        ip_of(&s.server_peer) == "198.18.0.1",
+        "session not captured: {}",
+        s.hello
+    );
+    let v = c.maps_json("node1")?;
+    let entries = v["orig_dst"]
+        .as_array()
+        .context("maps --json: no orig_dst")?;
+    ensure!(
+        entries
+            .iter()
+            .any(|e| e["dst"] == TARGET && e["pod"] == "node1-pod1" && e["namespace"] == "mesh"),
+        "no orig_dst entry for {TARGET} from mesh/node1-pod1 while the session is open: {v}"
+    );
+    ensure!(s.echo("before")? == "before", "echo mismatch");
+
+    // Not enrolled: untouched.
+    expect_captured(&c, "node1-pod2", TARGET, false)?;
+
+    // Un-enroll the namespace: new connections stop being captured within 2 s.
+    c.set_namespace_enabled("mesh", false)?;
+    let took = wait_captured(&c, "node1-pod1", TARGET, false, Duration::from_secs(2))?;
+    eprintln!("capture stopped {took:?} after un-enrolling");
+    // The established, captured connection keeps working.
+    ensure!(s.echo("after")? == "after", "echo after un-enroll mismatch");
+    s.close()?;
+    Ok(())
+}
+
+#[test]
+fn agent_sigkill_keeps_traffic_and_restart_adopts_state() -> Result<()> {
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    let before = enrolled(&c, "node1")?;
+    let mut s = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
+    ensure!(
+        ip_of(&s.server_peer) == "198.18.0.1",
+        "session not captured: {}",
+        s.hello
+    );
+
+    c.kill_process("node1", "agent", libc::SIGKILL)?;
+    ensure!(
+        s.echo("after kill")? == "after kill",
+        "echo after agent kill"
+    );
+    expect_captured(&c, "node1-pod1", TARGET, true).context("new connection with agent dead")?;
+
+    c.restart_process("node1", "agent")?;
+    let took = wait_captured(&c, "node1-pod1", TARGET, true, Duration::from_secs(2))?;
+    eprintln!("captured {took:?} after the agent was ready again");
+    let after = enrolled(&c, "node1")?;
+    ensure!(
+        before == after,
+        "enrolled set changed across agent restart: before {before:?}, after {after:?}"
+    );
+    ensure!(
+        s.echo("after restart")? == "after restart",
+        "echo after restart"
+    );
+    s.close()?;
+    Ok(())
+}
+
+#[test]
+fn original_destination_right_for_200_concurrent_connections() -> Result<()> {
+    let c = cluster(3)?;
+    // Servers on the plain pods (node<i>-pod3), two ports each; clients: all enrolled pods.
+    let _s1 = Server::start(&c, &testpod(), "node1-pod3", &[8080, 8081])?;
+    let _s2 = Server::start(&c, &testpod(), "node2-pod3", &[8080, 8081])?;
+    let targets: Vec<String> = ["198.19.1.4", "198.19.2.4"]
+        .iter()
+        .flat_map(|ip| [format!("{ip}:8080"), format!("{ip}:8081")])
+        .collect();
+    let clients = ["node1-pod1", "node1-pod2", "node2-pod1", "node2-pod2"];
+    for cl in clients {
+        let node = &c.pod(cl)?.node;
+        wait_enrolled(&c, node, "mesh", cl)?;
+    }
+    let per_client = 50;
+    let results: Vec<(String, Result<Vec<DialResult>>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|cl| {
+                let (c, targets) = (&c, &targets);
+                let h =
+                    sc.spawn(move || dial(c, &testpod(), cl, targets, per_client, per_client, 300));
+                (cl.to_string(), h)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(cl, h)| {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("dial thread panicked")));
+                (cl, r)
+            })
+            .collect()
+    });
+    let mut bad = Vec::new();
+    let mut total = 0;
+    for (cl, r) in results {
+        let r = r.with_context(|| format!("dial from {cl}"))?;
+        let proxy_ip = c.node(&c.pod(&cl)?.node)?.ip.clone();
+        for x in r {
+            total += 1;
+            let ok = x.echo_ok
+                && x.server_local.as_deref() == Some(x.target.as_str())
+                && x.server_peer.as_deref().map(ip_of) == Some(proxy_ip.as_str());
+            if !ok {
+                bad.push(format!("{cl}: {x:?}"));
+            }
+        }
+    }
+    ensure!(
+        total == 4 * per_client,
+        "expected {} results, got {total}",
+        4 * per_client
+    );
+    if !bad.is_empty() {
+        bail!(
+            "{} of {total} connections wrong; first ones:\n{}",
+            bad.len(),
+            bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn proxy_own_connections_are_not_captured() -> Result<()> {
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    let node_ns = c.node("node1")?.netns.clone();
+    // Enroll the node's own netns, where the proxy runs.
+    c.add_pod_object(PodObject {
+        name: "node1-host".into(),
+        namespace: "mesh".into(),
+        node: "node1".into(),
+        ip: "198.18.0.1".into(),
+        netns_path: netns_path(&node_ns),
+        service_account: "sa-node1-host".into(),
+        labels: BTreeMap::new(),
+    })?;
+    wait_enrolled(&c, "node1", "mesh", "node1-host")?;
+    // Put the proxy into node1's cgroup folder, under the capture programs.
+    let pid = c.pid("node1", "proxy").context("no proxy pid")?;
+    let cg = c.node_cgroup("node1");
+    if std::fs::write(cg.join("cgroup.procs"), pid.to_string()).is_err() {
+        let sub = cg.join("proxy");
+        std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
+        std::fs::write(sub.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving proxy {pid} into {}", sub.display()))?;
+    }
+    let r = dial_one(&c, "node1-pod1", TARGET)?;
+    ensure!(was_captured(&c, "node1-pod1", &r)?, "not captured: {r:?}");
+    let mut s = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
+    ensure!(
+        ip_of(&s.server_peer) == "198.18.0.1",
+        "session not captured: {}",
+        s.hello
+    );
+    ensure!(s.echo("loop-free")? == "loop-free", "echo mismatch");
+    s.close()?;
+    ensure!(c.is_alive("node1", "proxy"), "proxy died");
+    Ok(())
+}
+
+#[test]
+fn bad_config_is_reported_and_does_not_disturb_enrolled_pods() -> Result<()> {
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    let before = enrolled(&c, "node1")?;
+    let missing_ns = netns_path(&format!("{}-nope", c.opts.prefix));
+    let pod = |extra_meta: &str, spec: &str, status: &str, netns: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\n  namespace: mesh\n  annotations:\n    sidenode.io/netns: \"{netns}\"\n{extra_meta}spec:\n{spec}status:\n{status}"
+        )
+    };
+    let good_netns = netns_path(&c.pod("node1-pod1")?.netns);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "bad-syntax.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x\n  namespace: [mesh\n".to_string(),
+            "",
+        ),
+        (
+            "bad-type.yaml",
+            pod(
+                "  labels: 5\n",
+                "  nodeName: node1\n",
+                "  podIP: 198.19.1.200\n",
+                &good_netns,
+            ),
+            "labels",
+        ),
+        (
+            "no-ip.yaml",
+            pod("", "  nodeName: node1\n", "  phase: Running\n", &good_netns),
+            "podIP",
+        ),
+        (
+            "bad-netns.yaml",
+            pod(
+                "",
+                "  nodeName: node1\n",
+                "  podIP: 198.19.1.201\n",
+                &missing_ns,
+            ),
+            "netns",
+        ),
+    ];
+    for (file, yaml, problem) in cases {
+        let offset = c.log_len("node1", "agent");
+        c.write_config_file(file, &yaml)?;
+        let stem = file.trim_end_matches(".yaml");
+        let line = wait_log_all(
+            &c,
+            "node1",
+            "agent",
+            offset,
+            &[stem, problem],
+            Duration::from_secs(5),
+        )
+        .with_context(|| format!("agent did not report {file}"))?;
+        eprintln!("{file}: {line}");
+        let upper = line.to_uppercase();
+        ensure!(
+            upper.contains("ERROR") || upper.contains("WARN"),
+            "{file}: report is not at error/warn level: {line}"
+        );
+        ensure!(c.is_alive("node1", "agent"), "{file}: agent died");
+        let now = enrolled(&c, "node1")?;
+        ensure!(
+            before.is_subset(&now),
+            "{file}: enrolled pods lost: before {before:?}, now {now:?}"
+        );
+        expect_captured(&c, "node1-pod1", TARGET, true).with_context(|| format!("after {file}"))?;
+        c.remove_config_file(file)?;
+    }
+    Ok(())
+}

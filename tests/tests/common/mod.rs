@@ -1,0 +1,189 @@
+//! Shared helpers for the e2e tests.
+#![allow(dead_code)]
+
+use anyhow::{Context, Result, bail};
+use sidenode_tests::cluster::{Cluster, ClusterOpts, TestCluster, unique_prefix};
+use sidenode_tests::workload::{DialResult, dial, mesh_node_path};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "the sidenode e2e tests need root (network namespaces, cgroups, bpffs, eBPF); run them as root"
+    );
+}
+
+pub fn testpod() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_testpod"))
+}
+
+/// A 2-node cluster with `pods` pods per node and agents running, torn down on drop.
+pub fn cluster(pods: usize) -> Result<TestCluster> {
+    require_root();
+    let mesh_node = mesh_node_path();
+    if !mesh_node.exists() {
+        bail!(
+            "{} not found: build mesh-node (`cargo build -p mesh-node`) or set SIDENODE_MESH_NODE",
+            mesh_node.display()
+        );
+    }
+    TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('t'),
+        nodes: 2,
+        pods,
+        mesh_node,
+        start_agents: true,
+    })
+}
+
+/// The IP part of `ip:port`.
+pub fn ip_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(addr)
+}
+
+/// Poll `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<bool> {
+    let end = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(true);
+        }
+        if Instant::now() > end {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `(namespace, pod)` of every enrolled workload in a node's maps.
+pub fn enrolled(c: &Cluster, node: &str) -> Result<BTreeSet<(String, String)>> {
+    let v = c.maps_json(node)?;
+    let list = v["enrolled"]
+        .as_array()
+        .with_context(|| format!("maps --json has no enrolled array: {v}"))?;
+    Ok(list
+        .iter()
+        .map(|e| {
+            (
+                e["namespace"].as_str().unwrap_or_default().to_string(),
+                e["pod"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Wait (10 s) until `pod` in `ns` shows up in the node's enrolled set.
+pub fn wait_enrolled(c: &Cluster, node: &str, ns: &str, pod: &str) -> Result<()> {
+    let key = (ns.to_string(), pod.to_string());
+    let mut last = BTreeSet::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = enrolled(c, node).unwrap_or_default();
+        Ok(last.contains(&key))
+    })?;
+    if !ok {
+        bail!("{ns}/{pod} not enrolled on {node} within 10 s; enrolled: {last:?}");
+    }
+    Ok(())
+}
+
+/// One connection from `pod` to `target`.
+pub fn dial_one(c: &Cluster, pod: &str, target: &str) -> Result<DialResult> {
+    let mut r = dial(c, &testpod(), pod, &[target.to_string()], 1, 1, 0)?;
+    let one = r.pop().context("empty dial report")?;
+    if !one.echo_ok {
+        bail!("connection {pod} -> {target} failed: {one:?}");
+    }
+    Ok(one)
+}
+
+/// Was the connection captured, i.e. did the server see the client node's proxy address?
+pub fn was_captured(c: &Cluster, client_pod: &str, r: &DialResult) -> Result<bool> {
+    let node = &c.pod(client_pod)?.node;
+    let proxy_ip = &c.node(node)?.ip;
+    let pod_ip = &c.pod(client_pod)?.ip;
+    let peer = r.server_peer.as_deref().context("no server_peer")?;
+    if ip_of(peer) == proxy_ip {
+        Ok(true)
+    } else if ip_of(peer) == pod_ip {
+        Ok(false)
+    } else {
+        bail!("server saw neither the pod {pod_ip} nor the proxy {proxy_ip}: {r:?}")
+    }
+}
+
+/// Assert one new connection from `pod` to `target` is captured (or not).
+pub fn expect_captured(c: &Cluster, pod: &str, target: &str, captured: bool) -> Result<()> {
+    let r = dial_one(c, pod, target)?;
+    if was_captured(c, pod, &r)? != captured {
+        bail!(
+            "connection {pod} -> {target} expected {}captured, got {r:?}",
+            if captured { "" } else { "not " }
+        );
+    }
+    if r.server_local.as_deref() != Some(target) {
+        bail!("server_local is not the original destination {target}: {r:?}");
+    }
+    Ok(())
+}
+
+/// Within `timeout`, new connections from `pod` reach the state `captured`; returns how long
+/// it took.
+pub fn wait_captured(
+    c: &Cluster,
+    pod: &str,
+    target: &str,
+    captured: bool,
+    timeout: Duration,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = None;
+    let ok = wait_until(timeout, || {
+        let r = dial_one(c, pod, target)?;
+        let got = was_captured(c, pod, &r)?;
+        last = Some(r);
+        Ok(got == captured)
+    })?;
+    if !ok {
+        bail!(
+            "new connections {pod} -> {target} not {}captured within {timeout:?}; last: {last:?}",
+            if captured { "" } else { "un" }
+        );
+    }
+    Ok(start.elapsed())
+}
+
+/// Wait for a log line (written after `offset`) containing every needle.
+pub fn wait_log_all(
+    c: &Cluster,
+    node: &str,
+    kind: &str,
+    offset: u64,
+    needles: &[&str],
+    timeout: Duration,
+) -> Result<String> {
+    let path = c.log_path(node, kind);
+    let mut found = None;
+    wait_until(timeout, || {
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
+        let text = String::from_utf8_lossy(&bytes[start..]);
+        found = text
+            .lines()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string);
+        Ok(found.is_some())
+    })?;
+    found.with_context(|| {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        format!(
+            "no line with {needles:?} in {} within {timeout:?}; last lines:\n{}",
+            path.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })
+}

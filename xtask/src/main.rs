@@ -1,0 +1,153 @@
+//! `cargo xtask`: the project's tasks. `setup` installs what the build needs (idempotent),
+//! `build` builds everything (the eBPF object is built by mesh-node's build script), `test`
+//! runs every test, `cluster` drives the simulated cluster, `demo` shows the capture path.
+
+mod cluster;
+mod demo;
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sidenode project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install Debian packages and bpf-linker needed to build and test (idempotent).
+    Setup,
+    /// Set up, then build the eBPF object and all binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, then run every test (needs root: real eBPF, netns, cgroups).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Simulated cluster of network namespaces, veths, cgroups and agents.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
+    },
+    /// Bring up a 2-node cluster, send traffic through the mesh, show it, clean up.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            build(false)?;
+            test(&args)
+        }
+        Cmd::Cluster { cmd } => cluster::run(cmd),
+        Cmd::Demo => {
+            setup::run()?;
+            build(false)?;
+            demo::run()
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// The `mesh-node` binary of a debug build.
+pub fn mesh_node_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("mesh-node")
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the default members (all but mesh-ebpf, which mesh-node's build script builds for
+/// the bpf target; `--workspace` would try to build it for the host).
+fn build(release: bool) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)
+}
+
+/// Formatting and lints first (warnings are errors), then every test.
+fn test(args: &[String]) -> Result<()> {
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root())
+        .args(["test", "--all-targets"]);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    // Pass the output through and add up every test binary's result line, so the run ends
+    // with one total that counts all of them.
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\ntotal: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
