@@ -10,6 +10,14 @@ use std::process::Command;
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 
 fn main() {
+    println!("cargo:rerun-if-changed=proto/sidenode.proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/sidenode.proto"], &["proto"])
+        .expect("compiling proto/sidenode.proto (needs protoc: `cargo xtask setup`)");
+    build_ebpf();
+}
+
+fn build_ebpf() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest
         .parent()

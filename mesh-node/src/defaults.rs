@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
-pub use mesh_common::ports::OUTBOUND;
+pub use mesh_common::ports::{METRICS, OUTBOUND};
+
+/// Controller gRPC port (Istio's istiod xDS port).
+pub const CONTROLLER: u16 = 15012;
+/// SPIFFE trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// How often the agent looks at its configuration folder.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(500);

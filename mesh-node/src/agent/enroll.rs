@@ -10,6 +10,7 @@
 //! state stays in force) and the problem is reported.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::Path;
 
 use mesh_common::{
@@ -19,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::kernel::maps::{NodeMaps, addr_to_ip, ip_to_addr};
 use crate::kernel::netns::{netns_cookie, netns_id};
-use crate::model::{NETNS_ANNOTATION, ObjKey, Pod, Snapshot};
+use crate::model::{NETNS_ANNOTATION, ObjKey, Snapshot};
 
 /// A pod that should be (or stay) enrolled.
 #[derive(Clone, Copy)]
@@ -47,14 +48,44 @@ pub struct Outcome {
     pub errors: usize,
 }
 
-fn workload_of(pod: &Pod) -> Workload {
+/// A pod of this node that belongs in the mesh, from whichever source (config folder or
+/// controller).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub key: ObjKey,
+    pub ip: IpAddr,
+    pub service_account: String,
+    /// Path of the pod's network namespace.
+    pub netns: Option<String>,
+    /// Where the pod was defined, for error messages.
+    pub origin: String,
+}
+
+impl Candidate {
+    /// The meshed pods of `node` in a snapshot.
+    pub fn from_snapshot(snap: &Snapshot, node: &str) -> Vec<Candidate> {
+        snap.pods
+            .values()
+            .filter(|p| p.node.as_deref() == Some(node) && snap.is_meshed(p))
+            .map(|p| Candidate {
+                key: p.key.clone(),
+                ip: p.ip,
+                service_account: p.service_account.clone(),
+                netns: p.annotations.get(NETNS_ANNOTATION).cloned(),
+                origin: p.origin.to_string(),
+            })
+            .collect()
+    }
+}
+
+fn workload_of(c: &Candidate) -> Workload {
     Workload {
-        addr: ip_to_addr(pod.ip),
+        addr: ip_to_addr(c.ip),
         flags: WORKLOAD_F_CAPTURE,
         _pad: 0,
-        name: fill_name::<NAME_LEN>(&pod.key.name),
-        namespace: fill_name::<NAMESPACE_LEN>(&pod.key.namespace),
-        service_account: fill_name::<SA_LEN>(&pod.service_account),
+        name: fill_name::<NAME_LEN>(&c.key.name),
+        namespace: fill_name::<NAMESPACE_LEN>(&c.key.namespace),
+        service_account: fill_name::<SA_LEN>(&c.service_account),
     }
 }
 
@@ -76,12 +107,8 @@ impl Enroller {
         }
     }
 
-    /// Should this pod be in the mesh on this node?
-    fn wanted(&self, snap: &Snapshot, pod: &Pod) -> bool {
-        pod.node.as_deref() == Some(self.node.as_str())
-            && snap.namespace_enabled(&pod.key.namespace)
-            && !pod.opted_out()
-            && !pod.host_network
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     fn cookie(&mut self, path: &Path) -> Result<u64, crate::kernel::KernelError> {
@@ -95,14 +122,11 @@ impl Enroller {
     }
 
     /// The enrollment the snapshot asks for, and the problems found on the way.
-    fn desired(&mut self, snap: &Snapshot) -> (BTreeMap<ObjKey, Entry>, Vec<String>) {
+    fn desired(&mut self, candidates: &[Candidate]) -> (BTreeMap<ObjKey, Entry>, Vec<String>) {
         let mut want = BTreeMap::new();
         let mut problems = Vec::new();
-        for pod in snap.pods.values() {
-            if !self.wanted(snap, pod) {
-                continue;
-            }
-            let resolved = match pod.annotations.get(NETNS_ANNOTATION) {
+        for pod in candidates {
+            let resolved = match &pod.netns {
                 None => Err(format!(
                     "{}: Pod {}: metadata.annotations.{NETNS_ANNOTATION}: missing (standalone mode needs the pod's network namespace path)",
                     pod.origin, pod.key
@@ -137,8 +161,8 @@ impl Enroller {
     }
 
     /// Brings the kernel map in line with the snapshot.
-    pub fn reconcile(&mut self, snap: &Snapshot, maps: &mut NodeMaps) -> Outcome {
-        let (want, problems) = self.desired(snap);
+    pub fn reconcile(&mut self, candidates: &[Candidate], maps: &mut NodeMaps) -> Outcome {
+        let (want, problems) = self.desired(candidates);
         let mut out = Outcome {
             errors: problems.len(),
             ..Outcome::default()

@@ -15,16 +15,29 @@ use mesh_common::ProxyConfig;
 use mesh_common::ports::{PROXY_MARK, PROXY_PORTS};
 use tracing::{error, info, warn};
 
+use std::sync::Arc;
+
 use crate::config::watch::FileSource;
 use crate::kernel::maps::{NodeMaps, ip_to_addr, ip4_to_net};
 use crate::kernel::{Pins, load};
+use crate::state::NodeState;
+use crate::state::client::ControllerSettings;
 use enroll::Enroller;
+
+/// Where the agent learns which pods to enroll.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Standalone: a folder of YAML.
+    Files(PathBuf),
+    /// The controller's state stream.
+    Controller(ControllerSettings),
+}
 
 /// Everything the agent needs, filled from the command line (`cli`), defaults in `defaults`.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node: String,
-    pub config_dir: PathBuf,
+    pub source: Source,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub proxy_ip: Ipv4Addr,
@@ -45,29 +58,82 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     })?;
     write_capture_settings(&mut maps, &cfg)?;
 
-    let mut source = FileSource::new(&cfg.config_dir);
-    let mut enroller = Enroller::new(&cfg.node);
-    sync(&mut source, &mut enroller, &mut maps, true);
-    info!(node = %cfg.node, install = ?how, config = %cfg.config_dir.display(), "agent ready");
-
-    let mut tick = tokio::time::interval(cfg.scan_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_full = Instant::now();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+    match &cfg.source {
+        Source::Files(dir) => {
+            let mut source = FileSource::new(dir);
+            let mut enroller = Enroller::new(&cfg.node);
+            sync(&mut source, &mut enroller, &mut maps, true);
+            info!(node = %cfg.node, install = ?how, config = %dir.display(), "agent ready");
+            let mut tick = tokio::time::interval(cfg.scan_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_full = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                }
+                let full = last_full.elapsed() >= cfg.resync_interval;
+                if full {
+                    last_full = Instant::now();
+                }
+                sync(&mut source, &mut enroller, &mut maps, full);
+            }
         }
-        let full = last_full.elapsed() >= cfg.resync_interval;
-        if full {
-            last_full = Instant::now();
+        Source::Controller(settings) => {
+            let conn = crate::state::client::channel(settings)?;
+            let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(NodeState::default()));
+            tokio::spawn(crate::state::client::follow(conn, tx));
+            let mut enroller = Enroller::new(&cfg.node);
+            info!(node = %cfg.node, install = ?how, controller = %settings.addr, "agent ready");
+            let mut tick = tokio::time::interval(cfg.resync_interval);
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    _ = tick.tick() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                }
+                let st = rx.borrow_and_update().clone();
+                if st.version == 0 {
+                    continue; // nothing heard yet: keep what the kernel has
+                }
+                let out = enroller.reconcile(&candidates_from_state(&st, &cfg.node), &mut maps);
+                if out.added + out.removed > 0 {
+                    info!(
+                        enrolled = out.enrolled,
+                        added = out.added,
+                        removed = out.removed,
+                        version = st.version,
+                        "enrollment updated"
+                    );
+                }
+            }
         }
-        sync(&mut source, &mut enroller, &mut maps, full);
     }
     info!("agent stopping; capture programs stay attached (pinned) for the next start");
     Ok(())
+}
+
+/// The meshed pods of this node, as the controller sees them.
+fn candidates_from_state(st: &NodeState, node: &str) -> Vec<enroll::Candidate> {
+    st.workloads
+        .values()
+        .filter(|w| w.node == node && w.meshed)
+        .filter_map(|w| {
+            Some(enroll::Candidate {
+                key: crate::model::ObjKey {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                },
+                ip: w.ips.first()?.parse().ok()?,
+                service_account: w.service_account.clone(),
+                netns: (!w.netns.is_empty()).then(|| w.netns.clone()),
+                origin: format!("controller state v{}", st.version),
+            })
+        })
+        .collect()
 }
 
 /// Re-reads what changed, and reconciles the kernel when something did (or `force`).
@@ -83,7 +149,10 @@ fn sync(source: &mut FileSource, enroller: &mut Enroller, maps: &mut NodeMaps, f
     for d in dups {
         warn!("config: {d}");
     }
-    let out = enroller.reconcile(&snap, maps);
+    let out = enroller.reconcile(
+        &enroll::Candidate::from_snapshot(&snap, enroller.node()),
+        maps,
+    );
     if out.added + out.removed > 0 {
         info!(
             enrolled = out.enrolled,

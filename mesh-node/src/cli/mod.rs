@@ -32,6 +32,8 @@ enum Cmd {
     Agent(AgentArgs),
     /// Node proxy: carries captured connections.
     Proxy(ProxyArgs),
+    /// Controller: configuration source, state stream and certificate authority.
+    Controller(ControllerCmdArgs),
     /// Show the kernel's maps: enrolled workloads, original destinations, counters.
     Maps(maps::MapsArgs),
     /// Remove every sidenode pin from a bpffs (detaches the capture programs).
@@ -47,8 +49,10 @@ struct AgentArgs {
     #[arg(long, env = "SIDENODE_NODE")]
     node: String,
     /// Folder of Kubernetes-style YAML (Namespace, Pod, Service) to watch.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "controller")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    controller: ControllerArgs,
     /// cgroup v2 folder the capture programs attach to (default: the cgroup2 mount).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
@@ -68,10 +72,77 @@ struct AgentArgs {
     exclude_cidrs: Vec<IpNet>,
 }
 
+/// How to reach the controller (all three together).
+#[derive(Args, Clone)]
+struct ControllerArgs {
+    /// Controller gRPC address `host:port`; turns on mesh mode (HBONE mTLS, certificates).
+    #[arg(long, requires_all = ["controller_ca", "token_file"])]
+    controller: Option<String>,
+    /// PEM root the controller's certificate chains to (its `root-cert.pem`).
+    #[arg(long)]
+    controller_ca: Option<PathBuf>,
+    /// This node's bootstrap token file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ControllerArgs {
+    fn settings(&self) -> Option<crate::state::client::ControllerSettings> {
+        Some(crate::state::client::ControllerSettings {
+            addr: self.controller.clone()?,
+            ca_file: self.controller_ca.clone()?,
+            token_file: self.token_file.clone()?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct ControllerCmdArgs {
+    /// Folder of Kubernetes-style YAML to serve.
+    #[arg(long)]
+    config: PathBuf,
+    /// Where the CA lives (created on first start, or Istio plug-in CA files).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, default_value_t = std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), defaults::CONTROLLER))]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Workload certificate lifetime (e.g. 24h, 30m, 20s).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: std::time::Duration,
+    /// Folder of node tokens: one file per node, named for it, holding its token.
+    #[arg(long)]
+    node_tokens: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number with s, m or h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{s}`: unit must be s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 #[derive(Args)]
 struct ProxyArgs {
     #[arg(long, env = "SIDENODE_NODE")]
     node: String,
+    #[command(flatten)]
+    controller: ControllerArgs,
+    /// Refuse (instead of connecting directly) destinations outside the mesh.
+    #[arg(long)]
+    no_direct_unmeshed: bool,
+    /// Prometheus metrics address (default: proxy-ip:15020).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     #[arg(long, default_value = defaults::BPFFS)]
     bpffs: PathBuf,
     /// Address the outbound listener binds (the agent's `--proxy-ip`).
@@ -93,7 +164,10 @@ pub fn main() -> Result<()> {
             };
             let cfg = crate::agent::AgentConfig {
                 node: a.node,
-                config_dir: a.config,
+                source: match a.controller.settings() {
+                    Some(c) => crate::agent::Source::Controller(c),
+                    None => crate::agent::Source::Files(a.config.unwrap_or_default()),
+                },
                 cgroup_root,
                 bpffs: a.bpffs,
                 proxy_ip: a.proxy_ip,
@@ -113,8 +187,26 @@ pub fn main() -> Result<()> {
                 outbound_port: p.outbound_port,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
                 drain_timeout: defaults::DRAIN_TIMEOUT,
+                controller: p.controller.settings(),
+                direct_unmeshed: !p.no_direct_unmeshed,
+                metrics_addr: Some(
+                    p.metrics
+                        .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
+                ),
             };
             runtime()?.block_on(crate::proxy::run(cfg))
+        }
+        Cmd::Controller(c) => {
+            let cfg = crate::controller::ControllerConfig {
+                config_dir: c.config,
+                state_dir: c.state_dir,
+                listen: c.listen,
+                trust_domain: c.trust_domain,
+                cert_ttl: c.cert_ttl,
+                node_tokens: c.node_tokens,
+                scan_interval: defaults::SCAN_INTERVAL,
+            };
+            runtime()?.block_on(crate::controller::run(cfg))
         }
         Cmd::Maps(m) => maps::run(m),
         Cmd::Uninstall { bpffs } => {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use crate::model::{
-    Labels, Namespace, ObjKey, Object, Origin, Pod, Service, ServicePort, TargetPort,
+    Labels, Namespace, Node, ObjKey, Object, Origin, Pod, Service, ServicePort, TargetPort,
 };
 
 /// Which object a document describes, as far as it could be read.
@@ -25,8 +25,8 @@ pub struct ObjId {
 
 impl std::fmt::Display for ObjId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.kind == "Namespace" {
-            write!(f, "Namespace {}", self.name)
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
@@ -50,6 +50,11 @@ impl Object {
                 kind: "Service".into(),
                 namespace: s.key.namespace.clone(),
                 name: s.key.name.clone(),
+            },
+            Object::Node(n) => ObjId {
+                kind: "Node".into(),
+                namespace: String::new(),
+                name: n.name.clone(),
             },
         }
     }
@@ -146,6 +151,7 @@ pub fn parse_file(path: &Path, text: &str) -> FileParse {
             "Namespace" => typed::<RawNamespace>(&doc, start).and_then(|r| r.into_model(origin)),
             "Pod" => typed::<RawPod>(&doc, start).and_then(|r| r.into_model(origin)),
             "Service" => typed::<RawService>(&doc, start).and_then(|r| r.into_model(origin)),
+            "Node" => typed::<RawNode>(&doc, start).and_then(|r| r.into_model(origin)),
             // Kinds the mesh does not read (Deployments, ConfigMaps, ...) are not errors.
             _ => continue,
         };
@@ -185,7 +191,8 @@ impl Head {
         })
     }
     fn id(&self) -> ObjId {
-        let namespace = if self.kind == "Namespace" {
+        let cluster_scoped = self.kind == "Namespace" || self.kind == "Node";
+        let namespace = if cluster_scoped {
             String::new()
         } else {
             self.namespace.clone()
@@ -425,6 +432,44 @@ impl RawService {
             selector: self.spec.selector.unwrap_or_default(),
             origin,
         }))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawNode {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    status: RawNodeStatus,
+}
+
+#[derive(Deserialize, Default)]
+struct RawNodeStatus {
+    addresses: Option<Vec<RawNodeAddress>>,
+}
+
+#[derive(Deserialize)]
+struct RawNodeAddress {
+    #[serde(rename = "type")]
+    kind: String,
+    address: String,
+}
+
+impl RawNode {
+    fn into_model(self, origin: Origin) -> Result<Object, ObjError> {
+        let line = origin.line;
+        let name = self.metadata.name(line)?;
+        let mut ip = None;
+        for (i, a) in self.status.addresses.unwrap_or_default().iter().enumerate() {
+            if a.kind == "InternalIP" && ip.is_none() {
+                ip = Some(parse_ip(
+                    line,
+                    &format!("status.addresses[{i}].address"),
+                    &a.address,
+                )?);
+            }
+        }
+        Ok(Object::Node(Node { name, ip, origin }))
     }
 }
 

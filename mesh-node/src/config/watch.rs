@@ -209,6 +209,9 @@ impl FileSource {
                     Object::Service(s) => {
                         snap.services.insert(s.key.clone(), s.clone());
                     }
+                    Object::Node(n) => {
+                        snap.nodes.insert(n.name.clone(), n.clone());
+                    }
                 }
             }
         }

@@ -79,3 +79,33 @@ fn socket_cookie() -> std::io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// A listening TCP socket created inside the network namespace at `path` (it keeps working
+/// from any thread afterwards). Non-blocking, ready for tokio.
+pub fn bind_in_netns(
+    path: &Path,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpListener> {
+    let file = File::open(path)?;
+    std::thread::Builder::new()
+        .name("netns-bind".into())
+        .spawn(move || {
+            // SAFETY: setns on a valid fd; it only changes this short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            sock.set_reuse_address(true)?;
+            sock.set_mark(mesh_common::ports::PROXY_MARK)?;
+            sock.bind(&addr.into())?;
+            sock.listen(1024)?;
+            sock.set_nonblocking(true)?;
+            Ok(sock.into())
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("netns thread panicked"))?
+}

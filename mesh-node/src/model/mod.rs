@@ -102,12 +102,21 @@ pub struct Service {
     pub origin: Origin,
 }
 
+/// A node of the cluster; its `InternalIP` is where its proxy is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub ip: Option<IpAddr>,
+    pub origin: Origin,
+}
+
 /// Every object of one kind the mesh reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    Node(Node),
 }
 
 /// A whole, consistent view of the cluster's objects.
@@ -116,10 +125,17 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjKey, Pod>,
     pub services: BTreeMap<ObjKey, Service>,
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl Snapshot {
     pub fn namespace_enabled(&self, ns: &str) -> bool {
         self.namespaces.get(ns).is_some_and(Namespace::mesh_enabled)
+    }
+
+    /// Is this pod part of the mesh? Its namespace has the mesh on, it did not opt out, and it
+    /// does not share its node's network. The one place this rule lives.
+    pub fn is_meshed(&self, pod: &Pod) -> bool {
+        self.namespace_enabled(&pod.key.namespace) && !pod.opted_out() && !pod.host_network
     }
 }

@@ -6,7 +6,10 @@
 //! arrive). The proxy reads only the pinned maps; it runs as its own process so that agent
 //! restarts never drop a connection (docs/architecture.md).
 
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;
+pub mod socket;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,8 +21,11 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::identity::manager::CertManager;
 use crate::kernel::Pins;
 use crate::kernel::maps::ProxyMaps;
+use crate::state::StateRx;
+use crate::state::client::ControllerSettings;
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -29,6 +35,18 @@ pub struct ProxyConfig {
     pub outbound_port: u16,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// With a controller: HBONE mTLS between meshed pods. Without: plain forwarding.
+    pub controller: Option<ControllerSettings>,
+    /// Destinations outside the mesh get a direct plaintext connection (else refused).
+    pub direct_unmeshed: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The mesh side of the proxy (present with a controller).
+pub struct Mesh {
+    pub state: StateRx,
+    pub certs: Arc<CertManager>,
+    pub pool: hbone::pool::Pool,
 }
 
 /// What every connection handler shares.
@@ -36,18 +54,33 @@ pub struct Shared {
     pub maps: ProxyMaps,
     pub listen: SocketAddr,
     pub connect_timeout: Duration,
+    pub mesh: Option<Arc<Mesh>>,
+    pub direct_unmeshed: bool,
 }
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let listen = SocketAddr::new(cfg.proxy_ip, cfg.outbound_port);
     let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let mesh = match &cfg.controller {
+        Some(c) => Some(start_mesh(c, &cfg).await?),
+        None => None,
+    };
+    if let Some(addr) = cfg.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::metrics::serve(addr).await {
+                warn!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     let shared = Arc::new(Shared {
         maps,
         listen,
         connect_timeout: cfg.connect_timeout,
+        mesh,
+        direct_unmeshed: cfg.direct_unmeshed,
     });
-    info!(node = %cfg.node, outbound = %listen, "proxy ready");
+    info!(node = %cfg.node, outbound = %listen, mesh = shared.mesh.is_some(), "proxy ready");
 
     let tracker = TaskTracker::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -80,6 +113,34 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Connects to the controller, follows its state, and starts certificates and inbound
+/// listeners. Waits (bounded) for the first state so the first connections are meshed.
+async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mesh>> {
+    let conn = crate::state::client::channel(c)?;
+    let certs = CertManager::new(crate::state::client::cert_client(&conn));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::state::NodeState::default()));
+    tokio::spawn(crate::state::client::follow(conn, tx));
+    let mut first = rx.clone();
+    if tokio::time::timeout(Duration::from_secs(10), first.wait_for(|s| s.version > 0))
+        .await
+        .is_err()
+    {
+        warn!("no state from the controller yet; starting anyway");
+    }
+    let mesh = Arc::new(Mesh {
+        state: rx,
+        certs: certs.clone(),
+        pool: Default::default(),
+    });
+    tokio::spawn(certs.renew_forever());
+    tokio::spawn(inbound::run(
+        mesh.clone(),
+        cfg.node.clone(),
+        cfg.connect_timeout,
+    ));
+    Ok(mesh)
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

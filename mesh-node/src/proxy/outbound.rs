@@ -1,15 +1,19 @@
-//! One captured connection: original destination → source workload → connect → copy.
+//! One captured connection: original destination → source workload → route (HBONE tunnel to
+//! a meshed destination, or direct) → copy until both sides are done.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mesh_common::name_str;
-use mesh_common::ports::PROXY_MARK;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::Shared;
+use super::hbone::client::{TunnelRequest, open};
+use super::hbone::{Refusal, count_refusal};
+use super::socket::{connect_marked, reset};
+use super::{Mesh, Shared};
+use crate::identity::Identity;
 use crate::kernel::maps::orig_dst_addr;
 
 pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -17,7 +21,7 @@ pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     forward(inbound, peer, shared).instrument(span).await
 }
 
-async fn forward(mut inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let Some(orig) = shared.maps.orig_dst(peer) else {
         // Never guess: a connection without a recorded destination goes nowhere.
         warn!("no original destination recorded for this connection; closing it");
@@ -25,18 +29,128 @@ async fn forward(mut inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) 
         return;
     };
     let dst = orig_dst_addr(&orig);
-    let src_workload = shared
-        .maps
-        .workload(orig.netns_cookie)
-        .map(|w| format!("{}/{}", name_str(&w.namespace), name_str(&w.name)))
-        .unwrap_or_else(|| "unknown".into());
     if dst == shared.listen {
         warn!(%dst, "original destination is the proxy itself; closing to avoid a loop");
         reset(inbound);
         return;
     }
+    let src = shared.maps.workload(orig.netns_cookie);
+    let src_workload = src
+        .map(|w| format!("{}/{}", name_str(&w.namespace), name_str(&w.name)))
+        .unwrap_or_else(|| "unknown".into());
+    let _ = inbound.set_nodelay(true);
+
+    if let Some(mesh) = &shared.mesh {
+        let st = mesh.state.borrow().clone();
+        match st.workload_by_ip(dst.ip()) {
+            Some(dw) if dw.meshed => {
+                let Some(w) = src else {
+                    warn!(%dst, "source workload unknown; cannot present an identity");
+                    count_refusal("outbound", Refusal::NoCertificate);
+                    reset(inbound);
+                    return;
+                };
+                let src_id = Identity::new(
+                    &st.trust_domain,
+                    name_str(&w.namespace),
+                    name_str(&w.service_account),
+                );
+                let dst_id = st.identity_of(dw);
+                let baggage = format!(
+                    "k8s.namespace.name={},k8s.pod.name={}",
+                    name_str(&w.namespace),
+                    name_str(&w.name)
+                );
+                tunnel(
+                    inbound,
+                    peer,
+                    dst,
+                    src_workload,
+                    src_id,
+                    dst_id,
+                    baggage,
+                    mesh,
+                    &shared,
+                )
+                .await;
+                return;
+            }
+            _ if !shared.direct_unmeshed => {
+                warn!(%dst, %src_workload, "destination outside the mesh and direct connections are off; closing");
+                reset(inbound);
+                return;
+            }
+            _ => {}
+        }
+    }
+    direct(inbound, dst, src_workload, &shared).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    mut inbound: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src_workload: String,
+    src_id: Identity,
+    dst_id: Identity,
+    baggage: String,
+    mesh: &Mesh,
+    shared: &Shared,
+) {
     let started = Instant::now();
-    let mut outbound = match connect(dst, shared.connect_timeout).await {
+    let cert = match mesh.certs.get(&src_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            count_refusal("outbound", Refusal::NoCertificate);
+            warn!(%dst, %src_workload, error = %e, "no certificate for the source identity");
+            reset(inbound);
+            return;
+        }
+    };
+    let req = TunnelRequest {
+        cert: &cert,
+        dst_identity: dst_id.clone(),
+        tunnel_addr: SocketAddr::new(dst.ip(), mesh_common::ports::HBONE),
+        target: dst,
+        client_ip: peer.ip(),
+        baggage,
+    };
+    let mut tunnel = match open(&mesh.pool, req, shared.connect_timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = match &e {
+                super::hbone::client::TunnelError::Tls { reason, .. } => *reason,
+                super::hbone::client::TunnelError::Connect { .. } => Refusal::Unreachable,
+                _ => Refusal::Handshake,
+            };
+            count_refusal("outbound", reason);
+            warn!(%dst, %src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, "tunnel refused");
+            reset(inbound);
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut inbound, &mut tunnel).await {
+        Ok((sent, received)) => info!(
+            %dst,
+            %src_workload,
+            src_identity = %src_id,
+            dst_identity = %dst_id,
+            protocol = "hbone",
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        ),
+        Err(e) => {
+            info!(%dst, %src_workload, protocol = "hbone", error = %e, "connection closed with error")
+        }
+    }
+}
+
+async fn direct(mut inbound: TcpStream, dst: SocketAddr, src_workload: String, shared: &Shared) {
+    let started = Instant::now();
+    let mut outbound = match connect_marked(dst, shared.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             warn!(%dst, %src_workload, error = %e, "connection failed: destination unreachable");
@@ -44,11 +158,11 @@ async fn forward(mut inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) 
             return;
         }
     };
-    let _ = inbound.set_nodelay(true);
     match tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
         Ok((sent, received)) => info!(
             %dst,
             %src_workload,
+            protocol = "tcp",
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = started.elapsed().as_millis() as u64,
@@ -62,28 +176,4 @@ async fn forward(mut inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) 
             "connection closed with error"
         ),
     }
-}
-
-/// Dials the destination from a socket marked as the proxy's own, so the kernel programs
-/// never capture it (no loop).
-async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = match dst {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket2::SockRef::from(&sock).set_mark(PROXY_MARK)?;
-    sock.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        )),
-    }
-}
-
-/// Closes with a reset, so the client learns at once that the connection failed.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

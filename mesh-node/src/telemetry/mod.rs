@@ -1,3 +1,4 @@
 //! Logs (and, later, metrics and traces).
 
 pub mod logging;
+pub mod metrics;

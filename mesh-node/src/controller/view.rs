@@ -1,0 +1,156 @@
+//! The controller's state as the gRPC stream carries it, and the updates between versions.
+
+use std::collections::BTreeMap;
+
+use crate::model::{Snapshot, TargetPort};
+use crate::proto;
+
+/// Everything the controller serves, at one version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct View {
+    pub version: u64,
+    pub workloads: BTreeMap<String, proto::Workload>,
+    pub services: BTreeMap<String, proto::Service>,
+    pub nodes: BTreeMap<String, proto::Node>,
+    pub trust_bundle_pem: String,
+    pub trust_domain: String,
+}
+
+impl View {
+    /// Builds the served objects from a snapshot (the version is set by the caller).
+    pub fn from_snapshot(snap: &Snapshot, trust_bundle_pem: &str, trust_domain: &str) -> View {
+        let workloads = snap
+            .pods
+            .values()
+            .map(|p| {
+                let uid = p.key.to_string();
+                let w = proto::Workload {
+                    uid: uid.clone(),
+                    namespace: p.key.namespace.clone(),
+                    name: p.key.name.clone(),
+                    service_account: p.service_account.clone(),
+                    node: p.node.clone().unwrap_or_default(),
+                    ips: p.ips.iter().map(ToString::to_string).collect(),
+                    meshed: snap.is_meshed(p),
+                    netns: p
+                        .annotations
+                        .get(crate::model::NETNS_ANNOTATION)
+                        .cloned()
+                        .unwrap_or_default(),
+                    labels: p.labels.clone().into_iter().collect(),
+                };
+                (uid, w)
+            })
+            .collect();
+        let services = snap
+            .services
+            .values()
+            .map(|s| {
+                let uid = s.key.to_string();
+                let svc = proto::Service {
+                    uid: uid.clone(),
+                    namespace: s.key.namespace.clone(),
+                    name: s.key.name.clone(),
+                    cluster_ip: s.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| proto::ServicePort {
+                            name: p.name.clone().unwrap_or_default(),
+                            port: u32::from(p.port),
+                            target_port: match &p.target_port {
+                                Some(TargetPort::Number(n)) => u32::from(*n),
+                                None => u32::from(p.port),
+                                Some(TargetPort::Name(_)) => 0,
+                            },
+                            target_port_name: match &p.target_port {
+                                Some(TargetPort::Name(n)) => n.clone(),
+                                _ => String::new(),
+                            },
+                            protocol: p.protocol.clone(),
+                            app_protocol: p.app_protocol.clone().unwrap_or_default(),
+                        })
+                        .collect(),
+                    selector: s.selector.clone().into_iter().collect(),
+                };
+                (uid, svc)
+            })
+            .collect();
+        let nodes = snap
+            .nodes
+            .values()
+            .map(|n| {
+                let node = proto::Node {
+                    name: n.name.clone(),
+                    ip: n.ip.map(|i| i.to_string()).unwrap_or_default(),
+                };
+                (n.name.clone(), node)
+            })
+            .collect();
+        View {
+            version: 0,
+            workloads,
+            services,
+            nodes,
+            trust_bundle_pem: trust_bundle_pem.to_string(),
+            trust_domain: trust_domain.to_string(),
+        }
+    }
+
+    /// Same objects (versions aside)?
+    pub fn same_content(&self, other: &View) -> bool {
+        self.workloads == other.workloads
+            && self.services == other.services
+            && self.nodes == other.nodes
+            && self.trust_bundle_pem == other.trust_bundle_pem
+    }
+
+    /// The full snapshot update.
+    pub fn snapshot(&self) -> proto::StateUpdate {
+        proto::StateUpdate {
+            version: self.version,
+            snapshot: true,
+            workloads: self.workloads.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
+            trust_bundle_pem: self.trust_bundle_pem.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The incremental update from `old` to `self`.
+    pub fn delta_from(&self, old: &View) -> proto::StateUpdate {
+        fn diff<T: Clone + PartialEq>(
+            old: &BTreeMap<String, T>,
+            new: &BTreeMap<String, T>,
+        ) -> (Vec<T>, Vec<String>) {
+            let changed = new
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(*v))
+                .map(|(_, v)| v.clone())
+                .collect();
+            let removed = old
+                .keys()
+                .filter(|k| !new.contains_key(*k))
+                .cloned()
+                .collect();
+            (changed, removed)
+        }
+        let (workloads, removed_workloads) = diff(&old.workloads, &self.workloads);
+        let (services, removed_services) = diff(&old.services, &self.services);
+        let (nodes, removed_nodes) = diff(&old.nodes, &self.nodes);
+        proto::StateUpdate {
+            version: self.version,
+            snapshot: false,
+            workloads,
+            removed_workloads,
+            services,
+            removed_services,
+            nodes,
+            removed_nodes,
+            trust_bundle_pem: self.trust_bundle_pem.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }
+    }
+}

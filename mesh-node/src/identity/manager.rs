@@ -1,0 +1,211 @@
+//! Workload certificates on a node: one per identity of a local pod, requested from the
+//! controller with a CSR (the private key never leaves the process), cached, and renewed at
+//! half-life. Renewal never drops a connection: established TLS sessions keep going, new ones
+//! use the new certificate.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tracing::{info, warn};
+
+use super::Identity;
+use super::certs::{CertInfo, cert_info, certs_from_pem, key_and_csr};
+use crate::proto;
+use crate::state::client::AuthChannel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("requesting a certificate for {id}: {status}")]
+    Refused { id: Identity, status: String },
+    #[error("certificate for {id}: {message}")]
+    Bad { id: Identity, message: String },
+}
+
+/// A signed certificate and its key, with the TLS server side ready.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+    pub roots: Arc<RootCertStore>,
+    pub info: CertInfo,
+    /// Increases with every certificate this manager obtains (pools key on it).
+    pub generation: u64,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl WorkloadCert {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+    pub fn client_config(
+        &self,
+        expected: Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        super::tls::client_config(self.chain.clone(), self.key(), self.roots.clone(), expected)
+    }
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+pub struct CertManager {
+    client: proto::certificates_client::CertificatesClient<AuthChannel>,
+    certs: Mutex<HashMap<Identity, Arc<WorkloadCert>>>,
+    fetching: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
+    generation: AtomicU64,
+}
+
+impl CertManager {
+    pub fn new(client: proto::certificates_client::CertificatesClient<AuthChannel>) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            certs: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
+        self.certs.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// The cached certificate, if it is not yet due for renewal.
+    fn fresh(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
+        self.cached(id)
+            .filter(|c| SystemTime::now() < c.info.half_life())
+    }
+
+    /// The current certificate for `id`, fetching it if there is none or it is past
+    /// half-life. While the controller is unreachable a still-valid certificate is used.
+    pub async fn get(&self, id: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
+        if let Some(c) = self.fresh(id) {
+            return Ok(c);
+        }
+        let lock = {
+            let mut m = self.fetching.lock().map_err(|_| IdentityError::Bad {
+                id: id.clone(),
+                message: "lock poisoned".into(),
+            })?;
+            m.entry(id.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        // Another caller may have fetched it while this one waited.
+        if let Some(c) = self.fresh(id) {
+            return Ok(c);
+        }
+        match self.fetch(id).await {
+            Ok(c) => Ok(c),
+            Err(e) => match self.cached(id) {
+                Some(c) if SystemTime::now() < c.info.not_after => {
+                    warn!(identity = %id, error = %e, "renewal failed; using the current certificate until it expires");
+                    Ok(c)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
+        let bad = |message: String| IdentityError::Bad {
+            id: id.clone(),
+            message,
+        };
+        let (key, csr) = key_and_csr(id).map_err(|e| bad(e.to_string()))?;
+        let resp = self
+            .client
+            .clone()
+            .sign(proto::SignRequest { csr_pem: csr })
+            .await
+            .map_err(|s| IdentityError::Refused {
+                id: id.clone(),
+                status: s.message().to_string(),
+            })?
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain_pem
+            .iter()
+            .map(|p| certs_from_pem(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter()
+            .flatten()
+            .collect();
+        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+        let info = cert_info(leaf).map_err(|e| bad(e.to_string()))?;
+        if info.identity.as_ref() != Some(id) {
+            return Err(bad(format!(
+                "issued for {:?}, not the identity asked for",
+                info.identity
+            )));
+        }
+        let roots =
+            super::tls::roots_from_pem(&resp.trust_bundle_pem).map_err(|e| bad(e.to_string()))?;
+        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+        let server_config = super::tls::server_config(
+            chain.clone(),
+            PrivateKeyDer::Pkcs8(key.clone_key()),
+            roots.clone(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let renewing = self.cached(id).is_some();
+        let cert = Arc::new(WorkloadCert {
+            identity: id.clone(),
+            chain,
+            key,
+            roots,
+            info,
+            generation,
+            server_config,
+        });
+        if let Ok(mut m) = self.certs.lock() {
+            m.insert(id.clone(), cert.clone());
+        }
+        let left = cert
+            .info
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        info!(identity = %id, generation, valid_for_s = left.as_secs(), "{}", if renewing { "certificate renewed" } else { "certificate issued" });
+        Ok(cert)
+    }
+
+    /// Drops certificates of identities no longer on this node.
+    pub fn retain(&self, keep: &dyn Fn(&Identity) -> bool) {
+        if let Ok(mut m) = self.certs.lock() {
+            m.retain(|id, _| keep(id));
+        }
+    }
+
+    /// Renews every held certificate once it is past half-life.
+    pub async fn renew_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let due: Vec<Identity> = match self.certs.lock() {
+                Ok(m) => m
+                    .iter()
+                    .filter(|(_, c)| SystemTime::now() >= c.info.half_life())
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+                Err(_) => continue,
+            };
+            for id in due {
+                if let Err(e) = self.get(&id).await {
+                    warn!(identity = %id, error = %e, "certificate renewal failed");
+                }
+            }
+        }
+    }
+}

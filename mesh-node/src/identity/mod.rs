@@ -1,0 +1,8 @@
+//! Workload identities (SPIFFE), their certificates, and the TLS configurations built on them.
+
+pub mod certs;
+pub mod manager;
+pub mod spiffe;
+pub mod tls;
+
+pub use spiffe::Identity;

@@ -1,0 +1,68 @@
+//! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams over mutual TLS 1.3, following
+//! Istio ztunnel's wire conventions so the two can interoperate:
+//!
+//! - the tunnel goes to the destination pod's address, port 15008; `:authority` is the
+//!   destination `ip:port`;
+//! - request headers `forwarded: for=<client ip>` and `baggage` (workload metadata);
+//! - answers: `200` tunnel open, `400` malformed request or a destination this listener does
+//!   not serve, `401` refused by policy, `503` the pod could not be reached.
+//!
+//! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
+//! identity), `client` (open a tunnel), `server` (accept tunnels for one pod).
+
+pub mod client;
+pub mod pool;
+pub mod server;
+
+/// HTTP/2 flow-control windows sized for throughput (the defaults, 64 KiB, cap a stream at a
+/// few hundred Mbit/s on a millisecond of latency).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Streams one HTTP/2 connection carries at once.
+pub const MAX_STREAMS: u32 = 100;
+
+/// Why a tunnel was refused (label of `sidenode_hbone_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Untrusted,
+    WrongIdentity,
+    Expired,
+    Handshake,
+    BadRequest,
+    Unreachable,
+    NoCertificate,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Untrusted => "untrusted",
+            Refusal::WrongIdentity => "wrong_identity",
+            Refusal::Expired => "expired",
+            Refusal::Handshake => "handshake",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unreachable => "unreachable",
+            Refusal::NoCertificate => "no_certificate",
+        }
+    }
+
+    /// Classifies a TLS failure by what rustls reported.
+    pub fn of_tls(err: &std::io::Error) -> Refusal {
+        let text = err.to_string();
+        if text.contains("wrong server identity") {
+            Refusal::WrongIdentity
+        } else if text.contains("Expired") || text.contains("expired") {
+            Refusal::Expired
+        } else if text.contains("UnknownIssuer")
+            || text.contains("untrusted")
+            || text.contains("BadSignature")
+        {
+            Refusal::Untrusted
+        } else {
+            Refusal::Handshake
+        }
+    }
+}
+
+pub use crate::telemetry::metrics::count_refusal;
