@@ -45,6 +45,18 @@ pub async fn run(mesh: Arc<Mesh>, node: String, connect_timeout: Duration) {
                 want.insert(w.uid.clone(), spec);
             }
         }
+        // Certificates: only for identities of local pods, fetched ahead of the first
+        // connection.
+        let local: std::collections::HashSet<Identity> = want.values().map(|s| s.identity.clone()).collect();
+        mesh.certs.retain(&|id| local.contains(id));
+        for id in &local {
+            let (certs, id) = (mesh.certs.clone(), id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = certs.get(&id).await {
+                    warn!(identity = %id, error = %e, "could not obtain a certificate yet");
+                }
+            });
+        }
         open.retain(|uid, (spec, task)| {
             let keep = want.get(uid) == Some(spec);
             if !keep {
