@@ -19,3 +19,5 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where pins go when `--bpffs` is not given.
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Proxy runtime worker threads (see `mesh-node proxy --worker-threads`).
+pub const PROXY_WORKERS: usize = 1;

@@ -8,6 +8,9 @@
 //! - cgroups `<cgroup2>/P/node<i>/pod<j>`;
 //! - state `/run/sidenode-P/`: `cluster.json`, `config/`, `logs/<node>-{agent,proxy}.log`,
 //!   `bpffs/` (a bpffs mount; node i's pins live under `bpffs/node<i>`).
+//! - mesh mode ([`ClusterOpts::mesh`]): `br0` in `P-net` also has 198.18.0.254/24, where a
+//!   `mesh-node controller` listens on port 15012 (state `controller/`, node tokens
+//!   `tokens/node<i>`, log `logs/controller.log`); `config/nodes.yaml` has the Node objects.
 //!
 //! Everything is found again by prefix, so [`Cluster::down`] cleans up after a crash too.
 
@@ -16,9 +19,11 @@ mod net;
 mod procs;
 mod yaml;
 
-pub use net::{netns_path, node_ip, pod_ip};
+pub use agents::CONTROLLER;
+
+pub use net::{CONTROLLER_IP, CONTROLLER_PORT, netns_path, node_ip, pod_ip};
 pub use procs::{cgroup2_mount, pid_alive};
-pub use yaml::{MODE_LABEL, NETNS_ANNOTATION, PodObject, namespaces_yaml, pods_yaml};
+pub use yaml::{MODE_LABEL, NETNS_ANNOTATION, PodObject, namespaces_yaml, nodes_yaml, pods_yaml};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -46,6 +51,13 @@ pub struct ClusterOpts {
     pub mesh_node: PathBuf,
     /// Start an agent and a proxy on every node.
     pub start_agents: bool,
+    /// Mesh mode: run a `mesh-node controller` in `<prefix>-net` (198.18.0.254:15012) and
+    /// start agents and proxies against it (HBONE, certificates) instead of `--config`.
+    #[serde(default)]
+    pub mesh: bool,
+    /// The controller's `--cert-ttl` (e.g. `20s`); its default when `None`. Mesh mode only.
+    #[serde(default)]
+    pub cert_ttl: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -56,6 +68,8 @@ impl Default for ClusterOpts {
             pods: 2,
             mesh_node: PathBuf::from("mesh-node"),
             start_agents: true,
+            mesh: false,
+            cert_ttl: None,
         }
     }
 }
@@ -94,7 +108,7 @@ struct StateFile {
     status: Status,
     opts: ClusterOpts,
     cgroup_root: PathBuf,
-    /// `"<node>-agent"` / `"<node>-proxy"` → pid.
+    /// `"<node>-agent"` / `"<node>-proxy"` / `"controller"` → pid.
     pids: BTreeMap<String, u32>,
 }
 
@@ -222,6 +236,11 @@ impl Cluster {
             std::fs::create_dir_all(&bpf_dir)
                 .with_context(|| format!("creating {}", bpf_dir.display()))?;
         }
+        if c.opts.mesh {
+            net::setup_controller_addr(&net_ns, n)?;
+            c.write_tokens()?;
+            c.write_config_file("nodes.yaml", &yaml::nodes_yaml(n))?;
+        }
         for pod in &c.status.pods {
             let node_idx = c.node_index(&pod.node)?;
             let node_ns = c.status.nodes[node_idx - 1].netns.clone();
@@ -240,6 +259,15 @@ impl Cluster {
             c.write_node_pods(&node)?;
         }
         if c.opts.start_agents {
+            if c.opts.mesh {
+                c.start_controller()?;
+                c.wait_for_log(
+                    "controller",
+                    "controller",
+                    "controller ready",
+                    READY_TIMEOUT,
+                )?;
+            }
             for node in c.node_names() {
                 c.start_process(&node, "agent")?;
                 c.start_process(&node, "proxy")?;
@@ -406,10 +434,75 @@ impl Cluster {
         self.cgroup_root.join(node)
     }
 
+    /// `logs/<node>-<kind>.log`; the controller's (kind `"controller"`) is
+    /// `logs/controller.log`.
     pub fn log_path(&self, node: &str, kind: &str) -> PathBuf {
+        if kind == "controller" {
+            return self.controller_log_path();
+        }
         self.state_dir
             .join("logs")
             .join(format!("{node}-{kind}.log"))
+    }
+
+    // ---- mesh mode paths ---------------------------------------------------------------------
+
+    /// `<state>/controller`: the controller's `--state-dir` (its CA: `root-cert.pem`,
+    /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        self.state_dir.join("controller")
+    }
+
+    /// `<state>/controller/root-cert.pem`: what agents and proxies trust for the controller.
+    pub fn controller_ca(&self) -> PathBuf {
+        self.controller_state_dir().join("root-cert.pem")
+    }
+
+    /// `<state>/tokens`: the controller's `--node-tokens` folder.
+    pub fn tokens_dir(&self) -> PathBuf {
+        self.state_dir.join("tokens")
+    }
+
+    /// `<state>/tokens/<node>`: the node's bootstrap token file.
+    pub fn token_path(&self, node: &str) -> PathBuf {
+        self.tokens_dir().join(node)
+    }
+
+    /// `198.18.0.254:15012`.
+    pub fn controller_addr(&self) -> String {
+        format!("{CONTROLLER_IP}:{CONTROLLER_PORT}")
+    }
+
+    /// `<state>/logs/controller.log`.
+    pub fn controller_log_path(&self) -> PathBuf {
+        self.state_dir.join("logs").join("controller.log")
+    }
+
+    /// The fabric namespace `<prefix>-net` (where the controller runs).
+    pub fn fabric_netns(&self) -> String {
+        format!("{}-net", self.opts.prefix)
+    }
+
+    /// One random token per node in `tokens/` (mode 0600).
+    fn write_tokens(&self) -> Result<()> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.tokens_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod {}", dir.display()))?;
+        let mut rnd = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+        for node in self.node_names() {
+            let mut b = [0u8; 24];
+            rnd.read_exact(&mut b).context("reading /dev/urandom")?;
+            let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let path = self.token_path(&node);
+            std::fs::write(&path, format!("{token}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("chmod {}", path.display()))?;
+        }
+        Ok(())
     }
 
     // ---- config ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ fn cluster_routes_pods_across_nodes_and_cleans_up() -> Result<()> {
         pods: 2,
         mesh_node: "/nonexistent/mesh-node".into(),
         start_agents: false,
+        ..Default::default()
     })?;
     let st = c.status().clone();
     ensure!(st.nodes.len() == 2 && st.pods.len() == 4, "status: {st:?}");
@@ -99,6 +100,7 @@ fn agents_start_restart_and_are_torn_down() -> Result<()> {
         pods: 1,
         mesh_node: fake.clone(),
         start_agents: true,
+        ..Default::default()
     })?;
     let line = c.wait_for_log("node2", "agent", "args:", std::time::Duration::from_secs(1))?;
     ensure!(

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use sidenode_tests::cluster::{Cluster, ClusterOpts};
+use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts};
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
@@ -19,6 +19,13 @@ pub enum ClusterCmd {
         /// Only the network, cgroups, bpffs and config: start no agents or proxies.
         #[arg(long)]
         no_agents: bool,
+        /// Mesh mode: run a controller (198.18.0.254:15012 in `<prefix>-net`) and connect
+        /// agents and proxies to it (HBONE mTLS between meshed pods).
+        #[arg(long)]
+        mesh: bool,
+        /// Workload certificate lifetime for the controller (e.g. 24h, 30m, 20s); needs --mesh.
+        #[arg(long, requires = "mesh")]
+        cert_ttl: Option<String>,
     },
     /// Kill everything, remove namespaces, cgroups, the bpffs mount and the state folder.
     Down {
@@ -42,6 +49,8 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             pods,
             prefix,
             no_agents,
+            mesh,
+            cert_ttl,
         } => {
             let mesh_node = crate::mesh_node_bin();
             if !no_agents && !mesh_node.exists() {
@@ -56,6 +65,8 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 pods,
                 mesh_node,
                 start_agents: !no_agents,
+                mesh,
+                cert_ttl,
             })?;
             print_table(&c);
             println!(
@@ -75,6 +86,14 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 println!("{}", c.status_json()?);
             } else {
                 print_table(&c);
+                if let Some(pid) = c.pid(CONTROLLER, CONTROLLER) {
+                    let state = if c.is_alive(CONTROLLER, CONTROLLER) {
+                        "running"
+                    } else {
+                        "dead"
+                    };
+                    println!("controller: pid {pid} {state}");
+                }
                 for node in c.node_names() {
                     for kind in ["agent", "proxy"] {
                         if let Some(pid) = c.pid(&node, kind) {
@@ -121,4 +140,13 @@ fn print_table(c: &Cluster) {
         "bpffs:  {} (node i pins under node<i>/)",
         st.bpffs.display()
     );
+    if c.opts.mesh {
+        println!(
+            "controller: {} (state {}, tokens {}, log {})",
+            c.controller_addr(),
+            c.controller_state_dir().display(),
+            c.tokens_dir().display(),
+            c.controller_log_path().display()
+        );
+    }
 }

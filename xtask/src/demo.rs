@@ -28,6 +28,7 @@ pub fn run() -> Result<()> {
         pods: 2,
         mesh_node: mesh_node.clone(),
         start_agents: true,
+        ..Default::default()
     })?;
     let res = steps(&cluster, &mesh_node, &testpod);
     say("Tearing the cluster down.");

@@ -2,6 +2,7 @@
 //! `build` builds everything (the eBPF object is built by mesh-node's build script), `test`
 //! runs every test, `cluster` drives the simulated cluster, `demo` shows the capture path.
 
+mod bench;
 mod cluster;
 mod demo;
 mod setup;
@@ -40,6 +41,15 @@ enum Cmd {
     },
     /// Bring up a 2-node cluster, send traffic through the mesh, show it, clean up.
     Demo,
+    /// Set up, build release, then measure pod-to-pod direct vs through the mesh.
+    Bench {
+        /// Rounds per path (direct and mesh alternate).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Shorter runs (2 s streams, fewer round trips and connections).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,6 +70,11 @@ fn main() -> Result<()> {
             setup::run()?;
             build(false)?;
             demo::run()
+        }
+        Cmd::Bench { rounds, quick } => {
+            setup::run()?;
+            build(true)?;
+            bench::run(rounds, quick)
         }
     }
 }

@@ -143,6 +143,10 @@ struct ProxyArgs {
     /// Prometheus metrics address (default: proxy-ip:15020).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Runtime worker threads. One keeps every hop of a connection on one CPU, which on small
+    /// nodes halves the added latency (no cross-CPU wake-ups); raise it on large nodes.
+    #[arg(long, default_value_t = defaults::PROXY_WORKERS)]
+    worker_threads: usize,
     #[arg(long, default_value = defaults::BPFFS)]
     bpffs: PathBuf,
     /// Address the outbound listener binds (the agent's `--proxy-ip`).
@@ -194,7 +198,11 @@ pub fn main() -> Result<()> {
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
             };
-            runtime()?.block_on(crate::proxy::run(cfg))
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(p.worker_threads.max(1))
+                .enable_all()
+                .build()?
+                .block_on(crate::proxy::run(cfg))
         }
         Cmd::Controller(c) => {
             let cfg = crate::controller::ControllerConfig {

@@ -44,17 +44,6 @@ pub struct CertInfo {
     pub not_after: SystemTime,
 }
 
-impl CertInfo {
-    /// Seconds past `not_before` at which half the lifetime has gone.
-    pub fn half_life(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
-        self.not_before + life / 2
-    }
-}
-
 pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, CertError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| CertError::Parse(e.to_string()))?;

@@ -32,6 +32,9 @@ pub struct WorkloadCert {
     key: PrivatePkcs8KeyDer<'static>,
     pub roots: Arc<RootCertStore>,
     pub info: CertInfo,
+    /// When to renew: half of the lifetime that was left when it was obtained. (Measured from
+    /// then, not from `not_before`, which the CA backdates for clock skew.)
+    pub renew_at: SystemTime,
     /// Increases with every certificate this manager obtains (pools key on it).
     pub generation: u64,
     pub server_config: Arc<rustls::ServerConfig>,
@@ -82,8 +85,7 @@ impl CertManager {
 
     /// The cached certificate, if it is not yet due for renewal.
     fn fresh(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
-        self.cached(id)
-            .filter(|c| SystemTime::now() < c.info.half_life())
+        self.cached(id).filter(|c| SystemTime::now() < c.renew_at)
     }
 
     /// The current certificate for `id`, fetching it if there is none or it is past
@@ -160,7 +162,10 @@ impl CertManager {
         .map_err(|e| bad(e.to_string()))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let renewing = self.cached(id).is_some();
+        let now = SystemTime::now();
+        let renew_at = now + info.not_after.duration_since(now).unwrap_or(Duration::ZERO) / 2;
         let cert = Arc::new(WorkloadCert {
+            renew_at,
             identity: id.clone(),
             chain,
             key,
@@ -196,7 +201,7 @@ impl CertManager {
             let due: Vec<Identity> = match self.certs.lock() {
                 Ok(m) => m
                     .iter()
-                    .filter(|(_, c)| SystemTime::now() >= c.info.half_life())
+                    .filter(|(_, c)| SystemTime::now() >= c.renew_at)
                     .map(|(id, _)| id.clone())
                     .collect(),
                 Err(_) => continue,

@@ -47,7 +47,8 @@ pub async fn run(mesh: Arc<Mesh>, node: String, connect_timeout: Duration) {
         }
         // Certificates: only for identities of local pods, fetched ahead of the first
         // connection.
-        let local: std::collections::HashSet<Identity> = want.values().map(|s| s.identity.clone()).collect();
+        let local: std::collections::HashSet<Identity> =
+            want.values().map(|s| s.identity.clone()).collect();
         mesh.certs.retain(&|id| local.contains(id));
         for id in &local {
             let (certs, id) = (mesh.certs.clone(), id.clone());
@@ -121,6 +122,8 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Small HTTP/2 frames (headers, a short reply) must not wait for a delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let (pod, spec, mesh) = (pod.clone(), spec.clone(), mesh.clone());
         let span = info_span!("hbone", %peer, %pod);
         tokio::spawn(

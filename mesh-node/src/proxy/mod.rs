@@ -27,6 +27,10 @@ use crate::kernel::maps::ProxyMaps;
 use crate::state::StateRx;
 use crate::state::client::ControllerSettings;
 
+/// Buffer per direction when splicing two streams: large enough that a bulk transfer moves in
+/// few big writes (and big HTTP/2 DATA frames), small enough for many idle connections.
+pub const COPY_BUF: usize = 64 * 1024;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub node: String,

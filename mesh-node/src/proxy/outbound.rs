@@ -12,7 +12,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::hbone::client::{TunnelRequest, open};
 use super::hbone::{Refusal, count_refusal};
 use super::socket::{connect_marked, reset};
-use super::{Mesh, Shared};
+use super::{COPY_BUF, Mesh, Shared};
 use crate::identity::Identity;
 use crate::kernel::maps::orig_dst_addr;
 
@@ -130,7 +130,9 @@ async fn tunnel(
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut inbound, &mut tunnel).await {
+    match tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut tunnel, COPY_BUF, COPY_BUF)
+        .await
+    {
         Ok((sent, received)) => info!(
             %dst,
             %src_workload,
@@ -158,7 +160,9 @@ async fn direct(mut inbound: TcpStream, dst: SocketAddr, src_workload: String, s
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
+    match tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, COPY_BUF, COPY_BUF)
+        .await
+    {
         Ok((sent, received)) => info!(
             %dst,
             %src_workload,

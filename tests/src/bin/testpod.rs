@@ -5,6 +5,11 @@
 //! - `dial --to IP:PORT [..] --conns N --concurrency C [--hold-ms MS]`: N echo round trips,
 //!   C at a time, one JSON report line.
 //! - `session --to IP:PORT`: one connection driven by stdin lines.
+//! - `rr --to IP:PORT --count N --size B [--warmup W]`: one kept-open connection to a `serve`
+//!   echo; N timed round trips of B bytes; one JSON line of latency percentiles (µs).
+//! - `connlat --to IP:PORT --count N [--warmup W]`: N times connect, read the HELLO line and
+//!   close with a reset (SO_LINGER 0, so no TIME_WAIT piles up); one JSON line of the
+//!   connect-to-HELLO latency percentiles (µs).
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -13,7 +18,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +53,29 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Request/response latency on one kept-open connection to a `serve` echo.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Bytes written, and read back, per round trip.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Untimed round trips before the timed ones.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+    },
+    /// New-connection latency: connect, read HELLO, close with a reset; N times.
+    Connlat {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        /// Untimed connections before the timed ones.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+    },
 }
 
 fn main() {
@@ -61,6 +89,13 @@ fn main() {
             hold_ms,
         } => dial(&to, conns, concurrency, hold_ms),
         Cmd::Session { to } => session(to),
+        Cmd::Rr {
+            to,
+            count,
+            size,
+            warmup,
+        } => rr(to, count, size, warmup),
+        Cmd::Connlat { to, count, warmup } => connlat(to, count, warmup),
     };
     if let Err(e) = res {
         eprintln!("testpod: {e:#}");
@@ -239,5 +274,180 @@ fn session(to: SocketAddr) -> Result<()> {
     rd.read_to_string(&mut rest).context("reading to EOF")?;
     out.write_all(rest.as_bytes()).context("stdout")?;
     out.flush().context("stdout")?;
+    Ok(())
+}
+
+/// Latency summary printed by `rr` and `connlat` (microseconds).
+#[derive(Serialize)]
+struct LatencyReport {
+    count: usize,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    min_us: f64,
+    max_us: f64,
+    mean_us: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1000.0
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (sorted.len() * pct).div_ceil(100).max(1);
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn latency_report(mut samples: Vec<Duration>) -> LatencyReport {
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let n = samples.len();
+    LatencyReport {
+        count: n,
+        p50_us: micros(percentile(&samples, 50)),
+        p90_us: micros(percentile(&samples, 90)),
+        p99_us: micros(percentile(&samples, 99)),
+        min_us: micros(samples.first().copied().unwrap_or_default()),
+        max_us: micros(samples.last().copied().unwrap_or_default()),
+        mean_us: if n == 0 {
+            0.0
+        } else {
+            micros(total) / n as f64
+        },
+        errors: None,
+        first_error: None,
+    }
+}
+
+/// Read the server's greeting byte by byte (so nothing after it is consumed); returns it.
+fn read_hello(s: &mut TcpStream) -> Result<String> {
+    let mut line = Vec::with_capacity(96);
+    let mut b = [0u8; 1];
+    loop {
+        let n = s.read(&mut b).context("reading HELLO")?;
+        if n == 0 {
+            bail!(
+                "connection closed before HELLO (got {:?})",
+                String::from_utf8_lossy(&line)
+            );
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 4096 {
+            bail!("greeting longer than 4096 bytes");
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    if !line.starts_with("HELLO ") {
+        bail!("unexpected greeting {line:?}");
+    }
+    Ok(line)
+}
+
+fn rr(to: SocketAddr, count: usize, size: usize, warmup: usize) -> Result<()> {
+    if size == 0 {
+        bail!("--size must be at least 1");
+    }
+    let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connect")?;
+    s.set_nodelay(true).context("set_nodelay")?;
+    s.set_read_timeout(Some(READ_TIMEOUT))
+        .context("set_read_timeout")?;
+    read_hello(&mut s)?;
+    let req: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut resp = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t0 = Instant::now();
+        s.write_all(&req).context("sending request")?;
+        s.read_exact(&mut resp).context("reading response")?;
+        let dt = t0.elapsed();
+        if resp != req {
+            bail!("round trip {i}: echo mismatch");
+        }
+        if i >= warmup {
+            samples.push(dt);
+        }
+    }
+    s.shutdown(Shutdown::Write).context("shutdown")?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).context("reading to EOF")?;
+    println!("{}", serde_json::to_string(&latency_report(samples))?);
+    Ok(())
+}
+
+/// Close with a reset instead of a FIN: SO_LINGER {on, 0}. Keeps thousands of short
+/// connections from leaving TIME_WAIT sockets behind in the client (or a proxy).
+fn set_linger_zero(s: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized, initialised `linger` value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const lg).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setsockopt SO_LINGER");
+    }
+    Ok(())
+}
+
+fn connlat(to: SocketAddr, count: usize, warmup: usize) -> Result<()> {
+    let mut samples = Vec::with_capacity(count);
+    let mut errors = 0usize;
+    let mut first_error = None;
+    for i in 0..warmup + count {
+        let t0 = Instant::now();
+        let res = (|| -> Result<TcpStream> {
+            let mut s = TcpStream::connect(to).context("connect")?;
+            s.set_read_timeout(Some(READ_TIMEOUT))
+                .context("set_read_timeout")?;
+            read_hello(&mut s)?;
+            Ok(s)
+        })();
+        let dt = t0.elapsed();
+        match res {
+            Ok(s) => {
+                set_linger_zero(&s)?;
+                drop(s);
+                if i >= warmup {
+                    samples.push(dt);
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                if first_error.is_none() {
+                    first_error = Some(format!("connection {i}: {e:#}"));
+                }
+                if errors > 10 && errors * 10 > i + 1 {
+                    bail!(
+                        "{errors} of {} connections failed; first: {first_error:?}",
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+    let mut report = latency_report(samples);
+    report.errors = Some(errors);
+    report.first_error = first_error;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,4 +1,8 @@
-//! Starting, stopping and watching each node's `mesh-node agent` and `mesh-node proxy`.
+//! Starting, stopping and watching each node's `mesh-node agent` and `mesh-node proxy`, and in
+//! mesh mode the cluster's `mesh-node controller`.
+//!
+//! Every method taking `(node, kind)` also accepts the controller as node `"controller"`, kind
+//! `"controller"` (see [`CONTROLLER`]).
 
 use super::{Cluster, READY_TIMEOUT, netns_path, node_ip, pid_alive, procs};
 use anyhow::{Context, Result, bail};
@@ -6,29 +10,44 @@ use std::fs::OpenOptions;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn check_kind(kind: &str) -> Result<()> {
+/// Node name and kind of the controller in the `(node, kind)` process API.
+pub const CONTROLLER: &str = "controller";
+
+fn check_kind(node: &str, kind: &str) -> Result<()> {
+    if kind == CONTROLLER {
+        if node != CONTROLLER {
+            bail!("the controller is addressed as node \"controller\", not {node:?}");
+        }
+        return Ok(());
+    }
     if kind != "agent" && kind != "proxy" {
-        bail!("process kind must be \"agent\" or \"proxy\", not {kind:?}");
+        bail!("process kind must be \"agent\", \"proxy\" or \"controller\", not {kind:?}");
     }
     Ok(())
 }
 
+/// The key of a process in `pids`: `<node>-<kind>`, or `controller`.
+fn key(node: &str, kind: &str) -> String {
+    if kind == CONTROLLER {
+        CONTROLLER.to_string()
+    } else {
+        format!("{node}-{kind}")
+    }
+}
+
 impl Cluster {
-    /// Start a node's `agent` or `proxy` in the node netns, in its own session, logging to
-    /// `logs/<node>-<kind>.log`. Does not wait for readiness.
+    /// Start a node's `agent` or `proxy` in the node netns (or, for node and kind
+    /// `"controller"`, the controller in the fabric netns), in its own session, logging to
+    /// `logs/<node>-<kind>.log` (`logs/controller.log`). Does not wait for readiness.
     pub fn start_process(&mut self, node: &str, kind: &str) -> Result<()> {
-        check_kind(kind)?;
+        check_kind(node, kind)?;
+        if kind == CONTROLLER {
+            return self.start_controller();
+        }
         let i = self.node_index(node)?;
         let netns = self.node(node)?.netns.clone();
         let bpffs = self.node_bpffs(node);
         std::fs::create_dir_all(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
-        let log_path = self.log_path(node, kind);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let log2 = log.try_clone().context("duplicating log fd")?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", netns_path(&netns)))
             .arg("--")
@@ -36,15 +55,72 @@ impl Cluster {
             .arg(kind)
             .args(["--node", node]);
         if kind == "agent" {
-            cmd.arg("--config")
-                .arg(&self.status.config_dir)
-                .arg("--cgroup-root")
-                .arg(self.node_cgroup(node));
+            if !self.opts.mesh {
+                cmd.arg("--config").arg(&self.status.config_dir);
+            }
+            cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
+        }
+        if self.opts.mesh {
+            cmd.arg("--controller")
+                .arg(self.controller_addr())
+                .arg("--controller-ca")
+                .arg(self.controller_ca())
+                .arg("--token-file")
+                .arg(self.token_path(node));
         }
         cmd.arg("--bpffs")
             .arg(&bpffs)
-            .args(["--proxy-ip", &node_ip(i)])
-            .stdin(Stdio::null())
+            .args(["--proxy-ip", &node_ip(i)]);
+        self.spawn_logged(node, kind, cmd)
+    }
+
+    /// Start `mesh-node controller` in `<prefix>-net`, listening on 198.18.0.254:15012, with
+    /// state in `controller/` and tokens from `tokens/`. Does not wait for `controller ready`.
+    pub fn start_controller(&mut self) -> Result<()> {
+        if !self.opts.mesh {
+            bail!("the controller runs only in mesh mode (ClusterOpts::mesh)");
+        }
+        let sd = self.controller_state_dir();
+        std::fs::create_dir_all(&sd).with_context(|| format!("creating {}", sd.display()))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns_path(&self.fabric_netns())))
+            .arg("--")
+            .arg(&self.opts.mesh_node)
+            .arg("controller")
+            .arg("--config")
+            .arg(&self.status.config_dir)
+            .arg("--state-dir")
+            .arg(&sd)
+            .arg("--listen")
+            .arg(self.controller_addr())
+            .arg("--node-tokens")
+            .arg(self.tokens_dir());
+        if let Some(ttl) = &self.opts.cert_ttl {
+            cmd.arg("--cert-ttl").arg(ttl);
+        }
+        self.spawn_logged(CONTROLLER, CONTROLLER, cmd)
+    }
+
+    /// SIGKILL (or another signal) the controller and wait for it to exit.
+    pub fn kill_controller(&mut self, signal: i32) -> Result<()> {
+        self.kill_process(CONTROLLER, CONTROLLER, signal)
+    }
+
+    /// Stop the controller if running, start it again (same CA and tokens), and wait for
+    /// `controller ready` written after the restart.
+    pub fn restart_controller(&mut self) -> Result<()> {
+        self.restart_process(CONTROLLER, CONTROLLER)
+    }
+
+    fn spawn_logged(&mut self, node: &str, kind: &str, mut cmd: Command) -> Result<()> {
+        let log_path = self.log_path(node, kind);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let log2 = log.try_clone().context("duplicating log fd")?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
         procs::new_session(&mut cmd);
@@ -54,29 +130,30 @@ impl Cluster {
                 self.opts.mesh_node.display()
             )
         })?;
-        let key = format!("{node}-{kind}");
+        let key = key(node, kind);
         self.pids.insert(key.clone(), child.id());
         self.children.insert(key, child);
         self.save()
     }
 
-    /// The pid of a node's agent or proxy, if started.
+    /// The pid of a node's agent or proxy (or the controller), if started.
     pub fn pid(&self, node: &str, kind: &str) -> Option<u32> {
-        self.pids.get(&format!("{node}-{kind}")).copied()
+        self.pids.get(&key(node, kind)).copied()
     }
 
     pub fn is_alive(&mut self, node: &str, kind: &str) -> bool {
-        let key = format!("{node}-{kind}");
+        let key = key(node, kind);
         if let Some(child) = self.children.get_mut(&key) {
             return matches!(child.try_wait(), Ok(None));
         }
         self.pids.get(&key).is_some_and(|p| pid_alive(*p))
     }
 
-    /// Send `signal` to a node's agent or proxy and wait (10 s) for it to exit.
+    /// Send `signal` to a node's agent or proxy (or the controller) and wait (10 s) for it to
+    /// exit.
     pub fn kill_process(&mut self, node: &str, kind: &str, signal: i32) -> Result<()> {
-        check_kind(kind)?;
-        let key = format!("{node}-{kind}");
+        check_kind(node, kind)?;
+        let key = key(node, kind);
         let pid = *self
             .pids
             .get(&key)
@@ -140,7 +217,7 @@ impl Cluster {
         needle: &str,
         timeout: Duration,
     ) -> Result<String> {
-        check_kind(kind)?;
+        check_kind(node, kind)?;
         let path = self.log_path(node, kind);
         procs::wait_for_file_line(&path, offset, needle, timeout, &mut || {
             self.is_alive(node, kind)

@@ -82,6 +82,11 @@ pub fn del_netns(name: &str) {
     let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
 
+/// The controller's address on the fabric bridge (mesh mode).
+pub const CONTROLLER_IP: &str = "198.18.0.254";
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 15012;
+
 pub fn node_ip(i: usize) -> String {
     format!("198.18.0.{i}")
 }
@@ -95,6 +100,30 @@ pub fn setup_fabric(net_ns: &str) -> Result<()> {
     add_netns(net_ns)?;
     ip_ns(net_ns, &["link", "add", "br0", "type", "bridge"])?;
     ip_ns(net_ns, &["link", "set", "br0", "up"])
+}
+
+/// Mesh mode: give the bridge the controller's address, and route each node's pod range via
+/// the node (so tools run in the fabric namespace can reach pods too).
+pub fn setup_controller_addr(net_ns: &str, nodes: usize) -> Result<()> {
+    ip_ns(
+        net_ns,
+        &["addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"],
+    )?;
+    for k in 1..=nodes {
+        ip_ns(
+            net_ns,
+            &[
+                "route",
+                "add",
+                &format!("198.19.{k}.0/24"),
+                "via",
+                &node_ip(k),
+                "dev",
+                "br0",
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// Node `i`: its namespace, `eth0` on the bridge with 198.18.0.i/24, forwarding on, and

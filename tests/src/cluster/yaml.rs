@@ -86,6 +86,21 @@ pub fn namespaces_yaml(namespaces: &BTreeMap<String, bool>) -> String {
         .join("---\n")
 }
 
+/// `nodes.yaml`: a Node object per node (`node<i>` with InternalIP 198.18.0.i), which the
+/// controller needs in mesh mode.
+pub fn nodes_yaml(nodes: usize) -> String {
+    (1..=nodes)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
+                q(&format!("node{i}")),
+                q(&super::node_ip(i))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
 /// Write `contents` to `dir/name` atomically: a uniquely named temp file in `tmp_dir` (same
 /// file system, outside the watched folder), then rename.
 pub fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, contents: &str) -> Result<()> {

@@ -37,6 +37,7 @@ pub fn cluster(pods: usize) -> Result<TestCluster> {
         pods,
         mesh_node,
         start_agents: true,
+        ..Default::default()
     })
 }
 
@@ -186,4 +187,95 @@ pub fn wait_log_all(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
     })
+}
+
+/// A 2-node cluster in mesh mode (controller, HBONE), `pods` pods per node, torn down on drop.
+pub fn mesh_cluster(pods: usize, cert_ttl: Option<&str>) -> Result<TestCluster> {
+    require_root();
+    let mesh_node = mesh_node_path();
+    if !mesh_node.exists() {
+        bail!(
+            "{} not found: build mesh-node (`cargo build -p mesh-node`) or set SIDENODE_MESH_NODE",
+            mesh_node.display()
+        );
+    }
+    TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('m'),
+        nodes: 2,
+        pods,
+        mesh_node,
+        start_agents: true,
+        mesh: true,
+        cert_ttl: cert_ttl.map(str::to_string),
+    })
+}
+
+/// Wait (10 s) until the pod's node proxy has opened the pod's HBONE listener.
+pub fn wait_hbone_listener(c: &Cluster, pod: &str) -> Result<()> {
+    let p = c.pod(pod)?;
+    wait_log_all(
+        c,
+        &p.node,
+        "proxy",
+        0,
+        &[
+            "HBONE listener open",
+            &format!("pod={}/{pod}", p.namespace),
+            &format!("addr={}:15008", p.ip),
+        ],
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
+/// Hex of `n` random bytes.
+pub fn random_hex(n: usize) -> Result<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The text of the node proxy's metrics page (`curl` from inside the node's netns).
+pub fn proxy_metrics(c: &Cluster, node: &str) -> Result<String> {
+    let ip = c.node(node)?.ip.clone();
+    let out = c
+        .node_command(node, "curl")?
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{ip}:15020/metrics"))
+        .output()
+        .context("running curl")?;
+    if !out.status.success() {
+        bail!(
+            "curl http://{ip}:15020/metrics failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the sample `name{...}` whose labels include every `k="v"` of `labels`;
+/// 0 when there is no such sample (counters appear on first increment).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (lbls, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            labels
+                .iter()
+                .all(|(k, v)| {
+                    lbls.split(',')
+                        .any(|kv| kv.trim() == format!("{k}=\"{v}\""))
+                })
+                .then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
+        })
+        .sum()
 }

@@ -16,6 +16,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, Refusal, STREAM_WINDOW, count_refusal};
 use crate::identity::Identity;
+use crate::proxy::COPY_BUF;
 use crate::proxy::socket::connect_marked;
 
 /// What the listener knows of its pod and its caller.
@@ -102,7 +103,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
-                    match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+                    match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF).await {
                         Ok((from_client, to_client)) => info!(
                             pod = %conn2.pod,
                             bytes_received = from_client,
