@@ -59,7 +59,10 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
 }
 
 fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
+    // The programs use no CO-RE relocations, so the kernel's BTF (megabytes to parse) is not
+    // loaded: it would only raise the agent's peak memory.
     let mut ebpf: Ebpf = EbpfLoader::new()
+        .btf(None)
         .default_map_pin_directory(pins.maps_dir())
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))?;
