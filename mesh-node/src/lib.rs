@@ -6,6 +6,8 @@
 //! `proxy/inbound` (TLS accept inside the destination pod's namespace, CONNECT, connect to the
 //! pod). Identities and certificates: `identity`. State flows one way: `config` (YAML) or
 //! `controller` (gRPC stream, `state`) → `model` → `agent` (enrollment) and `proxy`.
+//!
+//! Only `kernel` (bpf and namespace syscalls) may use `unsafe`; every other module forbids it.
 
 pub mod agent;
 pub mod cli;

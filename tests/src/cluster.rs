@@ -58,6 +58,9 @@ pub struct ClusterOpts {
     /// The controller's `--cert-ttl` (e.g. `20s`); its default when `None`. Mesh mode only.
     #[serde(default)]
     pub cert_ttl: Option<String>,
+    /// Extra arguments for every agent (e.g. `--exclude-ports 9000`).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -70,6 +73,7 @@ impl Default for ClusterOpts {
             start_agents: true,
             mesh: false,
             cert_ttl: None,
+            agent_args: Vec::new(),
         }
     }
 }

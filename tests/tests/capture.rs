@@ -288,3 +288,96 @@ fn bad_config_is_reported_and_does_not_disturb_enrolled_pods() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn excluded_ports_and_cidrs_are_not_captured() -> Result<()> {
+    let c = cluster_with(
+        2,
+        vec![
+            "--exclude-ports".into(),
+            "9000".into(),
+            "--exclude-cidrs".into(),
+            "198.19.2.3/32".into(),
+        ],
+    )?;
+    let _s1 = Server::start(&c, &testpod(), "node2-pod1", &[8080, 9000])?;
+    let _s2 = Server::start(&c, &testpod(), "node2-pod2", &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    expect_captured(&c, "node1-pod1", TARGET, true).context("ordinary port")?;
+    expect_captured(&c, "node1-pod1", "198.19.2.2:9000", false).context("excluded port")?;
+    expect_captured(&c, "node1-pod1", "198.19.2.3:8080", false).context("excluded CIDR")?;
+    let v = c.maps_json("node1")?;
+    ensure!(
+        v["stats"]["excluded"].as_u64().unwrap_or(0) >= 2,
+        "excluded counter: {v}"
+    );
+    Ok(())
+}
+
+#[test]
+fn connection_without_original_destination_is_closed_and_logged() -> Result<()> {
+    let c = cluster(2)?;
+    let offset = c.log_len("node1", "proxy");
+    // A pod that is not enrolled dials the proxy's outbound port itself: nothing was recorded
+    // for it, so the proxy must not forward it anywhere.
+    let r = dial(
+        &c,
+        &testpod(),
+        "node1-pod2",
+        &["198.18.0.1:15001".to_string()],
+        1,
+        1,
+        0,
+    )?;
+    let r = r.first().context("no dial result")?;
+    ensure!(
+        !r.echo_ok && r.server_local.is_none(),
+        "forwarded somewhere: {r:?}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &["no original destination recorded"],
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing fds of {pid}"))?
+        .count())
+}
+
+#[test]
+fn proxy_releases_its_sockets_after_connections_end() -> Result<()> {
+    let c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    expect_captured(&c, "node1-pod1", TARGET, true)?;
+    let pid = c.pid("node1", "proxy").context("no proxy pid")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = open_fds(pid)?;
+    let r = dial(
+        &c,
+        &testpod(),
+        "node1-pod1",
+        &[TARGET.to_string()],
+        100,
+        20,
+        50,
+    )?;
+    ensure!(
+        r.iter().all(|x| x.echo_ok),
+        "some connections failed: {r:?}"
+    );
+    let back = wait_until(Duration::from_secs(5), || Ok(open_fds(pid)? <= baseline))?;
+    ensure!(
+        back,
+        "proxy holds {} fds after 100 finished connections (baseline {baseline})",
+        open_fds(pid)?
+    );
+    Ok(())
+}

@@ -67,6 +67,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 start_agents: !no_agents,
                 mesh,
                 cert_ttl,
+                agent_args: Vec::new(),
             })?;
             print_table(&c);
             println!(

@@ -3,6 +3,8 @@
 //! map in step with the configuration folder it watches. It does not carry traffic — the
 //! node proxy does (`proxy`), so restarting or killing the agent never touches a connection.
 
+#![forbid(unsafe_code)]
+
 pub mod enroll;
 
 use std::net::Ipv4Addr;

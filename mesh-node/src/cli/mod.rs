@@ -1,5 +1,7 @@
 //! The `mesh-node` command line: one binary for the agent, the proxy and the operator views.
 
+#![forbid(unsafe_code)]
+
 pub mod maps;
 
 use std::net::{IpAddr, Ipv4Addr};

@@ -2,6 +2,8 @@
 //! and field (`parse`), and a watched folder that keeps the last good version of everything
 //! (`watch`).
 
+#![forbid(unsafe_code)]
+
 pub mod parse;
 pub mod watch;
 

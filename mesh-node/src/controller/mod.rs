@@ -3,6 +3,8 @@
 //! every node (snapshot, then deltas) and signs workload certificates for the identities of
 //! pods on the calling node. gRPC with TLS; callers authenticate with node tokens.
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 pub mod grpc;
 pub mod tokens;

@@ -1,5 +1,7 @@
 //! Workload identities (SPIFFE), their certificates, and the TLS configurations built on them.
 
+#![forbid(unsafe_code)]
+
 pub mod certs;
 pub mod manager;
 pub mod spiffe;

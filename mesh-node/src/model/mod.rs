@@ -1,6 +1,8 @@
 //! The one internal vocabulary: namespaces, pods and services as the mesh sees them, whatever
 //! source they came from (a folder of YAML today, the Kubernetes API later).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;

@@ -2,9 +2,14 @@
 //!
 //! Path of a connection: the kernel rewrote the pod's `connect()` to `proxy-ip:15001`
 //! (`mesh-ebpf`) → `outbound` accepts it, reads the original destination the kernel recorded
-//! for its 4-tuple and the source workload, and forwards it (plain TCP until HBONE tunnels
-//! arrive). The proxy reads only the pinned maps; it runs as its own process so that agent
-//! restarts never drop a connection (docs/architecture.md).
+//! for its 4-tuple and the source workload, and sends it on: through an HBONE tunnel
+//! (`hbone/client`, `hbone/pool`) when the destination is a meshed workload, else directly.
+//! On the far side `inbound` accepts tunnels inside each meshed pod's namespace and
+//! `hbone/server` connects them to the pod. The proxy reads the pinned maps and, in mesh mode,
+//! the controller's state; it runs as its own process so that agent restarts never drop a
+//! connection (docs/architecture.md).
+
+#![forbid(unsafe_code)]
 
 pub mod hbone;
 pub mod inbound;

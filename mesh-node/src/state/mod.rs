@@ -2,6 +2,8 @@
 //! swapped atomically (`Arc`) so a connection sees one consistent version, and kept as it is
 //! while the controller is away.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 
 use std::collections::{BTreeMap, HashMap};

@@ -59,6 +59,7 @@ impl Cluster {
                 cmd.arg("--config").arg(&self.status.config_dir);
             }
             cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
+            cmd.args(&self.opts.agent_args);
         }
         if self.opts.mesh {
             cmd.arg("--controller")

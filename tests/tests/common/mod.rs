@@ -23,6 +23,11 @@ pub fn testpod() -> PathBuf {
 
 /// A 2-node cluster with `pods` pods per node and agents running, torn down on drop.
 pub fn cluster(pods: usize) -> Result<TestCluster> {
+    cluster_with(pods, Vec::new())
+}
+
+/// As [`cluster`], with extra agent arguments.
+pub fn cluster_with(pods: usize, agent_args: Vec<String>) -> Result<TestCluster> {
     require_root();
     let mesh_node = mesh_node_path();
     if !mesh_node.exists() {
@@ -37,6 +42,7 @@ pub fn cluster(pods: usize) -> Result<TestCluster> {
         pods,
         mesh_node,
         start_agents: true,
+        agent_args,
         ..Default::default()
     })
 }
@@ -207,6 +213,7 @@ pub fn mesh_cluster(pods: usize, cert_ttl: Option<&str>) -> Result<TestCluster> 
         start_agents: true,
         mesh: true,
         cert_ttl: cert_ttl.map(str::to_string),
+        ..Default::default()
     })
 }
 
