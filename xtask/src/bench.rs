@@ -169,11 +169,7 @@ fn bench(c: &mut Cluster, testpod: &Path, p: &Params) -> Result<()> {
         };
         let mut round = BTreeMap::new();
         for path in order {
-            let mut pins = vec![_echo_server.pid()];
-            if path == Route::Mesh {
-                pins.extend(["node1", "node2"].iter().filter_map(|n| c.pid(n, "proxy")));
-            }
-            let s = measure(c, testpod, p, path, &server_ip, &echo, &pins)
+            let s = measure(c, testpod, p, path, &server_ip, &echo)
                 .with_context(|| format!("round {r}, {} path", path.name()))?;
             println!(
                 "round {r}/{} {:<6}  iperf3 {:>6.2} Gbit/s   rr p50 {:>7.1} µs p99 {:>7.1} µs   connect p50 {:>7.1} µs p99 {:>7.1} µs",
@@ -213,7 +209,6 @@ fn measure(
     path: Route,
     server_ip: &str,
     echo: &str,
-    pin_pids: &[u32],
 ) -> Result<Sample> {
     let client = path.client();
     // 1. One long stream.
@@ -246,11 +241,6 @@ fn measure(
         .pointer("/end/sum_received/bits_per_second")
         .and_then(Value::as_f64)
         .context("iperf3 output has no end.sum_received.bits_per_second")?;
-
-    // Latency runs with every process on the path on one CPU (client, server, and in the mesh
-    // path both proxies): an idle vCPU here halts and waking it costs ~30 µs, which would
-    // otherwise dominate what is measured. The throughput run above uses both CPUs.
-    let _pinned = Pinned::new(pin_pids)?;
 
     // 2. Request/response on one connection.
     let mut cmd = c.pod_command(client, "taskset")?;
@@ -756,49 +746,6 @@ impl Bg {
                 bail!("{} is not listening after 10 s", bg.what);
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Bg {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-/// Pins processes (all their threads) to [`PIN_CPU`]; back to every CPU on drop.
-struct Pinned(Vec<u32>);
-
-impl Pinned {
-    fn new(pids: &[u32]) -> Result<Pinned> {
-        for pid in pids {
-            set_affinity(*pid, PIN_CPU)?;
-        }
-        Ok(Pinned(pids.to_vec()))
-    }
-}
-
-fn set_affinity(pid: u32, cpus: &str) -> Result<()> {
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-a", "-p", "-c", cpus, &pid.to_string()]);
-    let out = output(cmd, Duration::from_secs(5), "taskset -p")?;
-    if !out.ok {
-        bail!("taskset -a -p -c {cpus} {pid}: {}", out.stderr);
-    }
-    Ok(())
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        let all = format!(
-            "0-{}",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                - 1
-        );
-        for pid in &self.0 {
-            let _ = set_affinity(*pid, &all);
         }
     }
 }
