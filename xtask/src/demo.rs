@@ -20,7 +20,9 @@ pub fn run() -> Result<()> {
     }
     // A leftover demo from an interrupted run would block `up`.
     Cluster::down(PREFIX);
-    say("Bringing up a simulated cluster: 2 nodes, 2 pods each, an agent and a proxy per node.");
+    say(
+        "Bringing up a simulated cluster: 2 nodes, 2 pods each, a controller (CA + state stream), and an agent and a proxy per node.",
+    );
     // TestCluster tears everything down when it goes out of scope, also on error.
     let cluster = TestCluster::up(ClusterOpts {
         prefix: PREFIX.into(),
@@ -28,6 +30,7 @@ pub fn run() -> Result<()> {
         pods: 2,
         mesh_node: mesh_node.clone(),
         start_agents: true,
+        mesh: true,
         ..Default::default()
     })?;
     let res = steps(&cluster, &mesh_node, &testpod);
@@ -61,6 +64,18 @@ fn steps(c: &Cluster, mesh_node: &Path, testpod: &Path) -> Result<()> {
         "Starting an echo server in {server_pod} ({target}); it greets each connection with the peer address it sees."
     ));
     let _server = Server::start(c, testpod, server_pod, &[8080])?;
+    // node2's proxy opens its HBONE listener inside the server pod once it has the state.
+    let log = c.log_path("node2", "proxy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("HBONE listener open pod=mesh/node2-pod1")
+    {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("node2's proxy did not open the HBONE listener of {server_pod}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let client = "node1-pod1";
     say(&format!(
@@ -85,13 +100,19 @@ fn steps(c: &Cluster, mesh_node: &Path, testpod: &Path) -> Result<()> {
     println!("  echo: {}", s.echo("hello through the mesh")?);
     println!("  server said: {}", s.hello);
     println!(
-        "  The server saw peer={} — node1's proxy (198.18.0.1), not the pod: the connection was captured.",
+        "  The server saw peer={} — node2's proxy (198.18.0.2), not the pod: node1's proxy captured the\n  connection and carried it to node2 in an HBONE tunnel (HTTP/2 CONNECT over mutual TLS 1.3).",
         s.server_peer
     );
     s.close()?;
     std::thread::sleep(Duration::from_millis(500));
-    say("node1's proxy log lines about this destination:");
+    say(
+        "node1's proxy log: the connection went out as HBONE, with both SPIFFE identities checked:",
+    );
     print_matching(&c.log_path("node1", "proxy"), &target);
+    say(
+        "node2's proxy log: the tunnel arrived on the pod's 15008 listener, from the proven identity:",
+    );
+    print_matching(&c.log_path("node2", "proxy"), "inbound connection closed");
 
     let plain = "node1-pod2";
     say(&format!(
