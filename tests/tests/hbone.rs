@@ -363,6 +363,34 @@ fn lines_after(c: &Cluster, node: &str, kind: &str, offset: u64, needle: &str) -
         .collect()
 }
 
+/// Runs a handshake attempt against node2's listener and checks it was refused with `reason`:
+/// a log line, and the refusal counter one higher.
+fn expect_refused(
+    c: &Cluster,
+    reason: &str,
+    attempt: impl FnOnce() -> Result<SClient>,
+) -> Result<()> {
+    let before = refused(c, reason)?;
+    let offset = c.log_len("node2", "proxy");
+    let tried = attempt()?;
+    let line = wait_log_all(
+        c,
+        "node2",
+        "proxy",
+        offset,
+        &["refused an HBONE client", &format!("reason=\"{reason}\"")],
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("s_client said:\n{}\n{}", tried.stdout, tried.stderr))?;
+    eprintln!("{reason}: {line}");
+    let after = refused(c, reason)?;
+    ensure!(
+        after >= before + 1.0,
+        "{REFUSED}{{direction=\"inbound\",reason=\"{reason}\"}} went {before} -> {after}"
+    );
+    Ok(())
+}
+
 #[test]
 fn hbone_listener_checks_client_identity() -> Result<()> {
     let (c, _srv) = mesh_with_server(None)?;
@@ -487,30 +515,15 @@ fn hbone_listener_checks_client_identity() -> Result<()> {
             "leaf.ext",
         ],
     )?;
-    let before = refused(&c, "untrusted")?;
-    let offset = c.log_len("node2", "proxy");
-    let evil = s_client(
-        &c,
-        &dir,
-        "evil.pem",
-        "evil.key",
-        &["-cert_chain", "evil-ca.pem"],
-    )?;
-    let line = wait_log_all(
-        &c,
-        "node2",
-        "proxy",
-        offset,
-        &["refused an HBONE client", "reason=\"untrusted\""],
-        Duration::from_secs(5),
-    )
-    .with_context(|| format!("s_client said:\n{}\n{}", evil.stdout, evil.stderr))?;
-    eprintln!("untrusted: {line}");
-    let after = refused(&c, "untrusted")?;
-    ensure!(
-        after >= before + 1.0,
-        "{REFUSED}{{direction=\"inbound\",reason=\"untrusted\"}} went {before} -> {after}"
-    );
+    expect_refused(&c, "untrusted", || {
+        s_client(
+            &c,
+            &dir,
+            "evil.pem",
+            "evil.key",
+            &["-cert_chain", "evil-ca.pem"],
+        )
+    })?;
 
     // (b) Signed by the real CA but expired: expired.
     new_csr(&dir, "expired")?;
@@ -522,30 +535,15 @@ fn hbone_listener_checks_client_identity() -> Result<()> {
     )?;
     let dates = openssl(&dir, &["x509", "-in", "expired.pem", "-noout", "-enddate"])?;
     ensure!(dates.contains("2020"), "expired cert dates: {dates}");
-    let before = refused(&c, "expired")?;
-    let offset = c.log_len("node2", "proxy");
-    let exp = s_client(
-        &c,
-        &dir,
-        "expired.pem",
-        "expired.key",
-        &["-cert_chain", &chain],
-    )?;
-    let line = wait_log_all(
-        &c,
-        "node2",
-        "proxy",
-        offset,
-        &["refused an HBONE client", "reason=\"expired\""],
-        Duration::from_secs(5),
-    )
-    .with_context(|| format!("s_client said:\n{}\n{}", exp.stdout, exp.stderr))?;
-    eprintln!("expired: {line}");
-    let after = refused(&c, "expired")?;
-    ensure!(
-        after >= before + 1.0,
-        "{REFUSED}{{direction=\"inbound\",reason=\"expired\"}} went {before} -> {after}"
-    );
+    expect_refused(&c, "expired", || {
+        s_client(
+            &c,
+            &dir,
+            "expired.pem",
+            "expired.key",
+            &["-cert_chain", &chain],
+        )
+    })?;
 
     // The mesh path still works afterwards.
     let r = dial_one(&c, CLIENT_POD, TARGET)?;

@@ -28,6 +28,12 @@ pub fn cluster(pods: usize) -> Result<TestCluster> {
 
 /// As [`cluster`], with extra agent arguments.
 pub fn cluster_with(pods: usize, agent_args: Vec<String>) -> Result<TestCluster> {
+    up('t', pods, |o| o.agent_args = agent_args)
+}
+
+/// A 2-node cluster with agents running and a unique prefix starting with `first`; `tune`
+/// adjusts the options. Torn down on drop.
+fn up(first: char, pods: usize, tune: impl FnOnce(&mut ClusterOpts)) -> Result<TestCluster> {
     require_root();
     let mesh_node = mesh_node_path();
     if !mesh_node.exists() {
@@ -36,15 +42,16 @@ pub fn cluster_with(pods: usize, agent_args: Vec<String>) -> Result<TestCluster>
             mesh_node.display()
         );
     }
-    TestCluster::up(ClusterOpts {
-        prefix: unique_prefix('t'),
+    let mut opts = ClusterOpts {
+        prefix: unique_prefix(first),
         nodes: 2,
         pods,
         mesh_node,
         start_agents: true,
-        agent_args,
         ..Default::default()
-    })
+    };
+    tune(&mut opts);
+    TestCluster::up(opts)
 }
 
 /// The IP part of `ip:port`.
@@ -197,23 +204,9 @@ pub fn wait_log_all(
 
 /// A 2-node cluster in mesh mode (controller, HBONE), `pods` pods per node, torn down on drop.
 pub fn mesh_cluster(pods: usize, cert_ttl: Option<&str>) -> Result<TestCluster> {
-    require_root();
-    let mesh_node = mesh_node_path();
-    if !mesh_node.exists() {
-        bail!(
-            "{} not found: build mesh-node (`cargo build -p mesh-node`) or set SIDENODE_MESH_NODE",
-            mesh_node.display()
-        );
-    }
-    TestCluster::up(ClusterOpts {
-        prefix: unique_prefix('m'),
-        nodes: 2,
-        pods,
-        mesh_node,
-        start_agents: true,
-        mesh: true,
-        cert_ttl: cert_ttl.map(str::to_string),
-        ..Default::default()
+    up('m', pods, |o| {
+        o.mesh = true;
+        o.cert_ttl = cert_ttl.map(str::to_string);
     })
 }
 

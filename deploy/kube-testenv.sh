@@ -1,0 +1,445 @@
+#!/usr/bin/env bash
+# A real Kubernetes API server (1.20.2) for tests, built from Debian bookworm's `kubernetes`
+# source package, since no registry reachable here ships a kube-apiserver binary.
+#
+#   deploy/kube-testenv.sh install          build once; cached, a later run is a no-op
+#   deploy/kube-testenv.sh start DIR [--with-controller-manager]
+#   deploy/kube-testenv.sh stop DIR
+#
+# `install` apt-installs golang-go, jq, rsync, dpkg-dev, etcd-server (+ etcd-client) and
+# golang-github-modern-go-reflect2-dev; adds a deb-src line (in its own file) only if the pinned
+# source version is not already known to apt; fetches that source into the cache; replaces the
+# vendored reflect2 v1.0.1, which segfaults under Go 1.19 on the first custom-resource write, with
+# Debian's 1.0.2; builds kube-apiserver, kube-controller-manager and kube-scheduler (about 6
+# minutes on 2 cores) and copies them to <cache>/bin/. Cache: ${SIDENODE_CACHE:-~/.cache/sidenode}
+# /k8s-1.20.2/. Set KTE_PRUNE=1 to drop the source tree and Go build cache after a successful
+# build (the binaries stay; about 2 GB freed).
+#
+# `start` runs etcd and kube-apiserver on 127.0.0.1 only, with data, keys and logs in DIR, and
+# writes DIR/kubeconfig (admin token, group system:masters), DIR/env (ports, URL, token as shell
+# variables) and DIR/pids. Ports are free random ones unless KTE_ETCD_PORT, KTE_ETCD_PEER_PORT,
+# KTE_APISERVER_PORT (and KTE_KCM_PORT) are set. The service range is KTE_SERVICE_CIDR, default
+# 198.18.128.0/17 (test-only addresses, apart from the node range 198.18.0.0/24).
+# KTE_APISERVER_ARGS adds flags to kube-apiserver (word-split).
+# Limits of 1.20: EndpointSlice is discovery.k8s.io/v1beta1 only; no kubelet, so tests create
+# Node/Pod objects and patch pod status themselves; Endpoints reject loopback addresses.
+#
+# `stop` ends the processes listed in DIR/pids (checked by their command line, so a reused pid is
+# never hit) and removes DIR/pids; the data in DIR stays.
+set -euo pipefail
+
+K8S_SRC_PKG=kubernetes
+K8S_SRC_VERSION='1.20.5+really1.20.2-1.1+deb12u1'
+K8S_TREE_NAME='kubernetes-1.20.5+really1.20.2'
+CACHE="${SIDENODE_CACHE:-$HOME/.cache/sidenode}/k8s-1.20.2"
+BIN="$CACHE/bin"
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
+REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
+DEB_SRC_FILE=/etc/apt/sources.list.d/sidenode-kube-testenv-src.list
+DEB_SRC_LINE='deb-src http://deb.debian.org/debian bookworm main'
+ETCD=/usr/bin/etcd
+
+log() { printf '[kube-testenv] %s\n' "$*" >&2; }
+die() { printf '[kube-testenv] ERROR: %s\n' "$*" >&2; exit 1; }
+usage() {
+    sed -n '5,7p' "$0" | sed 's/^# *//' >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------------------------------- install
+
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+
+APT_UPDATED=0
+apt_update() {
+    if [[ $APT_UPDATED == 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+}
+
+ensure_packages() {
+    local want=(golang-go jq rsync dpkg-dev golang-github-modern-go-reflect2-dev etcd-server)
+    local missing=() p
+    for p in "${want[@]}"; do pkg_installed "$p" || missing+=("$p"); done
+    # etcd-client (etcdctl) is handy for debugging but optional: only if the archive has it.
+    if ! pkg_installed etcd-client && [[ ! -f "$CACHE/.no-etcd-client" ]]; then
+        apt-cache show etcd-client >/dev/null 2>&1 || apt_update
+        if apt-cache show etcd-client >/dev/null 2>&1; then
+            missing+=(etcd-client)
+        else
+            log "etcd-client: not in the archive, skipped"
+            mkdir -p "$CACHE" && touch "$CACHE/.no-etcd-client"
+        fi
+    fi
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "packages: all present"
+        return
+    fi
+    apt_update
+    log "apt-get install ${missing[*]}"
+    # Keep any service start from the etcd-server package from grabbing 2379 (no init here
+    # usually, but policy-rc.d is what Debian maintainer scripts ask).
+    local added_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    local rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        >/dev/null || rc=$?
+    [[ $added_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d
+    [[ $rc == 0 ]] || die "apt-get install ${missing[*]} failed (exit $rc)"
+}
+
+src_version_known() {
+    apt-cache showsrc "$K8S_SRC_PKG" 2>/dev/null | grep -qx "Version: $K8S_SRC_VERSION"
+}
+
+ensure_deb_src() {
+    if src_version_known; then
+        log "deb-src: $K8S_SRC_PKG $K8S_SRC_VERSION already known to apt"
+        return
+    fi
+    if ! grep -rqsx -F "$DEB_SRC_LINE" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "deb-src: adding '$DEB_SRC_LINE' in $DEB_SRC_FILE"
+        printf '%s\n' "$DEB_SRC_LINE" >"$DEB_SRC_FILE"
+    fi
+    APT_UPDATED=0
+    apt_update
+    src_version_known || die "apt has no source $K8S_SRC_PKG=$K8S_SRC_VERSION even after adding deb-src (apt-cache showsrc $K8S_SRC_PKG)"
+}
+
+fetch_source() {
+    local tree="$CACHE/src/$K8S_TREE_NAME"
+    if [[ -f "$CACHE/src/.fetched" && -d "$tree/vendor" ]]; then
+        log "source: $tree (cached)"
+        return
+    fi
+    ensure_deb_src
+    local tmp="$CACHE/src.tmp"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    log "apt-get source $K8S_SRC_PKG=$K8S_SRC_VERSION (into $tmp)"
+    # apt-get source as root cannot drop to the _apt user for a folder it does not own: fine.
+    (cd "$tmp" && apt-get source -qq "$K8S_SRC_PKG=$K8S_SRC_VERSION" >"$tmp.log" 2>&1) ||
+        die "apt-get source failed; see $tmp.log"
+    [[ -d "$tmp/$K8S_TREE_NAME/vendor" ]] || die "apt-get source did not unpack $K8S_TREE_NAME with vendor/ (see $tmp.log)"
+    rm -f "$tmp"/*.tar.* "$tmp"/*.dsc
+    rm -rf "$CACHE/src"
+    mv "$tmp" "$CACHE/src"
+    mv "$tmp.log" "$CACHE/src/apt-get-source.log"
+    touch "$CACHE/src/.fetched"
+}
+
+fix_reflect2() {
+    local tree="$CACHE/src/$K8S_TREE_NAME"
+    local dst="$tree/vendor/github.com/modern-go/reflect2"
+    if [[ -f "$tree/.sidenode-reflect2-1.0.2" ]]; then
+        log "reflect2: already replaced by Debian's 1.0.2"
+        return
+    fi
+    [[ -d "$REFLECT2_SRC" ]] || die "$REFLECT2_SRC missing (package golang-github-modern-go-reflect2-dev)"
+    [[ -d "$dst" ]] || die "$dst missing in the source tree"
+    log "reflect2: replacing vendored v1.0.1 with $REFLECT2_SRC (1.0.2, without go.mod)"
+    # -L: Debian's gocode folder may hold symlinks; vendor wants plain files.
+    rsync -aL --delete --exclude go.mod --exclude go.sum "$REFLECT2_SRC/" "$dst/" ||
+        die "rsync of reflect2 failed"
+    touch "$tree/.sidenode-reflect2-1.0.2"
+}
+
+build_binaries() {
+    local tree="$CACHE/src/$K8S_TREE_NAME"
+    local gopath="$CACHE/gopath"
+    mkdir -p "$gopath/src/k8s.io"
+    ln -sfn "$tree" "$gopath/src/k8s.io/kubernetes"
+    local what="" b
+    for b in "${BINARIES[@]}"; do what+="cmd/$b "; done
+    log "go: $(go version)"
+    log "make WHAT=\"${what% }\" (about 6 minutes on 2 cores; log: $CACHE/build.log)"
+    local t0=$SECONDS
+    (
+        cd "$gopath/src/k8s.io/kubernetes"
+        export GOPATH="$gopath" GOPROXY=off CGO_ENABLED=0 \
+            GOCACHE="$CACHE/go-build" GOTOOLCHAIN=local KUBE_VERBOSE=1
+        make WHAT="${what% }"
+    ) >"$CACHE/build.log" 2>&1 || {
+        tail -n 30 "$CACHE/build.log" >&2
+        die "build failed; see $CACHE/build.log"
+    }
+    log "build: $((SECONDS - t0)) s"
+    local out="$tree/_output/local/bin/linux/amd64"
+    [[ -d $out ]] || out="$(dirname "$(find "$tree/_output" -type f -name kube-apiserver -perm -u+x | head -n1)")"
+    mkdir -p "$BIN.tmp"
+    for b in "${BINARIES[@]}"; do
+        [[ -x "$out/$b" ]] || die "built binary $out/$b missing"
+        cp "$out/$b" "$BIN.tmp/$b"
+    done
+    "$BIN.tmp/kube-apiserver" --version >/dev/null || die "the built kube-apiserver does not run"
+    rm -rf "$BIN"
+    mv "$BIN.tmp" "$BIN"
+}
+
+binaries_ok() {
+    local b
+    [[ -f "$BIN/.complete" ]] || return 1
+    for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
+}
+
+cmd_install() {
+    [[ $(id -u) == 0 ]] || die "install needs root (apt-get)"
+    ensure_packages
+    mkdir -p "$CACHE"
+    if binaries_ok; then
+        log "binaries: $BIN ($("$BIN/kube-apiserver" --version)) — nothing to build"
+        return
+    fi
+    fetch_source
+    fix_reflect2
+    build_binaries
+    touch "$BIN/.complete"
+    if [[ ${KTE_PRUNE:-0} == 1 ]]; then
+        log "KTE_PRUNE=1: removing the source tree and Go build cache"
+        rm -rf "$CACHE/src" "$CACHE/gopath" "$CACHE/go-build"
+    fi
+    log "installed: $(ls "$BIN" | tr '\n' ' ')in $BIN ($("$BIN/kube-apiserver" --version))"
+}
+
+# ------------------------------------------------------------------------------------ start / stop
+
+PICKED_PORTS=" "
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 40000))
+        [[ $PICKED_PORTS == *" $p "* ]] && continue
+        port_in_use "$p" && continue
+        ss -Hltn "sport = :$p" 2>/dev/null | grep -q . && continue
+        PICKED_PORTS+="$p "
+        echo "$p"
+        return
+    done
+    die "no free port found"
+}
+
+# alive NAME PID: the pid runs the expected binary (guards against pid reuse).
+alive() {
+    local name=$1 pid=$2
+    [[ -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$name"
+}
+
+wait_http() { # URL SECONDS [curl args...]
+    local url=$1 secs=$2 i
+    shift 2
+    for i in $(seq 1 $((secs * 4))); do
+        curl -fsS -o /dev/null --max-time 2 "$@" "$url" 2>/dev/null && return 0
+        sleep 0.25
+    done
+    return 1
+}
+
+make_pki() {
+    local pki=$1
+    [[ -f $pki/apiserver.crt && -f $pki/sa.key ]] && return
+    log "pki: CA, apiserver serving cert (127.0.0.1, localhost), service-account key pair in $pki"
+    (
+        cd "$pki"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+            -subj "/CN=kube-testenv-ca" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
+            -subj "/CN=kube-apiserver" 2>/dev/null
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
+            "extendedKeyUsage=serverAuth" "keyUsage=digitalSignature,keyEncipherment" >apiserver.ext
+        openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+            -out apiserver.crt -days 3650 -extfile apiserver.ext 2>/dev/null
+        openssl genrsa -out sa.key 2048 2>/dev/null
+        openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+        chmod 600 ca.key apiserver.key sa.key
+    ) || die "openssl failed in $pki"
+}
+
+cmd_start() {
+    local dir="" with_kcm=0 a
+    for a in "$@"; do
+        case $a in
+        --with-controller-manager) with_kcm=1 ;;
+        -*) die "unknown option $a" ;;
+        *) [[ -z $dir ]] || die "one DIR only"; dir=$a ;;
+        esac
+    done
+    [[ -n $dir ]] || usage
+    binaries_ok || die "no binaries in $BIN: run '$0 install' first"
+    [[ -x $ETCD ]] || die "$ETCD missing: run '$0 install' first (package etcd-server)"
+    command -v curl >/dev/null || die "curl is needed"
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    if [[ -f $dir/pids ]]; then
+        local name pid running=0
+        while read -r name pid; do alive "$name" "$pid" && running=1; done <"$dir/pids"
+        [[ $running == 1 ]] && die "already running from $dir/pids: '$0 stop $dir' first"
+        rm -f "$dir/pids"
+    fi
+    mkdir -p "$dir/etcd" "$dir/pki" "$dir/logs"
+    make_pki "$dir/pki"
+
+    local etcd_port=${KTE_ETCD_PORT:-$(free_port)}
+    local etcd_peer=${KTE_ETCD_PEER_PORT:-$(free_port)}
+    local api_port=${KTE_APISERVER_PORT:-$(free_port)}
+    local cidr=${KTE_SERVICE_CIDR:-198.18.128.0/17}
+    local p
+    for p in "$etcd_port" "$etcd_peer" "$api_port"; do
+        port_in_use "$p" && die "port $p on 127.0.0.1 is already in use"
+    done
+
+    local token
+    if [[ -s $dir/tokens.csv ]]; then
+        token=$(cut -d, -f1 "$dir/tokens.csv" | head -n1)
+    else
+        token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+        printf '%s,admin,admin-uid,"system:masters"\n' "$token" >"$dir/tokens.csv"
+        chmod 600 "$dir/tokens.csv"
+    fi
+
+    : >"$dir/pids"
+    log "etcd on 127.0.0.1:$etcd_port (peer $etcd_peer), data in $dir/etcd"
+    setsid "$ETCD" --name kte --data-dir "$dir/etcd" \
+        --listen-client-urls "http://127.0.0.1:$etcd_port" \
+        --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+        --listen-peer-urls "http://127.0.0.1:$etcd_peer" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+        --initial-cluster "kte=http://127.0.0.1:$etcd_peer" \
+        --initial-cluster-state new --logger zap --log-outputs stderr \
+        --quota-backend-bytes 1073741824 \
+        </dev/null >"$dir/logs/etcd.log" 2>&1 &
+    echo "etcd $!" >>"$dir/pids"
+    wait_http "http://127.0.0.1:$etcd_port/health" 30 ||
+        { tail -n 20 "$dir/logs/etcd.log" >&2; die "etcd not healthy after 30 s (log: $dir/logs/etcd.log)"; }
+
+    log "kube-apiserver on https://127.0.0.1:$api_port, services $cidr"
+    local extra=()
+    [[ -n ${KTE_APISERVER_ARGS:-} ]] && read -r -a extra <<<"$KTE_APISERVER_ARGS"
+    local t0=$SECONDS
+    setsid "$BIN/kube-apiserver" \
+        --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+        --insecure-port=0 --secure-port="$api_port" \
+        --cert-dir="$dir/pki" \
+        --tls-cert-file="$dir/pki/apiserver.crt" --tls-private-key-file="$dir/pki/apiserver.key" \
+        --client-ca-file="$dir/pki/ca.crt" \
+        --etcd-servers="http://127.0.0.1:$etcd_port" \
+        --service-cluster-ip-range="$cidr" \
+        --endpoint-reconciler-type=none \
+        --authorization-mode=RBAC \
+        --token-auth-file="$dir/tokens.csv" \
+        --service-account-key-file="$dir/pki/sa.pub" \
+        --service-account-signing-key-file="$dir/pki/sa.key" \
+        --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+        --api-audiences=https://kubernetes.default.svc.cluster.local \
+        "${extra[@]}" \
+        </dev/null >"$dir/logs/kube-apiserver.log" 2>&1 &
+    echo "kube-apiserver $!" >>"$dir/pids"
+
+    cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: kube-testenv
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority-data: $(base64 -w0 <"$dir/pki/ca.crt")
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: kube-testenv
+  context:
+    cluster: kube-testenv
+    user: admin
+current-context: kube-testenv
+EOF
+    chmod 600 "$dir/kubeconfig"
+
+    local auth=(--cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $token")
+    if ! wait_http "https://127.0.0.1:$api_port/readyz" 90 "${auth[@]}"; then
+        tail -n 30 "$dir/logs/kube-apiserver.log" >&2
+        die "kube-apiserver not ready after 90 s (log: $dir/logs/kube-apiserver.log; '$0 stop $dir' to clean up)"
+    fi
+    log "kube-apiserver ready in $((SECONDS - t0)) s"
+
+    local kcm_port=""
+    if [[ $with_kcm == 1 ]]; then
+        kcm_port=${KTE_KCM_PORT:-$(free_port)}
+        log "kube-controller-manager (https://127.0.0.1:$kcm_port/healthz)"
+        setsid "$BIN/kube-controller-manager" \
+            --kubeconfig="$dir/kubeconfig" \
+            --authentication-kubeconfig="$dir/kubeconfig" \
+            --authorization-kubeconfig="$dir/kubeconfig" \
+            --bind-address=127.0.0.1 --port=0 --secure-port="$kcm_port" \
+            --cert-dir="$dir/pki/kcm" \
+            --leader-elect=false \
+            --use-service-account-credentials=false \
+            --service-account-private-key-file="$dir/pki/sa.key" \
+            --root-ca-file="$dir/pki/ca.crt" \
+            --service-cluster-ip-range="$cidr" \
+            --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-persistentvolume-binder,-attachdetach,-csrsigning' \
+            </dev/null >"$dir/logs/kube-controller-manager.log" 2>&1 &
+        echo "kube-controller-manager $!" >>"$dir/pids"
+        if ! wait_http "https://127.0.0.1:$kcm_port/healthz" 60 -k; then
+            tail -n 30 "$dir/logs/kube-controller-manager.log" >&2
+            die "kube-controller-manager not healthy after 60 s (log: $dir/logs/kube-controller-manager.log)"
+        fi
+    fi
+
+    cat >"$dir/env" <<EOF
+KTE_ETCD_PORT=$etcd_port
+KTE_ETCD_PEER_PORT=$etcd_peer
+KTE_APISERVER_PORT=$api_port
+KTE_APISERVER_URL=https://127.0.0.1:$api_port
+KTE_KCM_PORT=$kcm_port
+KTE_SERVICE_CIDR=$cidr
+KTE_TOKEN=$token
+KUBECONFIG=$dir/kubeconfig
+EOF
+    log "started: KUBECONFIG=$dir/kubeconfig (pids in $dir/pids, logs in $dir/logs)"
+    command -v kubectl >/dev/null || log "note: no kubectl on PATH"
+}
+
+cmd_stop() {
+    local dir=${1:-}
+    [[ -n $dir && $# == 1 ]] || usage
+    if [[ ! -f $dir/pids ]]; then
+        log "nothing to stop: no $dir/pids"
+        return
+    fi
+    local entries=() name pid
+    while read -r name pid; do [[ -n $name ]] && entries=("$name $pid" "${entries[@]}"); done <"$dir/pids"
+    # Reverse start order: controller-manager, apiserver, then etcd.
+    local e
+    for e in "${entries[@]}"; do
+        read -r name pid <<<"$e"
+        if alive "$name" "$pid"; then
+            log "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            local i
+            for i in $(seq 1 40); do alive "$name" "$pid" || break; sleep 0.25; done
+            if alive "$name" "$pid"; then
+                log "$name (pid $pid) still running after 10 s: SIGKILL"
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+        else
+            log "$name (pid $pid) not running"
+        fi
+    done
+    rm -f "$dir/pids"
+}
+
+case ${1:-} in
+install) shift; [[ $# == 0 ]] || usage; cmd_install ;;
+start) shift; cmd_start "$@" ;;
+stop) shift; cmd_stop "$@" ;;
+*) usage ;;
+esac
