@@ -35,8 +35,8 @@ CACHE="${SIDENODE_CACHE:-$HOME/.cache/sidenode}/k8s-1.20.2"
 BIN="$CACHE/bin"
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
-DEB_SRC_FILE=/etc/apt/sources.list.d/sidenode-kube-testenv-src.list
-DEB_SRC_LINE='deb-src http://deb.debian.org/debian bookworm main'
+DEB_SRC_FILE=/etc/apt/sources.list.d/sidenode-kube-testenv-src.sources
+DEB_MIRROR=http://deb.debian.org/debian
 ETCD=/usr/bin/etcd
 
 log() { printf '[kube-testenv] %s\n' "$*" >&2; }
@@ -51,6 +51,10 @@ usage() {
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
 
 APT_UPDATED=0
+apt_update_checked() {
+    log "apt-get update"
+    apt-get update -qq && APT_UPDATED=1
+}
 apt_update() {
     if [[ $APT_UPDATED == 0 ]]; then
         log "apt-get update"
@@ -103,12 +107,34 @@ ensure_deb_src() {
         log "deb-src: $K8S_SRC_PKG $K8S_SRC_VERSION already known to apt"
         return
     fi
-    if ! grep -rqsx -F "$DEB_SRC_LINE" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        log "deb-src: adding '$DEB_SRC_LINE' in $DEB_SRC_FILE"
-        printf '%s\n' "$DEB_SRC_LINE" >"$DEB_SRC_FILE"
+    if [[ ! -f $DEB_SRC_FILE ]]; then
+        # apt refuses two entries for one mirror with different Signed-By values, so reuse the
+        # keyring of the existing `deb` entry for the mirror, if it names one.
+        local signed_by
+        signed_by=$(awk -v uri="$DEB_MIRROR" '
+            /^[[:space:]]*$/ { if (hit && sb != "") { print sb; exit } hit = 0; sb = ""; next }
+            $1 == "URIs:" { for (i = 2; i <= NF; i++) if ($i == uri || $i == uri "/") hit = 1 }
+            $1 == "Signed-By:" { sb = $2 }
+            END { if (hit && sb != "") print sb }' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+        if [[ -z $signed_by ]]; then
+            signed_by=$(grep -hoE "^deb \[[^]]*signed-by=[^] ]+[^]]*\] $DEB_MIRROR/? " \
+                /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+                sed -E 's/.*signed-by=([^] ]+).*/\1/' | head -n1 || true)
+        fi
+        log "deb-src: adding bookworm main from $DEB_MIRROR in $DEB_SRC_FILE${signed_by:+ (Signed-By $signed_by)}"
+        {
+            echo "Types: deb-src"
+            echo "URIs: $DEB_MIRROR"
+            echo "Suites: bookworm"
+            echo "Components: main"
+            if [[ -n $signed_by ]]; then echo "Signed-By: $signed_by"; fi
+        } >"$DEB_SRC_FILE"
     fi
     APT_UPDATED=0
-    apt_update
+    if ! apt_update_checked; then
+        rm -f "$DEB_SRC_FILE"
+        die "apt-get update failed with $DEB_SRC_FILE; removed it again"
+    fi
     src_version_known || die "apt has no source $K8S_SRC_PKG=$K8S_SRC_VERSION even after adding deb-src (apt-cache showsrc $K8S_SRC_PKG)"
 }
 
@@ -279,8 +305,8 @@ cmd_start() {
     dir=$(cd "$dir" && pwd)
     if [[ -f $dir/pids ]]; then
         local name pid running=0
-        while read -r name pid; do alive "$name" "$pid" && running=1; done <"$dir/pids"
-        [[ $running == 1 ]] && die "already running from $dir/pids: '$0 stop $dir' first"
+        while read -r name pid; do if alive "$name" "$pid"; then running=1; fi; done <"$dir/pids"
+        if [[ $running == 1 ]]; then die "already running from $dir/pids: '$0 stop $dir' first"
         rm -f "$dir/pids"
     fi
     mkdir -p "$dir/etcd" "$dir/pki" "$dir/logs"
@@ -416,7 +442,9 @@ cmd_stop() {
         return
     fi
     local entries=() name pid
-    while read -r name pid; do [[ -n $name ]] && entries=("$name $pid" "${entries[@]}"); done <"$dir/pids"
+    while read -r name pid; do
+        if [[ -n $name ]]; then entries=("$name $pid" "${entries[@]}"); fi
+    done <"$dir/pids"
     # Reverse start order: controller-manager, apiserver, then etcd.
     local e
     for e in "${entries[@]}"; do

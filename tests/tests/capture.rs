@@ -381,3 +381,29 @@ fn proxy_releases_its_sockets_after_connections_end() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn enrolling_a_namespace_captures_new_connections_and_keeps_established_ones() -> Result<()> {
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    // node1-pod2 is in `plain`, not enrolled: its connection goes straight.
+    let mut s = Session::open(&c, &testpod(), "node1-pod2", TARGET)?;
+    ensure!(
+        ip_of(&s.server_peer) == "198.19.1.3",
+        "captured before enrolling: {}",
+        s.hello
+    );
+    expect_captured(&c, "node1-pod2", TARGET, false)?;
+
+    // Label the namespace: new connections are captured within 2 s, without restarting the pod.
+    c.set_namespace_enabled("plain", true)?;
+    let took = wait_captured(&c, "node1-pod2", TARGET, true, Duration::from_secs(2))?;
+    eprintln!("captured {took:?} after enrolling");
+    // The connection opened before keeps working, still direct.
+    ensure!(
+        s.echo("still here")? == "still here",
+        "echo after enrolling"
+    );
+    s.close()?;
+    Ok(())
+}

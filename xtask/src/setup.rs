@@ -23,6 +23,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
     "protobuf-compiler",
+    "openssl",
+    "curl",
 ];
 
 pub fn run() -> Result<()> {
