@@ -306,7 +306,7 @@ cmd_start() {
     if [[ -f $dir/pids ]]; then
         local name pid running=0
         while read -r name pid; do if alive "$name" "$pid"; then running=1; fi; done <"$dir/pids"
-        if [[ $running == 1 ]]; then die "already running from $dir/pids: '$0 stop $dir' first"
+        if [[ $running == 1 ]]; then die "already running from $dir/pids: '$0 stop $dir' first"; fi
         rm -f "$dir/pids"
     fi
     mkdir -p "$dir/etcd" "$dir/pki" "$dir/logs"

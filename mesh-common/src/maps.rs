@@ -34,6 +34,7 @@ pub const EXCL_CIDRS_MAX: u32 = 1_024;
 
 /// Program names (the Rust function names in `mesh-ebpf`).
 pub const PROG_CONNECT4: &str = "sn_connect4";
+pub const PROG_CONNECT6: &str = "sn_connect6";
 pub const PROG_SOCKOPS: &str = "sn_sockops";
 
 /// Everything sidenode pins lives under `<bpffs>/sidenode/`.
@@ -117,8 +118,11 @@ pub struct ProxyConfig {
     pub _pad: u16,
     /// `SO_MARK` of the proxy's own sockets: never captured.
     pub proxy_mark: u32,
-    /// Ports on `proxy_ip4` that are never rewritten (host order; 0 = unused slot).
+    /// Ports on the proxy's addresses that are never rewritten (host order; 0 = unused slot).
     pub proxy_ports: [u16; 8],
+    /// The proxy's IPv6 address (network order words, as `bpf_sock_addr.user_ip6`); all zero =
+    /// IPv6 connections are not captured.
+    pub proxy_ip6: Addr,
 }
 
 /// Indexes of [`STATS`].

@@ -1,8 +1,8 @@
 //! sidenode's kernel programs, attached to one cgroup v2 folder (`--cgroup-root`):
 //!
-//! 1. `sn_connect4` (`cgroup/connect4`): a TCP `connect()` from an enrolled network namespace is
-//!    rewritten to the node proxy's outbound listener; the original destination is kept in
-//!    `SN_PENDING`, keyed by the socket's cookie.
+//! 1. `sn_connect4` / `sn_connect6` (`cgroup/connect4|6`): a TCP `connect()` from an enrolled
+//!    network namespace is rewritten to the node proxy's outbound listener; the original
+//!    destination is kept in `SN_PENDING`, keyed by the socket's cookie.
 //! 2. `sn_sockops` (`sockops`): when that connection is established, its original destination
 //!    moves to `SN_ORIG_DST`, keyed by the client's own address and port — exactly the peer
 //!    address the proxy sees after `accept()`. The entry is removed when the socket closes.
@@ -23,12 +23,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    Addr, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, ORIG_DST_MAX, OrigDst,
-    PENDING_MAX, ProxyConfig, STAT_COUNT, SockKey, Stat, Workload, addr_from_v4,
+    Addr, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6, ORIG_DST_MAX,
+    OrigDst, PENDING_MAX, ProxyConfig, STAT_COUNT, SockKey, Stat, V4_MAPPED_WORD, Workload,
+    addr_from_v4,
 };
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 /// `connect()` goes on (with the rewritten address, if any).
 const ALLOW: i32 = 1;
 
@@ -130,14 +132,8 @@ fn excluded_v4(cfg: &ProxyConfig, dst_ip: u32, dst_port: u16) -> bool {
     if host >> 24 == 127 || host == 0 {
         return true;
     }
-    if dst_ip == cfg.proxy_ip4 {
-        let mut i = 0;
-        while i < cfg.proxy_ports.len() {
-            if cfg.proxy_ports[i] == dst_port {
-                return true;
-            }
-            i += 1;
-        }
+    if dst_ip == cfg.proxy_ip4 && proxy_port(cfg, dst_port) {
+        return true;
     }
     if SN_EXCL_PORTS.get_ptr(dst_port).is_some() {
         return true;
@@ -145,6 +141,120 @@ fn excluded_v4(cfg: &ProxyConfig, dst_ip: u32, dst_port: u16) -> bool {
     SN_EXCL_CIDRS
         .get(Key::new(128, addr_from_v4(dst_ip)))
         .is_some()
+}
+
+/// Is `port` one of the proxy's own ports?
+#[inline(always)]
+fn proxy_port(cfg: &ProxyConfig, port: u16) -> bool {
+    let mut i = 0;
+    while i < cfg.proxy_ports.len() {
+        if cfg.proxy_ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sn_connect6(ctx: SockAddrContext) -> i32 {
+    capture_connect6(&ctx);
+    ALLOW
+}
+
+/// IPv6 sockets: an IPv4-mapped destination (`::ffff:a.b.c.d`, a dual-stack socket reaching an
+/// IPv4 peer) is handled as IPv4 and sent to the proxy's IPv4 address (mapped); a native IPv6
+/// destination goes to the proxy's IPv6 address, when one is configured.
+#[inline(always)]
+fn capture_connect6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the helper takes the program's context, which `ctx` is.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if SN_ENROLLED.get_ptr(netns).is_none() {
+        return;
+    }
+    // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect6.
+    let (sock_type, user_port, sk, d0, d1, d2, d3) = unsafe {
+        (
+            (*sa).type_,
+            (*sa).user_port,
+            (*sa).__bindgen_anon_1.sk,
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        )
+    };
+    if sock_type != SOCK_STREAM {
+        return;
+    }
+    let Some(cfg) = SN_CONFIG.get(0) else { return };
+    // SAFETY: `sk` is the socket being connected; `mark` is readable.
+    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+        bump(Stat::ProxyOwn);
+        return;
+    }
+    let dst_port = u16::from_be(user_port as u16);
+    let dst: Addr = [d0, d1, d2, d3];
+    let mapped = d0 == 0 && d1 == 0 && d2 == V4_MAPPED_WORD;
+    let (to, family) = if mapped {
+        if cfg.proxy_ip4 == 0 {
+            return;
+        }
+        if excluded_v4(cfg, d3, dst_port) {
+            bump(Stat::Excluded);
+            return;
+        }
+        (addr_from_v4(cfg.proxy_ip4), FAMILY_V4)
+    } else {
+        if cfg.proxy_ip6 == [0; 4] {
+            return;
+        }
+        if excluded_v6(cfg, &dst, dst_port) {
+            bump(Stat::Excluded);
+            return;
+        }
+        (cfg.proxy_ip6, FAMILY_V6)
+    };
+    let orig = OrigDst {
+        addr: dst,
+        port: dst_port,
+        family,
+        _pad: 0,
+        netns_cookie: netns,
+    };
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SN_PENDING.insert(cookie, orig, 0).is_err() {
+        bump(Stat::MapErrors);
+        return;
+    }
+    // SAFETY: user_ip6/user_port are writable in connect6 (4-byte stores); network order.
+    unsafe {
+        (*sa).user_ip6[0] = to[0];
+        (*sa).user_ip6[1] = to[1];
+        (*sa).user_ip6[2] = to[2];
+        (*sa).user_ip6[3] = to[3];
+        (*sa).user_port = u32::from(cfg.outbound_port.to_be());
+    }
+    bump(Stat::Captured);
+}
+
+/// `::1`, `::`, the proxy's own ports on its IPv6 address, and the configured ports and CIDRs.
+#[inline(always)]
+fn excluded_v6(cfg: &ProxyConfig, dst: &Addr, dst_port: u16) -> bool {
+    let loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && u32::from_be(dst[3]) == 1;
+    let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
+    if loopback || unspecified {
+        return true;
+    }
+    if *dst == cfg.proxy_ip6 && proxy_port(cfg, dst_port) {
+        return true;
+    }
+    if SN_EXCL_PORTS.get_ptr(dst_port).is_some() {
+        return true;
+    }
+    SN_EXCL_CIDRS.get(Key::new(128, *dst)).is_some()
 }
 
 #[sock_ops]
@@ -165,9 +275,7 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            if ctx.family() != AF_INET {
-                return;
-            }
+            let Some(key) = local_key(ctx) else { return };
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let Some(orig) = SN_PENDING.get_ptr(cookie) else {
@@ -175,7 +283,6 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             };
             // SAFETY: a live map value; copied out before the entry is removed.
             let orig = unsafe { *orig };
-            let key = local_key_v4(ctx);
             if SN_ORIG_DST.insert(key, orig, 0).is_err() {
                 bump(Stat::MapErrors);
             } else {
@@ -192,7 +299,9 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SN_PENDING.remove(cookie);
-            if ctx.family() == AF_INET && SN_ORIG_DST.remove(local_key_v4(ctx)).is_ok() {
+            if let Some(key) = local_key(ctx)
+                && SN_ORIG_DST.remove(key).is_ok()
+            {
                 bump(Stat::Closed);
             }
         }
@@ -200,14 +309,33 @@ fn on_sock_ops(ctx: &SockOpsContext) {
     }
 }
 
-/// The client's own address: local IPv4 (network order) and local port (host order).
+/// The client's own address as the proxy will see it as peer: local address (IPv4 mapped) and
+/// local port (host order). A dual-stack IPv6 socket to an IPv4 peer already has a mapped one.
 #[inline(always)]
-fn local_key_v4(ctx: &SockOpsContext) -> SockKey {
-    SockKey {
-        addr: addr_from_v4(ctx.local_ip4()),
+fn local_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    let addr = match ctx.family() {
+        AF_INET => addr_from_v4(ctx.local_ip4()),
+        AF_INET6 => {
+            // Word by word at constant offsets: the verifier refuses a context access through a
+            // computed pointer, which a whole-array copy compiles to.
+            let ops = ctx.ops;
+            // SAFETY: `ops` is the kernel-provided context; local_ip6 is readable in sockops.
+            unsafe {
+                [
+                    core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[3]),
+                ]
+            }
+        }
+        _ => return None,
+    };
+    Some(SockKey {
+        addr,
         port: ctx.local_port() as u16,
         _pad: 0,
-    }
+    })
 }
 
 #[unsafe(link_section = "license")]

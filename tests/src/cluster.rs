@@ -21,7 +21,7 @@ mod yaml;
 
 pub use agents::CONTROLLER;
 
-pub use net::{CONTROLLER_IP, CONTROLLER_PORT, netns_path, node_ip, pod_ip};
+pub use net::{CONTROLLER_IP, CONTROLLER_PORT, netns_path, node_ip, node_ip6, pod_ip, pod_ip6};
 pub use procs::{cgroup2_mount, pid_alive};
 pub use yaml::{MODE_LABEL, NETNS_ANNOTATION, PodObject, namespaces_yaml, nodes_yaml, pods_yaml};
 

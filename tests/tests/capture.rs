@@ -407,3 +407,45 @@ fn enrolling_a_namespace_captures_new_connections_and_keeps_established_ones() -
     s.close()?;
     Ok(())
 }
+
+#[test]
+fn ipv6_connections_are_captured_too() -> Result<()> {
+    use sidenode_tests::cluster::{node_ip6, pod_ip6};
+    let c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    let target = format!("[{}]:8080", pod_ip6(2, 1));
+    let peer_ip = |r: &DialResult| -> Option<std::net::IpAddr> {
+        r.server_peer
+            .as_deref()?
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    };
+    // Enrolled: through node1's proxy, which reaches the server from node1's IPv6 address.
+    let r = dial_one(&c, "node1-pod1", &target)?;
+    ensure!(r.echo_ok, "{r:?}");
+    ensure!(
+        r.server_local.as_deref() == Some(target.as_str()),
+        "wrong destination: {r:?}"
+    );
+    ensure!(
+        peer_ip(&r) == Some(node_ip6(1).parse()?),
+        "IPv6 connection from an enrolled pod not captured: {r:?}"
+    );
+    // Not enrolled: the server sees the pod's own IPv6 address.
+    let r = dial_one(&c, "node1-pod2", &target)?;
+    ensure!(
+        r.echo_ok && peer_ip(&r) == Some(pod_ip6(1, 2).parse()?),
+        "IPv6 connection from an unenrolled pod was touched: {r:?}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        0,
+        &["connection closed", &format!("dst={target}")],
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}

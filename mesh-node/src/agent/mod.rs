@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub proxy_ip: Ipv4Addr,
+    /// IPv6 connections are captured only when the proxy has an IPv6 address.
+    pub proxy_ip6: Option<std::net::Ipv6Addr>,
     pub outbound_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
@@ -175,6 +177,10 @@ fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> 
         _pad: 0,
         proxy_mark: PROXY_MARK,
         proxy_ports,
+        proxy_ip6: cfg
+            .proxy_ip6
+            .map(|ip| ip_to_addr(ip.into()))
+            .unwrap_or([0; 4]),
     };
     maps.config.set(0, pc, 0).context("writing SN_CONFIG")?;
 
@@ -219,6 +225,7 @@ fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> 
     }
     info!(
         proxy = %format!("{}:{}", cfg.proxy_ip, cfg.outbound_port),
+        proxy6 = ?cfg.proxy_ip6,
         exclude_ports = ?cfg.exclude_ports,
         exclude_cidrs = ?cfg.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "capture settings written"

@@ -64,6 +64,9 @@ struct AgentArgs {
     /// The node proxy's IPv4 address; captured connections go to `proxy-ip:outbound-port`.
     #[arg(long)]
     proxy_ip: Ipv4Addr,
+    /// The node proxy's IPv6 address; without it IPv6 connections are not captured.
+    #[arg(long)]
+    proxy_ip6: Option<std::net::Ipv6Addr>,
     #[arg(long, default_value_t = defaults::OUTBOUND)]
     outbound_port: u16,
     /// Destination ports never captured (comma-separated).
@@ -154,6 +157,9 @@ struct ProxyArgs {
     /// Address the outbound listener binds (the agent's `--proxy-ip`).
     #[arg(long)]
     proxy_ip: IpAddr,
+    /// Also listen on this IPv6 address (the agent's `--proxy-ip6`).
+    #[arg(long)]
+    proxy_ip6: Option<std::net::Ipv6Addr>,
     #[arg(long, default_value_t = defaults::OUTBOUND)]
     outbound_port: u16,
 }
@@ -177,6 +183,7 @@ pub fn main() -> Result<()> {
                 cgroup_root,
                 bpffs: a.bpffs,
                 proxy_ip: a.proxy_ip,
+                proxy_ip6: a.proxy_ip6,
                 outbound_port: a.outbound_port,
                 exclude_ports: a.exclude_ports,
                 exclude_cidrs: a.exclude_cidrs,
@@ -190,6 +197,7 @@ pub fn main() -> Result<()> {
                 node: p.node,
                 bpffs: p.bpffs,
                 proxy_ip: p.proxy_ip,
+                proxy_ip6: p.proxy_ip6,
                 outbound_port: p.outbound_port,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
                 drain_timeout: defaults::DRAIN_TIMEOUT,

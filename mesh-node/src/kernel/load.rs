@@ -1,8 +1,8 @@
 //! Installing the kernel programs once per node, or adopting the ones already pinned.
 //!
 //! First start: load the object (maps pinned by name under `<bpffs>/sidenode/maps/`), attach
-//! `sn_connect4` and `sn_sockops` to the cgroup root with bpf links, and pin the links under
-//! `<bpffs>/sidenode/links/`. Later starts find both link pins and adopt them: nothing is
+//! `sn_connect4`, `sn_connect6` and `sn_sockops` to the cgroup root with bpf links, and pin the links under
+//! `<bpffs>/sidenode/links/`. Later starts find every link pin and adopt them: nothing is
 //! detached or reloaded, so capture never stops across agent restarts.
 
 use std::fs::File;
@@ -20,6 +20,13 @@ use super::{KernelError, Pins};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDENODE_EBPF_OBJECT"));
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Every program, attached at the cgroup root with a pinned link.
+const PROGRAMS: [&str; 3] = [
+    mesh_common::PROG_CONNECT4,
+    mesh_common::PROG_CONNECT6,
+    mesh_common::PROG_SOCKOPS,
+];
 
 /// How the agent came to own the programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +47,7 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
             source,
         })?;
     }
-    let links = [mesh_common::PROG_CONNECT4, mesh_common::PROG_SOCKOPS].map(|p| pins.link(p));
+    let links = PROGRAMS.map(|p| pins.link(p));
     let how = if links.iter().all(|l| PinnedLink::from_pin(l).is_ok()) {
         info!(bpffs = %pins.bpffs().display(), "adopting pinned programs and maps");
         Install::Adopted
@@ -72,27 +79,22 @@ fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
         source,
     })?;
 
-    let name = mesh_common::PROG_CONNECT4;
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(KernelError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| KernelError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| KernelError::Program { name, source })?;
-    let id = prog
-        .attach(&cgroup, CgroupAttachMode::Single)
-        .map_err(|source| KernelError::Program { name, source })?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(|source| KernelError::Program { name, source })?
-        .try_into()
-        .map_err(|source| KernelError::Link {
-            path: pins.link(name),
-            source,
-        })?;
-    pin(link, pins.link(name))?;
-
+    for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_CONNECT6] {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| KernelError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| KernelError::Program { name, source })?;
+        pin(name, link.try_into(), pins)?;
+    }
     let name = mesh_common::PROG_SOCKOPS;
     let prog: &mut SockOps = ebpf
         .program_mut(name)
@@ -104,19 +106,24 @@ fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
     let id = prog
         .attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|source| KernelError::Program { name, source })?;
-    let link: FdLink = prog
+    let link = prog
         .take_link(id)
-        .map_err(|source| KernelError::Program { name, source })?
-        .try_into()
-        .map_err(|source| KernelError::Link {
-            path: pins.link(name),
-            source,
-        })?;
-    pin(link, pins.link(name))?;
+        .map_err(|source| KernelError::Program { name, source })?;
+    pin(name, link.try_into(), pins)?;
     Ok(())
 }
 
-fn pin(link: FdLink, path: PathBuf) -> Result<(), KernelError> {
+/// Pins a program's link, so it stays attached after this process.
+fn pin(
+    name: &'static str,
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    pins: &Pins,
+) -> Result<(), KernelError> {
+    let path = pins.link(name);
+    let link = link.map_err(|source| KernelError::Link {
+        path: path.clone(),
+        source,
+    })?;
     link.pin(&path)
         .map(|_| ())
         .map_err(|source| KernelError::Pin { path, source })
@@ -183,7 +190,7 @@ mod tests {
                 "map {name} missing from the object"
             );
         }
-        for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_SOCKOPS] {
+        for name in super::PROGRAMS {
             assert!(
                 obj.contains(&name.to_string()),
                 "program {name} missing from the object"

@@ -41,6 +41,7 @@ pub struct ProxyConfig {
     pub node: String,
     pub bpffs: PathBuf,
     pub proxy_ip: IpAddr,
+    pub proxy_ip6: Option<std::net::Ipv6Addr>,
     pub outbound_port: u16,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
@@ -61,7 +62,8 @@ pub struct Mesh {
 /// What every connection handler shares.
 pub struct Shared {
     pub maps: ProxyMaps,
-    pub listen: SocketAddr,
+    /// The outbound listeners' addresses (a destination equal to one would loop).
+    pub listens: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub mesh: Option<Arc<Mesh>>,
     pub direct_unmeshed: bool,
@@ -69,8 +71,14 @@ pub struct Shared {
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
-    let listen = SocketAddr::new(cfg.proxy_ip, cfg.outbound_port);
-    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];
+    if let Some(ip6) = cfg.proxy_ip6 {
+        listens.push(SocketAddr::new(ip6.into(), cfg.outbound_port));
+    }
+    let mut listeners = Vec::new();
+    for addr in &listens {
+        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
+    }
     let mesh = match &cfg.controller {
         Some(c) => Some(start_mesh(c, &cfg).await?),
         None => None,
@@ -84,32 +92,33 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
     }
     let shared = Arc::new(Shared {
         maps,
-        listen,
+        listens: listens.clone(),
         connect_timeout: cfg.connect_timeout,
         mesh,
         direct_unmeshed: cfg.direct_unmeshed,
     });
-    info!(node = %cfg.node, outbound = %listen, mesh = shared.mesh.is_some(), "proxy ready");
+    info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
     let tracker = TaskTracker::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tracker.spawn(outbound::handle(stream, peer, shared.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut acceptors = Vec::new();
+    for listener in listeners {
+        acceptors.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+            stopped.clone(),
+        )));
     }
-    drop(listener);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let _ = stop.send(true);
+    for a in acceptors {
+        let _ = a.await;
+    }
     tracker.close();
     info!(open = tracker.len(), "proxy draining");
     if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
@@ -150,6 +159,30 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         cfg.connect_timeout,
     ));
     Ok(mesh)
+}
+
+/// Accepts captured connections until told to stop; each is a task of `tracker`.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tracker.spawn(outbound::handle(stream, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped.changed() => return,
+        }
+    }
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -29,7 +29,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     };
     let dst = orig_dst_addr(&orig);
-    if dst == shared.listen {
+    if shared.listens.contains(&dst) {
         warn!(%dst, "original destination is the proxy itself; closing to avoid a loop");
         reset(inbound);
         return;

@@ -107,6 +107,10 @@ fn serve(ports: &[u16]) -> Result<()> {
     let mut listeners = Vec::new();
     for p in ports {
         let l = TcpListener::bind(("0.0.0.0", *p)).with_context(|| format!("binding :{p}"))?;
+        // And IPv6, when the pod has it (IPv6-only socket beside the IPv4 one).
+        if let Ok(l6) = bind_v6_only(*p) {
+            listeners.push(l6);
+        }
         listeners.push(l);
     }
     println!("serving");
@@ -132,6 +136,16 @@ fn serve(ports: &[u16]) -> Result<()> {
         let _ = h.join();
     }
     Ok(())
+}
+
+fn bind_v6_only(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    s.set_only_v6(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 fn handle(mut s: TcpStream) -> Result<()> {

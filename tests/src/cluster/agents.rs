@@ -71,7 +71,8 @@ impl Cluster {
         }
         cmd.arg("--bpffs")
             .arg(&bpffs)
-            .args(["--proxy-ip", &node_ip(i)]);
+            .args(["--proxy-ip", &node_ip(i)])
+            .args(["--proxy-ip6", &super::net::node_ip6(i)]);
         self.spawn_logged(node, kind, cmd)
     }
 

@@ -95,6 +95,82 @@ pub fn pod_ip(node: usize, pod: usize) -> String {
     format!("198.19.{node}.{}", pod + 1)
 }
 
+/// IPv6 (the cluster is dual-stack): node `i` on the bridge, in a unique-local range that
+/// exists only inside these namespaces.
+pub fn node_ip6(i: usize) -> String {
+    format!("fd00:198:18::{i}")
+}
+
+pub fn pod_ip6(node: usize, pod: usize) -> String {
+    format!("fd00:198:19:{node}::{}", pod + 1)
+}
+
+/// IPv6 for node `i`: address on `eth0`, forwarding, routes to the other nodes' pod ranges.
+fn setup_node6(node_ns: &str, i: usize, nodes: usize) -> Result<()> {
+    sysctl_ns(node_ns, "net.ipv6.conf.all.forwarding", "1")?;
+    ip_ns(
+        node_ns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node_ip6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    for k in (1..=nodes).filter(|k| *k != i) {
+        let range = format!("fd00:198:19:{k}::/64");
+        ip_ns(
+            node_ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                &range,
+                "via",
+                &node_ip6(k),
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// IPv6 for pod `j` of node `i`: its /128, default via the node side's fe80::1, and the node's
+/// /128 route back.
+fn setup_pod6(node_ns: &str, pod_ns: &str, node_if: &str, i: usize, j: usize) -> Result<()> {
+    let ip6 = pod_ip6(i, j);
+    ip_ns(
+        node_ns,
+        &["-6", "addr", "add", "fe80::1/64", "dev", node_if, "nodad"],
+    )?;
+    ip_ns(
+        node_ns,
+        &["-6", "route", "add", &format!("{ip6}/128"), "dev", node_if],
+    )?;
+    ip_ns(
+        pod_ns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    ip_ns(
+        pod_ns,
+        &[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ],
+    )
+}
+
 /// The fabric namespace with its bridge.
 pub fn setup_fabric(net_ns: &str) -> Result<()> {
     add_netns(net_ns)?;
@@ -148,6 +224,7 @@ pub fn setup_node(net_ns: &str, node_ns: &str, i: usize, nodes: usize) -> Result
     // Proxy ARP answers for the pods' gateway 169.254.1.1 only when the node has a unicast
     // route to it through another interface; `lo` is such an interface and sends nothing out.
     ip_ns(node_ns, &["route", "add", "169.254.1.1/32", "dev", "lo"])?;
+    setup_node6(node_ns, i, nodes)?;
     for k in (1..=nodes).filter(|k| *k != i) {
         ip_ns(
             node_ns,
@@ -224,5 +301,6 @@ pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> 
             "dev",
             "eth0",
         ],
-    )
+    )?;
+    setup_pod6(node_ns, pod_ns, &node_if, i, j)
 }
