@@ -93,6 +93,9 @@ pub struct PodStatus {
     pub netns: String,
     pub ip: String,
     pub cgroup: PathBuf,
+    /// The pod's IPv6 address (the cluster is dual-stack).
+    #[serde(default)]
+    pub ip6: String,
 }
 
 /// What `cargo xtask cluster status --json` prints.
@@ -201,6 +204,7 @@ impl Cluster {
                     netns: format!("{p}-n{i}p{j}"),
                     ip: pod_ip(i, j),
                     cgroup: cgroup_root.join(&node).join(format!("pod{j}")),
+                    ip6: pod_ip6(i, j),
                 });
             }
         }
@@ -573,6 +577,7 @@ impl Cluster {
                 namespace: p.namespace.clone(),
                 node: p.node.clone(),
                 ip: p.ip.clone(),
+                ip6: Some(p.ip6.clone()).filter(|s| !s.is_empty()),
                 netns_path: netns_path(&p.netns),
                 service_account: format!("sa-{}", p.name),
                 labels: if self.opt_out.contains(&p.name) {

@@ -185,6 +185,7 @@ fn proxy_own_connections_are_not_captured() -> Result<()> {
         namespace: "mesh".into(),
         node: "node1".into(),
         ip: "198.18.0.1".into(),
+        ip6: None,
         netns_path: netns_path(&node_ns),
         service_account: "sa-node1-host".into(),
         labels: BTreeMap::new(),

@@ -734,6 +734,26 @@ fn unmeshed_destination_goes_direct() -> Result<()> {
 }
 
 #[test]
+fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
+    let (c, _srv) = mesh_with_server(None)?;
+    // node2-pod1's second address: the tunnel still goes to its first address's listener and
+    // the CONNECT names the IPv6 destination.
+    let target = format!("[{}]:8080", sidenode_tests::cluster::pod_ip6(2, 1));
+    let r = dial_one(&c, CLIENT_POD, &target)?;
+    ensure!(r.echo_ok, "{r:?}");
+    ensure!(r.server_local.as_deref() == Some(target.as_str()), "{r:?}");
+    let local = r.local.clone().context("no local address")?;
+    let line = wait_conn_line(
+        &c,
+        &local,
+        0,
+        &[&format!("dst={target}"), "protocol=\"hbone\""],
+    )?;
+    eprintln!("{line}");
+    Ok(())
+}
+
+#[test]
 fn destination_proxy_down_fails_fast() -> Result<()> {
     let (mut c, _srv) = mesh_with_server(None)?;
     // Works first (and warms any tunnel pool to node2).

@@ -56,15 +56,23 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     name_str(&w.service_account),
                 );
                 let dst_id = st.identity_of(dw);
+                // The pod's HBONE listener is on its first address; the CONNECT may name any.
+                let tunnel_ip = dw
+                    .ips
+                    .first()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(dst.ip());
                 let baggage = format!(
                     "k8s.namespace.name={},k8s.pod.name={}",
                     name_str(&w.namespace),
                     name_str(&w.name)
                 );
+                let tunnel_addr = SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE);
                 tunnel(
                     inbound,
                     peer,
                     dst,
+                    tunnel_addr,
                     src_workload,
                     src_id,
                     dst_id,
@@ -91,6 +99,7 @@ async fn tunnel(
     mut inbound: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    tunnel_addr: SocketAddr,
     src_workload: String,
     src_id: Identity,
     dst_id: Identity,
@@ -111,7 +120,7 @@ async fn tunnel(
     let req = TunnelRequest {
         cert: &cert,
         dst_identity: dst_id.clone(),
-        tunnel_addr: SocketAddr::new(dst.ip(), mesh_common::ports::HBONE),
+        tunnel_addr,
         target: dst,
         client_ip: peer.ip(),
         baggage,

@@ -17,6 +17,8 @@ pub struct PodObject {
     pub namespace: String,
     pub node: String,
     pub ip: String,
+    /// A second address for `status.podIPs` (dual-stack).
+    pub ip6: Option<String>,
     /// Path of the netns file (`/var/run/netns/<name>`), written as the `sidenode.io/netns`
     /// annotation.
     pub netns_path: String,
@@ -56,6 +58,9 @@ impl PodObject {
         out.push_str("status:\n");
         out.push_str(&format!("  podIP: {}\n", q(&self.ip)));
         out.push_str(&format!("  podIPs:\n  - ip: {}\n", q(&self.ip)));
+        if let Some(ip6) = &self.ip6 {
+            out.push_str(&format!("  - ip: {}\n", q(ip6)));
+        }
         out
     }
 }
