@@ -10,8 +10,8 @@
 # golang-github-modern-go-reflect2-dev; adds a deb-src line (in its own file) only if the pinned
 # source version is not already known to apt; fetches that source into the cache; replaces the
 # vendored reflect2 v1.0.1, which segfaults under Go 1.19 on the first custom-resource write, with
-# Debian's 1.0.2; builds kube-apiserver, kube-controller-manager and kube-scheduler (about 6
-# minutes on 2 cores) and copies them to <cache>/bin/. Cache: ${SIDENODE_CACHE:-~/.cache/sidenode}
+# Debian's 1.0.2; builds kube-apiserver, kube-controller-manager and kube-scheduler (6 to 13
+# minutes on 2 cores, by load) and copies them to <cache>/bin/. Cache: ${SIDENODE_CACHE:-~/.cache/sidenode}
 # /k8s-1.20.2/. Set KTE_PRUNE=1 to drop the source tree and Go build cache after a successful
 # build (the binaries stay; about 2 GB freed).
 #
@@ -20,7 +20,9 @@
 # variables) and DIR/pids. Ports are free random ones unless KTE_ETCD_PORT, KTE_ETCD_PEER_PORT,
 # KTE_APISERVER_PORT (and KTE_KCM_PORT) are set. The service range is KTE_SERVICE_CIDR, default
 # 198.18.128.0/17 (test-only addresses, apart from the node range 198.18.0.0/24).
-# KTE_APISERVER_ARGS adds flags to kube-apiserver (word-split).
+# KTE_APISERVER_ARGS adds flags to kube-apiserver (word-split). Without --with-controller-manager
+# the ServiceAccount admission plugin is off (nothing would create the `default` ServiceAccount and
+# its token, so every Pod would be rejected); with it, admission is the default set.
 # Limits of 1.20: EndpointSlice is discovery.k8s.io/v1beta1 only; no kubelet, so tests create
 # Node/Pod objects and patch pod status themselves; Endpoints reject loopback addresses.
 #
@@ -347,7 +349,17 @@ cmd_start() {
 
     log "kube-apiserver on https://127.0.0.1:$api_port, services $cidr"
     local extra=()
-    [[ -n ${KTE_APISERVER_ARGS:-} ]] && read -r -a extra <<<"$KTE_APISERVER_ARGS"
+    if [[ $with_kcm == 0 ]]; then
+        # With no controller-manager nothing creates the `default` ServiceAccount nor its token,
+        # and the ServiceAccount admission plugin then rejects every Pod.
+        log "no controller-manager: ServiceAccount admission off, so bare Pod objects are accepted"
+        extra+=(--disable-admission-plugins=ServiceAccount)
+    fi
+    if [[ -n ${KTE_APISERVER_ARGS:-} ]]; then
+        local more=()
+        read -r -a more <<<"$KTE_APISERVER_ARGS"
+        extra+=("${more[@]}")
+    fi
     local t0=$SECONDS
     setsid "$BIN/kube-apiserver" \
         --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
