@@ -71,33 +71,15 @@ pub fn sn_connect4(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn capture_connect4(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the helper takes the program's context, which `ctx` is.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if SN_ENROLLED.get_ptr(netns).is_none() {
+    let Some((netns, cfg)) = capturable(ctx) else {
         return;
-    }
-    // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect4.
-    let (sock_type, dst_ip, user_port, sk) = unsafe {
-        (
-            (*sa).type_,
-            (*sa).user_ip4,
-            (*sa).user_port,
-            (*sa).__bindgen_anon_1.sk,
-        )
     };
-    if sock_type != SOCK_STREAM {
-        return;
-    }
-    let Some(cfg) = SN_CONFIG.get(0) else { return };
     if cfg.proxy_ip4 == 0 {
         return;
     }
-    // SAFETY: `sk` is the socket being connected (never null in connect4); `mark` is readable.
-    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
-        bump(Stat::ProxyOwn);
-        return;
-    }
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect4.
+    let (dst_ip, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let dst_port = u16::from_be(user_port as u16);
     if excluded_v4(cfg, dst_ip, dst_port) {
         bump(Stat::Excluded);
@@ -110,11 +92,7 @@ fn capture_connect4(ctx: &SockAddrContext) {
         _pad: 0,
         netns_cookie: netns,
     };
-    // SAFETY: as above.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SN_PENDING.insert(cookie, orig, 0).is_err() {
-        // Without a record the proxy could not forward it: leave the connection alone.
-        bump(Stat::MapErrors);
+    if !record(ctx, orig) {
         return;
     }
     // SAFETY: user_ip4/user_port are writable in connect4; the port is network order.
@@ -123,6 +101,42 @@ fn capture_connect4(ctx: &SockAddrContext) {
         (*sa).user_port = u32::from(cfg.outbound_port.to_be());
     }
     bump(Stat::Captured);
+}
+
+/// What both connect programs check first: the socket's network namespace is enrolled, it is
+/// TCP, the capture settings are there, and it is not one of the proxy's own (marked) sockets.
+/// Gives the netns cookie and the settings.
+#[inline(always)]
+fn capturable(ctx: &SockAddrContext) -> Option<(u64, &'static ProxyConfig)> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the helper takes the program's context, which `ctx` is.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    SN_ENROLLED.get_ptr(netns)?;
+    // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect4/6.
+    let (sock_type, sk) = unsafe { ((*sa).type_, (*sa).__bindgen_anon_1.sk) };
+    if sock_type != SOCK_STREAM {
+        return None;
+    }
+    let cfg = SN_CONFIG.get(0)?;
+    // SAFETY: `sk` is the socket being connected; `mark` is readable.
+    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+        bump(Stat::ProxyOwn);
+        return None;
+    }
+    Some((netns, cfg))
+}
+
+/// Keeps the original destination under the socket's cookie. False when the map refused it:
+/// without a record the proxy could not forward the connection, so it is left alone.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, orig: OrigDst) -> bool {
+    // SAFETY: the helper takes the program's context, which `ctx` is.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SN_PENDING.insert(cookie, orig, 0).is_err() {
+        bump(Stat::MapErrors);
+        return false;
+    }
+    true
 }
 
 /// Loopback, unspecified, the proxy's own ports, and the configured ports and CIDRs.
@@ -167,33 +181,20 @@ pub fn sn_connect6(ctx: SockAddrContext) -> i32 {
 /// destination goes to the proxy's IPv6 address, when one is configured.
 #[inline(always)]
 fn capture_connect6(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the helper takes the program's context, which `ctx` is.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if SN_ENROLLED.get_ptr(netns).is_none() {
+    let Some((netns, cfg)) = capturable(ctx) else {
         return;
-    }
+    };
+    let sa = ctx.sock_addr;
     // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect6.
-    let (sock_type, user_port, sk, d0, d1, d2, d3) = unsafe {
+    let (user_port, d0, d1, d2, d3) = unsafe {
         (
-            (*sa).type_,
             (*sa).user_port,
-            (*sa).__bindgen_anon_1.sk,
             (*sa).user_ip6[0],
             (*sa).user_ip6[1],
             (*sa).user_ip6[2],
             (*sa).user_ip6[3],
         )
     };
-    if sock_type != SOCK_STREAM {
-        return;
-    }
-    let Some(cfg) = SN_CONFIG.get(0) else { return };
-    // SAFETY: `sk` is the socket being connected; `mark` is readable.
-    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
-        bump(Stat::ProxyOwn);
-        return;
-    }
     let dst_port = u16::from_be(user_port as u16);
     let dst: Addr = [d0, d1, d2, d3];
     let mapped = d0 == 0 && d1 == 0 && d2 == V4_MAPPED_WORD;
@@ -223,10 +224,7 @@ fn capture_connect6(ctx: &SockAddrContext) {
         _pad: 0,
         netns_cookie: netns,
     };
-    // SAFETY: as above.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SN_PENDING.insert(cookie, orig, 0).is_err() {
-        bump(Stat::MapErrors);
+    if !record(ctx, orig) {
         return;
     }
     // SAFETY: user_ip6/user_port are writable in connect6 (4-byte stores); network order.

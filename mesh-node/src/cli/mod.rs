@@ -190,7 +190,7 @@ pub fn main() -> Result<()> {
                 scan_interval: defaults::SCAN_INTERVAL,
                 resync_interval: defaults::RESYNC_INTERVAL,
             };
-            runtime()?.block_on(crate::agent::run(cfg))
+            runtime(None)?.block_on(crate::agent::run(cfg))
         }
         Cmd::Proxy(p) => {
             let cfg = crate::proxy::ProxyConfig {
@@ -208,11 +208,7 @@ pub fn main() -> Result<()> {
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(p.worker_threads.max(1))
-                .enable_all()
-                .build()?
-                .block_on(crate::proxy::run(cfg))
+            runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
         }
         Cmd::Controller(c) => {
             let cfg = crate::controller::ControllerConfig {
@@ -224,7 +220,7 @@ pub fn main() -> Result<()> {
                 node_tokens: c.node_tokens,
                 scan_interval: defaults::SCAN_INTERVAL,
             };
-            runtime()?.block_on(crate::controller::run(cfg))
+            runtime(None)?.block_on(crate::controller::run(cfg))
         }
         Cmd::Maps(m) => maps::run(m),
         Cmd::Uninstall { bpffs } => {
@@ -234,8 +230,11 @@ pub fn main() -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// A multi-threaded runtime; `workers` threads, or tokio's default (one per CPU).
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    Ok(b.enable_all().build()?)
 }

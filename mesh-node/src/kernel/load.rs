@@ -65,6 +65,28 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
     Ok((NodeMaps::open(pins)?, how))
 }
 
+/// Loads program `$name` of type `$ty`, attaches it to the cgroup with a bpf link, and pins
+/// the link. (The program types share these steps but no trait, hence a macro.)
+macro_rules! attach_pinned {
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $pins:expr) => {{
+        let name: &'static str = $name;
+        let prog: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let id = prog
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|source| KernelError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| KernelError::Program { name, source })?;
+        pin(name, link.try_into(), $pins)?;
+    }};
+}
+
 fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
     // The programs use no CO-RE relocations, so the kernel's BTF (megabytes to parse) is not
     // loaded: it would only raise the agent's peak memory.
@@ -79,37 +101,21 @@ fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
         source,
     })?;
 
-    for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_CONNECT6] {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| KernelError::Program { name, source })?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| KernelError::Program { name, source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| KernelError::Program { name, source })?;
-        pin(name, link.try_into(), pins)?;
-    }
-    let name = mesh_common::PROG_SOCKOPS;
-    let prog: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(KernelError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| KernelError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| KernelError::Program { name, source })?;
-    let id = prog
-        .attach(&cgroup, CgroupAttachMode::Single)
-        .map_err(|source| KernelError::Program { name, source })?;
-    let link = prog
-        .take_link(id)
-        .map_err(|source| KernelError::Program { name, source })?;
-    pin(name, link.try_into(), pins)?;
+    attach_pinned!(
+        ebpf,
+        CgroupSockAddr,
+        mesh_common::PROG_CONNECT4,
+        &cgroup,
+        pins
+    );
+    attach_pinned!(
+        ebpf,
+        CgroupSockAddr,
+        mesh_common::PROG_CONNECT6,
+        &cgroup,
+        pins
+    );
+    attach_pinned!(ebpf, SockOps, mesh_common::PROG_SOCKOPS, &cgroup, pins);
     Ok(())
 }
 

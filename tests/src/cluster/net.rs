@@ -171,6 +171,22 @@ fn setup_pod6(node_ns: &str, pod_ns: &str, node_if: &str, i: usize, j: usize) ->
     )
 }
 
+/// In `ns`, a route to node `k`'s pod range via that node, out of `dev`.
+fn route_to_pods_of(ns: &str, k: usize, dev: &str) -> Result<()> {
+    ip_ns(
+        ns,
+        &[
+            "route",
+            "add",
+            &format!("198.19.{k}.0/24"),
+            "via",
+            &node_ip(k),
+            "dev",
+            dev,
+        ],
+    )
+}
+
 /// The fabric namespace with its bridge.
 pub fn setup_fabric(net_ns: &str) -> Result<()> {
     add_netns(net_ns)?;
@@ -186,18 +202,7 @@ pub fn setup_controller_addr(net_ns: &str, nodes: usize) -> Result<()> {
         &["addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"],
     )?;
     for k in 1..=nodes {
-        ip_ns(
-            net_ns,
-            &[
-                "route",
-                "add",
-                &format!("198.19.{k}.0/24"),
-                "via",
-                &node_ip(k),
-                "dev",
-                "br0",
-            ],
-        )?;
+        route_to_pods_of(net_ns, k, "br0")?;
     }
     Ok(())
 }
@@ -226,18 +231,7 @@ pub fn setup_node(net_ns: &str, node_ns: &str, i: usize, nodes: usize) -> Result
     ip_ns(node_ns, &["route", "add", "169.254.1.1/32", "dev", "lo"])?;
     setup_node6(node_ns, i, nodes)?;
     for k in (1..=nodes).filter(|k| *k != i) {
-        ip_ns(
-            node_ns,
-            &[
-                "route",
-                "add",
-                &format!("198.19.{k}.0/24"),
-                "via",
-                &node_ip(k),
-                "dev",
-                "eth0",
-            ],
-        )?;
+        route_to_pods_of(node_ns, k, "eth0")?;
     }
     Ok(())
 }
