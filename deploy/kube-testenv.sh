@@ -20,6 +20,9 @@
 # variables) and DIR/pids. Ports are free random ones unless KTE_ETCD_PORT, KTE_ETCD_PEER_PORT,
 # KTE_APISERVER_PORT (and KTE_KCM_PORT) are set. The service range is KTE_SERVICE_CIDR, default
 # 198.18.128.0/17 (test-only addresses, apart from the node range 198.18.0.0/24).
+# KTE_ADDRESS (default 127.0.0.1) is the address kube-apiserver binds and advertises (and its
+# serving certificate names): run `start` inside a test's network namespace with an address of
+# that namespace to let the namespace's other members reach it. etcd stays on 127.0.0.1.
 # KTE_APISERVER_ARGS adds flags to kube-apiserver (word-split). Without --with-controller-manager
 # the ServiceAccount admission plugin is off (nothing would create the `default` ServiceAccount and
 # its token, so every Pod would be rejected); with it, admission is the default set.
@@ -280,7 +283,7 @@ make_pki() {
             -subj "/CN=kube-testenv-ca" 2>/dev/null
         openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
             -subj "/CN=kube-apiserver" 2>/dev/null
-        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,IP:${KTE_ADDRESS:-127.0.0.1},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
             "extendedKeyUsage=serverAuth" "keyUsage=digitalSignature,keyEncipherment" >apiserver.ext
         openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
             -out apiserver.crt -days 3650 -extfile apiserver.ext 2>/dev/null
@@ -347,7 +350,8 @@ cmd_start() {
     wait_http "http://127.0.0.1:$etcd_port/health" 30 ||
         { tail -n 20 "$dir/logs/etcd.log" >&2; die "etcd not healthy after 30 s (log: $dir/logs/etcd.log)"; }
 
-    log "kube-apiserver on https://127.0.0.1:$api_port, services $cidr"
+    local addr=${KTE_ADDRESS:-127.0.0.1}
+    log "kube-apiserver on https://$addr:$api_port, services $cidr"
     local extra=()
     if [[ $with_kcm == 0 ]]; then
         # With no controller-manager nothing creates the `default` ServiceAccount nor its token,
@@ -362,7 +366,7 @@ cmd_start() {
     fi
     local t0=$SECONDS
     setsid "$BIN/kube-apiserver" \
-        --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+        --bind-address="$addr" --advertise-address="$addr" \
         --insecure-port=0 --secure-port="$api_port" \
         --cert-dir="$dir/pki" \
         --tls-cert-file="$dir/pki/apiserver.crt" --tls-private-key-file="$dir/pki/apiserver.key" \
@@ -386,7 +390,7 @@ kind: Config
 clusters:
 - name: kube-testenv
   cluster:
-    server: https://127.0.0.1:$api_port
+    server: https://$addr:$api_port
     certificate-authority-data: $(base64 -w0 <"$dir/pki/ca.crt")
 users:
 - name: admin
@@ -402,7 +406,7 @@ EOF
     chmod 600 "$dir/kubeconfig"
 
     local auth=(--cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $token")
-    if ! wait_http "https://127.0.0.1:$api_port/readyz" 90 "${auth[@]}"; then
+    if ! wait_http "https://$addr:$api_port/readyz" 90 "${auth[@]}"; then
         tail -n 30 "$dir/logs/kube-apiserver.log" >&2
         die "kube-apiserver not ready after 90 s (log: $dir/logs/kube-apiserver.log; '$0 stop $dir' to clean up)"
     fi
@@ -436,7 +440,7 @@ EOF
 KTE_ETCD_PORT=$etcd_port
 KTE_ETCD_PEER_PORT=$etcd_peer
 KTE_APISERVER_PORT=$api_port
-KTE_APISERVER_URL=https://127.0.0.1:$api_port
+KTE_APISERVER_URL=https://$addr:$api_port
 KTE_KCM_PORT=$kcm_port
 KTE_SERVICE_CIDR=$cidr
 KTE_TOKEN=$token

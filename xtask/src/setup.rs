@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
 
-use crate::run_cmd;
+use crate::{run_cmd, workspace_root};
 
 /// Debian packages: the eBPF compiler and its `core`, LLVM to build bpf-linker, and the tools
 /// the simulated cluster and the tests use.
@@ -30,6 +30,7 @@ pub const APT_PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     apt()?;
     bpf_linker()?;
+    kube_testenv()?;
     Ok(())
 }
 
@@ -88,6 +89,42 @@ fn bpf_linker() -> Result<()> {
         .context("running cargo install bpf-linker")?;
     if !status.success() {
         bail!("cargo install bpf-linker failed: {status}");
+    }
+    Ok(())
+}
+
+/// The real kube-apiserver (1.20.2) and etcd the Kubernetes tests run against
+/// (`sidenode_tests::kube`): `deploy/kube-testenv.sh install` installs its Debian packages and
+/// builds the apiserver from Debian's source package once, cached under
+/// `${SIDENODE_CACHE:-~/.cache/sidenode}/k8s-1.20.2/`. Idempotent; quiet when all is there.
+fn kube_testenv() -> Result<()> {
+    let script = workspace_root().join("deploy/kube-testenv.sh");
+    let cache = std::env::var_os("SIDENODE_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/sidenode"))
+        })
+        .unwrap_or_else(|| "/root/.cache/sidenode".into())
+        .join("k8s-1.20.2");
+    let built = cache.join("bin/.complete").exists();
+    if !built {
+        eprintln!(
+            "setup: kube-testenv: installing etcd and building kube-apiserver 1.20.2 for the \
+             Kubernetes tests (6 to 13 minutes the first time; cached in {})",
+            cache.display()
+        );
+        return run_cmd(Command::new("bash").arg(&script).arg("install"));
+    }
+    // Cached: still checks its packages (a fast no-op); output only if something fails.
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("install")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} install", script.display()))?;
+    if !out.status.success() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("{} install failed: {}", script.display(), out.status);
     }
     Ok(())
 }

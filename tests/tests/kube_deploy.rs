@@ -1,0 +1,732 @@
+//! The Kubernetes install (deploy/kubernetes) against a real kube-apiserver 1.20 (see
+//! `sidenode_tests::kube`): every overlay renders and is accepted by a server-side dry run, the
+//! CRDs are established and serve their versions, their schemas accept Istio-style objects and
+//! refuse wrong ones by field, and the RBAC grants what the components need and no more.
+//! Run as root: `cargo test -p sidenode-tests --test kube_deploy`.
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use sidenode_tests::cluster::unique_prefix;
+use sidenode_tests::kube::KubeEnv;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const OVERLAYS: [&str; 3] = ["default", "istio-crds-present", "ha"];
+
+const ISTIO_CRDS: [&str; 4] = [
+    "virtualservices.networking.istio.io",
+    "destinationrules.networking.istio.io",
+    "authorizationpolicies.security.istio.io",
+    "peerauthentications.security.istio.io",
+];
+const OUR_CRD: &str = "meshconfigs.sidenode.io";
+
+fn kube_dir(rel: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/kubernetes")
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn start() -> Result<KubeEnv> {
+    KubeEnv::start(&unique_prefix('k'))
+}
+
+fn json(s: &str) -> Result<Value> {
+    serde_json::from_str(s).context("kubectl output is not JSON")
+}
+
+/// Applies every CRD (for real) and waits until each is Established.
+fn install_crds(kube: &KubeEnv) -> Result<()> {
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        &kube_dir("crds"),
+    ])?;
+    for crd in ISTIO_CRDS.iter().chain([&OUR_CRD]) {
+        kube.wait_for(
+            &format!("CRD {crd} Established"),
+            Duration::from_secs(30),
+            || {
+                let s = kube.kubectl(&[
+                    "get",
+                    "crd",
+                    crd,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ])?;
+                Ok((s.trim() == "True").then_some(()))
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The objects of a `kubectl ... -o json` answer (a List or one object).
+fn items(v: &Value) -> Vec<&Value> {
+    match v["items"].as_array() {
+        Some(a) => a.iter().collect(),
+        None => vec![v],
+    }
+}
+
+fn find<'a>(objs: &[&'a Value], kind: &str, name: &str) -> Result<&'a Value> {
+    objs.iter()
+        .copied()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name}"))
+}
+
+#[test]
+fn kube_env_starts_and_answers() -> Result<()> {
+    let mut kube = start()?;
+    let out = kube.kubectl(&["get", "ns", "default", "-o", "name"])?;
+    assert_eq!(out.trim(), "namespace/default");
+    let dir = kube.dir.clone();
+    kube.stop();
+    ensure!(!dir.exists(), "{} left after stop", dir.display());
+    kube.stop(); // idempotent
+    Ok(())
+}
+
+#[test]
+fn overlays_render_and_pass_server_dry_run() -> Result<()> {
+    let kube = start()?;
+    // CRs and namespaced objects are only checked against what exists: CRDs and the namespace
+    // go in for real first.
+    install_crds(&kube)?;
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &kube_dir("base/namespace.yaml"),
+    ])?;
+
+    for overlay in OVERLAYS {
+        let dir = kube_dir(&format!("overlays/{overlay}"));
+        let rendered = kube
+            .kubectl(&["kustomize", &dir])
+            .with_context(|| format!("rendering overlay {overlay}"))?;
+        let docs = rendered.lines().filter(|l| l.starts_with("kind:")).count();
+        let out = kube
+            .kubectl(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--dry-run=server",
+                "-k",
+                &dir,
+                "-o",
+                "json",
+            ])
+            .with_context(|| format!("server dry run of overlay {overlay}"))?;
+        let v = json(&out)?;
+        let objs = items(&v);
+        ensure!(
+            objs.len() == docs,
+            "{overlay}: {docs} objects rendered, {} accepted",
+            objs.len()
+        );
+
+        let crds: Vec<&str> = objs
+            .iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .filter_map(|o| o["metadata"]["name"].as_str())
+            .collect();
+        let want_istio = overlay != "istio-crds-present";
+        for c in ISTIO_CRDS {
+            ensure!(
+                crds.contains(&c) == want_istio,
+                "{overlay}: CRD {c} present: {}",
+                !want_istio
+            );
+        }
+        ensure!(crds.contains(&OUR_CRD), "{overlay}: no {OUR_CRD}");
+
+        let ctl = find(&objs, "Deployment", "sidenode-controller")?;
+        let replicas = ctl["spec"]["replicas"].as_i64().unwrap_or(0);
+        let anti = &ctl["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+        if overlay == "ha" {
+            ensure!(replicas == 3, "ha: {replicas} controller replicas");
+            ensure!(anti.is_object(), "ha: no pod anti-affinity");
+        } else {
+            ensure!(replicas == 1, "{overlay}: {replicas} controller replicas");
+        }
+        let c = &ctl["spec"]["template"]["spec"]["containers"][0];
+        ensure!(
+            c["image"] == "sidenode/mesh-node:latest",
+            "image {}",
+            c["image"]
+        );
+        ensure!(c["securityContext"]["readOnlyRootFilesystem"] == true);
+        ensure!(c["securityContext"]["capabilities"]["drop"][0] == "ALL");
+        ensure!(ctl["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] == true);
+        find(&objs, "Service", "sidenode-controller")?;
+
+        let ds = find(&objs, "DaemonSet", "sidenode-node")?;
+        let spec = &ds["spec"]["template"]["spec"];
+        ensure!(spec["hostNetwork"] == true && spec["hostPID"] == true);
+        ensure!(spec["serviceAccountName"] == "sidenode-agent");
+        let containers = spec["containers"].as_array().context("containers")?;
+        let names: Vec<&str> = containers
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        ensure!(names == ["agent", "proxy"], "containers {names:?}");
+        for c in containers {
+            let sc = &c["securityContext"];
+            ensure!(sc["privileged"] != true, "{} is privileged", c["name"]);
+            ensure!(
+                sc["capabilities"]["drop"][0] == "ALL",
+                "{} keeps capabilities",
+                c["name"]
+            );
+        }
+        for sa in ["sidenode-controller", "sidenode-agent"] {
+            find(&objs, "ServiceAccount", sa)?;
+            find(&objs, "ClusterRole", sa)?;
+            find(&objs, "ClusterRoleBinding", sa)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rbac_grants_what_each_component_needs_and_no_more() -> Result<()> {
+    let kube = start()?;
+    install_crds(&kube)?;
+    // Everything for real (no controller-manager or kubelet: nothing runs, the RBAC is in force).
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &kube_dir("base/namespace.yaml"),
+    ])?;
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        &kube_dir("overlays/default"),
+    ])?;
+    let can = |sa: &str, args: &[&str]| -> Result<bool> {
+        let who = format!("--as=system:serviceaccount:sidenode-system:{sa}");
+        let mut a = vec!["auth", "can-i", who.as_str()];
+        a.extend_from_slice(args);
+        // `can-i` exits 1 for "no".
+        match kube.kubectl(&a) {
+            Ok(s) => Ok(s.trim() == "yes"),
+            Err(e) if format!("{e:#}").contains("exit status: 1") => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    let ctl = "sidenode-controller";
+    let agent = "sidenode-agent";
+    let expect: &[(&str, &[&str], bool)] = &[
+        (ctl, &["watch", "pods", "--all-namespaces"], true),
+        (ctl, &["list", "services", "--all-namespaces"], true),
+        (ctl, &["get", "nodes"], true),
+        (
+            ctl,
+            &["list", "virtualservices.networking.istio.io", "-A"],
+            true,
+        ),
+        (
+            ctl,
+            &["watch", "peerauthentications.security.istio.io", "-A"],
+            true,
+        ),
+        (ctl, &["list", "meshconfigs.sidenode.io"], true),
+        (ctl, &["create", "tokenreviews.authentication.k8s.io"], true),
+        (ctl, &["update", "configmaps", "-n", "default"], true),
+        (ctl, &["create", "secrets", "-n", "sidenode-system"], true),
+        (ctl, &["get", "secrets", "-n", "sidenode-system"], true),
+        (
+            ctl,
+            &[
+                "update",
+                "leases.coordination.k8s.io",
+                "-n",
+                "sidenode-system",
+            ],
+            true,
+        ),
+        (ctl, &["get", "secrets", "-n", "default"], false),
+        (ctl, &["list", "secrets", "-n", "sidenode-system"], false),
+        (ctl, &["delete", "pods", "-n", "default"], false),
+        (
+            ctl,
+            &[
+                "update",
+                "virtualservices.networking.istio.io",
+                "-n",
+                "default",
+            ],
+            false,
+        ),
+        (agent, &["patch", "pods", "-n", "default"], true),
+        (agent, &["watch", "pods", "--all-namespaces"], true),
+        (agent, &["get", "nodes"], true),
+        (agent, &["list", "nodes"], false),
+        (agent, &["get", "secrets", "-n", "sidenode-system"], false),
+        (
+            agent,
+            &["get", "configmaps", "-n", "sidenode-system"],
+            false,
+        ),
+        (
+            agent,
+            &["create", "tokenreviews.authentication.k8s.io"],
+            false,
+        ),
+        (agent, &["delete", "pods", "-n", "default"], false),
+    ];
+    let mut wrong = Vec::new();
+    for (sa, args, want) in expect {
+        if can(sa, args)? != *want {
+            wrong.push(format!("{sa} {}: expected {want}", args.join(" ")));
+        }
+    }
+    ensure!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+    Ok(())
+}
+
+const VS_V1BETA1: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+    - match:
+        - uri: {prefix: /v2}
+          headers:
+            x-user: {exact: jason}
+      route:
+        - destination: {host: reviews, subset: v2}
+          weight: 80
+        - destination: {host: reviews, subset: v1, port: {number: 9080}}
+          weight: 20
+      timeout: 1.5s
+      retries: {attempts: 3, perTryTimeout: 500ms}
+      mirror: {host: shadow}
+  tcp:
+    - match: [{port: 27017}]
+      route: [{destination: {host: mongo}}]
+"#;
+
+const VALID: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {maxConnections: 100, connectTimeout: 30ms}
+      http: {http2MaxRequests: 1000}
+    outlierDetection: {consecutive5xxErrors: 7, interval: 5m, baseEjectionTime: 15m, maxEjectionPercent: 50}
+  subsets:
+    - name: v1
+      labels: {version: v1}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy:
+        loadBalancer: {simple: ROUND_ROBIN}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  http:
+    - fault:
+        abort: {httpStatus: 503, percentage: {value: 10}}
+        delay: {fixedDelay: 2s, percentage: {value: 0.5}}
+      route: [{destination: {host: ratings}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin, namespace: default}
+spec:
+  selector:
+    matchLabels: {app: httpbin}
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: [cluster.local/ns/default/sa/sleep]
+            notIpBlocks: [10.0.0.0/8]
+      to:
+        - operation: {methods: [GET], ports: ["8080"], paths: [/info*]}
+      when:
+        - key: request.auth.claims[iss]
+          values: [https://accounts.google.com]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  selector:
+    matchLabels: {app: reviews}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    "8080": {mode: PERMISSIVE}
+---
+apiVersion: sidenode.io/v1alpha1
+kind: MeshConfig
+metadata: {name: default}
+spec:
+  excludePorts: [22, 15021]
+  excludeCIDRs: [169.254.169.254/32]
+  certTTL: 24h
+"#;
+
+/// (what, object, substrings the refusal must contain).
+const INVALID: &[(&str, &str, &[&str])] = &[
+    (
+        "weight as a word",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-weight, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+    - route:
+        - destination: {host: reviews}
+          weight: eighty
+"#,
+        &["spec.http.route.weight", "must be of type integer"],
+    ),
+    (
+        "weight over 100",
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: bad-weight2, namespace: default}
+spec:
+  hosts: [reviews]
+  tcp:
+    - route:
+        - destination: {host: reviews}
+          weight: 120
+"#,
+        &["spec.tcp.route.weight", "less than or equal to 100"],
+    ),
+    (
+        "timeout not a duration",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-timeout, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+    - route: [{destination: {host: reviews}}]
+      timeout: soon
+"#,
+        &["spec.http.timeout", "should match"],
+    ),
+    (
+        "destination without host",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-dest, namespace: default}
+spec:
+  hosts: [reviews]
+  tcp:
+    - route: [{destination: {subset: v1}}]
+"#,
+        &["spec.tcp.route.destination.host", "Required value"],
+    ),
+    (
+        "DestinationRule without host",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bad-dr, namespace: default}
+spec:
+  subsets: [{name: v1}]
+"#,
+        &["spec.host", "Required value"],
+    ),
+    (
+        "unknown load balancer",
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: bad-lb, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: FASTEST}
+"#,
+        &[
+            "spec.trafficPolicy.loadBalancer.simple",
+            "Unsupported value: \"FASTEST\"",
+        ],
+    ),
+    (
+        "mtls mode SOMETIMES",
+        r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: bad-pa, namespace: default}
+spec:
+  mtls: {mode: SOMETIMES}
+"#,
+        &["spec.mtls.mode", "Unsupported value: \"SOMETIMES\""],
+    ),
+    (
+        "authorization action",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-ap, namespace: default}
+spec:
+  action: REJECT
+"#,
+        &["spec.action", "Unsupported value: \"REJECT\""],
+    ),
+    (
+        "authorization port not a number",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-ap-port, namespace: default}
+spec:
+  rules:
+    - to:
+        - operation: {ports: [http]}
+"#,
+        &["spec.rules.to.operation.ports", "should match"],
+    ),
+    (
+        "MeshConfig port 0",
+        r#"
+apiVersion: sidenode.io/v1alpha1
+kind: MeshConfig
+metadata: {name: bad-ports}
+spec:
+  excludePorts: [0]
+"#,
+        &["spec.excludePorts", "greater than or equal to 1"],
+    ),
+    (
+        "MeshConfig certTTL",
+        r#"
+apiVersion: sidenode.io/v1alpha1
+kind: MeshConfig
+metadata: {name: bad-ttl}
+spec:
+  certTTL: one day
+"#,
+        &["spec.certTTL", "should match"],
+    ),
+];
+
+/// A misspelt field of our closed schema: pruned by the server (and refused by kubectl's own
+/// validation from the published OpenAPI).
+const UNKNOWN_FIELD: &str = r#"
+apiVersion: sidenode.io/v1alpha1
+kind: MeshConfig
+metadata: {name: bad-field}
+spec:
+  excludePort: [22]
+"#;
+
+#[test]
+fn crds_are_established_and_serve_every_version() -> Result<()> {
+    let kube = start()?;
+    install_crds(&kube)?;
+
+    // Versions: v1 stores; the older ones are served with the same schema.
+    for (crd, want) in [
+        (ISTIO_CRDS[0], "v1 v1beta1 v1alpha3"),
+        (ISTIO_CRDS[1], "v1 v1beta1 v1alpha3"),
+        (ISTIO_CRDS[2], "v1 v1beta1"),
+        (ISTIO_CRDS[3], "v1 v1beta1"),
+        (OUR_CRD, "v1alpha1"),
+    ] {
+        let v = json(&kube.kubectl(&["get", "crd", crd, "-o", "json"])?)?;
+        let versions = v["spec"]["versions"].as_array().context("versions")?;
+        let names: Vec<&str> = versions.iter().filter_map(|x| x["name"].as_str()).collect();
+        ensure!(names.join(" ") == want, "{crd}: versions {names:?}");
+        let storage: Vec<&str> = versions
+            .iter()
+            .filter(|x| x["storage"] == true)
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        ensure!(storage == [names[0]], "{crd}: storage {storage:?}");
+        ensure!(
+            versions.iter().all(|x| x["served"] == true),
+            "{crd}: not all served"
+        );
+        ensure!(
+            versions
+                .iter()
+                .all(|x| x["schema"] == versions[0]["schema"]),
+            "{crd}: schemas differ between versions"
+        );
+    }
+    let mc = json(&kube.kubectl(&["get", "crd", OUR_CRD, "-o", "json"])?)?;
+    ensure!(
+        mc["spec"]["scope"] == "Cluster",
+        "MeshConfig is not cluster-scoped"
+    );
+
+    // Written through v1beta1, read through v1 (and v1alpha3), fields the schema does not name
+    // (`mirror`) kept.
+    kube.apply(VS_V1BETA1)?;
+    let v1 = json(&kube.kubectl(&[
+        "get",
+        "virtualservices.v1.networking.istio.io",
+        "reviews",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(
+        v1["apiVersion"] == "networking.istio.io/v1",
+        "{}",
+        v1["apiVersion"]
+    );
+    ensure!(v1["spec"]["http"][0]["route"][0]["weight"] == 80);
+    ensure!(
+        v1["spec"]["http"][0]["mirror"]["host"] == "shadow",
+        "unknown field pruned"
+    );
+    ensure!(v1["spec"]["tcp"][0]["match"][0]["port"] == 27017);
+    let a3 = json(&kube.kubectl(&[
+        "get",
+        "virtualservices.v1alpha3.networking.istio.io",
+        "reviews",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(a3["apiVersion"] == "networking.istio.io/v1alpha3");
+    ensure!(a3["spec"] == v1["spec"], "v1alpha3 and v1 differ");
+
+    // Istio's short names and categories.
+    let names = kube.kubectl(&["get", "vs", "-n", "default", "-o", "name"])?;
+    ensure!(
+        names.trim() == "virtualservice.networking.istio.io/reviews",
+        "{names}"
+    );
+    let names = kube.kubectl(&["get", "istio-io", "-A", "-o", "name"])?;
+    ensure!(
+        names.contains("virtualservice.networking.istio.io/reviews"),
+        "{names}"
+    );
+    kube.kubectl(&["get", "dr,pa", "-A"])?;
+
+    // Security kinds: written as v1beta1, read as v1.
+    kube.apply(
+        r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+"#,
+    )?;
+    let pa = kube.kubectl(&[
+        "get",
+        "peerauthentications.v1.security.istio.io",
+        "strict",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.apiVersion} {.spec.mtls.mode}",
+    ])?;
+    ensure!(pa == "security.istio.io/v1 STRICT", "{pa}");
+
+    // The status subresource: a spec write does not touch status and vice versa.
+    kube.kubectl(&[
+        "patch",
+        "virtualservices.v1.networking.istio.io",
+        "reviews",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"observedGeneration":9}}"#,
+    ])?;
+    let st = kube.kubectl(&[
+        "get",
+        "vs",
+        "reviews",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.status}",
+    ])?;
+    ensure!(
+        !st.contains("observedGeneration"),
+        "status written through the main resource: {st}"
+    );
+    Ok(())
+}
+
+#[test]
+fn schemas_accept_valid_objects_and_refuse_invalid_ones_by_field() -> Result<()> {
+    let kube = start()?;
+    install_crds(&kube)?;
+
+    kube.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], VALID)
+        .context("valid samples refused")?;
+    kube.apply(VALID)
+        .context("valid samples refused on apply")?;
+    kube.apply(VS_V1BETA1)?;
+
+    let mut wrong = Vec::new();
+    for (what, yaml, want) in INVALID {
+        // Client-side create: the server's schema validation answers (server-side apply stops
+        // earlier, at typing, for type errors, with a less helpful message).
+        match kube.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], yaml) {
+            Ok(out) => wrong.push(format!("{what}: accepted ({})", out.trim())),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ensure!(
+                    msg.contains("is invalid"),
+                    "{what}: refused for another reason: {msg}"
+                );
+                for w in *want {
+                    if !msg.contains(w) {
+                        wrong.push(format!("{what}: refusal lacks `{w}`: {msg}"));
+                    }
+                }
+            }
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("schema checks:\n{}", wrong.join("\n"));
+    }
+
+    // Our own schema is closed: kubectl refuses an unknown (misspelt) field from the published
+    // OpenAPI, and the server drops it when the client does not check.
+    let err = kube
+        .kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], UNKNOWN_FIELD)
+        .expect_err("unknown field accepted by kubectl");
+    ensure!(format!("{err:#}").contains("excludePort"), "{err:#}");
+    let out = kube.kubectl_stdin(
+        &["create", "--validate=false", "-f", "-", "-o", "json"],
+        UNKNOWN_FIELD,
+    )?;
+    let v = json(&out)?;
+    ensure!(
+        v["spec"].get("excludePort").is_none(),
+        "unknown field kept: {}",
+        v["spec"]
+    );
+    Ok(())
+}
