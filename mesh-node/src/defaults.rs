@@ -13,6 +13,9 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the agent reconciles the kernel maps even without a change.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the agent and the proxy try again while a pod's network namespace cannot be found
+/// (its processes are not up yet).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the proxy waits for a destination to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the proxy lets open connections finish after SIGTERM.
@@ -21,3 +24,16 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Proxy runtime worker threads (see `mesh-node proxy --worker-threads`).
 pub const PROXY_WORKERS: usize = 1;
+/// How often the controller looks for changes from the Kubernetes API (a flag check; the
+/// watches themselves push).
+pub const KUBE_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+/// The controller's namespace on Kubernetes.
+pub const CONTROLLER_NAMESPACE: &str = "sidenode-system";
+/// The agents' service account (in the controller's namespace).
+pub const AGENT_SERVICE_ACCOUNT: &str = "sidenode-agent";
+/// Audience of the agents' projected service-account tokens.
+pub const TOKEN_AUDIENCE: &str = "sidenode";
+/// The leader-election Lease (in the controller's namespace).
+pub const LEADER_LEASE: &str = "sidenode-controller";
+/// Where the controller keeps its CA files (on Kubernetes, copied from the CA Secret).
+pub const CONTROLLER_STATE_DIR: &str = "/var/run/sidenode-controller";

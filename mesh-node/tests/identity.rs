@@ -175,7 +175,9 @@ fn services(dir: &std::path::Path) -> Services {
     Services {
         views: rx,
         ca,
-        tokens: Arc::new(NodeTokens::new(tokens)),
+        auth: Arc::new(mesh_node::controller::grpc::Auth::NodeTokens(
+            NodeTokens::new(tokens),
+        )),
     }
 }
 

@@ -3,11 +3,13 @@
 //!
 //! A pod is enrolled when it runs on this node, its namespace carries
 //! `sidenode.io/dataplane-mode: enabled`, it has not opted out with the same label set to
-//! `none`, and it does not share the node's network (`hostNetwork`). In standalone mode its
-//! network namespace comes from the `sidenode.io/netns` annotation.
+//! `none`, and it does not share the node's network (`hostNetwork`). Its network namespace
+//! comes from the `sidenode.io/netns` annotation when there is one (standalone mode), else
+//! from its UID through its cgroup (`kernel::podns`).
 //!
 //! A pod whose namespace cannot be resolved keeps its previous enrollment (the last good
-//! state stays in force) and the problem is reported.
+//! state stays in force) and the problem is reported; `unresolved` tells the caller to try
+//! again soon (a pod whose processes are not up yet gets enrolled without any state change).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -20,6 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::kernel::maps::{NodeMaps, addr_to_ip, ip_to_addr};
 use crate::kernel::netns::{netns_cookie, netns_id};
+use crate::kernel::podns::PodNetnsFinder;
 use crate::model::{NETNS_ANNOTATION, ObjKey, Snapshot};
 
 /// A pod that should be (or stay) enrolled.
@@ -31,8 +34,11 @@ struct Entry {
 
 pub struct Enroller {
     node: String,
-    /// netns file identity (dev, ino) → cookie: resolving a cookie costs a thread.
+    /// netns file identity (dev, ino) → cookie: resolving a cookie costs a thread. Only the
+    /// namespaces of the last reconcile are kept (a dead namespace's inode can be reused).
     cookies: HashMap<(u64, u64), u64>,
+    /// Finds a pod's namespace from its UID (absent: only the annotation works).
+    pods: Option<PodNetnsFinder>,
     /// What was enrolled in the last reconcile, by pod.
     last: BTreeMap<ObjKey, Entry>,
     /// Problems already reported (reported again only after they were gone).
@@ -55,8 +61,10 @@ pub struct Candidate {
     pub key: ObjKey,
     pub ip: IpAddr,
     pub service_account: String,
-    /// Path of the pod's network namespace.
+    /// Path of the pod's network namespace (the `sidenode.io/netns` annotation).
     pub netns: Option<String>,
+    /// Kubernetes `metadata.uid`: finds the namespace through the pod's cgroup.
+    pub pod_uid: Option<String>,
     /// Where the pod was defined, for error messages.
     pub origin: String,
 }
@@ -72,6 +80,7 @@ impl Candidate {
                 ip: p.ip,
                 service_account: p.service_account.clone(),
                 netns: p.annotations.get(NETNS_ANNOTATION).cloned(),
+                pod_uid: p.uid.clone(),
                 origin: p.origin.to_string(),
             })
             .collect()
@@ -102,42 +111,93 @@ impl Enroller {
         Self {
             node: node.into(),
             cookies: HashMap::new(),
+            pods: None,
             last: BTreeMap::new(),
             reported: Vec::new(),
         }
+    }
+
+    /// Also finds pods' namespaces from their UID, searching the cgroup tree below `finder`'s
+    /// root.
+    pub fn with_pod_cgroups(mut self, finder: PodNetnsFinder) -> Self {
+        self.pods = Some(finder);
+        self
     }
 
     pub fn node(&self) -> &str {
         &self.node
     }
 
-    fn cookie(&mut self, path: &Path) -> Result<u64, crate::kernel::KernelError> {
+    /// How many candidates of the last reconcile could not be resolved.
+    pub fn unresolved(&self) -> usize {
+        self.reported.len()
+    }
+
+    /// The pods enrolled after the last reconcile.
+    pub fn enrolled(&self) -> impl Iterator<Item = &ObjKey> {
+        self.last.keys()
+    }
+
+    fn cookie(
+        &mut self,
+        path: &Path,
+        used: &mut HashMap<(u64, u64), u64>,
+    ) -> Result<u64, crate::kernel::KernelError> {
         let id = netns_id(path)?;
-        if let Some(c) = self.cookies.get(&id) {
-            return Ok(*c);
-        }
-        let c = netns_cookie(path)?;
-        self.cookies.insert(id, c);
+        let c = match self.cookies.get(&id) {
+            Some(c) => *c,
+            None => netns_cookie(path)?,
+        };
+        used.insert(id, c);
         Ok(c)
+    }
+
+    /// The cookie of `pod`'s network namespace: from the annotation, else from its UID.
+    fn resolve(
+        &mut self,
+        pod: &Candidate,
+        used: &mut HashMap<(u64, u64), u64>,
+    ) -> Result<u64, String> {
+        if let Some(path) = &pod.netns {
+            return self.cookie(Path::new(path), used).map_err(|e| {
+                format!(
+                    "{}: Pod {}: metadata.annotations.{NETNS_ANNOTATION}: {e}",
+                    pod.origin, pod.key
+                )
+            });
+        }
+        let Some(uid) = &pod.pod_uid else {
+            return Err(format!(
+                "{}: Pod {}: no {NETNS_ANNOTATION} annotation and no metadata.uid: cannot find its network namespace",
+                pod.origin, pod.key
+            ));
+        };
+        let Some(finder) = self.pods.as_mut() else {
+            return Err(format!(
+                "{}: Pod {}: no {NETNS_ANNOTATION} annotation, and finding namespaces by pod uid is off",
+                pod.origin, pod.key
+            ));
+        };
+        let found = finder
+            .find(uid)
+            .map_err(|e| format!("{}: Pod {}: {e}", pod.origin, pod.key))?;
+        self.cookie(&found.path, used).map_err(|e| {
+            format!(
+                "{}: Pod {} (uid {uid}, cgroup {}): {e}",
+                pod.origin,
+                pod.key,
+                found.cgroup.display()
+            )
+        })
     }
 
     /// The enrollment the snapshot asks for, and the problems found on the way.
     fn desired(&mut self, candidates: &[Candidate]) -> (BTreeMap<ObjKey, Entry>, Vec<String>) {
         let mut want = BTreeMap::new();
         let mut problems = Vec::new();
+        let mut used = HashMap::new();
         for pod in candidates {
-            let resolved = match &pod.netns {
-                None => Err(format!(
-                    "{}: Pod {}: metadata.annotations.{NETNS_ANNOTATION}: missing (standalone mode needs the pod's network namespace path)",
-                    pod.origin, pod.key
-                )),
-                Some(path) => self.cookie(Path::new(path)).map_err(|e| {
-                    format!(
-                        "{}: Pod {}: metadata.annotations.{NETNS_ANNOTATION}: {e}",
-                        pod.origin, pod.key
-                    )
-                }),
-            };
+            let resolved = self.resolve(pod, &mut used);
             match resolved {
                 Ok(cookie) => {
                     want.insert(
@@ -157,6 +217,8 @@ impl Enroller {
                 }
             }
         }
+        // Keep only the cookies of namespaces in use: a dead namespace's inode can come back.
+        self.cookies = used;
         (want, problems)
     }
 
@@ -218,5 +280,72 @@ impl Enroller {
         out.enrolled = by_cookie.len();
         self.last = want;
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    fn candidate(name: &str, netns: Option<&str>, uid: Option<&str>) -> Candidate {
+        Candidate {
+            key: ObjKey {
+                namespace: "mesh".into(),
+                name: name.into(),
+            },
+            ip: "10.0.0.1".parse().expect("test step"),
+            service_account: "sa".into(),
+            netns: netns.map(Into::into),
+            pod_uid: uid.map(Into::into),
+            origin: "test".into(),
+        }
+    }
+
+    /// Annotation first, else the pod uid through the cgroup; problems name the pod.
+    #[test]
+    fn resolution_order_and_problems() {
+        let t = tempfile::tempdir().expect("test step");
+        let pod = t.path().join(format!("kubepods/pod{UID}"));
+        std::fs::create_dir_all(&pod).expect("test step");
+        // No host namespace: this test process stands for the pod's sandbox.
+        let mut e = Enroller::new("n1").with_pod_cgroups(PodNetnsFinder::with_host(t.path(), None));
+        let own = netns_cookie(Path::new("/proc/self/ns/net")).expect("test step");
+
+        // The pod's cgroup has no process yet: a problem naming it, nothing enrolled.
+        let by_uid = candidate("by-uid", None, Some(UID));
+        let (want, problems) = e.desired(std::slice::from_ref(&by_uid));
+        assert!(want.is_empty());
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("mesh/by-uid") && problems[0].contains("no process"),
+            "{}",
+            problems[0]
+        );
+
+        std::fs::write(pod.join("cgroup.procs"), std::process::id().to_string())
+            .expect("test step");
+        let cands = [
+            by_uid.clone(),
+            candidate(
+                "annotated",
+                Some("/proc/self/ns/net"),
+                Some("ffffffff-4b5a-6978-8796-a5b4c3d2e1f0"),
+            ),
+            candidate("nothing", None, None),
+        ];
+        let (want, problems) = e.desired(&cands);
+        assert_eq!(want.len(), 2, "{problems:?}");
+        assert!(want.values().all(|w| w.cookie == own));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("mesh/nothing"), "{}", problems[0]);
+
+        // Once enrolled, a failing resolution keeps the last good enrollment.
+        e.last = want;
+        std::fs::remove_dir_all(&pod).expect("test step");
+        let (want, problems) = e.desired(std::slice::from_ref(&by_uid));
+        assert_eq!(want.len(), 1);
+        assert!(problems[0].contains("no cgroup folder"), "{}", problems[0]);
     }
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod enroll;
+pub mod status;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -15,12 +16,14 @@ use anyhow::{Context, Result};
 use ipnet::IpNet;
 use mesh_common::ProxyConfig;
 use mesh_common::ports::{PROXY_MARK, PROXY_PORTS};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
 use crate::config::watch::FileSource;
 use crate::kernel::maps::{NodeMaps, ip_to_addr, ip4_to_net};
+use crate::kernel::podns::PodNetnsFinder;
 use crate::kernel::{Pins, load};
 use crate::state::NodeState;
 use crate::state::client::ControllerSettings;
@@ -50,6 +53,10 @@ pub struct AgentConfig {
     pub exclude_cidrs: Vec<IpNet>,
     pub scan_interval: Duration,
     pub resync_interval: Duration,
+    /// How often to try again while some pod's namespace cannot be found (not started yet).
+    pub retry_interval: Duration,
+    /// Annotate enrolled pods (`--pod-status`).
+    pub pod_status: Option<status::StatusConfig>,
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -60,18 +67,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.cgroup_root.display()
         )
     })?;
-    write_capture_settings(&mut maps, &cfg)?;
+    write_capture_settings(&mut maps, &cfg, &crate::proto::MeshSettings::default())?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Pods' namespaces are searched below the same cgroup folder the programs attach to: the
+    // programs only see pods below it anyway.
+    let new_enroller =
+        || Enroller::new(&cfg.node).with_pod_cgroups(PodNetnsFinder::new(&cfg.cgroup_root));
+    let status = cfg
+        .pod_status
+        .clone()
+        .map(|s| status::spawn(s, cfg.node.clone()));
     match &cfg.source {
         Source::Files(dir) => {
             let mut source = FileSource::new(dir);
-            let mut enroller = Enroller::new(&cfg.node);
-            sync(&mut source, &mut enroller, &mut maps, true);
+            let mut enroller = new_enroller();
+            sync(&mut source, &mut enroller, &mut maps, true, status.as_ref());
             info!(node = %cfg.node, install = ?how, config = %dir.display(), "agent ready");
             let mut tick = tokio::time::interval(cfg.scan_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_full = Instant::now();
+            let mut last_try = Instant::now();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -82,20 +98,36 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if full {
                     last_full = Instant::now();
                 }
-                sync(&mut source, &mut enroller, &mut maps, full);
+                // A pod not found yet (its processes not up) is tried again without a change.
+                let retry = enroller.unresolved() > 0 && last_try.elapsed() >= cfg.retry_interval;
+                if full || retry {
+                    last_try = Instant::now();
+                }
+                sync(
+                    &mut source,
+                    &mut enroller,
+                    &mut maps,
+                    full || retry,
+                    status.as_ref(),
+                );
             }
         }
         Source::Controller(settings) => {
             let conn = crate::state::client::channel(settings)?;
             let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(NodeState::default()));
             tokio::spawn(crate::state::client::follow(conn, tx));
-            let mut enroller = Enroller::new(&cfg.node);
+            let mut enroller = new_enroller();
+            let mut mesh_settings = crate::proto::MeshSettings::default();
             info!(node = %cfg.node, install = ?how, controller = %settings.addr, "agent ready");
             let mut tick = tokio::time::interval(cfg.resync_interval);
+            let mut retry = tokio::time::interval(cfg.retry_interval);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                let unresolved = enroller.unresolved() > 0;
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     _ = tick.tick() => {}
+                    _ = retry.tick(), if unresolved => {}
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
                 }
@@ -103,7 +135,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if st.version == 0 {
                     continue; // nothing heard yet: keep what the kernel has
                 }
-                let out = enroller.reconcile(&candidates_from_state(&st, &cfg.node), &mut maps);
+                if st.settings != mesh_settings {
+                    // The MeshConfig's exclusions add to this agent's flags.
+                    match write_capture_settings(&mut maps, &cfg, &st.settings) {
+                        Ok(()) => mesh_settings = st.settings.clone(),
+                        Err(e) => error!(error = %format!("{e:#}"), "applying the mesh settings"),
+                    }
+                }
+                let candidates = candidates_from_state(&st, &cfg.node);
+                let out = enroller.reconcile(&candidates, &mut maps);
+                report_status(status.as_ref(), &enroller, &candidates);
                 if out.added + out.removed > 0 {
                     info!(
                         enrolled = out.enrolled,
@@ -134,14 +175,45 @@ fn candidates_from_state(st: &NodeState, node: &str) -> Vec<enroll::Candidate> {
                 ip: w.ips.first()?.parse().ok()?,
                 service_account: w.service_account.clone(),
                 netns: (!w.netns.is_empty()).then(|| w.netns.clone()),
+                pod_uid: (!w.pod_uid.is_empty()).then(|| w.pod_uid.clone()),
                 origin: format!("controller state v{}", st.version),
             })
         })
         .collect()
 }
 
+/// Tells the status task which pods are enrolled now.
+fn report_status(
+    status: Option<&watch::Sender<status::Enrolled>>,
+    enroller: &Enroller,
+    candidates: &[enroll::Candidate],
+) {
+    let Some(tx) = status else { return };
+    let uids: std::collections::HashMap<&crate::model::ObjKey, &str> = candidates
+        .iter()
+        .map(|c| (&c.key, c.pod_uid.as_deref().unwrap_or_default()))
+        .collect();
+    let enrolled: status::Enrolled = enroller
+        .enrolled()
+        .map(|k| {
+            (
+                k.clone(),
+                uids.get(k).copied().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    // Sent after every reconcile, changed or not: the task retries failed patches then.
+    tx.send_replace(enrolled);
+}
+
 /// Re-reads what changed, and reconciles the kernel when something did (or `force`).
-fn sync(source: &mut FileSource, enroller: &mut Enroller, maps: &mut NodeMaps, force: bool) {
+fn sync(
+    source: &mut FileSource,
+    enroller: &mut Enroller,
+    maps: &mut NodeMaps,
+    force: bool,
+    status: Option<&watch::Sender<status::Enrolled>>,
+) {
     let scan = source.scan();
     for e in &scan.new_errors {
         error!("config error: {e}; keeping the last good state");
@@ -153,10 +225,9 @@ fn sync(source: &mut FileSource, enroller: &mut Enroller, maps: &mut NodeMaps, f
     for d in dups {
         warn!("config: {d}");
     }
-    let out = enroller.reconcile(
-        &enroll::Candidate::from_snapshot(&snap, enroller.node()),
-        maps,
-    );
+    let candidates = enroll::Candidate::from_snapshot(&snap, enroller.node());
+    let out = enroller.reconcile(&candidates, maps);
+    report_status(status, enroller, &candidates);
     if out.added + out.removed > 0 {
         info!(
             enrolled = out.enrolled,
@@ -167,7 +238,28 @@ fn sync(source: &mut FileSource, enroller: &mut Enroller, maps: &mut NodeMaps, f
     }
 }
 
-fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> {
+/// Writes the capture settings: the proxy's address and ports, and the exclusions — this
+/// agent's flags plus the mesh-wide ones (`MeshConfig`; an entry that does not parse is logged
+/// and skipped, the controller has validated them).
+fn write_capture_settings(
+    maps: &mut NodeMaps,
+    cfg: &AgentConfig,
+    mesh: &crate::proto::MeshSettings,
+) -> Result<()> {
+    let mut exclude_ports = cfg.exclude_ports.clone();
+    for p in &mesh.exclude_ports {
+        match u16::try_from(*p) {
+            Ok(p) if p != 0 => exclude_ports.push(p),
+            _ => warn!(port = p, "mesh settings: not a port; skipped"),
+        }
+    }
+    let mut exclude_cidrs = cfg.exclude_cidrs.clone();
+    for c in &mesh.exclude_cidrs {
+        match c.parse::<IpNet>() {
+            Ok(n) => exclude_cidrs.push(n),
+            Err(_) => warn!(cidr = %c, "mesh settings: not a CIDR; skipped"),
+        }
+    }
     let mut proxy_ports = [0u16; 8];
     proxy_ports[..PROXY_PORTS.len()].copy_from_slice(&PROXY_PORTS);
     proxy_ports[PROXY_PORTS.len()] = cfg.outbound_port;
@@ -184,7 +276,7 @@ fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> 
     };
     maps.config.set(0, pc, 0).context("writing SN_CONFIG")?;
 
-    let want: std::collections::BTreeSet<u16> = cfg.exclude_ports.iter().copied().collect();
+    let want: std::collections::BTreeSet<u16> = exclude_ports.iter().copied().collect();
     let have: Vec<u16> = maps.excl_ports.keys().filter_map(Result::ok).collect();
     for p in have.iter().filter(|p| !want.contains(p)) {
         maps.excl_ports
@@ -198,8 +290,7 @@ fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> 
     }
 
     use aya::maps::lpm_trie::Key;
-    let want: Vec<(u32, mesh_common::Addr)> = cfg
-        .exclude_cidrs
+    let want: Vec<(u32, mesh_common::Addr)> = exclude_cidrs
         .iter()
         .map(|n| {
             let len = match n {
@@ -226,8 +317,8 @@ fn write_capture_settings(maps: &mut NodeMaps, cfg: &AgentConfig) -> Result<()> 
     info!(
         proxy = %format!("{}:{}", cfg.proxy_ip, cfg.outbound_port),
         proxy6 = ?cfg.proxy_ip6,
-        exclude_ports = ?cfg.exclude_ports,
-        exclude_cidrs = ?cfg.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        exclude_ports = ?exclude_ports,
+        exclude_cidrs = ?exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "capture settings written"
     );
     Ok(())

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod maps;
+pub mod state;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Cmd {
     Controller(ControllerCmdArgs),
     /// Show the kernel's maps: enrolled workloads, original destinations, counters.
     Maps(maps::MapsArgs),
+    /// Show what the controller serves a node: workloads, services, Istio objects, settings.
+    State(state::StateArgs),
     /// Remove every sidenode pin from a bpffs (detaches the capture programs).
     Uninstall {
         #[arg(long, default_value = defaults::BPFFS)]
@@ -55,9 +58,17 @@ struct AgentArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     controller: ControllerArgs,
-    /// cgroup v2 folder the capture programs attach to (default: the cgroup2 mount).
+    /// cgroup v2 folder the capture programs attach to (default: the cgroup2 mount). Pods'
+    /// network namespaces are found below it by pod UID (kubelet's `pod<uid>` folders).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
+    /// Annotate every enrolled pod with `sidenode.io/redirection: enabled` (removed when
+    /// un-enrolled), through the Kubernetes API.
+    #[arg(long)]
+    pod_status: bool,
+    /// Kubeconfig for `--pod-status` (default: KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, requires = "pod_status")]
+    kubeconfig: Option<PathBuf>,
     /// bpffs folder for pins (`<bpffs>/sidenode/...`).
     #[arg(long, default_value = defaults::BPFFS)]
     bpffs: PathBuf,
@@ -103,11 +114,40 @@ impl ControllerArgs {
 
 #[derive(Args)]
 struct ControllerCmdArgs {
-    /// Folder of Kubernetes-style YAML to serve.
+    /// Folder of Kubernetes-style YAML to serve (standalone).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster credentials, or --kubeconfig).
     #[arg(long)]
-    config: PathBuf,
-    /// Where the CA lives (created on first start, or Istio plug-in CA files).
-    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes (default: in-cluster, then KUBECONFIG).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The controller's namespace (Lease, CA Secret, agent service account).
+    #[arg(long, env = "POD_NAMESPACE", default_value = defaults::CONTROLLER_NAMESPACE)]
+    namespace: String,
+    /// This replica's name in the leader Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Service account (in --namespace) whose projected tokens identify agents and proxies.
+    #[arg(long, default_value = defaults::AGENT_SERVICE_ACCOUNT)]
+    agent_service_account: String,
+    /// Audience of the agents' projected tokens.
+    #[arg(long, default_value = defaults::TOKEN_AUDIENCE)]
+    token_audience: String,
+    /// Name of the leader-election Lease in --namespace.
+    #[arg(long, default_value = defaults::LEADER_LEASE)]
+    leader_lease: String,
+    /// How long a leader's lease lasts without renewal (renewed every third of it).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: std::time::Duration,
+    /// Where the CA lives (created on first start, or Istio plug-in CA files). On Kubernetes
+    /// the CA comes from a Secret and is written here.
+    #[arg(long, default_value = defaults::CONTROLLER_STATE_DIR)]
     state_dir: PathBuf,
     /// gRPC listen address.
     #[arg(long, default_value_t = std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), defaults::CONTROLLER))]
@@ -117,9 +157,10 @@ struct ControllerCmdArgs {
     /// Workload certificate lifetime (e.g. 24h, 30m, 20s).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: std::time::Duration,
-    /// Folder of node tokens: one file per node, named for it, holding its token.
+    /// Folder of node tokens: one file per node, named for it, holding its token (standalone;
+    /// on Kubernetes, agents present projected service-account tokens instead).
     #[arg(long)]
-    node_tokens: PathBuf,
+    node_tokens: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -162,6 +203,10 @@ struct ProxyArgs {
     proxy_ip6: Option<std::net::Ipv6Addr>,
     #[arg(long, default_value_t = defaults::OUTBOUND)]
     outbound_port: u16,
+    /// cgroup v2 folder below which local pods' network namespaces are found by pod UID (the
+    /// agent's `--cgroup-root`; default: the cgroup2 mount).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
 }
 
 pub fn main() -> Result<()> {
@@ -189,6 +234,10 @@ pub fn main() -> Result<()> {
                 exclude_cidrs: a.exclude_cidrs,
                 scan_interval: defaults::SCAN_INTERVAL,
                 resync_interval: defaults::RESYNC_INTERVAL,
+                retry_interval: defaults::RETRY_INTERVAL,
+                pod_status: a.pod_status.then_some(crate::agent::status::StatusConfig {
+                    kubeconfig: a.kubeconfig,
+                }),
             };
             runtime(None)?.block_on(crate::agent::run(cfg))
         }
@@ -207,27 +256,57 @@ pub fn main() -> Result<()> {
                     p.metrics
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
+                cgroup_root: p
+                    .cgroup_root
+                    .or_else(crate::kernel::load::default_cgroup_root),
+                retry_interval: defaults::RETRY_INTERVAL,
             };
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
         }
         Cmd::Controller(c) => {
+            let source = match c.config {
+                Some(dir) => crate::controller::SourceConfig::Folder(dir),
+                None => {
+                    crate::controller::SourceConfig::Kubernetes(crate::controller::KubeSettings {
+                        kubeconfig: c.kubeconfig,
+                        namespace: c.namespace,
+                        pod_name: c.pod_name.unwrap_or_else(host_name),
+                        agent_service_account: c.agent_service_account,
+                        token_audience: c.token_audience,
+                        lease_name: c.leader_lease,
+                        lease_duration: c.lease_duration,
+                    })
+                }
+            };
+            let kubernetes = c.kubernetes;
             let cfg = crate::controller::ControllerConfig {
-                config_dir: c.config,
+                source,
                 state_dir: c.state_dir,
                 listen: c.listen,
                 trust_domain: c.trust_domain,
                 cert_ttl: c.cert_ttl,
                 node_tokens: c.node_tokens,
-                scan_interval: defaults::SCAN_INTERVAL,
+                scan_interval: if kubernetes {
+                    defaults::KUBE_SCAN_INTERVAL
+                } else {
+                    defaults::SCAN_INTERVAL
+                },
             };
             runtime(None)?.block_on(crate::controller::run(cfg))
         }
         Cmd::Maps(m) => maps::run(m),
+        Cmd::State(a) => runtime(Some(1))?.block_on(state::run(a)),
         Cmd::Uninstall { bpffs } => {
             crate::kernel::load::uninstall(&crate::kernel::Pins::new(bpffs))?;
             Ok(())
         }
     }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "sidenode-controller".into())
 }
 
 /// A multi-threaded runtime; `workers` threads, or tokio's default (one per CPU).

@@ -9,10 +9,13 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use super::ConfigError;
+use crate::model::istio::{IstioKind, IstioObject, IstioSpec};
 use crate::model::{
-    Labels, Namespace, Node, ObjKey, Object, Origin, Pod, Service, ServicePort, TargetPort,
+    Labels, MeshConfig, Namespace, Node, ObjKey, Object, Origin, Pod, Service, ServiceAccount,
+    ServicePort, TargetPort,
 };
 
 /// Which object a document describes, as far as it could be read.
@@ -55,6 +58,21 @@ impl Object {
                 kind: "Node".into(),
                 namespace: String::new(),
                 name: n.name.clone(),
+            },
+            Object::ServiceAccount(sa) => ObjId {
+                kind: "ServiceAccount".into(),
+                namespace: sa.key.namespace.clone(),
+                name: sa.key.name.clone(),
+            },
+            Object::MeshConfig(m) => ObjId {
+                kind: "MeshConfig".into(),
+                namespace: String::new(),
+                name: m.name.clone(),
+            },
+            Object::Istio(o) => ObjId {
+                kind: o.spec.kind().as_str().into(),
+                namespace: o.key.namespace.clone(),
+                name: o.key.name.clone(),
             },
         }
     }
@@ -147,13 +165,10 @@ pub fn parse_file(path: &Path, text: &str) -> FileParse {
             file: path.to_path_buf(),
             line: start,
         };
-        let parsed = match head.kind.as_str() {
-            "Namespace" => typed::<RawNamespace>(&doc, start).and_then(|r| r.into_model(origin)),
-            "Pod" => typed::<RawPod>(&doc, start).and_then(|r| r.into_model(origin)),
-            "Service" => typed::<RawService>(&doc, start).and_then(|r| r.into_model(origin)),
-            "Node" => typed::<RawNode>(&doc, start).and_then(|r| r.into_model(origin)),
+        let reader = YamlDoc { doc: &doc, start };
+        let Some(parsed) = convert(&head.kind, &reader, origin) else {
             // Kinds the mesh does not read (Deployments, ConfigMaps, ...) are not errors.
-            _ => continue,
+            continue;
         };
         match parsed {
             Ok(obj) => out.objects.push(obj),
@@ -191,7 +206,8 @@ impl Head {
         })
     }
     fn id(&self) -> ObjId {
-        let cluster_scoped = self.kind == "Namespace" || self.kind == "Node";
+        let cluster_scoped =
+            self.kind == "Namespace" || self.kind == "Node" || self.kind == "MeshConfig";
         let namespace = if cluster_scoped {
             String::new()
         } else {
@@ -206,10 +222,11 @@ impl Head {
 }
 
 /// An error inside one object: the line and field, when known.
-struct ObjError {
-    line: usize,
-    field: Option<String>,
-    message: String,
+#[derive(Debug)]
+pub(crate) struct ObjError {
+    pub line: usize,
+    pub field: Option<String>,
+    pub message: String,
 }
 
 impl ObjError {
@@ -222,33 +239,205 @@ impl ObjError {
     }
 }
 
-fn typed<T: for<'de> Deserialize<'de>>(doc: &str, start: usize) -> Result<T, ObjError> {
-    let de = serde_yaml::Deserializer::from_str(doc);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let line = inner
-            .location()
-            .map(|l| start + l.line() - 1)
-            .unwrap_or(start);
-        // serde_yaml prefixes its message with the path it knows; keep the plain message.
-        let message = inner.to_string();
-        let message = match message.split_once(": ") {
-            Some((head, rest)) if head == path || head.ends_with(&path) => rest.to_string(),
-            _ => message,
-        };
-        ObjError {
-            line,
-            field: (path != ".").then_some(path),
-            message,
+/// Reads a typed view of one object, with the failing field's path and line in the error.
+pub(crate) trait TypedReader {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, ObjError>;
+}
+
+/// One YAML document of a file, starting at `start`.
+struct YamlDoc<'a> {
+    doc: &'a str,
+    start: usize,
+}
+
+impl TypedReader for YamlDoc<'_> {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, ObjError> {
+        let de = serde_yaml::Deserializer::from_str(self.doc);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .location()
+                .map(|l| self.start + l.line() - 1)
+                .unwrap_or(self.start);
+            // serde_yaml prefixes its message with the path it knows; keep the plain message.
+            let message = inner.to_string();
+            let message = match message.split_once(": ") {
+                Some((head, rest)) if head == path || head.ends_with(&path) => rest.to_string(),
+                _ => message,
+            };
+            ObjError {
+                line,
+                field: (path != ".").then_some(path),
+                message,
+            }
+        })
+    }
+}
+
+/// An object as the Kubernetes API returned it (JSON; no lines).
+pub(crate) struct JsonObject<'a>(pub &'a serde_json::Value);
+
+impl TypedReader for JsonObject<'_> {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, ObjError> {
+        serde_path_to_error::deserialize(self.0).map_err(|e| {
+            let path = e.path().to_string();
+            ObjError {
+                line: 0,
+                field: (path != ".").then_some(path),
+                message: e.into_inner().to_string(),
+            }
+        })
+    }
+}
+
+/// The model object for a document of `kind`; `None` for kinds the mesh does not read. The one
+/// conversion every source (file, Kubernetes) goes through.
+pub(crate) fn convert(
+    kind: &str,
+    reader: &impl TypedReader,
+    origin: Origin,
+) -> Option<Result<Object, ObjError>> {
+    Some(match kind {
+        "Namespace" => reader
+            .read::<RawNamespace>()
+            .and_then(|r| r.into_model(origin)),
+        "Pod" => reader.read::<RawPod>().and_then(|r| r.into_model(origin)),
+        "Service" => reader
+            .read::<RawService>()
+            .and_then(|r| r.into_model(origin)),
+        "Node" => reader.read::<RawNode>().and_then(|r| r.into_model(origin)),
+        "ServiceAccount" => reader.read::<RawNamespace>().and_then(|r| {
+            Ok(Object::ServiceAccount(ServiceAccount {
+                key: r.metadata.key(origin.line)?,
+                origin,
+            }))
+        }),
+        "MeshConfig" => reader
+            .read::<RawMeshConfig>()
+            .and_then(|r| r.into_model(origin)),
+        other => {
+            let kind = IstioKind::parse(other)?;
+            read_istio(kind, reader, origin)
         }
     })
+}
+
+#[derive(Deserialize)]
+struct RawMeshConfig {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: RawMeshConfigSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawMeshConfigSpec {
+    #[serde(default)]
+    exclude_ports: Vec<u16>,
+    #[serde(default, rename = "excludeCIDRs")]
+    exclude_cidrs: Vec<String>,
+    #[serde(rename = "certTTL")]
+    cert_ttl: Option<String>,
+}
+
+impl RawMeshConfig {
+    fn into_model(self, origin: Origin) -> Result<Object, ObjError> {
+        let line = origin.line;
+        let name = self.metadata.name(line)?;
+        let spec = self.spec;
+        for (i, p) in spec.exclude_ports.iter().enumerate() {
+            if *p == 0 {
+                return Err(ObjError::field(
+                    line,
+                    &format!("spec.excludePorts[{i}]"),
+                    "must be 1-65535",
+                ));
+            }
+        }
+        let mut exclude_cidrs = Vec::new();
+        for (i, c) in spec.exclude_cidrs.iter().enumerate() {
+            let net = c
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ObjError::field(
+                        line,
+                        &format!("spec.excludeCIDRs[{i}]"),
+                        format!("`{c}` is not a CIDR"),
+                    )
+                })?;
+            exclude_cidrs.push(net);
+        }
+        let cert_ttl = match &spec.cert_ttl {
+            None => None,
+            Some(s) => Some(
+                crate::model::istio::parse_duration(s)
+                    .filter(|d| d.as_secs() >= 60)
+                    .ok_or_else(|| {
+                        ObjError::field(
+                            line,
+                            "spec.certTTL",
+                            format!("`{s}` is not a duration of at least 1m (like `24h`)"),
+                        )
+                    })?,
+            ),
+        };
+        Ok(Object::MeshConfig(MeshConfig {
+            name,
+            exclude_ports: spec.exclude_ports,
+            exclude_cidrs,
+            cert_ttl,
+            origin,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawIstio<S> {
+    #[serde(default)]
+    metadata: RawMeta,
+    spec: S,
+}
+
+fn read_istio(
+    kind: IstioKind,
+    reader: &impl TypedReader,
+    origin: Origin,
+) -> Result<Object, ObjError> {
+    fn typed<S: DeserializeOwned>(
+        reader: &impl TypedReader,
+        line: usize,
+    ) -> Result<(ObjKey, S), ObjError> {
+        let r: RawIstio<S> = reader.read()?;
+        Ok((r.metadata.key(line)?, r.spec))
+    }
+    let line = origin.line;
+    let (key, spec) = match kind {
+        IstioKind::VirtualService => {
+            typed(reader, line).map(|(k, s)| (k, IstioSpec::VirtualService(s)))?
+        }
+        IstioKind::DestinationRule => {
+            typed(reader, line).map(|(k, s)| (k, IstioSpec::DestinationRule(s)))?
+        }
+        IstioKind::AuthorizationPolicy => {
+            typed(reader, line).map(|(k, s)| (k, IstioSpec::AuthorizationPolicy(s)))?
+        }
+        IstioKind::PeerAuthentication => {
+            typed(reader, line).map(|(k, s)| (k, IstioSpec::PeerAuthentication(s)))?
+        }
+    };
+    spec.validate()
+        .map_err(|(field, message)| ObjError::field(line, &field, message))?;
+    Ok(Object::Istio(IstioObject { key, spec, origin }))
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct RawMeta {
     name: Option<String>,
+    uid: Option<String>,
     namespace: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     annotations: Option<BTreeMap<String, String>>,
@@ -313,6 +502,14 @@ struct RawPodStatus {
     pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
     pod_ips: Option<Vec<RawPodIp>>,
+    conditions: Option<Vec<RawCondition>>,
+}
+
+#[derive(Deserialize)]
+struct RawCondition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -346,8 +543,16 @@ impl RawPod {
                 ips.push(extra);
             }
         }
+        // Without conditions (a hand-written file) a pod counts as ready, as Kubernetes' own
+        // tools would show it; with them, the `Ready` condition decides.
+        let ready = match &self.status.conditions {
+            None => true,
+            Some(cs) => cs.iter().any(|c| c.kind == "Ready" && c.status == "True"),
+        };
         Ok(Object::Pod(Pod {
             key,
+            uid: self.metadata.uid.clone().filter(|u| !u.is_empty()),
+            ready,
             node: self.spec.node_name,
             ip,
             ips,

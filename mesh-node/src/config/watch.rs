@@ -199,20 +199,7 @@ impl FileSource {
                     continue;
                 }
                 origin_of.insert(id.clone(), path);
-                match obj {
-                    Object::Namespace(n) => {
-                        snap.namespaces.insert(n.name.clone(), n.clone());
-                    }
-                    Object::Pod(p) => {
-                        snap.pods.insert(p.key.clone(), p.clone());
-                    }
-                    Object::Service(s) => {
-                        snap.services.insert(s.key.clone(), s.clone());
-                    }
-                    Object::Node(n) => {
-                        snap.nodes.insert(n.name.clone(), n.clone());
-                    }
-                }
+                snap.insert(obj.clone());
             }
         }
         (snap, dups)

@@ -210,13 +210,18 @@ impl Ca {
     /// Signs a workload certificate for `id` with the CSR's public key. Returns the chain
     /// (leaf first) as PEM.
     pub fn sign(&self, csr_pem: &str, id: &Identity) -> Result<Vec<String>, CaError> {
+        self.sign_for(csr_pem, id, self.workload_ttl)
+    }
+
+    /// [`Ca::sign`] with a lifetime other than the default (a MeshConfig's `certTTL`).
+    pub fn sign_for(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
         let now = SystemTime::now();
-        self.sign_valid(
-            csr_pem,
-            id,
-            now - Duration::from_secs(300),
-            now + self.workload_ttl,
-        )
+        self.sign_valid(csr_pem, id, now - Duration::from_secs(300), now + ttl)
     }
 
     /// Signs with an explicit validity window (tests make expired certificates with it).

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::ca::Ca;
+use super::k8s::auth::TokenReviewer;
 use super::tokens::NodeTokens;
 use super::view::View;
 use crate::proto;
@@ -18,12 +19,20 @@ use crate::proto;
 pub struct Services {
     pub views: watch::Receiver<Arc<View>>,
     pub ca: Arc<Ca>,
-    pub tokens: Arc<NodeTokens>,
+    pub auth: Arc<Auth>,
+}
+
+/// How callers prove their node.
+pub enum Auth {
+    /// Standalone: a folder of node tokens.
+    NodeTokens(NodeTokens),
+    /// Kubernetes: projected service-account tokens, reviewed by the API server.
+    TokenReview(TokenReviewer),
 }
 
 impl Services {
     /// The node the caller proved to be.
-    fn node<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    async fn node<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let token = req
             .metadata()
             .get("authorization")
@@ -32,10 +41,16 @@ impl Services {
             .ok_or_else(|| {
                 Status::unauthenticated("missing `authorization: Bearer <node token>`")
             })?;
-        self.tokens.node_of(token).ok_or_else(|| {
-            warn!("refused a caller with an unknown node token");
-            Status::unauthenticated("unknown node token")
-        })
+        match &*self.auth {
+            Auth::NodeTokens(t) => t.node_of(token).ok_or_else(|| {
+                warn!("refused a caller with an unknown node token");
+                Status::unauthenticated("unknown node token")
+            }),
+            Auth::TokenReview(r) => r.node_of(token).await.map_err(|e| {
+                warn!(error = %e, "refused a caller");
+                Status::unauthenticated(e.to_string())
+            }),
+        }
     }
 }
 
@@ -49,7 +64,7 @@ impl proto::state_server::State for Services {
         &self,
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let node = self.node(&req)?;
+        let node = self.node(&req).await?;
         let mut views = self.views.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let first = views.borrow_and_update().clone();
@@ -80,7 +95,7 @@ impl proto::certificates_server::Certificates for Services {
         &self,
         req: Request<proto::SignRequest>,
     ) -> Result<Response<proto::SignResponse>, Status> {
-        let node = self.node(&req)?;
+        let node = self.node(&req).await?;
         let csr = &req.get_ref().csr_pem;
         let id = Ca::requested_identity(csr).map_err(|e| {
             warn!(%node, reason = "bad_csr", error = %e, "refused a certificate request");
@@ -104,10 +119,11 @@ impl proto::certificates_server::Certificates for Services {
                 "no pod with identity {id} is scheduled on node {node}"
             )));
         }
-        let chain = self
-            .ca
-            .sign(csr, &id)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let chain = match view.cert_ttl {
+            Some(ttl) => self.ca.sign_for(csr, &id, ttl),
+            None => self.ca.sign(csr, &id),
+        }
+        .map_err(|e| Status::internal(e.to_string()))?;
         info!(%node, identity = %id, "signed a workload certificate");
         Ok(Response::new(proto::SignResponse {
             cert_chain_pem: chain,

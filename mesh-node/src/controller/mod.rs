@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod grpc;
+pub mod k8s;
 pub mod tokens;
 pub mod view;
 
@@ -15,45 +16,162 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{error, info, warn};
 
-use crate::config::watch::FileSource;
+use crate::config::watch::{FileSource, Scan};
+use crate::model::Snapshot;
 use crate::proto;
+use grpc::Auth;
+use k8s::source::KubeSource;
 use view::View;
 
 /// The name agents expect on the controller's serving certificate.
 pub const SERVER_NAME: &str = "sidenode-controller";
 
+/// Where the controller reads the cluster from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A folder of Kubernetes-style YAML (standalone).
+    Folder(PathBuf),
+    /// The Kubernetes API.
+    Kubernetes(KubeSettings),
+}
+
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    /// Credentials; in-cluster (or `KUBECONFIG`) when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The controller's own namespace (Lease, CA Secret, agent service account).
+    pub namespace: String,
+    /// This replica's name in the Lease.
+    pub pod_name: String,
+    /// The agents' service account (in `namespace`); only its tokens are accepted.
+    pub agent_service_account: String,
+    /// The audience agents' projected tokens are issued for.
+    pub token_audience: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    pub config_dir: PathBuf,
+    pub source: SourceConfig,
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub trust_domain: String,
     pub cert_ttl: Duration,
-    pub node_tokens: PathBuf,
+    /// Node tokens folder; required with a folder source, replaces TokenReview on Kubernetes.
+    pub node_tokens: Option<PathBuf>,
     pub scan_interval: Duration,
 }
 
+/// The configuration source: the one place a folder and the Kubernetes API differ. Everything
+/// after it (snapshot → view → stream) is the same code.
+enum Source {
+    Folder(FileSource),
+    Kube(KubeSource),
+}
+
+impl Source {
+    fn scan(&mut self) -> Scan {
+        match self {
+            Source::Folder(f) => f.scan(),
+            Source::Kube(k) => k.scan(),
+        }
+    }
+    fn snapshot(&self) -> (Snapshot, Vec<String>) {
+        match self {
+            Source::Folder(f) => f.snapshot(),
+            Source::Kube(k) => (k.snapshot(), Vec::new()),
+        }
+    }
+}
+
 pub async fn run(cfg: ControllerConfig) -> Result<()> {
-    let ca = Arc::new(
-        ca::Ca::load_or_create(&cfg.state_dir, &cfg.trust_domain, cfg.cert_ttl)
-            .context("loading the certificate authority")?,
-    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    let (ca, mut source, auth) = match &cfg.source {
+        SourceConfig::Folder(dir) => {
+            let ca = ca::Ca::load_or_create(&cfg.state_dir, &cfg.trust_domain, cfg.cert_ttl)
+                .context("loading the certificate authority")?;
+            let Some(tokens) = &cfg.node_tokens else {
+                bail!("--node-tokens is required with --config");
+            };
+            (
+                ca,
+                Source::Folder(FileSource::new(dir)),
+                Auth::NodeTokens(tokens::NodeTokens::new(tokens)),
+            )
+        }
+        SourceConfig::Kubernetes(k) => {
+            let client = k8s::client(k.kubeconfig.as_deref()).await?;
+            let ca = k8s::ca_secret::load(
+                client.clone(),
+                &k.namespace,
+                &cfg.state_dir,
+                &cfg.trust_domain,
+                cfg.cert_ttl,
+            )
+            .await
+            .context("loading the certificate authority")?;
+            let src = KubeSource::start(client.clone());
+            let mut waited = 0u32;
+            while !src.synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                waited += 1;
+                if waited.is_multiple_of(50) {
+                    warn!(
+                        "still waiting for the first list of namespaces, nodes, pods, services and service accounts"
+                    );
+                }
+            }
+            info!("kubernetes objects listed");
+            let auth = match &cfg.node_tokens {
+                Some(t) => Auth::NodeTokens(tokens::NodeTokens::new(t)),
+                None => Auth::TokenReview(k8s::auth::TokenReviewer::new(
+                    client.clone(),
+                    &k.namespace,
+                    &k.agent_service_account,
+                    &k.token_audience,
+                )),
+            };
+            let (leader_tx, leader_rx) = watch::channel(false);
+            let lcfg = k8s::leader::LeaderConfig {
+                namespace: k.namespace.clone(),
+                lease_name: k.lease_name.clone(),
+                identity: k.pod_name.clone(),
+                lease_duration: k.lease_duration,
+                renew_every: (k.lease_duration / 3).max(Duration::from_millis(500)),
+            };
+            background.push(tokio::spawn(k8s::leader::run(
+                client.clone(),
+                lcfg,
+                leader_tx,
+                stop_rx.clone(),
+            )));
+            background.push(tokio::spawn(leader_work(
+                client,
+                src.clone(),
+                ca.trust_bundle_pem().to_string(),
+                leader_rx,
+            )));
+            (ca, Source::Kube(src), auth)
+        }
+    };
+    let ca = Arc::new(ca);
     let names = vec![SERVER_NAME.to_string(), cfg.listen.ip().to_string()];
     let (cert, key) = ca
         .server_cert(&names)
         .context("issuing the controller's serving certificate")?;
 
-    let mut source = FileSource::new(&cfg.config_dir);
     let (tx, rx) = watch::channel(Arc::new(refresh(&mut source, &ca, &View::default(), true)));
     let services = grpc::Services {
         views: rx,
         ca: ca.clone(),
-        tokens: Arc::new(tokens::NodeTokens::new(&cfg.node_tokens)),
+        auth: Arc::new(auth),
     };
 
     // Configuration watch: a new version on every change.
@@ -102,11 +220,41 @@ pub async fn run(cfg: ControllerConfig) -> Result<()> {
         .serve_with_shutdown(cfg.listen, shutdown)
         .await;
     watcher.abort();
+    // Let the leader release its lease, so another replica takes over at once.
+    let _ = stop_tx.send(true);
+    for task in background {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     served.with_context(|| format!("serving gRPC on {}", cfg.listen))
 }
 
-/// Re-reads the folder; a new version only when something served changed.
-fn refresh(source: &mut FileSource, ca: &ca::Ca, cur: &View, force: bool) -> View {
+/// While this replica leads: keep the root certificate published in every namespace.
+async fn leader_work(
+    client: ::kube::Client,
+    src: KubeSource,
+    root_pem: String,
+    mut leader: watch::Receiver<bool>,
+) {
+    let mut publisher = k8s::publish::Publisher::new(client);
+    loop {
+        if *leader.borrow_and_update() {
+            let snap = src.snapshot();
+            publisher.sync(snap.namespaces.keys(), &root_pem).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                r = leader.changed() => if r.is_err() { return },
+            }
+        } else {
+            publisher.reset();
+            if leader.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Re-reads the source; a new version only when something served changed.
+fn refresh(source: &mut Source, ca: &ca::Ca, cur: &View, force: bool) -> View {
     let scan = source.scan();
     for e in &scan.new_errors {
         error!("config error: {e}; keeping the last good state");

@@ -12,6 +12,10 @@ pub struct View {
     pub workloads: BTreeMap<String, proto::Workload>,
     pub services: BTreeMap<String, proto::Service>,
     pub nodes: BTreeMap<String, proto::Node>,
+    pub configs: BTreeMap<String, proto::Config>,
+    pub settings: proto::MeshSettings,
+    /// Workload certificate lifetime from the MeshConfig (the controller's flag otherwise).
+    pub cert_ttl: Option<std::time::Duration>,
     pub trust_bundle_pem: String,
     pub trust_domain: String,
 }
@@ -38,6 +42,8 @@ impl View {
                         .cloned()
                         .unwrap_or_default(),
                     labels: p.labels.clone().into_iter().collect(),
+                    pod_uid: p.uid.clone().unwrap_or_default(),
+                    ready: p.ready,
                 };
                 (uid, w)
             })
@@ -87,11 +93,47 @@ impl View {
                 (n.name.clone(), node)
             })
             .collect();
+        let configs = snap
+            .istio
+            .values()
+            .filter_map(|o| {
+                let kind = o.spec.kind().as_str();
+                let uid = format!("{kind}/{}", o.key);
+                // The tagged JSON (`{"kind":…,"spec":…}`) of a validated spec.
+                let spec_json = match serde_json::to_string(&o.spec) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        tracing::error!(object = %uid, error = %e, "cannot encode; not served");
+                        return None;
+                    }
+                };
+                let c = proto::Config {
+                    uid: uid.clone(),
+                    kind: kind.to_string(),
+                    namespace: o.key.namespace.clone(),
+                    name: o.key.name.clone(),
+                    spec_json,
+                };
+                Some((uid, c))
+            })
+            .collect();
+        let mc = snap.mesh_config();
+        let settings = proto::MeshSettings {
+            exclude_ports: mc
+                .map(|m| m.exclude_ports.iter().map(|p| u32::from(*p)).collect())
+                .unwrap_or_default(),
+            exclude_cidrs: mc
+                .map(|m| m.exclude_cidrs.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+        };
         View {
             version: 0,
             workloads,
             services,
             nodes,
+            configs,
+            settings,
+            cert_ttl: mc.and_then(|m| m.cert_ttl),
             trust_bundle_pem: trust_bundle_pem.to_string(),
             trust_domain: trust_domain.to_string(),
         }
@@ -102,6 +144,9 @@ impl View {
         self.workloads == other.workloads
             && self.services == other.services
             && self.nodes == other.nodes
+            && self.configs == other.configs
+            && self.settings == other.settings
+            && self.cert_ttl == other.cert_ttl
             && self.trust_bundle_pem == other.trust_bundle_pem
     }
 
@@ -113,6 +158,8 @@ impl View {
             workloads: self.workloads.values().cloned().collect(),
             services: self.services.values().cloned().collect(),
             nodes: self.nodes.values().cloned().collect(),
+            configs: self.configs.values().cloned().collect(),
+            settings: Some(self.settings.clone()),
             trust_bundle_pem: self.trust_bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
             ..Default::default()
@@ -140,6 +187,7 @@ impl View {
         let (workloads, removed_workloads) = diff(&old.workloads, &self.workloads);
         let (services, removed_services) = diff(&old.services, &self.services);
         let (nodes, removed_nodes) = diff(&old.nodes, &self.nodes);
+        let (configs, removed_configs) = diff(&old.configs, &self.configs);
         proto::StateUpdate {
             version: self.version,
             snapshot: false,
@@ -149,6 +197,9 @@ impl View {
             removed_services,
             nodes,
             removed_nodes,
+            configs,
+            removed_configs,
+            settings: Some(self.settings.clone()),
             trust_bundle_pem: self.trust_bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
         }

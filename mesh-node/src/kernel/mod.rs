@@ -1,5 +1,6 @@
 //! The userspace side of the kernel programs: loading or adopting them (`load`), the pinned
-//! maps as typed handles (`maps`), and network-namespace cookies (`netns`).
+//! maps as typed handles (`maps`), network-namespace cookies (`netns`), and finding a pod's
+//! namespace from its UID through its cgroup (`podns`).
 //!
 //! Everything is pinned under `<bpffs>/sidenode/`: maps in `maps/`, program links in `links/`.
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
@@ -7,6 +8,7 @@
 pub mod load;
 pub mod maps;
 pub mod netns;
+pub mod podns;
 
 use std::path::{Path, PathBuf};
 

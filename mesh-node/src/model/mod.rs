@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod istio;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -14,6 +16,10 @@ pub const DATAPLANE_ENABLED: &str = "enabled";
 pub const DATAPLANE_NONE: &str = "none";
 /// Standalone mode: the path of a pod's network namespace.
 pub const NETNS_ANNOTATION: &str = "sidenode.io/netns";
+/// Set by the agent on every pod it enrolled (`enabled`), removed when it un-enrolls one
+/// (Istio ambient: `ambient.istio.io/redirection`).
+pub const REDIRECTION_ANNOTATION: &str = "sidenode.io/redirection";
+pub const REDIRECTION_ENABLED: &str = "enabled";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -24,9 +30,23 @@ pub struct Origin {
     pub line: usize,
 }
 
+impl Origin {
+    /// An object read from the Kubernetes API (no file, no line).
+    pub fn kubernetes(what: String) -> Origin {
+        Origin {
+            file: PathBuf::from(what),
+            line: 0,
+        }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        if self.line == 0 {
+            write!(f, "{}", self.file.display())
+        } else {
+            write!(f, "{}:{}", self.file.display(), self.line)
+        }
     }
 }
 
@@ -60,6 +80,10 @@ impl Namespace {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub key: ObjKey,
+    /// `metadata.uid` (Kubernetes source); finds the pod's cgroup and network namespace.
+    pub uid: Option<String>,
+    /// The `Ready` condition (true when the source has no conditions).
+    pub ready: bool,
     pub node: Option<String>,
     /// `status.podIP`.
     pub ip: IpAddr,
@@ -112,27 +136,88 @@ pub struct Node {
     pub origin: Origin,
 }
 
-/// Every object of one kind the mesh reads.
+/// A ServiceAccount: the identity pods run as (`spiffe://<td>/ns/<ns>/sa/<name>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub key: ObjKey,
+    pub origin: Origin,
+}
+
+/// sidenode's own cluster-wide settings (`sidenode.io/v1alpha1` `MeshConfig`; the one named
+/// [`MESH_CONFIG_NAME`] is in force).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct MeshConfig {
+    pub name: String,
+    /// Destination ports never captured (added to each agent's `--exclude-ports`).
+    pub exclude_ports: Vec<u16>,
+    /// Destination networks never captured (added to each agent's `--exclude-cidrs`).
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+    /// Workload certificate lifetime (replaces the controller's `--cert-ttl`).
+    pub cert_ttl: Option<std::time::Duration>,
+    pub origin: Origin,
+}
+
+pub const MESH_CONFIG_NAME: &str = "default";
+
+/// Every object of one kind the mesh reads.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
     Node(Node),
+    ServiceAccount(ServiceAccount),
+    Istio(istio::IstioObject),
+    MeshConfig(MeshConfig),
 }
 
 /// A whole, consistent view of the cluster's objects.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjKey, Pod>,
     pub services: BTreeMap<ObjKey, Service>,
     pub nodes: BTreeMap<String, Node>,
+    pub service_accounts: BTreeMap<ObjKey, ServiceAccount>,
+    pub istio: BTreeMap<(istio::IstioKind, ObjKey), istio::IstioObject>,
+    pub mesh_configs: BTreeMap<String, MeshConfig>,
 }
 
 impl Snapshot {
+    /// Puts an object in (replacing the one with the same kind and name).
+    pub fn insert(&mut self, obj: Object) {
+        match obj {
+            Object::Namespace(n) => {
+                self.namespaces.insert(n.name.clone(), n);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(p.key.clone(), p);
+            }
+            Object::Service(s) => {
+                self.services.insert(s.key.clone(), s);
+            }
+            Object::Node(n) => {
+                self.nodes.insert(n.name.clone(), n);
+            }
+            Object::ServiceAccount(sa) => {
+                self.service_accounts.insert(sa.key.clone(), sa);
+            }
+            Object::Istio(o) => {
+                self.istio.insert((o.spec.kind(), o.key.clone()), o);
+            }
+            Object::MeshConfig(m) => {
+                self.mesh_configs.insert(m.name.clone(), m);
+            }
+        }
+    }
+
     pub fn namespace_enabled(&self, ns: &str) -> bool {
         self.namespaces.get(ns).is_some_and(Namespace::mesh_enabled)
+    }
+
+    /// The mesh-wide settings in force (the `default` MeshConfig, or none).
+    pub fn mesh_config(&self) -> Option<&MeshConfig> {
+        self.mesh_configs.get(MESH_CONFIG_NAME)
     }
 
     /// Is this pod part of the mesh? Its namespace has the mesh on, it did not opt out, and it

@@ -2,10 +2,13 @@
 //! namespace (ztunnel's in-pod model). The listener knows its pod, so it presents that pod's
 //! certificate without SNI — wire-compatible with ztunnel — and a tunnel can only reach the
 //! pod it was addressed to. Listeners follow the state: added for new pods, closed for gone
-//! ones.
+//! ones. A pod's namespace is found as the agent finds it: the `sidenode.io/netns` annotation
+//! (standalone), else its UID through its cgroup (`kernel::podns`); pods not found yet (not
+//! started) and listeners that failed to open are tried again every `retry_interval`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,39 +21,99 @@ use super::Mesh;
 use super::hbone::{Refusal, count_refusal, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
-use crate::kernel::netns::bind_in_netns;
+use crate::kernel::netns::{bind_in_netns, netns_id};
+use crate::kernel::podns::PodNetnsFinder;
 use crate::proto;
+
+/// What the inbound side needs besides the mesh.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node: String,
+    pub connect_timeout: Duration,
+    /// Where pods' cgroups are searched (None: only the netns annotation works).
+    pub cgroup_root: Option<PathBuf>,
+    pub retry_interval: Duration,
+}
 
 /// What a listener was opened for; a change reopens it.
 #[derive(Clone, PartialEq, Eq)]
 struct Spec {
     ip: IpAddr,
-    netns: String,
+    /// The namespace's identity (device, inode): a pod sandbox made again is a new one.
+    netns: (u64, u64),
     identity: Identity,
     ips: Vec<IpAddr>,
 }
 
-pub async fn run(mesh: Arc<Mesh>, node: String, connect_timeout: Duration) {
+/// The network namespace of a local pod: its path and identity.
+fn netns_of(
+    w: &proto::Workload,
+    finder: Option<&mut PodNetnsFinder>,
+) -> Result<(PathBuf, (u64, u64)), String> {
+    if !w.netns.is_empty() {
+        let path = PathBuf::from(&w.netns);
+        let id = netns_id(&path).map_err(|e| format!("{NETNS}: {e}"))?;
+        return Ok((path, id));
+    }
+    if w.pod_uid.is_empty() {
+        return Err(format!("no {NETNS} annotation and no pod uid"));
+    }
+    let Some(finder) = finder else {
+        return Err(format!(
+            "no {NETNS} annotation, and no cgroup root to find the pod by uid"
+        ));
+    };
+    let found = finder.find(&w.pod_uid).map_err(|e| e.to_string())?;
+    Ok((found.path, found.id))
+}
+
+const NETNS: &str = crate::model::NETNS_ANNOTATION;
+
+pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
+    let Settings {
+        node,
+        connect_timeout,
+        cgroup_root,
+        retry_interval,
+    } = settings;
+    let mut finder = cgroup_root.map(PodNetnsFinder::new);
     let mut rx = mesh.state.clone();
     let mut open: HashMap<String, (Spec, JoinHandle<()>)> = HashMap::new();
+    // Problems already logged, by pod (logged again when they change).
+    let mut reported: HashMap<String, String> = HashMap::new();
+    // Woken by a state change (not only by the retry timer), and the identities whose
+    // certificates were asked for since the last one.
+    let mut changed_state = true;
+    let mut prefetched: std::collections::HashSet<Identity> = Default::default();
     loop {
         let st = rx.borrow_and_update().clone();
-        let mut want: HashMap<String, Spec> = HashMap::new();
-        for w in st
-            .workloads
-            .values()
-            .filter(|w| w.node == node && w.meshed && !w.netns.is_empty())
-        {
-            if let Some(spec) = spec_of(&st, w) {
-                want.insert(w.uid.clone(), spec);
+        let mut want: HashMap<String, (Spec, PathBuf)> = HashMap::new();
+        let mut problems: HashMap<String, String> = HashMap::new();
+        for w in st.workloads.values().filter(|w| w.node == node && w.meshed) {
+            match netns_of(w, finder.as_mut()) {
+                Ok((path, id)) => {
+                    if let Some(spec) = spec_of(&st, w, id) {
+                        want.insert(w.uid.clone(), (spec, path));
+                    }
+                }
+                Err(e) => {
+                    // Keep a listener already open for it: its namespace may still be good.
+                    if let Some((spec, _)) = open.get(&w.uid) {
+                        want.insert(w.uid.clone(), (spec.clone(), PathBuf::new()));
+                    }
+                    problems.insert(w.uid.clone(), e);
+                }
             }
         }
         // Certificates: only for identities of local pods, fetched ahead of the first
         // connection.
         let local: std::collections::HashSet<Identity> =
-            want.values().map(|s| s.identity.clone()).collect();
+            want.values().map(|(s, _)| s.identity.clone()).collect();
         mesh.certs.retain(&|id| local.contains(id));
-        for id in &local {
+        for id in local
+            .iter()
+            .filter(|id| changed_state || !prefetched.contains(*id))
+        {
             let (certs, id) = (mesh.certs.clone(), id.clone());
             tokio::spawn(async move {
                 if let Err(e) = certs.get(&id).await {
@@ -58,22 +121,21 @@ pub async fn run(mesh: Arc<Mesh>, node: String, connect_timeout: Duration) {
                 }
             });
         }
+        prefetched = local;
         open.retain(|uid, (spec, task)| {
-            let keep = want.get(uid) == Some(spec);
+            let keep = want.get(uid).is_some_and(|(s, _)| s == spec);
             if !keep {
                 task.abort();
                 info!(pod = %uid, "HBONE listener closed");
             }
             keep
         });
-        for (uid, spec) in want {
+        for (uid, (spec, path)) in want {
             if open.contains_key(&uid) {
                 continue;
             }
             let addr = SocketAddr::new(spec.ip, mesh_common::ports::HBONE);
-            match bind_in_netns(std::path::Path::new(&spec.netns), addr)
-                .and_then(TcpListener::from_std)
-            {
+            match bind_in_netns(Path::new(&path), addr).and_then(TcpListener::from_std) {
                 Ok(l) => {
                     info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
                     let task = tokio::spawn(accept_loop(
@@ -86,21 +148,37 @@ pub async fn run(mesh: Arc<Mesh>, node: String, connect_timeout: Duration) {
                     open.insert(uid, (spec, task));
                 }
                 Err(e) => {
-                    warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE listener in the pod")
+                    problems.insert(
+                        uid,
+                        format!("cannot open the HBONE listener at {addr} in the pod: {e}"),
+                    );
                 }
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        for (uid, problem) in &problems {
+            if reported.get(uid) != Some(problem) {
+                warn!(pod = %uid, error = %problem, "inbound: pod not served yet; will try again");
+            }
+        }
+        let retry = !problems.is_empty();
+        reported = problems;
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                changed_state = true;
+            }
+            _ = tokio::time::sleep(retry_interval), if retry => changed_state = false,
         }
     }
 }
 
-fn spec_of(st: &crate::state::NodeState, w: &proto::Workload) -> Option<Spec> {
+fn spec_of(st: &crate::state::NodeState, w: &proto::Workload, netns: (u64, u64)) -> Option<Spec> {
     let ips: Vec<IpAddr> = w.ips.iter().filter_map(|i| i.parse().ok()).collect();
     Some(Spec {
         ip: *ips.first()?,
-        netns: w.netns.clone(),
+        netns,
         identity: st.identity_of(w),
         ips,
     })

@@ -5,15 +5,17 @@
 //! for its 4-tuple and the source workload, and sends it on: through an HBONE tunnel
 //! (`hbone/client`, `hbone/pool`) when the destination is a meshed workload, else directly.
 //! On the far side `inbound` accepts tunnels inside each meshed pod's namespace and
-//! `hbone/server` connects them to the pod. The proxy reads the pinned maps and, in mesh mode,
-//! the controller's state; it runs as its own process so that agent restarts never drop a
-//! connection (docs/architecture.md).
+//! `hbone/server` connects them to the pod. A destination that is a Service VIP is first
+//! routed (`route`: VirtualService TCP routes, subsets, load balancing) to one endpoint pod.
+//! The proxy reads the pinned maps and, in mesh mode, the controller's state; it runs as its
+//! own process so that agent restarts never drop a connection (docs/architecture.md).
 
 #![forbid(unsafe_code)]
 
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod route;
 pub mod socket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -50,6 +52,11 @@ pub struct ProxyConfig {
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
     pub direct_unmeshed: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// cgroup v2 folder below which local pods' namespaces are found by pod UID (the agent's
+    /// `--cgroup-root`); without it only the `sidenode.io/netns` annotation works.
+    pub cgroup_root: Option<PathBuf>,
+    /// How often to try again to open listeners of pods not found (or not ready) yet.
+    pub retry_interval: Duration,
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -67,6 +74,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     pub mesh: Option<Arc<Mesh>>,
     pub direct_unmeshed: bool,
+    /// Load-balancing state for service VIPs (round robin, active connections).
+    pub balancer: route::Balancer,
 }
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
@@ -96,6 +105,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         connect_timeout: cfg.connect_timeout,
         mesh,
         direct_unmeshed: cfg.direct_unmeshed,
+        balancer: Default::default(),
     });
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
@@ -155,8 +165,12 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
     tokio::spawn(certs.renew_forever());
     tokio::spawn(inbound::run(
         mesh.clone(),
-        cfg.node.clone(),
-        cfg.connect_timeout,
+        inbound::Settings {
+            node: cfg.node.clone(),
+            connect_timeout: cfg.connect_timeout,
+            cgroup_root: cfg.cgroup_root.clone(),
+            retry_interval: cfg.retry_interval,
+        },
     ));
     Ok(mesh)
 }

@@ -1,5 +1,6 @@
-//! One captured connection: original destination → source workload → route (HBONE tunnel to
-//! a meshed destination, or direct) → copy until both sides are done.
+//! One captured connection: original destination → source workload → a service VIP routed to
+//! one endpoint (`route`) → HBONE tunnel to a meshed destination, or direct → copy until both
+//! sides are done.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,17 +8,23 @@ use std::time::Instant;
 
 use mesh_common::name_str;
 use tokio::net::TcpStream;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::hbone::client::{TunnelRequest, open};
 use super::hbone::{Refusal, count_refusal};
+use super::route::{self, Decision, Source};
 use super::socket::{connect_marked, reset};
 use super::{COPY_BUF, Mesh, Shared};
 use crate::identity::Identity;
 use crate::kernel::maps::orig_dst_addr;
 
 pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let span = info_span!("outbound", src = %peer);
+    let span = info_span!(
+        "outbound",
+        src = %peer,
+        service = field::Empty,
+        endpoint = field::Empty
+    );
     forward(inbound, peer, shared).instrument(span).await
 }
 
@@ -28,7 +35,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         reset(inbound);
         return;
     };
-    let dst = orig_dst_addr(&orig);
+    let mut dst = orig_dst_addr(&orig);
     if shared.listens.contains(&dst) {
         warn!(%dst, "original destination is the proxy itself; closing to avoid a loop");
         reset(inbound);
@@ -40,8 +47,56 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         .unwrap_or_else(|| "unknown".into());
     let _ = inbound.set_nodelay(true);
 
+    // Held for the connection's life: least-request balancing counts open connections.
+    let mut _active = None;
     if let Some(mesh) = &shared.mesh {
         let st = mesh.state.borrow().clone();
+        let (src_ns, src_name) = src
+            .as_ref()
+            .map(|w| (name_str(&w.namespace), name_str(&w.name)))
+            .unwrap_or_default();
+        let source = Source {
+            namespace: src_ns,
+            labels: st
+                .workloads
+                .get(&format!("{src_ns}/{src_name}"))
+                .map(|w| &w.labels),
+        };
+        let mut rng = fastrand::Rng::new();
+        match route::route(&st, &shared.balancer, &mut rng, &source, dst) {
+            Decision::NotService => {}
+            Decision::Endpoint(r) => {
+                let span = Span::current();
+                span.record("service", r.service.as_str());
+                span.record("endpoint", field::display(r.endpoint.addr));
+                debug!(
+                    vip = %dst,
+                    subset = r.subset.as_deref().unwrap_or(""),
+                    route = r.route.as_deref().unwrap_or(""),
+                    policy = r.policy.as_str(),
+                    endpoint_workload = %r.endpoint.workload,
+                    "service routed"
+                );
+                _active = Some(shared.balancer.track(r.endpoint.addr));
+                dst = r.endpoint.addr;
+            }
+            Decision::Passthrough { service } => {
+                Span::current().record("service", service.as_str());
+                direct(inbound, dst, src_workload, &shared).await;
+                return;
+            }
+            Decision::Refuse {
+                service,
+                reason,
+                why,
+            } => {
+                Span::current().record("service", service.as_str());
+                count_refusal("outbound", reason);
+                warn!(vip = %dst, %src_workload, reason = reason.as_str(), "{why}; closing");
+                reset(inbound);
+                return;
+            }
+        }
         match st.workload_by_ip(dst.ip()) {
             Some(dw) if dw.meshed => {
                 let Some(w) = src else {

@@ -26,15 +26,31 @@ pub struct ControllerSettings {
     pub token_file: PathBuf,
 }
 
+/// Adds `authorization: Bearer <token>` to every call. The token file is read again on each
+/// call (it is small): a projected service-account token is rotated by the kubelet in place.
+/// If the file cannot be read, the last token read is used.
 #[derive(Clone)]
 pub struct TokenAuth {
-    header: MetadataValue<tonic::metadata::Ascii>,
+    path: PathBuf,
+    header: Arc<std::sync::Mutex<MetadataValue<tonic::metadata::Ascii>>>,
+}
+
+fn bearer(path: &std::path::Path) -> Result<MetadataValue<tonic::metadata::Ascii>> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading node token {}", path.display()))?;
+    format!("Bearer {}", token.trim())
+        .parse()
+        .with_context(|| format!("{}: the token is not valid header text", path.display()))
 }
 
 impl Interceptor for TokenAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert("authorization", self.header.clone());
+        let mut header = self.header.lock().unwrap_or_else(|p| p.into_inner());
+        match bearer(&self.path) {
+            Ok(h) => *header = h,
+            Err(e) => warn!(error = %format!("{e:#}"), "keeping the last token read"),
+        }
+        req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
     }
 }
@@ -45,11 +61,7 @@ pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, 
 pub fn channel(s: &ControllerSettings) -> Result<(Channel, TokenAuth)> {
     let ca = std::fs::read_to_string(&s.ca_file)
         .with_context(|| format!("reading controller CA {}", s.ca_file.display()))?;
-    let token = std::fs::read_to_string(&s.token_file)
-        .with_context(|| format!("reading node token {}", s.token_file.display()))?;
-    let header = format!("Bearer {}", token.trim())
-        .parse()
-        .context("the node token is not valid header text")?;
+    let header = bearer(&s.token_file)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(crate::controller::SERVER_NAME);
@@ -60,7 +72,11 @@ pub fn channel(s: &ControllerSettings) -> Result<(Channel, TokenAuth)> {
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    Ok((ep.connect_lazy(), TokenAuth { header }))
+    let auth = TokenAuth {
+        path: s.token_file.clone(),
+        header: Arc::new(std::sync::Mutex::new(header)),
+    };
+    Ok((ep.connect_lazy(), auth))
 }
 
 pub fn state_client(c: &(Channel, TokenAuth)) -> proto::state_client::StateClient<AuthChannel> {

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
+use crate::model::istio::{IstioObject, IstioSpec};
+use crate::model::{ObjKey, Origin};
 use crate::proto;
 
 #[derive(Clone, Debug, Default)]
@@ -21,7 +23,13 @@ pub struct NodeState {
     pub workloads: BTreeMap<String, proto::Workload>,
     pub services: BTreeMap<String, proto::Service>,
     pub nodes: BTreeMap<String, proto::Node>,
+    /// Istio objects by `Kind/namespace/name`, decoded.
+    pub configs: BTreeMap<String, IstioObject>,
+    /// Mesh-wide settings (the `default` MeshConfig).
+    pub settings: proto::MeshSettings,
     pub by_ip: HashMap<IpAddr, String>,
+    /// Service cluster IP (VIP) → service uid; headless services have none.
+    pub by_vip: HashMap<IpAddr, String>,
     pub trust_bundle_pem: String,
     pub trust_domain: String,
 }
@@ -53,6 +61,31 @@ impl NodeState {
         for n in u.nodes {
             s.nodes.insert(n.name.clone(), n);
         }
+        for uid in u.removed_configs {
+            s.configs.remove(&uid);
+        }
+        for c in u.configs {
+            match serde_json::from_str::<IstioSpec>(&c.spec_json) {
+                Ok(spec) => {
+                    let obj = IstioObject {
+                        key: ObjKey {
+                            namespace: c.namespace,
+                            name: c.name,
+                        },
+                        spec,
+                        origin: Origin::kubernetes(format!("controller: {}", c.uid)),
+                    };
+                    s.configs.insert(c.uid, obj);
+                }
+                // A newer controller may send what this node cannot read: keep the last good.
+                Err(e) => {
+                    tracing::error!(object = %c.uid, error = %e, "undecodable config from the controller; keeping the previous version")
+                }
+            }
+        }
+        if let Some(settings) = u.settings {
+            s.settings = settings;
+        }
         if !u.trust_bundle_pem.is_empty() {
             s.trust_bundle_pem = u.trust_bundle_pem;
         }
@@ -68,6 +101,11 @@ impl NodeState {
                     .filter_map(|ip| ip.parse().ok())
                     .map(move |ip: IpAddr| (ip, w.uid.clone()))
             })
+            .collect();
+        s.by_vip = s
+            .services
+            .values()
+            .filter_map(|svc| Some((svc.cluster_ip.parse().ok()?, svc.uid.clone())))
             .collect();
         s
     }

@@ -22,7 +22,8 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Streams one HTTP/2 connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
 
-/// Why a tunnel was refused (label of `sidenode_hbone_refused_total`).
+/// Why a tunnel (or, for `NoEndpoint`/`NoRoute`, a connection to a service VIP) was refused
+/// (label of `sidenode_hbone_refused_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Untrusted,
@@ -32,6 +33,10 @@ pub enum Refusal {
     BadRequest,
     Unreachable,
     NoCertificate,
+    /// A service VIP with no ready endpoint (for the chosen subset).
+    NoEndpoint,
+    /// A VirtualService route naming an unknown host, subset or port.
+    NoRoute,
 }
 
 impl Refusal {
@@ -44,6 +49,8 @@ impl Refusal {
             Refusal::BadRequest => "bad_request",
             Refusal::Unreachable => "unreachable",
             Refusal::NoCertificate => "no_certificate",
+            Refusal::NoEndpoint => "no_endpoint",
+            Refusal::NoRoute => "no_route",
         }
     }
 
