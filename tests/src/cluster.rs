@@ -15,11 +15,13 @@
 //! Everything is found again by prefix, so [`Cluster::down`] cleans up after a crash too.
 
 mod agents;
+mod kube;
 mod net;
 mod procs;
 mod yaml;
 
 pub use agents::CONTROLLER;
+pub use kube::{AGENT_SA, SYSTEM_NS, TOKEN_AUDIENCE};
 
 pub use net::{CONTROLLER_IP, CONTROLLER_PORT, netns_path, node_ip, node_ip6, pod_ip, pod_ip6};
 pub use procs::{cgroup2_mount, pid_alive};
@@ -61,6 +63,11 @@ pub struct ClusterOpts {
     /// Extra arguments for every agent (e.g. `--exclude-ports 9000`).
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// Kubernetes mode (implies `mesh`): a real kube-apiserver in `<prefix>-net` holds the
+    /// objects, the controller reads it (`--kubernetes`), agents find pods' namespaces by UID
+    /// and present projected service-account tokens. See `cluster/kube.rs`.
+    #[serde(default)]
+    pub kube: bool,
 }
 
 impl Default for ClusterOpts {
@@ -74,6 +81,7 @@ impl Default for ClusterOpts {
             mesh: false,
             cert_ttl: None,
             agent_args: Vec::new(),
+            kube: false,
         }
     }
 }
@@ -130,6 +138,8 @@ pub struct Cluster {
     namespaces: BTreeMap<String, bool>,
     opt_out: BTreeSet<String>,
     extra_pods: Vec<PodObject>,
+    /// Kubernetes mode: the apiserver (stopped on drop).
+    kube: Option<crate::kube::KubeEnv>,
 }
 
 pub fn state_dir(prefix: &str) -> PathBuf {
@@ -224,7 +234,11 @@ impl Cluster {
             namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
             opt_out: BTreeSet::new(),
             extra_pods: Vec::new(),
+            kube: None,
         };
+        if c.opts.kube {
+            c.opts.mesh = true;
+        }
         for d in ["config", "logs", "bpffs", "tmp"] {
             let dir = c.state_dir.join(d);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -249,6 +263,9 @@ impl Cluster {
             c.write_tokens()?;
             c.write_config_file("nodes.yaml", &yaml::nodes_yaml(n))?;
         }
+        if c.opts.kube {
+            c.setup_kube()?;
+        }
         for pod in &c.status.pods {
             let node_idx = c.node_index(&pod.node)?;
             let node_ns = c.status.nodes[node_idx - 1].netns.clone();
@@ -261,6 +278,9 @@ impl Cluster {
             net::setup_pod(&node_ns, &pod.netns, node_idx, j)?;
             std::fs::create_dir_all(&pod.cgroup)
                 .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+        }
+        if c.opts.kube {
+            c.start_pause_processes()?;
         }
         c.write_namespaces()?;
         for node in c.node_names() {
@@ -307,6 +327,8 @@ impl Cluster {
             namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
             opt_out: BTreeSet::new(),
             extra_pods: Vec::new(),
+            // The apiserver keeps running; this handle does not own it (`down` stops it).
+            kube: None,
         })
     }
 
@@ -332,6 +354,8 @@ impl Cluster {
             return;
         }
         let sd = state_dir(prefix);
+        // 0. a Kubernetes-mode apiserver (its own stop, then the netns sweep below).
+        crate::kube::stop_leftover(prefix);
         // 1. agents and proxies from the state file (only if they still look like mesh-node).
         if let Ok(text) = std::fs::read_to_string(sd.join("cluster.json"))
             && let Ok(st) = serde_json::from_str::<StateFile>(&text)
@@ -539,6 +563,9 @@ impl Cluster {
     /// Label (or unlabel) a namespace with `sidenode.io/dataplane-mode: enabled`.
     pub fn set_namespace_enabled(&mut self, ns: &str, enabled: bool) -> Result<()> {
         self.namespaces.insert(ns.to_string(), enabled);
+        if self.opts.kube {
+            return self.kube_label_namespace(ns, enabled);
+        }
         self.write_namespaces()
     }
 

@@ -1,5 +1,6 @@
 //! sidenode's end-to-end test support: the simulated cluster ([`cluster`]) used by
 //! `cargo xtask cluster` and the e2e tests, and helpers to run the `testpod` workload in pods
-//! ([`workload`]).
+//! ([`workload`]), and a real kube-apiserver for the Kubernetes tests ([`kube`]).
 pub mod cluster;
+pub mod kube;
 pub mod workload;

@@ -26,6 +26,11 @@ pub enum ClusterCmd {
         /// Workload certificate lifetime for the controller (e.g. 24h, 30m, 20s); needs --mesh.
         #[arg(long, requires = "mesh")]
         cert_ttl: Option<String>,
+        /// Kubernetes mode (implies --mesh): a real kube-apiserver in `<prefix>-net` holds the
+        /// Namespaces, Nodes and Pods; the controller reads it; agents find pods by UID.
+        /// Needs `deploy/kube-testenv.sh install` (run by `cargo xtask setup`).
+        #[arg(long)]
+        kube: bool,
     },
     /// Kill everything, remove namespaces, cgroups, the bpffs mount and the state folder.
     Down {
@@ -51,6 +56,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             no_agents,
             mesh,
             cert_ttl,
+            kube,
         } => {
             let mesh_node = crate::mesh_node_bin();
             if !no_agents && !mesh_node.exists() {
@@ -59,7 +65,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     mesh_node.display()
                 );
             }
-            let c = Cluster::up(ClusterOpts {
+            let mut c = Cluster::up(ClusterOpts {
                 prefix: prefix.clone(),
                 nodes,
                 pods,
@@ -68,7 +74,15 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 mesh,
                 cert_ttl,
                 agent_args: Vec::new(),
+                kube,
             })?;
+            if kube {
+                c.detach_kube();
+                println!(
+                    "kube-apiserver: kubectl --kubeconfig {}/kubeconfig (run inside `nsenter --net=/var/run/netns/{prefix}-net`)",
+                    sidenode_tests::kube::kube_env_dir(&prefix).display()
+                );
+            }
             print_table(&c);
             println!(
                 "\nstate in {}; tear down with `cargo xtask cluster down --prefix {prefix}`",

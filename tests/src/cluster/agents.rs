@@ -60,6 +60,13 @@ impl Cluster {
             }
             cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
             cmd.args(&self.opts.agent_args);
+            if self.opts.kube {
+                cmd.arg("--pod-status")
+                    .arg("--kubeconfig")
+                    .arg(self.kubeconfig()?);
+            }
+        } else if self.opts.kube {
+            cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
         }
         if self.opts.mesh {
             cmd.arg("--controller")
@@ -89,14 +96,27 @@ impl Cluster {
             .arg("--")
             .arg(&self.opts.mesh_node)
             .arg("controller")
-            .arg("--config")
-            .arg(&self.status.config_dir)
             .arg("--state-dir")
             .arg(&sd)
             .arg("--listen")
-            .arg(self.controller_addr())
-            .arg("--node-tokens")
-            .arg(self.tokens_dir());
+            .arg(self.controller_addr());
+        if self.opts.kube {
+            cmd.arg("--kubernetes")
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig()?)
+                .args([
+                    "--namespace",
+                    super::SYSTEM_NS,
+                    "--pod-name",
+                    "controller-0",
+                ])
+                .args(["--lease-duration", "4s"]);
+        } else {
+            cmd.arg("--config")
+                .arg(&self.status.config_dir)
+                .arg("--node-tokens")
+                .arg(self.tokens_dir());
+        }
         if let Some(ttl) = &self.opts.cert_ttl {
             cmd.arg("--cert-ttl").arg(ttl);
         }

@@ -65,6 +65,18 @@ impl PodObject {
     }
 }
 
+impl PodObject {
+    /// The object as one YAML document with a `Ready` condition of `ready` (a pod written
+    /// without conditions counts as ready).
+    pub fn to_yaml_with_ready(&self, ready: bool) -> String {
+        let status = if ready { "True" } else { "False" };
+        format!(
+            "{}  conditions:\n  - type: \"Ready\"\n    status: \"{status}\"\n",
+            self.to_yaml()
+        )
+    }
+}
+
 /// Several pods as one multi-document YAML file.
 pub fn pods_yaml(pods: &[PodObject]) -> String {
     pods.iter()

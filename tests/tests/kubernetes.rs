@@ -1,0 +1,523 @@
+//! sidenode on a real kube-apiserver (1.20, built and cached by `deploy/kube-testenv.sh`).
+//! Run as root: `cargo test -p sidenode-tests --test kubernetes`.
+//!
+//! The simulated cluster in Kubernetes mode (`ClusterOpts::kube`): the apiserver in the
+//! fabric namespace, Pod objects without the standalone netns annotation (agents find each
+//! pod's namespace from its UID through the cgroup tree), agents and proxies authenticated by
+//! projected service-account tokens (TokenReview), the controller reading the API.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use sidenode_tests::cluster::{ClusterOpts, SYSTEM_NS, TestCluster, unique_prefix};
+use sidenode_tests::kube::KubeEnv;
+use sidenode_tests::workload::{Server, Session, mesh_node_path};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REDIRECTION: &str = "sidenode.io/redirection";
+
+fn kube_cluster(pods: usize) -> Result<TestCluster> {
+    require_root();
+    TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('k'),
+        nodes: 2,
+        pods,
+        mesh_node: mesh_node_path(),
+        kube: true,
+        mesh: true,
+        ..Default::default()
+    })
+}
+
+/// The IP a server saw as its peer.
+fn peer_ip(s: &Session) -> &str {
+    ip_of(&s.server_peer)
+}
+
+fn wait_annotation(c: &TestCluster, pod: &str, want: Option<&str>) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = c.pod_annotation(pod, REDIRECTION)?;
+        Ok(last.as_deref() == want)
+    })?;
+    ensure!(
+        ok,
+        "pod {pod}: annotation {REDIRECTION} is {last:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+fn wait_not_enrolled(c: &TestCluster, node: &str, ns: &str, pod: &str) -> Result<()> {
+    let key = (ns.to_string(), pod.to_string());
+    let ok = wait_until(Duration::from_secs(10), || {
+        Ok(!enrolled(c, node)?.contains(&key))
+    })?;
+    ensure!(ok, "{ns}/{pod} still enrolled on {node} after 10 s");
+    Ok(())
+}
+
+/// Where a new connection from `pod` to `target` lands: `Ok(peer ip)` as the server saw it.
+fn new_connection_peer(c: &TestCluster, pod: &str, target: &str) -> Result<String> {
+    let r = dial_one(c, pod, target)?;
+    Ok(ip_of(r.server_peer.as_deref().context("no server_peer")?).to_string())
+}
+
+#[test]
+fn labelling_a_namespace_enrolls_its_running_pods_without_restarting_them() -> Result<()> {
+    let c = kube_cluster(2)?;
+    const TARGET: &str = "198.19.2.2:8080"; // node2-pod1, namespace mesh (enabled)
+    let _srv = Server::start(&c, &testpod(), "node2-pod1", &[8080])?;
+
+    // The labelled namespace's pods are enrolled from the API alone (no netns annotation), and
+    // the agent marks them.
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_enrolled(&c, "node2", "mesh", "node2-pod1")?;
+    wait_annotation(&c, "node1-pod1", Some("enabled"))?;
+    ensure!(
+        c.pod_annotation("node1-pod2", REDIRECTION)?.is_none(),
+        "a pod of an unlabelled namespace is annotated"
+    );
+    wait_hbone_listener(&c, "node2-pod1")?;
+    // A meshed pod's connection crosses in HBONE: the server sees node2's proxy.
+    ensure!(
+        new_connection_peer(&c, "node1-pod1", TARGET)? == "198.18.0.2",
+        "meshed pod not tunnelled"
+    );
+
+    // node1-pod2 (namespace `plain`) runs, unmeshed: direct.
+    let pause = c.pid("node1-pod2", "pause").context("pause pid")?;
+    let mut s = Session::open(&c, &testpod(), "node1-pod2", TARGET)?;
+    ensure!(
+        peer_ip(&s) == "198.19.1.3",
+        "captured before enabling: {}",
+        s.hello
+    );
+
+    // Label the namespace with kubectl: the running pod joins.
+    let t = Instant::now();
+    c.kubectl(&[
+        "label",
+        "namespace",
+        "plain",
+        "sidenode.io/dataplane-mode=enabled",
+    ])?;
+    wait_enrolled(&c, "node1", "plain", "node1-pod2")?;
+    eprintln!("enrolled {:?} after labelling", t.elapsed());
+    wait_annotation(&c, "node1-pod2", Some("enabled"))?;
+    let mut peer = String::new();
+    let tunnelled = wait_until(Duration::from_secs(5), || {
+        peer = new_connection_peer(&c, "node1-pod2", TARGET)?;
+        Ok(peer == "198.18.0.2")
+    })?;
+    ensure!(
+        tunnelled,
+        "new connection after labelling not tunnelled (peer {peer})"
+    );
+    ensure!(
+        s.echo("still here")? == "still here",
+        "established connection broken"
+    );
+    ensure!(
+        c.pid("node1-pod2", "pause") == Some(pause) && sidenode_tests::cluster::pid_alive(pause),
+        "the pod's process was restarted"
+    );
+
+    // Unlabel: out again, annotation removed, new connections direct.
+    c.kubectl(&["label", "namespace", "plain", "sidenode.io/dataplane-mode-"])?;
+    wait_not_enrolled(&c, "node1", "plain", "node1-pod2")?;
+    wait_annotation(&c, "node1-pod2", None)?;
+    let direct = wait_until(Duration::from_secs(5), || {
+        peer = new_connection_peer(&c, "node1-pod2", TARGET)?;
+        Ok(peer == "198.19.1.3")
+    })?;
+    ensure!(direct, "still tunnelled after unlabelling (peer {peer})");
+    ensure!(
+        s.echo("and now")? == "and now",
+        "established connection broken"
+    );
+    s.close()?;
+
+    // The pod opt-out label works through the API too.
+    c.kubectl(&[
+        "label",
+        "pod",
+        "node1-pod1",
+        "-n",
+        "mesh",
+        "sidenode.io/dataplane-mode=none",
+    ])?;
+    wait_not_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_annotation(&c, "node1-pod1", None)?;
+    Ok(())
+}
+
+const VIP: &str = "198.18.128.20";
+
+fn reviews_objects(v1_weight: u32, v2_weight: u32) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: mesh}}
+spec:
+  clusterIP: {VIP}
+  selector: {{svc: reviews}}
+  ports: [{{name: tcp-reviews, protocol: TCP, port: 9080, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: mesh}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: mesh}}
+spec:
+  hosts: [reviews]
+  tcp:
+  - route:
+    - {{destination: {{host: reviews, subset: v1}}, weight: {v1_weight}}}
+    - {{destination: {{host: reviews, subset: v2}}, weight: {v2_weight}}}
+"#
+    )
+}
+
+/// Which pod answered `n` new connections to the VIP: (v1 count, v2 count).
+fn split(c: &TestCluster, n: usize) -> Result<(usize, usize)> {
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..n {
+        let r = dial_one(c, "node1-pod1", &format!("{VIP}:9080"))?;
+        match r.server_local.as_deref().map(ip_of) {
+            Some("198.19.2.2") => v1 += 1,
+            Some("198.19.2.3") => v2 += 1,
+            other => bail!("answered by an unexpected endpoint {other:?}: {r:?}"),
+        }
+    }
+    Ok((v1, v2))
+}
+
+#[test]
+fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
+    // Pods: node<i>-pod1, -pod2 in `mesh`, -pod3 in `plain`.
+    let c = kube_cluster(3)?;
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds");
+    c.kubectl(&["apply", "-k", &crds.to_string_lossy()])?;
+    c.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/virtualservices.networking.istio.io",
+        "crd/destinationrules.networking.istio.io",
+        "crd/authorizationpolicies.security.istio.io",
+        "crd/peerauthentications.security.istio.io",
+        "crd/meshconfigs.sidenode.io",
+    ])?;
+    let _v1 = Server::start(&c, &testpod(), "node2-pod1", &[8080, 9999])?;
+    let _v2 = Server::start(&c, &testpod(), "node2-pod2", &[8080])?;
+    c.kubectl(&[
+        "label",
+        "pod",
+        "node2-pod1",
+        "-n",
+        "mesh",
+        "svc=reviews",
+        "version=v1",
+    ])?;
+    c.kubectl(&[
+        "label",
+        "pod",
+        "node2-pod2",
+        "-n",
+        "mesh",
+        "svc=reviews",
+        "version=v2",
+    ])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_hbone_listener(&c, "node2-pod1")?;
+    wait_hbone_listener(&c, "node2-pod2")?;
+
+    // All to v1.
+    c.kube()?.apply(&reviews_objects(100, 0))?;
+    let mut got = (0, 0);
+    // The controller notices CRDs installed after it started within 3 s.
+    let ok = wait_until(Duration::from_secs(20), || {
+        got = split(&c, 10)?;
+        Ok(got == (10, 0))
+    })?;
+    ensure!(ok, "with 100/0 the split is {got:?}");
+    let mut held = Session::open(&c, &testpod(), "node1-pod1", &format!("{VIP}:9080"))?;
+    ensure!(
+        held.hello.contains("198.19.2.2"),
+        "held connection not on v1: {}",
+        held.hello
+    );
+
+    // kubectl apply of new weights: new connections go to v2, the held one stays up.
+    let t = Instant::now();
+    c.kube()?.apply(&reviews_objects(0, 100))?;
+    let ok = wait_until(Duration::from_secs(10), || {
+        got = split(&c, 5)?;
+        Ok(got == (0, 5))
+    })?;
+    ensure!(ok, "after the change the split is {got:?}");
+    eprintln!("routing changed {:?} after kubectl apply", t.elapsed());
+    ensure!(
+        held.echo("v1 still")? == "v1 still",
+        "held connection broken"
+    );
+
+    // An object the CRD schema accepts but the mesh cannot use (weights total 110): named in
+    // the controller's log with its field, and the last good routing stays.
+    let log = c.controller_log_path();
+    let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    c.kube()?.apply(&reviews_objects(80, 30))?;
+    wait_log_all(
+        &c,
+        "controller",
+        "controller",
+        offset,
+        &["VirtualService mesh/reviews", "spec.tcp[0].route", "110"],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        split(&c, 10)? == (0, 10),
+        "routing changed after an invalid object"
+    );
+    held.close()?;
+
+    // The security objects and sidenode's MeshConfig reach the nodes too.
+    ensure!(
+        new_connection_peer(&c, "node1-pod1", "198.19.2.2:9999")? == "198.18.0.2",
+        "port 9999 not tunnelled before the MeshConfig"
+    );
+    c.kube()?.apply(SECURITY_OBJECTS)?;
+    let mut last = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = node_state(&c, "node1")?;
+        let uids: Vec<&str> = last["configs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|c| c["uid"].as_str()).collect())
+            .unwrap_or_default();
+        Ok(uids.contains(&"AuthorizationPolicy/mesh/deny-plain")
+            && uids.contains(&"PeerAuthentication/mesh/strict")
+            && uids.contains(&"VirtualService/mesh/reviews")
+            && last["settings"]["exclude_ports"] == serde_json::json!([9999]))
+    })?;
+    ensure!(ok, "node1's state lacks the objects: {last:#}");
+    let ap = last["configs"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c["uid"] == "AuthorizationPolicy/mesh/deny-plain")
+        })
+        .context("no policy")?;
+    ensure!(
+        ap["spec"]["action"] == "DENY"
+            && ap["spec"]["rules"][0]["from"][0]["source"]["namespaces"][0] == "plain",
+        "policy content: {ap:#}"
+    );
+    // The MeshConfig's `excludePorts: [9999]` reaches the agents' kernel maps: not captured.
+    let mut peer = String::new();
+    let excluded = wait_until(Duration::from_secs(5), || {
+        peer = new_connection_peer(&c, "node1-pod1", "198.19.2.2:9999")?;
+        Ok(peer == "198.19.1.2")
+    })?;
+    ensure!(
+        excluded,
+        "port 9999 still captured after the MeshConfig (peer {peer})"
+    );
+    Ok(())
+}
+
+const SECURITY_OBJECTS: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-plain, namespace: mesh}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [plain]}}]}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: mesh}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: sidenode.io/v1alpha1
+kind: MeshConfig
+metadata: {name: default}
+spec: {excludePorts: [9999]}
+"#;
+
+/// `mesh-node state --json` as `node` sees it (its own token, from its netns).
+fn node_state(c: &TestCluster, node: &str) -> Result<serde_json::Value> {
+    let out = c
+        .node_command(node, mesh_node_path())?
+        .args(["state", "--json", "--controller", &c.controller_addr()])
+        .arg("--controller-ca")
+        .arg(c.controller_ca())
+        .arg("--token-file")
+        .arg(c.token_path(node))
+        .output()
+        .context("mesh-node state")?;
+    ensure!(
+        out.status.success(),
+        "mesh-node state: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("mesh-node state --json output")
+}
+
+/// A controller replica run by the test against `kube` (loopback), with its own state folder.
+struct Replica {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(kube: &KubeEnv, name: &'static str, port: u16) -> Result<Replica> {
+        let dir = kube.dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join("controller.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(mesh_node_path())
+            .args(["controller", "--kubernetes", "--kubeconfig"])
+            .arg(&kube.kubeconfig)
+            .args(["--namespace", SYSTEM_NS, "--pod-name", name])
+            .args([
+                "--lease-duration",
+                "3s",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting a controller")?;
+        Ok(Replica { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lease_holder(kube: &KubeEnv) -> Result<String> {
+    Ok(kube
+        .kubectl(&[
+            "get",
+            "lease",
+            "sidenode-controller",
+            "-n",
+            SYSTEM_NS,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+fn root_cert_in(kube: &KubeEnv, ns: &str) -> Result<Option<String>> {
+    let out = kube.kubectl(&[
+        "get",
+        "configmap",
+        "sidenode-ca-root-cert",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.data.root-cert\\.pem}",
+        "--ignore-not-found",
+    ])?;
+    Ok(Some(out).filter(|s| s.contains("BEGIN CERTIFICATE")))
+}
+
+#[test]
+fn leader_election_hands_over_when_the_leader_stops() -> Result<()> {
+    require_root();
+    let kube = KubeEnv::start(&unique_prefix('l'))?;
+    kube.kubectl(&["create", "namespace", SYSTEM_NS])?;
+    let a = Replica::start(&kube, "ctl-a", 25012)?;
+    kube.wait_for("ctl-a to lead", Duration::from_secs(20), || {
+        Ok((lease_holder(&kube)? == "ctl-a").then_some(()))
+    })
+    .with_context(|| a.log())?;
+    let mut b = Replica::start(&kube, "ctl-b", 25013)?;
+    // Both replicas serve with one CA (the Secret the first created).
+    let root_a = kube.wait_for("ctl-a's root cert", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(kube.dir.join("ctl-a/state/root-cert.pem")).ok())
+    })?;
+    let root_b = kube
+        .wait_for("ctl-b's root cert", Duration::from_secs(20), || {
+            Ok(std::fs::read_to_string(kube.dir.join("ctl-b/state/root-cert.pem")).ok())
+        })
+        .with_context(|| b.log())?;
+    ensure!(root_a == root_b, "the replicas use different CAs");
+    // The leader (only) publishes the root certificate in every namespace.
+    let published = kube.wait_for(
+        "root cert ConfigMap in default",
+        Duration::from_secs(10),
+        || root_cert_in(&kube, "default"),
+    )?;
+    ensure!(
+        published.trim() == root_a.trim(),
+        "published root differs from the CA's"
+    );
+    kube.wait_for("ctl-b serving", Duration::from_secs(20), || {
+        Ok(b.log().contains("controller ready").then_some(()))
+    })?;
+    ensure!(
+        lease_holder(&kube)? == "ctl-a",
+        "ctl-b took the lease from a live leader"
+    );
+    ensure!(
+        !b.log().contains("became the leader"),
+        "ctl-b led while ctl-a was alive"
+    );
+
+    // SIGKILL the leader (no release): ctl-b takes over once the lease runs out (3 s).
+    let t = Instant::now();
+    drop(a);
+    kube.wait_for("ctl-b to lead", Duration::from_secs(15), || {
+        Ok((lease_holder(&kube)? == "ctl-b").then_some(()))
+    })
+    .with_context(|| b.log())?;
+    eprintln!("handover {:?} after the leader was killed", t.elapsed());
+    // The new leader does the leader's work: a new namespace gets the ConfigMap.
+    kube.kubectl(&["create", "namespace", "after-handover"])?;
+    kube.wait_for(
+        "root cert ConfigMap in after-handover",
+        Duration::from_secs(10),
+        || root_cert_in(&kube, "after-handover"),
+    )
+    .with_context(|| b.log())?;
+
+    // A graceful stop releases the lease at once.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGTERM) };
+    let _ = b.child.wait();
+    ensure!(
+        b.log().contains("released the leader lease"),
+        "ctl-b did not release the lease on SIGTERM:\n{}",
+        b.log()
+    );
+    ensure!(
+        lease_holder(&kube)?.is_empty(),
+        "lease still held after release"
+    );
+    Ok(())
+}
