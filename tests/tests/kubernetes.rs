@@ -521,3 +521,126 @@ fn leader_election_hands_over_when_the_leader_stops() -> Result<()> {
     );
     Ok(())
 }
+
+/// `mesh-node state` against a controller on loopback with `token`: Ok(stdout) or Err(stderr).
+fn state_with_token(kube: &KubeEnv, port: u16, ca: &Path, token: &str) -> Result<String, String> {
+    let file = kube.dir.join(format!("token-{}", token.len()));
+    std::fs::write(&file, token).map_err(|e| e.to_string())?;
+    let out = Command::new(mesh_node_path())
+        .args([
+            "state",
+            "--json",
+            "--controller",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--controller-ca")
+        .arg(ca)
+        .arg("--token-file")
+        .arg(&file)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn the_controller_accepts_only_tokens_that_prove_a_node() -> Result<()> {
+    require_root();
+    let kube = KubeEnv::start(&unique_prefix('a'))?;
+    kube.apply(&format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {SYSTEM_NS}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: sidenode-agent, namespace: {SYSTEM_NS}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: intruder, namespace: {SYSTEM_NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sidenode-n1, namespace: {SYSTEM_NS}}}
+spec:
+  nodeName: n1
+  serviceAccountName: sidenode-agent
+  containers: [{{name: agent, image: sidenode/mesh-node}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: intruder-n1, namespace: {SYSTEM_NS}}}
+spec:
+  nodeName: n1
+  serviceAccountName: intruder
+  containers: [{{name: app, image: intruder}}]
+"#
+    ))?;
+    let ctl = Replica::start(&kube, "ctl", 25014)?;
+    let ca = kube.dir.join("ctl/state/root-cert.pem");
+    kube.wait_for("controller ready", Duration::from_secs(20), || {
+        Ok(ctl.log().contains("controller ready").then_some(()))
+    })
+    .with_context(|| ctl.log())?;
+    let token = |sa: &str, bound: bool, audience: &str| -> Result<String> {
+        let pod = if sa == "intruder" {
+            "intruder-n1"
+        } else {
+            "sidenode-n1"
+        };
+        let mut args = vec![
+            "create",
+            "token",
+            sa,
+            "-n",
+            SYSTEM_NS,
+            "--audience",
+            audience,
+        ];
+        if bound {
+            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+        }
+        Ok(kube.kubectl(&args)?.trim().to_string())
+    };
+
+    // The agent's account, bound to a pod on a node: accepted.
+    let good = state_with_token(
+        &kube,
+        25014,
+        &ca,
+        &token("sidenode-agent", true, "sidenode")?,
+    );
+    ensure!(good.is_ok(), "a bound agent token was refused: {good:?}");
+    // Everything else is refused, with the reason.
+    for (what, tok, reason) in [
+        (
+            "another service account's token (bound to its pod on the node)",
+            token("intruder", true, "sidenode")?,
+            "not to the agent's service account",
+        ),
+        (
+            "a token bound to no pod",
+            token("sidenode-agent", false, "sidenode")?,
+            "not bound to a pod",
+        ),
+        (
+            "a token for another audience",
+            token("sidenode-agent", true, "someone-else")?,
+            "not authenticated",
+        ),
+        ("garbage", "not-a-token".to_string(), "not authenticated"),
+    ] {
+        match state_with_token(&kube, 25014, &ca, &tok) {
+            Ok(_) => bail!("{what} was accepted"),
+            Err(e) => ensure!(
+                e.contains(reason),
+                "{what}: refused for another reason: {e}"
+            ),
+        }
+    }
+    Ok(())
+}

@@ -54,7 +54,8 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+/// Writes a file only its owner can read (keys).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| CaError::Io {
@@ -68,7 +69,7 @@ pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
         .mode(0o600)
         .open(path)
         .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)
+    f.write_all(bytes).map_err(io)
 }
 
 fn write_public(path: &Path, text: &str) -> Result<(), CaError> {
@@ -179,7 +180,7 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(CertError::from)?;
         let pem = cert.pem();
-        write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
+        write_private(&dir.join(CA_KEY), key.serialize_pem().as_bytes())?;
         for name in [CA_CERT, ROOT_CERT, CERT_CHAIN] {
             write_public(&dir.join(name), &pem)?;
         }

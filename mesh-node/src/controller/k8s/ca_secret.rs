@@ -15,7 +15,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::info;
 
-use crate::controller::ca::{CA_CERT, CA_KEY, CERT_CHAIN, Ca, ROOT_CERT};
+use crate::controller::ca::{CA_CERT, CA_KEY, CERT_CHAIN, Ca, ROOT_CERT, write_private};
 
 pub const PLUGIN_SECRET: &str = "cacerts";
 pub const SELF_SIGNED_SECRET: &str = "sidenode-ca";
@@ -37,20 +37,6 @@ fn write_files(dir: &Path, s: &Secret) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Loads the shared CA (creating it on first start) into `dir` and returns it.
