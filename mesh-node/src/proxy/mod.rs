@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod route;
@@ -76,6 +77,10 @@ pub struct Shared {
     pub direct_unmeshed: bool,
     /// Load-balancing state for service VIPs (round robin, active connections).
     pub balancer: route::Balancer,
+    /// Outlier detection of service endpoints (`DestinationRule` `outlierDetection`).
+    pub health: route::Health,
+    /// Connection pool limits per service and subset (`DestinationRule` `connectionPool`).
+    pub limits: route::Limits,
 }
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
@@ -106,6 +111,8 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         mesh,
         direct_unmeshed: cfg.direct_unmeshed,
         balancer: Default::default(),
+        health: Default::default(),
+        limits: Default::default(),
     });
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 

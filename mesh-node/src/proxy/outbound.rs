@@ -1,22 +1,37 @@
 //! One captured connection: original destination → source workload → a service VIP routed to
 //! one endpoint (`route`) → HBONE tunnel to a meshed destination, or direct → copy until both
 //! sides are done.
+//!
+//! A connection to a service is held to the destination's connection pool limit
+//! (`tcp.maxConnections`, else reset and counted as `reason="overflow"`), connects within its
+//! `tcp.connectTimeout`, and when the endpoint cannot be reached (connect refused or timed
+//! out, HBONE tunnel refused with `503`) reports it to outlier detection and tries another
+//! endpoint: at most [`MAX_CONNECT_ATTEMPTS`] in all, each endpoint once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use mesh_common::name_str;
+use http::StatusCode;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use mesh_common::{Workload, name_str};
 use tokio::net::TcpStream;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use super::hbone::client::{TunnelRequest, open};
+use super::hbone::client::{TunnelError, TunnelRequest, open};
 use super::hbone::{Refusal, count_refusal};
-use super::route::{self, Decision, Source};
+use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
 use super::{COPY_BUF, Mesh, Shared};
 use crate::identity::Identity;
 use crate::kernel::maps::orig_dst_addr;
+use crate::state::NodeState;
+
+/// Connect attempts for one connection to a service: the routed endpoint and up to two
+/// others after it failed to connect (Istio's TCP proxy default `max_connect_attempts` is 1;
+/// we retry so that one refusing endpoint does not fail connections).
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let span = info_span!(
@@ -28,14 +43,44 @@ pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     forward(inbound, peer, shared).instrument(span).await
 }
 
+/// What opening an upstream connection needs besides the destination.
+struct Ctx<'a> {
+    peer: SocketAddr,
+    src: Option<Workload>,
+    src_workload: &'a str,
+    /// With a controller: the state and the mesh side.
+    mesh: Option<(&'a NodeState, &'a Mesh)>,
+    shared: &'a Shared,
+}
+
+/// An open upstream connection.
+enum Upstream {
+    Hbone {
+        io: TokioIo<Upgraded>,
+        src_id: Identity,
+        dst_id: Identity,
+    },
+    Tcp(TcpStream),
+}
+
+/// Why an upstream connection could not be opened (already logged).
+struct Failure {
+    /// Counted in `sidenode_hbone_refused_total` when the connection is given up.
+    refusal: Option<Refusal>,
+    /// The endpoint could not be reached: another endpoint may be tried, and outlier
+    /// detection counts it as a connect failure.
+    unreachable: bool,
+}
+
 async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let started = Instant::now();
     let Some(orig) = shared.maps.orig_dst(peer) else {
         // Never guess: a connection without a recorded destination goes nowhere.
         warn!("no original destination recorded for this connection; closing it");
         reset(inbound);
         return;
     };
-    let mut dst = orig_dst_addr(&orig);
+    let dst = orig_dst_addr(&orig);
     if shared.listens.contains(&dst) {
         warn!(%dst, "original destination is the proxy itself; closing to avoid a loop");
         reset(inbound);
@@ -47,10 +92,15 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         .unwrap_or_else(|| "unknown".into());
     let _ = inbound.set_nodelay(true);
 
-    // Held for the connection's life: least-request balancing counts open connections.
-    let mut _active = None;
-    if let Some(mesh) = &shared.mesh {
-        let st = mesh.state.borrow().clone();
+    let st = shared.mesh.as_ref().map(|m| m.state.borrow().clone());
+    let ctx = Ctx {
+        peer,
+        src,
+        src_workload: &src_workload,
+        mesh: st.as_deref().zip(shared.mesh.as_deref()),
+        shared: &shared,
+    };
+    if let Some((st, _)) = ctx.mesh {
         let (src_ns, src_name) = src
             .as_ref()
             .map(|w| (name_str(&w.namespace), name_str(&w.name)))
@@ -62,27 +112,34 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .get(&format!("{src_ns}/{src_name}"))
                 .map(|w| &w.labels),
         };
+        // An HTTP service port: routed per request at L7 (`proxy::http`).
+        if route::http::is_http_service_port(st, dst)
+            && let Some(mesh) = shared.mesh.clone()
+        {
+            super::http::serve(inbound, peer, dst, src, mesh, shared.clone()).await;
+            return;
+        }
         let mut rng = fastrand::Rng::new();
-        match route::route(&st, &shared.balancer, &mut rng, &source, dst) {
+        match route::route_with(
+            st,
+            &shared.balancer,
+            Some(&shared.health),
+            &mut rng,
+            &source,
+            dst,
+        ) {
             Decision::NotService => {}
             Decision::Endpoint(r) => {
-                let span = Span::current();
-                span.record("service", r.service.as_str());
-                span.record("endpoint", field::display(r.endpoint.addr));
-                debug!(
-                    vip = %dst,
-                    subset = r.subset.as_deref().unwrap_or(""),
-                    route = r.route.as_deref().unwrap_or(""),
-                    policy = r.policy.as_str(),
-                    endpoint_workload = %r.endpoint.workload,
-                    "service routed"
-                );
-                _active = Some(shared.balancer.track(r.endpoint.addr));
-                dst = r.endpoint.addr;
+                to_service(inbound, dst, r, &ctx, started).await;
+                return;
             }
             Decision::Passthrough { service } => {
                 Span::current().record("service", service.as_str());
-                direct(inbound, dst, src_workload, &shared).await;
+                let ctx = Ctx { mesh: None, ..ctx };
+                match open_upstream(&ctx, dst, shared.connect_timeout).await {
+                    Ok(up) => splice(inbound, dst, up, &src_workload, started).await,
+                    Err(_) => reset(inbound),
+                }
                 return;
             }
             Decision::Refuse {
@@ -97,13 +154,136 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 return;
             }
         }
+    }
+    match open_upstream(&ctx, dst, shared.connect_timeout).await {
+        Ok(up) => splice(inbound, dst, up, &src_workload, started).await,
+        Err(f) => {
+            if let Some(reason) = f.refusal {
+                count_refusal("outbound", reason);
+            }
+            reset(inbound);
+        }
+    }
+}
+
+/// A connection routed to an endpoint of a service: limits, connect with retries on other
+/// endpoints, outlier detection, copy.
+async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>, started: Instant) {
+    let span = Span::current();
+    span.record("service", r.service.as_str());
+    span.record("endpoint", field::display(r.endpoint.addr));
+    debug!(
+        %vip,
+        subset = r.subset.as_deref().unwrap_or(""),
+        route = r.route.as_deref().unwrap_or(""),
+        policy = r.policy.as_str(),
+        endpoint_workload = %r.endpoint.workload,
+        "service routed"
+    );
+    let shared = c.shared;
+    // Held for the connection's life.
+    let _permit = match shared.limits.try_connection(&r.cluster, &r.resilience) {
+        Ok(p) => p,
+        Err(e) => {
+            count_refusal("outbound", Refusal::Overflow);
+            warn!(
+                %vip,
+                src_workload = c.src_workload,
+                reason = Refusal::Overflow.as_str(),
+                error = %e,
+                "connection pool limit reached; closing"
+            );
+            reset(inbound);
+            return;
+        }
+    };
+    let timeout: Duration = r.resilience.connect_timeout_or(shared.connect_timeout);
+    let outlier = r.resilience.outlier.as_ref();
+    let mut rng = fastrand::Rng::new();
+    let mut endpoint = r.endpoint.addr;
+    let mut tried = Vec::new();
+    loop {
+        // Least-request balancing counts open connections, attempts included.
+        let active = shared.balancer.track(endpoint);
+        let failure = match open_upstream(c, endpoint, timeout).await {
+            Ok(up) => {
+                if let Some(od) = outlier {
+                    shared
+                        .health
+                        .report(&r.cluster, endpoint, Outcome::Success, od);
+                }
+                splice(inbound, endpoint, up, c.src_workload, started).await;
+                drop(active);
+                return;
+            }
+            Err(f) => f,
+        };
+        drop(active);
+        if failure.unreachable
+            && let Some(od) = outlier
+        {
+            shared
+                .health
+                .report(&r.cluster, endpoint, Outcome::ConnectFailure, od);
+        }
+        tried.push(endpoint);
+        let next = if failure.unreachable && tried.len() < MAX_CONNECT_ATTEMPTS {
+            route::health::select(
+                &shared.balancer,
+                Some(&shared.health),
+                outlier,
+                &r.cluster,
+                r.policy,
+                &r.endpoints,
+                &tried,
+                &mut rng,
+            )
+        } else {
+            None
+        };
+        let Some(i) = next else {
+            if let Some(reason) = failure.refusal {
+                count_refusal("outbound", reason);
+            }
+            if failure.unreachable {
+                warn!(
+                    %vip,
+                    src_workload = c.src_workload,
+                    attempts = tried.len(),
+                    "no endpoint could be reached; closing"
+                );
+            }
+            reset(inbound);
+            return;
+        };
+        let failed = endpoint;
+        endpoint = r.endpoints[i].addr;
+        span.record("endpoint", field::display(endpoint));
+        info!(
+            %vip,
+            %failed,
+            attempt = tried.len() + 1,
+            "endpoint unreachable; trying another endpoint"
+        );
+    }
+}
+
+/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload, else a
+/// direct connection (when allowed). Failures are logged here.
+async fn open_upstream(
+    c: &Ctx<'_>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<Upstream, Failure> {
+    if let Some((st, mesh)) = c.mesh {
         match st.workload_by_ip(dst.ip()) {
             Some(dw) if dw.meshed => {
-                let Some(w) = src else {
+                let Some(w) = c.src else {
                     warn!(%dst, "source workload unknown; cannot present an identity");
-                    count_refusal("outbound", Refusal::NoCertificate);
-                    reset(inbound);
-                    return;
+                    return Err(Failure {
+                        refusal: Some(Refusal::NoCertificate),
+                        unreachable: false,
+                    });
                 };
                 let src_id = Identity::new(
                     &st.trust_domain,
@@ -123,53 +303,49 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     name_str(&w.name)
                 );
                 let tunnel_addr = SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE);
-                tunnel(
-                    inbound,
-                    peer,
-                    dst,
-                    tunnel_addr,
-                    src_workload,
-                    src_id,
-                    dst_id,
-                    baggage,
-                    mesh,
-                    &shared,
-                )
-                .await;
-                return;
+                return tunnel(c, mesh, dst, tunnel_addr, src_id, dst_id, baggage, timeout).await;
             }
-            _ if !shared.direct_unmeshed => {
-                warn!(%dst, %src_workload, "destination outside the mesh and direct connections are off; closing");
-                reset(inbound);
-                return;
+            _ if !c.shared.direct_unmeshed => {
+                warn!(%dst, src_workload = c.src_workload, "destination outside the mesh and direct connections are off; closing");
+                return Err(Failure {
+                    refusal: None,
+                    unreachable: false,
+                });
             }
             _ => {}
         }
     }
-    direct(inbound, dst, src_workload, &shared).await
+    match connect_marked(dst, timeout).await {
+        Ok(s) => Ok(Upstream::Tcp(s)),
+        Err(e) => {
+            warn!(%dst, src_workload = c.src_workload, error = %e, "connection failed: destination unreachable");
+            Err(Failure {
+                refusal: None,
+                unreachable: true,
+            })
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
-    mut inbound: TcpStream,
-    peer: SocketAddr,
+    c: &Ctx<'_>,
+    mesh: &Mesh,
     dst: SocketAddr,
     tunnel_addr: SocketAddr,
-    src_workload: String,
     src_id: Identity,
     dst_id: Identity,
     baggage: String,
-    mesh: &Mesh,
-    shared: &Shared,
-) {
-    let started = Instant::now();
+    timeout: Duration,
+) -> Result<Upstream, Failure> {
     let cert = match mesh.certs.get(&src_id).await {
-        Ok(c) => c,
+        Ok(cert) => cert,
         Err(e) => {
-            count_refusal("outbound", Refusal::NoCertificate);
-            warn!(%dst, %src_workload, error = %e, "no certificate for the source identity");
-            reset(inbound);
-            return;
+            warn!(%dst, src_workload = c.src_workload, error = %e, "no certificate for the source identity");
+            return Err(Failure {
+                refusal: Some(Refusal::NoCertificate),
+                unreachable: false,
+            });
         }
     };
     let req = TunnelRequest {
@@ -177,69 +353,83 @@ async fn tunnel(
         dst_identity: dst_id.clone(),
         tunnel_addr,
         target: dst,
-        client_ip: peer.ip(),
+        client_ip: c.peer.ip(),
         baggage,
     };
-    let mut tunnel = match open(&mesh.pool, req, shared.connect_timeout).await {
-        Ok(t) => t,
+    match open(&mesh.pool, req, timeout).await {
+        Ok(io) => Ok(Upstream::Hbone { io, src_id, dst_id }),
         Err(e) => {
-            let reason = match &e {
-                super::hbone::client::TunnelError::Tls { reason, .. } => *reason,
-                super::hbone::client::TunnelError::Connect { .. } => Refusal::Unreachable,
-                _ => Refusal::Handshake,
+            // Unreachable: the pod's proxy (connect) or the pod itself (503).
+            let (reason, unreachable) = match &e {
+                TunnelError::Tls { reason, .. } => (*reason, false),
+                TunnelError::Connect { .. } => (Refusal::Unreachable, true),
+                TunnelError::Status(s) if *s == StatusCode::SERVICE_UNAVAILABLE => {
+                    (Refusal::Unreachable, true)
+                }
+                _ => (Refusal::Handshake, false),
             };
-            count_refusal("outbound", reason);
-            warn!(%dst, %src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, "tunnel refused");
-            reset(inbound);
-            return;
-        }
-    };
-    match tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut tunnel, COPY_BUF, COPY_BUF)
-        .await
-    {
-        Ok((sent, received)) => info!(
-            %dst,
-            %src_workload,
-            src_identity = %src_id,
-            dst_identity = %dst_id,
-            protocol = "hbone",
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection closed"
-        ),
-        Err(e) => {
-            info!(%dst, %src_workload, protocol = "hbone", error = %e, "connection closed with error")
+            warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, "tunnel refused");
+            Err(Failure {
+                refusal: Some(reason),
+                unreachable,
+            })
         }
     }
 }
 
-async fn direct(mut inbound: TcpStream, dst: SocketAddr, src_workload: String, shared: &Shared) {
-    let started = Instant::now();
-    let mut outbound = match connect_marked(dst, shared.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(%dst, %src_workload, error = %e, "connection failed: destination unreachable");
-            reset(inbound);
-            return;
-        }
+/// Copies both ways until both sides are done, then logs the connection.
+async fn splice(
+    mut inbound: TcpStream,
+    dst: SocketAddr,
+    upstream: Upstream,
+    src_workload: &str,
+    started: Instant,
+) {
+    let (result, protocol, ids) = match upstream {
+        Upstream::Hbone {
+            mut io,
+            src_id,
+            dst_id,
+        } => (
+            tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut io, COPY_BUF, COPY_BUF)
+                .await,
+            "hbone",
+            Some((src_id, dst_id)),
+        ),
+        Upstream::Tcp(mut s) => (
+            tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut s, COPY_BUF, COPY_BUF)
+                .await,
+            "tcp",
+            None,
+        ),
     };
-    match tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, COPY_BUF, COPY_BUF)
-        .await
-    {
-        Ok((sent, received)) => info!(
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match (result, ids) {
+        (Ok((sent, received)), Some((src_id, dst_id))) => info!(
             %dst,
             %src_workload,
-            protocol = "tcp",
+            src_identity = %src_id,
+            dst_identity = %dst_id,
+            protocol,
             bytes_sent = sent,
             bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms,
             "connection closed"
         ),
-        Err(e) => info!(
+        (Ok((sent, received)), None) => info!(
             %dst,
             %src_workload,
-            duration_ms = started.elapsed().as_millis() as u64,
+            protocol,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            "connection closed"
+        ),
+        (Err(e), _) => info!(
+            %dst,
+            %src_workload,
+            protocol,
+            duration_ms,
             error = %e,
             "connection closed with error"
         ),

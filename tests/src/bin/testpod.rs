@@ -10,6 +10,12 @@
 //! - `connlat --to IP:PORT --count N [--warmup W]`: N times connect, read the HELLO line and
 //!   close with a reset (SO_LINGER 0, so no TIME_WAIT piles up); one JSON line of the
 //!   connect-to-HELLO latency percentiles (µs).
+//! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
+//!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
+//!   for the first N requests, with status S), the peer in `x-testpod-peer`, after D ms.
+//! - `http-get --url http://IP:PORT[/PATH] --count N [--header K:V ..] [--method M]
+//!   [--path P]`: N requests on one keep-alive connection; one JSON line with histograms of
+//!   statuses, bodies and peers, and latencies (ms).
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -66,6 +72,36 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         warmup: usize,
     },
+    /// HTTP/1.1 server naming the pod in each answer.
+    HttpServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+        /// The first N requests (of the process) fail with `--fail-status`.
+        #[arg(long, default_value_t = 0)]
+        fail_first: usize,
+        #[arg(long, default_value_t = 503)]
+        fail_status: u16,
+        /// Wait this long before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// N HTTP/1.1 requests on one keep-alive connection; a JSON report.
+    HttpGet {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// `Name:value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Overrides the URL's path.
+        #[arg(long)]
+        path: Option<String>,
+    },
     /// New-connection latency: connect, read HELLO, close with a reset; N times.
     Connlat {
         #[arg(long)]
@@ -96,6 +132,20 @@ fn main() {
             warmup,
         } => rr(to, count, size, warmup),
         Cmd::Connlat { to, count, warmup } => connlat(to, count, warmup),
+        Cmd::HttpServe {
+            port,
+            name,
+            fail_first,
+            fail_status,
+            delay_ms,
+        } => http_serve(port, name, fail_first, fail_status, delay_ms),
+        Cmd::HttpGet {
+            url,
+            count,
+            headers,
+            method,
+            path,
+        } => http_get(&url, count, &headers, &method, path.as_deref()),
     };
     if let Err(e) = res {
         eprintln!("testpod: {e:#}");
@@ -462,6 +512,258 @@ fn connlat(to: SocketAddr, count: usize, warmup: usize) -> Result<()> {
     let mut report = latency_report(samples);
     report.errors = Some(errors);
     report.first_error = first_error;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------- HTTP
+
+/// One parsed HTTP/1.1 message head: the first line and the headers (names lowercased).
+struct HttpHead {
+    first: String,
+    headers: Vec<(String, String)>,
+}
+
+impl HttpHead {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads a message head; `None` at a clean EOF before any byte.
+fn read_head(rd: &mut impl BufRead) -> Result<Option<HttpHead>> {
+    let mut first = String::new();
+    if rd.read_line(&mut first).context("reading the first line")? == 0 {
+        return Ok(None);
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if rd.read_line(&mut line).context("reading a header")? == 0 {
+            bail!("EOF inside the headers");
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    Ok(Some(HttpHead {
+        first: first.trim_end().to_string(),
+        headers,
+    }))
+}
+
+/// Reads a body framed by `content-length` or chunked encoding.
+fn read_body(rd: &mut impl BufRead, head: &HttpHead) -> Result<Vec<u8>> {
+    if head
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            rd.read_line(&mut size).context("reading a chunk size")?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .with_context(|| format!("bad chunk size {size:?}"))?;
+            if n == 0 {
+                // Trailers until the empty line.
+                loop {
+                    let mut l = String::new();
+                    if rd.read_line(&mut l)? == 0 || l.trim().is_empty() {
+                        break;
+                    }
+                }
+                return Ok(body);
+            }
+            let start = body.len();
+            body.resize(start + n, 0);
+            rd.read_exact(&mut body[start..])
+                .context("reading a chunk")?;
+            let mut crlf = [0u8; 2];
+            rd.read_exact(&mut crlf).context("reading a chunk end")?;
+        }
+    }
+    let n: usize = head
+        .header("content-length")
+        .map(|v| v.parse().context("bad content-length"))
+        .transpose()?
+        .unwrap_or(0);
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).context("reading the body")?;
+    Ok(body)
+}
+
+fn http_serve(
+    port: u16,
+    name: String,
+    fail_first: usize,
+    fail_status: u16,
+    delay_ms: u64,
+) -> Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding :{port}"))?;
+    println!("serving");
+    std::io::stdout().flush().context("flushing stdout")?;
+    let served = Arc::new(AtomicUsize::new(0));
+    let name = Arc::new(name);
+    for conn in l.incoming() {
+        let Ok(s) = conn else { continue };
+        let (served, name) = (served.clone(), name.clone());
+        std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                let peer = s.peer_addr().context("peer_addr")?;
+                let mut w = s.try_clone().context("clone")?;
+                let mut rd = BufReader::new(s);
+                while let Some(head) = read_head(&mut rd)? {
+                    let _ = read_body(&mut rd, &head)?;
+                    let n = served.fetch_add(1, Ordering::SeqCst);
+                    if delay_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(delay_ms));
+                    }
+                    let (status, body) = if n < fail_first {
+                        (fail_status, format!("{name} fail"))
+                    } else {
+                        (200, name.to_string())
+                    };
+                    let close = head
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-testpod-peer: {peer}\r\nx-testpod-request: {}\r\n{}\r\n{body}",
+                        body.len(),
+                        head.first,
+                        if close { "connection: close\r\n" } else { "" },
+                    );
+                    w.write_all(resp.as_bytes())
+                        .context("writing the response")?;
+                    if close {
+                        break;
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                eprintln!("testpod http-serve: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+#[derive(Serialize, Default)]
+struct HttpReport {
+    count: usize,
+    statuses: std::collections::BTreeMap<String, usize>,
+    bodies: std::collections::BTreeMap<String, usize>,
+    peers: std::collections::BTreeMap<String, usize>,
+    errors: usize,
+    first_error: Option<String>,
+    min_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    connections: usize,
+}
+
+fn http_get(
+    url: &str,
+    count: usize,
+    headers: &[String],
+    method: &str,
+    path: Option<&str>,
+) -> Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("the URL must start with http://")?;
+    let (hostport, url_path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let to: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{hostport} is not IP:PORT"))?;
+    let path = path.unwrap_or(url_path);
+    let mut extra = String::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').context("--header wants K:V")?;
+        extra.push_str(&format!("{}: {}\r\n", k.trim(), v.trim()));
+    }
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {hostport}\r\nuser-agent: testpod\r\n{extra}content-length: 0\r\n\r\n"
+    );
+    let mut report = HttpReport {
+        count,
+        ..Default::default()
+    };
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t0 = Instant::now();
+        let res = (|| -> Result<(String, String, Option<String>, bool)> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connect")?;
+                s.set_nodelay(true).context("set_nodelay")?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .context("set_read_timeout")?;
+                let r = BufReader::new(s.try_clone().context("clone")?);
+                conn = Some((s, r));
+                report.connections += 1;
+            }
+            let (w, rd) = conn.as_mut().context("no connection")?;
+            w.write_all(req.as_bytes()).context("sending")?;
+            let head = read_head(rd)?.context("connection closed before a response")?;
+            let body = read_body(rd, &head)?;
+            let status = head
+                .first
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("?")
+                .to_string();
+            let close = head
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            let peer = head.header("x-testpod-peer").map(str::to_string);
+            Ok((
+                status,
+                String::from_utf8_lossy(&body).into_owned(),
+                peer,
+                close,
+            ))
+        })();
+        let dt = t0.elapsed();
+        match res {
+            Ok((status, body, peer, close)) => {
+                samples.push(dt);
+                *report.statuses.entry(status).or_default() += 1;
+                *report.bodies.entry(body).or_default() += 1;
+                if let Some(p) = peer {
+                    let ip = p
+                        .rsplit_once(':')
+                        .map_or(p.as_str(), |(ip, _)| ip)
+                        .to_string();
+                    *report.peers.entry(ip).or_default() += 1;
+                }
+                if close {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                report.errors += 1;
+                report.first_error.get_or_insert(format!("{e:#}"));
+                conn = None;
+            }
+        }
+    }
+    if !samples.is_empty() {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        report.min_ms = samples.iter().copied().map(ms).fold(f64::MAX, f64::min);
+        report.max_ms = samples.iter().copied().map(ms).fold(0.0, f64::max);
+        report.mean_ms = samples.iter().copied().map(ms).sum::<f64>() / samples.len() as f64;
+    }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -22,8 +22,8 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Streams one HTTP/2 connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
 
-/// Why a tunnel (or, for `NoEndpoint`/`NoRoute`, a connection to a service VIP) was refused
-/// (label of `sidenode_hbone_refused_total`).
+/// Why a tunnel (or, for `NoEndpoint`/`NoRoute`/`Overflow`, a connection to a service VIP)
+/// was refused (label of `sidenode_hbone_refused_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Untrusted,
@@ -37,6 +37,8 @@ pub enum Refusal {
     NoEndpoint,
     /// A VirtualService route naming an unknown host, subset or port.
     NoRoute,
+    /// A `DestinationRule` connection pool limit (`tcp.maxConnections`) was reached.
+    Overflow,
 }
 
 impl Refusal {
@@ -51,6 +53,7 @@ impl Refusal {
             Refusal::NoCertificate => "no_certificate",
             Refusal::NoEndpoint => "no_endpoint",
             Refusal::NoRoute => "no_route",
+            Refusal::Overflow => "overflow",
         }
     }
 

@@ -6,8 +6,14 @@
 //!
 //! - `service`: host names and VIPs → Services; a Service → its endpoints.
 //! - `balance`: load balancing policies and their state.
+//! - `policy`, `health`, `limits`: resilience (merged traffic policy, outlier detection,
+//!   connection pool limits).
 
 pub mod balance;
+pub mod health;
+pub mod http;
+pub mod limits;
+pub mod policy;
 pub mod service;
 
 use std::collections::HashMap;
@@ -23,6 +29,9 @@ use crate::proxy::hbone::Refusal;
 use crate::state::NodeState;
 
 pub use balance::{Balancer, Policy};
+pub use health::{Health, Outcome};
+pub use limits::Limits;
+pub use policy::Resilience;
 pub use service::Endpoint;
 
 /// The client side of a connection, as routing needs it.
@@ -44,9 +53,19 @@ pub struct Routed {
     pub route: Option<String>,
     pub policy: Policy,
     pub endpoint: Endpoint,
+    /// The endpoint set (`namespace/name/subset`, like an Envoy cluster): the key of load
+    /// balancing, outlier detection ([`Health::report`]) and connection limits ([`Limits`]).
+    pub cluster: String,
+    /// Resilience settings of the destination (subset policy merged into the rule's).
+    pub resilience: Resilience,
+    /// Every ready endpoint of the set, to pick another after a failed connect
+    /// ([`health::select`] with the tried ones excluded).
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// What to do with a captured connection.
+// One per connection, consumed at once: the size of `Routed` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// The destination is not a service VIP: send it on as it is (pod IP or outside the mesh).
@@ -75,10 +94,24 @@ impl Decision {
     }
 }
 
-/// Decides where a connection from `src` to `orig_dst` goes.
+/// Decides where a connection from `src` to `orig_dst` goes (no outlier detection: see
+/// [`route_with`]).
 pub fn route(
     st: &NodeState,
     lb: &Balancer,
+    rng: &mut fastrand::Rng,
+    src: &Source<'_>,
+    orig_dst: SocketAddr,
+) -> Decision {
+    route_with(st, lb, None, rng, src, orig_dst)
+}
+
+/// [`route`], skipping endpoints that `health` has ejected when the destination's policy has
+/// an `outlierDetection`.
+pub fn route_with(
+    st: &NodeState,
+    lb: &Balancer,
+    health: Option<&Health>,
     rng: &mut fastrand::Rng,
     src: &Source<'_>,
     orig_dst: SocketAddr,
@@ -94,7 +127,18 @@ pub fn route(
         );
     }
     let Some((vs_key, vs)) = virtual_service_for(st, svc, src.namespace) else {
-        return to_service(st, lb, rng, src, orig_dst, svc, orig_dst.port(), None, None);
+        return to_service(
+            st,
+            lb,
+            health,
+            rng,
+            src,
+            orig_dst,
+            svc,
+            orig_dst.port(),
+            None,
+            None,
+        );
     };
     let Some((ri, r)) =
         vs.tcp.iter().enumerate().find(|(_, r)| {
@@ -102,7 +146,18 @@ pub fn route(
         })
     else {
         // No TCP route applies: the service's own endpoints, as without the VirtualService.
-        return to_service(st, lb, rng, src, orig_dst, svc, orig_dst.port(), None, None);
+        return to_service(
+            st,
+            lb,
+            health,
+            rng,
+            src,
+            orig_dst,
+            svc,
+            orig_dst.port(),
+            None,
+            None,
+        );
     };
     let single = r.route.len() == 1;
     let weights: Vec<u32> = r
@@ -179,6 +234,7 @@ pub fn route(
     let mut out = to_service(
         st,
         lb,
+        health,
         rng,
         src,
         orig_dst,
@@ -198,6 +254,7 @@ pub fn route(
 fn to_service(
     st: &NodeState,
     lb: &Balancer,
+    health: Option<&Health>,
     rng: &mut fastrand::Rng,
     src: &Source<'_>,
     orig_dst: SocketAddr,
@@ -215,6 +272,10 @@ fn to_service(
         .and_then(|(_, s)| lb_policy(s.traffic_policy.as_ref()))
         .or_else(|| dr.and_then(|dr| lb_policy(dr.traffic_policy.as_ref())))
         .unwrap_or_default();
+    let resilience = Resilience::of(&policy::merge(
+        dr.and_then(|dr| dr.traffic_policy.as_ref()),
+        subset.and_then(|(_, s)| s.traffic_policy.as_ref()),
+    ));
     if policy == Policy::Passthrough {
         return Decision::Passthrough {
             service: svc.uid.clone(),
@@ -257,7 +318,16 @@ fn to_service(
         target,
     );
     let key = format!("{}/{}", svc.uid, subset_name.as_deref().unwrap_or(""));
-    let Some(i) = lb.pick(&key, policy, &eps, rng) else {
+    let Some(i) = health::select(
+        lb,
+        health,
+        resilience.outlier.as_ref(),
+        &key,
+        policy,
+        &eps,
+        &[],
+        rng,
+    ) else {
         let what = match &subset_name {
             Some(s) => format!("service {} subset {s}", svc.uid),
             None => format!("service {}", svc.uid),
@@ -274,6 +344,9 @@ fn to_service(
         route: None,
         policy,
         endpoint: eps[i].clone(),
+        cluster: key,
+        resilience,
+        endpoints: eps,
     })
 }
 

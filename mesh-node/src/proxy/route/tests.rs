@@ -554,3 +554,73 @@ fn named_target_port_is_refused() {
     assert_eq!(reason, Refusal::NoEndpoint);
     assert!(why.contains("named targetPort `http`"), "{why}");
 }
+
+#[test]
+fn resilience_merged_per_subset_and_ejected_endpoints_skipped() {
+    let dr = config(
+        "DestinationRule",
+        "shop",
+        "reviews",
+        json!({
+            "host": "reviews",
+            "trafficPolicy": {
+                "connectionPool": {"tcp": {"maxConnections": 5}},
+                "outlierDetection": {"consecutive5xxErrors": 1, "maxEjectionPercent": 100}
+            },
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"},
+                 "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "1s"}}}},
+                {"name": "v2", "labels": {"version": "v2"}}
+            ]
+        }),
+    );
+    let lb = Balancer::default();
+    let health = Health::default();
+    let mut rng = fastrand::Rng::with_seed(1);
+    let st = base(vec![dr.clone()]);
+    let Decision::Endpoint(r) =
+        route_with(&st, &lb, Some(&health), &mut rng, &client(&st), vip(80))
+    else {
+        panic!()
+    };
+    assert_eq!(r.cluster, "shop/reviews/");
+    assert_eq!(r.resilience.max_connections, Some(5));
+    assert_eq!(r.endpoints.len(), 2);
+    let od = r.resilience.outlier.clone().expect("outlier detection");
+    // r1 refused: ejected, every new connection goes to r2.
+    let r1 = r
+        .endpoints
+        .iter()
+        .find(|e| e.workload == "shop/r1")
+        .expect("r1");
+    assert!(
+        health
+            .report(&r.cluster, r1.addr, Outcome::ConnectFailure, &od)
+            .is_some()
+    );
+    for _ in 0..6 {
+        let d = route_with(&st, &lb, Some(&health), &mut rng, &client(&st), vip(80));
+        assert_eq!(endpoint_of(&d), "shop/r2");
+    }
+    // Without health (plain `route`), round robin as before.
+    let seen: Vec<String> = (0..2)
+        .map(|_| endpoint_of(&route(&st, &lb, &mut rng, &client(&st), vip(80))).to_string())
+        .collect();
+    assert!(seen.contains(&"shop/r1".to_string()), "{seen:?}");
+    // Subset v1: its connectionPool replaces the rule's whole; outlierDetection inherited.
+    let st = base(vec![dr, weighted_vs("shop", "reviews", 100, 0, json!({}))]);
+    let Decision::Endpoint(r) =
+        route_with(&st, &lb, Some(&health), &mut rng, &client(&st), vip(80))
+    else {
+        panic!()
+    };
+    assert_eq!(r.cluster, "shop/reviews/v1");
+    assert_eq!(r.resilience.max_connections, None);
+    assert_eq!(
+        r.resilience.connect_timeout,
+        Some(std::time::Duration::from_secs(1))
+    );
+    assert_eq!(r.resilience.outlier, Some(od));
+    // Ejections are per endpoint set: r1 is not ejected in subset v1.
+    assert_eq!(r.endpoint.workload, "shop/r1");
+}

@@ -1,0 +1,707 @@
+//! HTTP-aware routing of captured connections to a Service VIP whose port speaks HTTP
+//! (`route::http::is_http_port`). The proxy terminates the client's HTTP (HTTP/1.1, or h2c with
+//! prior knowledge) and routes every request on its own: the VirtualService `http` route that
+//! matches it (`route::http::select`), a weighted destination and subset, one endpoint per
+//! attempt (the service's `Balancer`), then HTTP/1.1 to the endpoint inside an HBONE tunnel
+//! (meshed) or directly (`upstream`, pooled). Per route: `fault` (delay, abort), `timeout`
+//! (504), `retries` (a retry prefers another endpoint; bodies up to 64 KiB are replayable).
+//! Each request is counted in `istio_requests_total` and has an `http` span.
+
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::name_str;
+use prometheus::{IntCounterVec, Opts};
+use tokio::net::TcpStream;
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+
+use super::route::Outcome as HealthOutcome;
+use super::route::http::{
+    AttemptFailure, HttpDecision, Plan, RequestInfo, RoutePolicy, pick_endpoint, select,
+};
+use super::route::{Decision, Routed, Source};
+use super::{Mesh, Shared};
+use crate::identity::Identity;
+use crate::model::istio::{Percent, parse_duration};
+use crate::proxy::hbone::{Refusal, count_refusal};
+use crate::state::NodeState;
+use upstream::{Route, SendError};
+
+/// Body type of requests and responses the proxy passes on.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Request bodies up to this size are kept so that a failed attempt can be retried.
+pub const RETRY_BUFFER: usize = 64 * 1024;
+
+/// One client connection: where it was going and who opened it.
+struct Conn {
+    peer: SocketAddr,
+    /// The original destination (service VIP and port).
+    dst: SocketAddr,
+    src: Option<mesh_common::Workload>,
+    mesh: Arc<Mesh>,
+    shared: Arc<Shared>,
+}
+
+/// Serves one captured client connection to an HTTP service port until it closes.
+pub async fn serve(
+    inbound: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: Option<mesh_common::Workload>,
+    mesh: Arc<Mesh>,
+    shared: Arc<Shared>,
+) {
+    let conn = Arc::new(Conn {
+        peer,
+        dst,
+        src,
+        mesh,
+        shared,
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, conn).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(inbound), svc).await {
+        debug!(error = %e, "HTTP client connection ended");
+    }
+    debug!(vip = %dst, "HTTP client connection closed");
+}
+
+/// What became of one request (for the log line and the metric).
+#[derive(Default)]
+struct Outcome {
+    /// The destination service (`namespace/name`).
+    service: String,
+    /// The pod that answered (`name`), empty when none did.
+    workload: String,
+    attempts: u32,
+}
+
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
+    let started = Instant::now();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let span = info_span!(
+        "http",
+        method = %req.method(),
+        path = %path,
+        service = field::Empty,
+        endpoint = field::Empty,
+        status = field::Empty,
+        attempts = field::Empty,
+    );
+    let mut out = Outcome::default();
+    let resp = route_request(req, &path, &conn, &mut out)
+        .instrument(span.clone())
+        .await;
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    span.record("attempts", out.attempts);
+    if !out.service.is_empty() {
+        span.record("service", out.service.as_str());
+    }
+    span.in_scope(|| {
+        info!(
+            vip = %conn.dst,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request done"
+        )
+    });
+    count_request(&out, status, if grpc { "grpc" } else { "http" });
+    resp
+}
+
+/// `istio_requests_total`, reported by the source side as Istio's proxies do.
+fn requests_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        let c = IntCounterVec::new(
+            Opts::new(
+                "istio_requests_total",
+                "HTTP requests routed by the node proxy, by destination and response code",
+            ),
+            &[
+                "reporter",
+                "destination_service",
+                "destination_workload",
+                "response_code",
+                "request_protocol",
+            ],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = crate::telemetry::metrics::metrics()
+            .registry
+            .register(Box::new(c.clone()));
+        c
+    })
+}
+
+fn count_request(out: &Outcome, status: u16, protocol: &str) {
+    let service = match out.service.split_once('/') {
+        Some((ns, name)) => format!("{name}.{ns}.svc.{}", super::route::service::CLUSTER_DOMAIN),
+        None => "unknown".into(),
+    };
+    let workload = if out.workload.is_empty() {
+        "unknown"
+    } else {
+        out.workload.as_str()
+    };
+    requests_total()
+        .with_label_values(&[
+            "source",
+            service.as_str(),
+            workload,
+            status.to_string().as_str(),
+            protocol,
+        ])
+        .inc();
+}
+
+/// A response made by the proxy itself.
+fn local(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    if !body.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
+/// Does a fault with this `percentage` (absent: every request) apply to this request?
+fn fault_hits(p: Option<&Percent>, rng: &mut fastrand::Rng) -> bool {
+    let v = p.map_or(100.0, |p| p.value);
+    v >= 100.0 || (v > 0.0 && rng.f64() * 100.0 < v)
+}
+
+/// Applies a route's `fault`: the delay, then the abort's response if it applies.
+async fn apply_fault(policy: &RoutePolicy) -> Option<Response<Body>> {
+    let fault = policy.fault.as_ref()?;
+    let mut rng = fastrand::Rng::new();
+    if let Some(d) = &fault.delay
+        && fault_hits(d.percentage.as_ref(), &mut rng)
+        && let Some(delay) = d.fixed_delay.as_deref().and_then(parse_duration)
+    {
+        debug!(delay_ms = delay.as_millis() as u64, "fault: delay");
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(a) = &fault.abort
+        && fault_hits(a.percentage.as_ref(), &mut rng)
+    {
+        let code = StatusCode::from_u16(a.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        debug!(status = code.as_u16(), "fault: abort");
+        return Some(local(code, "fault filter abort"));
+    }
+    None
+}
+
+/// The request body: kept whole (replayable) or, past [`RETRY_BUFFER`], streamed once.
+enum ReqBody {
+    Whole(Bytes),
+    Stream(Option<Body>),
+}
+
+impl ReqBody {
+    async fn read(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
+        let mut buf = BytesMut::new();
+        loop {
+            match body.frame().await {
+                None => return Ok(ReqBody::Whole(buf.freeze())),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    // Trailers of a buffered body are dropped (HTTP/1.1 upstream).
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                    if buf.len() > RETRY_BUFFER {
+                        let head = futures::stream::iter([Ok(Frame::data(buf.freeze()))]);
+                        let rest = http_body_util::BodyStream::new(body);
+                        let stream = futures::StreamExt::chain(head, rest);
+                        return Ok(ReqBody::Stream(Some(
+                            StreamBody::new(stream).boxed_unsync(),
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Whole(_))
+    }
+
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Whole(b) => Some(
+                Full::new(b.clone())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
+            ReqBody::Stream(s) => s.take(),
+        }
+    }
+}
+
+/// Hop-by-hop headers, never passed on.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "http2-settings",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The parts of the client's request that every attempt repeats.
+struct Head {
+    method: http::Method,
+    path: http::uri::PathAndQuery,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn new(parts: &http::request::Parts, vip: SocketAddr) -> Head {
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in `:authority`.
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| vip.to_string());
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        Head {
+            method: parts.method.clone(),
+            path: parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            headers,
+        }
+    }
+
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = http::Uri::from(self.path.clone());
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+async fn route_request(
+    req: Request<Incoming>,
+    path: &str,
+    conn: &Conn,
+    out: &mut Outcome,
+) -> Response<Body> {
+    let st = conn.mesh.state.borrow().clone();
+    let (src_ns, src_name) = conn
+        .src
+        .as_ref()
+        .map(|w| (name_str(&w.namespace), name_str(&w.name)))
+        .unwrap_or_default();
+    let source = Source {
+        namespace: src_ns,
+        labels: st
+            .workloads
+            .get(&format!("{src_ns}/{src_name}"))
+            .map(|w| &w.labels),
+    };
+    let info = RequestInfo {
+        method: req.method().as_str(),
+        path,
+        headers: req.headers(),
+    };
+    let decision = select(&st, &mut fastrand::Rng::new(), &source, conn.dst, &info);
+    let (plan, policy) = match decision {
+        HttpDecision::Forward { plan, policy } => (plan, policy),
+        HttpDecision::NotService => {
+            warn!(vip = %conn.dst, "the service of this connection is gone");
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no service\n");
+        }
+        HttpDecision::NoMatch { service, vs } => {
+            out.service = service;
+            debug!(virtual_service = %vs, "no http route matches");
+            return local(StatusCode::NOT_FOUND, "");
+        }
+        HttpDecision::Refuse {
+            service,
+            reason,
+            why,
+        } => {
+            out.service = service;
+            count_refusal("outbound", reason);
+            warn!(reason = reason.as_str(), "{why}");
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no route\n");
+        }
+        HttpDecision::FaultOnly { service, policy } => {
+            out.service = service;
+            return match apply_fault(&policy).await {
+                Some(r) => r,
+                None => local(StatusCode::SERVICE_UNAVAILABLE, "no destination\n"),
+            };
+        }
+    };
+    out.service = plan.service.clone();
+    if let Some(r) = apply_fault(&policy).await {
+        return r;
+    }
+    let (parts, body) = req.into_parts();
+    let head = Head::new(&parts, conn.dst);
+    let body = match ReqBody::read(body).await {
+        Ok(b) => b,
+        Err(e) => {
+            debug!(error = %e, "reading the request body failed");
+            return local(StatusCode::BAD_REQUEST, "bad request body\n");
+        }
+    };
+    forward(&st, &source, &plan, &policy, head, body, conn, out).await
+}
+
+/// An attempt's failure (no usable response).
+enum Failed {
+    /// Answer the client with this.
+    Final(Response<Body>),
+    Retry(AttemptFailure, Response<Body>),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    st: &NodeState,
+    source: &Source<'_>,
+    plan: &Plan,
+    policy: &RoutePolicy,
+    head: Head,
+    mut body: ReqBody,
+    conn: &Conn,
+    out: &mut Outcome,
+) -> Response<Body> {
+    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    let max_attempts = 1 + if body.replayable() {
+        policy.retry.retries
+    } else {
+        0
+    };
+    let mut rng = fastrand::Rng::new();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last = local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+    for attempt in 1..=max_attempts {
+        out.attempts = attempt;
+        let routed = match pick(st, conn, &mut rng, source, plan, &tried) {
+            Ok(r) => r,
+            Err((code, why)) => return local(code, why),
+        };
+        let ep = routed.endpoint.addr;
+        tried.push(ep);
+        out.workload = routed
+            .endpoint
+            .workload
+            .split_once('/')
+            .map_or(routed.endpoint.workload.as_str(), |(_, n)| n)
+            .to_string();
+        Span::current().record("endpoint", field::display(ep));
+        let Some(b) = body.take() else {
+            break;
+        };
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (policy.retry.per_try_timeout, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // `connectionPool.http.http2MaxRequests`: requests in flight to this destination.
+        let _permit = match conn
+            .shared
+            .limits
+            .try_request(&routed.cluster, &routed.resilience)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                count_refusal("outbound", Refusal::Overflow);
+                warn!(endpoint = %ep, error = %e, "request refused: connection pool overflow");
+                let mut r = local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
+                r.headers_mut().insert(
+                    "x-envoy-overloaded",
+                    hyper::header::HeaderValue::from_static("true"),
+                );
+                return r;
+            }
+        };
+        let result = attempt_once(conn, st, &routed, head.request(b), limit).await;
+        // Outlier detection learns from every attempt's outcome.
+        if let Some(od) = &routed.resilience.outlier {
+            let outcome = match &result {
+                Ok(resp) => HealthOutcome::from_status(resp.status().as_u16()),
+                Err(AttemptError::Send(SendError::Connect(_))) => HealthOutcome::ConnectFailure,
+                Err(AttemptError::Send(SendError::Reset(_)) | AttemptError::Timeout) => {
+                    HealthOutcome::GatewayError
+                }
+                Err(AttemptError::Refused(_)) => HealthOutcome::ConnectFailure,
+            };
+            conn.shared.health.report(&routed.cluster, ep, outcome, od);
+        }
+        let failed = match result {
+            Ok(resp) => {
+                let code = resp.status().as_u16();
+                if attempt < max_attempts && policy.retry.on.retries(AttemptFailure::Status(code)) {
+                    debug!(attempt, status = code, endpoint = %ep, "retrying");
+                    Failed::Retry(AttemptFailure::Status(code), resp)
+                } else {
+                    return resp;
+                }
+            }
+            Err(AttemptError::Timeout) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                }
+                Failed::Retry(
+                    AttemptFailure::PerTryTimeout,
+                    local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                )
+            }
+            Err(AttemptError::Send(SendError::Connect(e))) => {
+                warn!(endpoint = %ep, attempt, error = %e, "upstream connect failed");
+                Failed::Retry(
+                    AttemptFailure::Connect,
+                    local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                    ),
+                )
+            }
+            Err(AttemptError::Send(SendError::Reset(e))) => {
+                debug!(endpoint = %ep, attempt, error = %e, "upstream reset");
+                Failed::Retry(
+                    AttemptFailure::Reset,
+                    local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                    ),
+                )
+            }
+            Err(AttemptError::Refused(resp)) => Failed::Final(resp),
+        };
+        match failed {
+            Failed::Final(r) => return r,
+            Failed::Retry(why, resp) => {
+                if attempt >= max_attempts || !policy.retry.on.retries(why) {
+                    return resp;
+                }
+                last = resp;
+            }
+        }
+        // Back off a little (Envoy: 25 ms base, jittered, doubling), within the deadline.
+        let backoff = Duration::from_millis(rng.u64(0..=25u64 << (attempt - 1).min(4)));
+        if let Some(d) = deadline
+            && Instant::now() + backoff >= d
+        {
+            tokio::time::sleep_until(d.into()).await;
+            return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+        }
+        tokio::time::sleep(backoff).await;
+    }
+    last
+}
+
+/// One endpoint for an attempt: a different one than those tried when there is one.
+fn pick(
+    st: &NodeState,
+    conn: &Conn,
+    rng: &mut fastrand::Rng,
+    source: &Source<'_>,
+    plan: &Plan,
+    tried: &[SocketAddr],
+) -> Result<Routed, (StatusCode, &'static str)> {
+    let mut first = None;
+    for _ in 0..4 {
+        match pick_endpoint(
+            st,
+            &conn.shared.balancer,
+            Some(&conn.shared.health),
+            rng,
+            source,
+            conn.dst,
+            plan,
+        ) {
+            Decision::Endpoint(r) => {
+                if !tried.contains(&r.endpoint.addr) {
+                    return Ok(r);
+                }
+                first.get_or_insert(r);
+            }
+            Decision::Refuse {
+                service,
+                reason,
+                why,
+            } => {
+                count_refusal("outbound", reason);
+                warn!(%service, reason = reason.as_str(), "{why}");
+                return Err((StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+            }
+            Decision::Passthrough { .. } | Decision::NotService => {
+                // PASSTHROUGH: the original destination as it is (the VIP) is no endpoint
+                // for HTTP routing; refuse rather than loop through the capture.
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "PASSTHROUGH load balancing is not supported for HTTP",
+                ));
+            }
+        }
+        if tried.is_empty() {
+            break;
+        }
+    }
+    first.ok_or((StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"))
+}
+
+enum AttemptError {
+    Timeout,
+    Send(SendError),
+    /// Refused before sending (no identity, destination outside the mesh): the answer.
+    Refused(Response<Body>),
+}
+
+async fn attempt_once(
+    conn: &Conn,
+    st: &NodeState,
+    routed: &Routed,
+    req: Request<Body>,
+    limit: Option<Duration>,
+) -> Result<Response<Body>, AttemptError> {
+    let ep = routed.endpoint.addr;
+    let route = match st.workload_by_ip(ep.ip()) {
+        Some(dw) if dw.meshed => {
+            let Some(w) = conn.src.as_ref() else {
+                warn!(endpoint = %ep, "source workload unknown; cannot present an identity");
+                count_refusal("outbound", crate::proxy::hbone::Refusal::NoCertificate);
+                return Err(AttemptError::Refused(local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no source identity",
+                )));
+            };
+            let tunnel_ip = dw
+                .ips
+                .first()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(ep.ip());
+            Route::Hbone {
+                src_id: Identity::new(
+                    &st.trust_domain,
+                    name_str(&w.namespace),
+                    name_str(&w.service_account),
+                ),
+                dst_id: st.identity_of(dw),
+                tunnel_addr: SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE),
+                client_ip: conn.peer.ip(),
+                baggage: format!(
+                    "k8s.namespace.name={},k8s.pod.name={}",
+                    name_str(&w.namespace),
+                    name_str(&w.name)
+                ),
+            }
+        }
+        _ if !conn.shared.direct_unmeshed => {
+            warn!(endpoint = %ep, "endpoint outside the mesh and direct connections are off");
+            return Err(AttemptError::Refused(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "endpoint outside the mesh",
+            )));
+        }
+        _ => Route::Direct,
+    };
+    // Least-request balancing counts requests in flight (until the response headers).
+    let _active = conn.shared.balancer.track(ep);
+    let send = upstream::send(&conn.mesh, conn.shared.connect_timeout, ep, &route, req);
+    let resp = match limit {
+        Some(l) => tokio::time::timeout(l, send)
+            .await
+            .map_err(|_| AttemptError::Timeout)?,
+        None => send.await,
+    }
+    .map_err(AttemptError::Send)?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("end-user", HeaderValue::from_static("jason"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("end-user"));
+    }
+
+    #[test]
+    fn fault_percentages() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        assert!(fault_hits(None, &mut rng));
+        assert!(!fault_hits(Some(&Percent { value: 0.0 }), &mut rng));
+        let hits = (0..10_000)
+            .filter(|_| fault_hits(Some(&Percent { value: 25.0 }), &mut rng))
+            .count();
+        assert!((2200..2800).contains(&hits), "{hits}");
+    }
+}

@@ -1,0 +1,526 @@
+//! End-to-end tests of HTTP routing in the node proxy (L7): a Service port named `http` is
+//! terminated by node1's proxy and each request routed by the VirtualService `http` routes
+//! (weights, header and path matches, retries, timeouts, faults), then carried to node2's pods
+//! inside HBONE. Mesh mode (controller, HBONE), file config. Run as root:
+//! `cargo test -p sidenode-tests --test http_routing`. The tests take turns (one cluster at a
+//! time); each has its own cluster, torn down on drop.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use serde::Deserialize;
+use sidenode_tests::cluster::{Cluster, TestCluster};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const CLIENT_POD: &str = "node1-pod1";
+const CLIENT_IP: &str = "198.19.1.2";
+/// `reviews` endpoints: subset v1 and subset v2 (both meshed, on node 2).
+const V1_POD: &str = "node2-pod1";
+const V2_POD: &str = "node2-pod2";
+const URL: &str = "http://198.18.128.10:80";
+const REQUESTS: &str = "istio_requests_total";
+
+/// One cluster at a time: each runs a controller, two agents and two proxies.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rewrites every node's pod file with extra labels per pod.
+fn label_pods(c: &Cluster, labels: &[(&str, &[(&str, &str)])]) -> Result<()> {
+    let labels: BTreeMap<&str, &[(&str, &str)]> = labels.iter().copied().collect();
+    for node in c.node_names() {
+        let docs: Vec<String> = c
+            .pod_objects(&node)
+            .into_iter()
+            .map(|mut p| {
+                if let Some(extra) = labels.get(p.name.as_str()) {
+                    for (k, v) in *extra {
+                        p.labels.insert(k.to_string(), v.to_string());
+                    }
+                }
+                p.to_yaml()
+            })
+            .collect();
+        c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
+    }
+    Ok(())
+}
+
+/// A `testpod http-serve` process; killed on drop.
+struct HttpServer {
+    child: Child,
+}
+
+impl HttpServer {
+    fn start(c: &Cluster, pod: &str, name: &str, extra: &[&str]) -> Result<HttpServer> {
+        let mut cmd = c.pod_command(pod, testpod())?;
+        cmd.args(["http-serve", "--port", "9080", "--name", name])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting testpod http-serve")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("http-serve in {pod} did not start: {other:?}")
+            }
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `testpod http-get`'s report.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct HttpReport {
+    count: usize,
+    statuses: BTreeMap<String, usize>,
+    bodies: BTreeMap<String, usize>,
+    peers: BTreeMap<String, usize>,
+    errors: usize,
+    first_error: Option<String>,
+    min_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    connections: usize,
+}
+
+impl HttpReport {
+    fn status(&self, s: &str) -> usize {
+        self.statuses.get(s).copied().unwrap_or(0)
+    }
+    fn body(&self, b: &str) -> usize {
+        self.bodies.get(b).copied().unwrap_or(0)
+    }
+}
+
+/// `n` requests from the client pod on one connection, with `headers` (`K:V`) and `path`.
+fn get(c: &Cluster, n: usize, headers: &[&str], path: &str) -> Result<HttpReport> {
+    let mut cmd = c.pod_command(CLIENT_POD, testpod())?;
+    cmd.args(["http-get", "--url", URL, "--count", &n.to_string()])
+        .args(["--path", path]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    let out = cmd.output().context("running testpod http-get")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| {
+            format!(
+                "http-get printed no report ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+}
+
+/// Waits (20 s) until `n` requests with `headers` to `path` all answer 200 with body `body`.
+fn wait_all(c: &Cluster, headers: &[&str], path: &str, body: &str, n: usize) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        // Two connections: an L4 split (per connection) cannot pass by chance.
+        for _ in 0..2 {
+            let r = get(c, n, headers, path)?;
+            let done = r.status("200") == n && r.body(body) == n;
+            last = Some(r);
+            if !done {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    if !ok {
+        bail!("requests {headers:?} {path} did not all reach {body} within 20 s: {last:?}");
+    }
+    Ok(())
+}
+
+const SERVICE_AND_RULE: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+  namespace: mesh
+spec:
+  clusterIP: 198.18.128.10
+  selector:
+    svc: reviews
+  ports:
+  - name: http
+    port: 80
+    targetPort: 9080
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: mesh
+spec:
+  host: reviews.mesh.svc.cluster.local
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+---
+"#;
+
+/// The Service, rule and a VirtualService with these `http` routes (YAML list items, indented
+/// two spaces), preceded by a route sending `probe: 1` to v2 (to see that the file is in force).
+fn reviews_yaml(http_routes: &str) -> String {
+    format!(
+        r#"{SERVICE_AND_RULE}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: mesh
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - headers:
+        probe:
+          exact: "1"
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+{http_routes}"#
+    )
+}
+
+/// A 2-node mesh cluster with `reviews` v1/v2 pods on node 2 serving HTTP on 9080 (`v1_args`
+/// for v1's server), enrolled, HBONE listeners open.
+fn reviews_cluster(v1_args: &[&str]) -> Result<(TestCluster, Vec<HttpServer>)> {
+    let c = mesh_cluster(3, None)?;
+    label_pods(
+        &c,
+        &[
+            (V1_POD, &[("svc", "reviews"), ("version", "v1")]),
+            (V2_POD, &[("svc", "reviews"), ("version", "v2")]),
+        ],
+    )?;
+    let servers = vec![
+        HttpServer::start(&c, V1_POD, "v1", v1_args)?,
+        HttpServer::start(&c, V2_POD, "v2", &[])?,
+    ];
+    wait_enrolled(&c, "node1", "mesh", CLIENT_POD)?;
+    wait_enrolled(&c, "node2", "mesh", V1_POD)?;
+    wait_enrolled(&c, "node2", "mesh", V2_POD)?;
+    wait_hbone_listener(&c, V1_POD)?;
+    wait_hbone_listener(&c, V2_POD)?;
+    Ok((c, servers))
+}
+
+fn split_routes(w1: u32, w2: u32) -> String {
+    format!(
+        r#"  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: {w1}
+    - destination:
+        host: reviews
+        subset: v2
+      weight: {w2}
+"#
+    )
+}
+
+#[test]
+fn http_requests_split_80_20_inside_hbone() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&[])?;
+    c.write_config_file("reviews.yaml", &reviews_yaml(&split_routes(100, 0)))?;
+    wait_all(&c, &["probe:1"], "/", "v2", 5)?;
+    wait_all(&c, &[], "/", "v1", 10)?;
+    let offset = c.log_len("node1", "proxy");
+    c.write_config_file("reviews.yaml", &reviews_yaml(&split_routes(80, 20)))?;
+    let ok = wait_until(Duration::from_secs(20), || {
+        Ok(get(&c, 20, &[], "/")?.body("v2") > 0)
+    })?;
+    ensure!(ok, "the 80/20 split never reached v2");
+
+    let n = 2000;
+    let started = Instant::now();
+    let r = get(&c, n, &[], "/")?;
+    let took = started.elapsed();
+    ensure!(r.status("200") == n, "not all 200: {r:?}");
+    let (v1, v2) = (r.body("v1"), r.body("v2"));
+    ensure!(v1 + v2 == n, "other bodies: {r:?}");
+    let share = 100.0 * v1 as f64 / n as f64;
+    eprintln!(
+        "http split over {n} requests on {} connection(s) in {took:?} (mean {:.2} ms): v1 {v1} ({share:.1}%), v2 {v2}; peers {:?}",
+        r.connections, r.mean_ms, r.peers
+    );
+    ensure!(
+        (77.0..=83.0).contains(&share),
+        "v1 got {share:.1}% of {n} requests, wanted 80 ± 3: {r:?}"
+    );
+    // Per request, on one client connection.
+    ensure!(r.connections == 1, "{r:?}");
+    // Inside HBONE: the servers never see the client pod as their peer.
+    let node2 = c.node("node2")?.ip.clone();
+    ensure!(
+        !r.peers.contains_key(CLIENT_IP) && r.peers.get(&node2) == Some(&n),
+        "the servers should see node2's proxy ({node2}) as their peer, not the client: {:?}",
+        r.peers
+    );
+    // The node2 proxy carried tunnels from the client's identity; node1's counted requests.
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &[
+            "request done",
+            "service=\"mesh/reviews\"",
+            "endpoint=198.19.2.3:9080",
+            "status=200",
+        ],
+        Duration::from_secs(5),
+    )?;
+    let m = proxy_metrics(&c, "node1")?;
+    let counted = metric_value(
+        &m,
+        REQUESTS,
+        &[
+            ("reporter", "source"),
+            ("destination_service", "reviews.mesh.svc.cluster.local"),
+            ("destination_workload", V2_POD),
+            ("response_code", "200"),
+            ("request_protocol", "http"),
+        ],
+    );
+    ensure!(
+        counted >= v2 as f64,
+        "istio_requests_total v2 {counted} < {v2}"
+    );
+    Ok(())
+}
+
+#[test]
+fn header_and_path_matches_pick_the_subset() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&[])?;
+    let routes = r#"  - match:
+    - headers:
+        end-user:
+          exact: jason
+    - uri:
+        prefix: /v2/
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+"#;
+    c.write_config_file("reviews.yaml", &reviews_yaml(routes))?;
+    wait_all(&c, &["probe:1"], "/", "v2", 5)?;
+    for (headers, path, want) in [
+        (&["end-user:jason"][..], "/", "v2"),
+        (&[][..], "/v2/reviews", "v2"),
+        (&[][..], "/", "v1"),
+        (&["end-user:bob"][..], "/reviews", "v1"),
+        (&[][..], "/v2", "v1"),
+    ] {
+        let r = get(&c, 20, headers, path)?;
+        ensure!(
+            r.status("200") == 20 && r.body(want) == 20,
+            "{headers:?} {path}: wanted all {want}: {r:?}"
+        );
+    }
+    // HTTP/2 with prior knowledge (h2c) from the client is routed alike.
+    for (header, want) in [("end-user: jason", "v2"), ("end-user: bob", "v1")] {
+        let out = c
+            .pod_command(CLIENT_POD, "curl")?
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "--http2-prior-knowledge",
+                "-H",
+                header,
+            ])
+            .arg(format!("{URL}/"))
+            .output()
+            .context("running curl")?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && body == want,
+            "h2c with {header:?}: {} {body:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // No route matches: 404, as Envoy's NR.
+    let only_jason = r#"  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+"#;
+    c.write_config_file("reviews.yaml", &reviews_yaml(only_jason))?;
+    let ok = wait_until(Duration::from_secs(20), || {
+        Ok(get(&c, 1, &[], "/")?.status("404") == 1)
+    })?;
+    ensure!(ok, "an unmatched request never got 404");
+    Ok(())
+}
+
+#[test]
+fn retries_turn_first_503s_into_200s() -> Result<()> {
+    let _turn = serial();
+    // v1 fails its first two requests with 503.
+    let (c, _servers) = reviews_cluster(&["--fail-first", "2", "--fail-status", "503"])?;
+    let routes = r#"  - route:
+    - destination:
+        host: reviews
+        subset: v1
+    retries:
+      attempts: 3
+      retryOn: 5xx
+"#;
+    let offset = c.log_len("node1", "proxy");
+    c.write_config_file("reviews.yaml", &reviews_yaml(routes))?;
+    // In force (the probe route goes to v2, so v1's failures are still unspent).
+    wait_all(&c, &["probe:1"], "/", "v2", 3)?;
+    let r = get(&c, 5, &[], "/")?;
+    eprintln!("with retries: {r:?}");
+    ensure!(
+        r.status("200") == 5 && r.body("v1") == 5,
+        "the 503s were not retried away: {r:?}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &["request done", "status=200", "attempts=3"],
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn route_timeout_answers_504() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&["--delay-ms", "1000"])?;
+    let routes = r#"  - route:
+    - destination:
+        host: reviews
+        subset: v1
+    timeout: 200ms
+"#;
+    c.write_config_file("reviews.yaml", &reviews_yaml(routes))?;
+    wait_all(&c, &["probe:1"], "/", "v2", 3)?;
+    let r = get(&c, 5, &[], "/")?;
+    eprintln!(
+        "timeout 200ms against a 1000 ms server: statuses {:?}, latency min {:.1} mean {:.1} max {:.1} ms",
+        r.statuses, r.min_ms, r.mean_ms, r.max_ms
+    );
+    ensure!(r.status("504") == 5, "wanted 504s: {r:?}");
+    ensure!(
+        r.min_ms >= 190.0 && r.max_ms < 600.0,
+        "504 after {:.1}..{:.1} ms, wanted about 200",
+        r.min_ms,
+        r.max_ms
+    );
+    Ok(())
+}
+
+#[test]
+fn faults_abort_and_delay() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&[])?;
+    let routes = r#"  - match:
+    - headers:
+        x-fault:
+          exact: abort
+    fault:
+      abort:
+        httpStatus: 418
+        percentage:
+          value: 100
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+  - match:
+    - headers:
+        x-fault:
+          exact: delay
+    fault:
+      delay:
+        fixedDelay: 300ms
+        percentage:
+          value: 100
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+"#;
+    c.write_config_file("reviews.yaml", &reviews_yaml(routes))?;
+    wait_all(&c, &["probe:1"], "/", "v2", 3)?;
+    let abort = get(&c, 10, &["x-fault:abort"], "/")?;
+    ensure!(abort.status("418") == 10, "wanted 418s: {abort:?}");
+    let plain = get(&c, 5, &[], "/")?;
+    ensure!(plain.status("200") == 5, "{plain:?}");
+    let delayed = get(&c, 5, &["x-fault:delay"], "/")?;
+    eprintln!(
+        "fault: abort {:?}; plain mean {:.1} ms; delayed min {:.1} mean {:.1} ms",
+        abort.statuses, plain.mean_ms, delayed.min_ms, delayed.mean_ms
+    );
+    ensure!(
+        delayed.status("200") == 5 && delayed.body("v1") == 5,
+        "{delayed:?}"
+    );
+    ensure!(
+        delayed.min_ms >= 295.0 && delayed.mean_ms < 300.0 + plain.mean_ms + 200.0,
+        "delay not applied: {delayed:?}"
+    );
+    Ok(())
+}
