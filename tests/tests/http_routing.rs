@@ -524,3 +524,313 @@ fn faults_abort_and_delay() -> Result<()> {
     );
     Ok(())
 }
+
+/// A `testpod` server started with `args` (its first line `serving`); killed on drop.
+fn start_server(c: &Cluster, pod: &str, args: &[&str]) -> Result<HttpServer> {
+    let mut cmd = c.pod_command(pod, testpod())?;
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("starting testpod")?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("testpod {args:?} in {pod} did not start: {other:?}")
+        }
+    }
+}
+
+const GREETER_URL: &str = "http://198.18.128.11:80";
+
+/// `greeter`: a Service whose port is declared `grpc`, to the v1 pod's HTTP/2-only server.
+const GREETER: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: greeter
+  namespace: mesh
+spec:
+  clusterIP: 198.18.128.11
+  selector:
+    svc: reviews
+    version: v1
+  ports:
+  - name: grpc
+    port: 80
+    targetPort: 9090
+"#;
+
+/// curl from the client pod with `args`; (success, stdout with `-D -` headers, stderr).
+fn curl(c: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = c
+        .pod_command(CLIENT_POD, "curl")?
+        .args(["-sS", "--max-time", "5", "-D", "-"])
+        .args(args)
+        .output()
+        .context("running curl")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn grpc_port_goes_upstream_as_http2_with_trailers() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&[])?;
+    let _h2 = start_server(
+        &c,
+        V1_POD,
+        &["h2-serve", "--port", "9090", "--name", "greeter-v1"],
+    )?;
+    let offset = c.log_len("node1", "proxy");
+    c.write_config_file("greeter.yaml", GREETER)?;
+    let url = format!("{GREETER_URL}/helloworld.Greeter/SayHello");
+    let h2c = [
+        "--http2-prior-knowledge",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        "hello",
+        url.as_str(),
+    ];
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        let r = curl(&c, &h2c)?;
+        let done = r.0 && r.1.contains("greeter-v1 HTTP/2.0");
+        last = Some(r);
+        Ok(done)
+    })?;
+    ensure!(
+        ok,
+        "h2c through the grpc port never reached the server: {last:?}"
+    );
+    let (_, out, _) = last.context("a curl result")?;
+    eprintln!("h2c through a grpc port:\n{out}");
+    // The server spoke HTTP/2 (its answer names the version); its trailer reached curl (after
+    // the body, in the `-D -` dump).
+    ensure!(out.starts_with("HTTP/2 200"), "{out}");
+    let after_body = out
+        .split_once("greeter-v1 HTTP/2.0")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    ensure!(
+        after_body.to_ascii_lowercase().contains("grpc-status: 0"),
+        "the grpc-status trailer did not reach the client: {out:?}"
+    );
+    // An HTTP/1.1 client of the same port: HTTP/2 to the endpoint all the same.
+    let (ok, out, err) = curl(&c, &["--http1.1", url.as_str()])?;
+    ensure!(
+        ok && out.contains("greeter-v1 HTTP/2.0"),
+        "HTTP/1.1 client: {out:?} {err}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &[
+            "request done",
+            "service=\"mesh/greeter\"",
+            "endpoint=198.19.2.2:9090",
+            "status=200",
+        ],
+        Duration::from_secs(5),
+    )?;
+    let m = proxy_metrics(&c, "node1")?;
+    let grpc = metric_value(
+        &m,
+        REQUESTS,
+        &[
+            ("destination_service", "greeter.mesh.svc.cluster.local"),
+            ("response_code", "200"),
+            ("request_protocol", "grpc"),
+        ],
+    );
+    ensure!(grpc >= 1.0, "no grpc request counted: {grpc}");
+    Ok(())
+}
+
+#[test]
+fn pending_requests_over_the_limit_get_503_overflow() -> Result<()> {
+    let _turn = serial();
+    // v1 answers after 500 ms.
+    let (c, _servers) = reviews_cluster(&["--delay-ms", "500"])?;
+    let yaml = reviews_yaml(
+        r#"  - route:
+    - destination:
+        host: reviews
+        subset: v1
+"#,
+    )
+    .replace(
+        "  host: reviews.mesh.svc.cluster.local\n",
+        r#"  host: reviews.mesh.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+"#,
+    );
+    c.write_config_file("reviews.yaml", &yaml)?;
+    wait_all(&c, &["probe:1"], "/", "v2", 3)?;
+    let offset = c.log_len("node1", "proxy");
+    // Four requests at once, each on its own client connection.
+    let started = Instant::now();
+    let children = (0..4)
+        .map(|_| {
+            c.pod_command(CLIENT_POD, "curl")?
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    "/dev/null",
+                    "-D",
+                    "-",
+                    "-w",
+                    "code=%{http_code} ms=%{time_total}\n",
+                ])
+                .arg(format!("{URL}/"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting curl")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let outs = children
+        .into_iter()
+        .map(|ch| ch.wait_with_output().context("curl"))
+        .collect::<Result<Vec<_>>>()?;
+    let took = started.elapsed();
+    let outs: Vec<String> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    eprintln!("4 concurrent requests, maxConnections 1, 1 pending, in {took:?}: {outs:#?}");
+    let ok = outs.iter().filter(|o| o.contains("code=200")).count();
+    let overflow: Vec<&String> = outs.iter().filter(|o| o.contains("code=503")).collect();
+    ensure!(ok >= 1, "none succeeded: {outs:?}");
+    ensure!(!overflow.is_empty(), "none overflowed: {outs:?}");
+    for o in &overflow {
+        ensure!(
+            o.to_ascii_lowercase().contains("x-envoy-overloaded: true"),
+            "a 503 without x-envoy-overloaded: {o}"
+        );
+        // At once, not after waiting for the 500 ms server.
+        let ms: f64 = o
+            .split("ms=")
+            .nth(1)
+            .and_then(|v| v.trim().parse().ok())
+            .context("time_total")?;
+        ensure!(ms < 0.4, "the overflow took {ms} s: {o}");
+    }
+    // Not more than 1 connection: at most 1 served at once + 1 pending, so ≥ 2 503s.
+    ensure!(ok + overflow.len() == 4, "{outs:?}");
+    ensure!(
+        overflow.len() >= 2,
+        "more than one connection was opened? {outs:?}"
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &[
+            "request refused: connection pool overflow",
+            "http1MaxPendingRequests",
+        ],
+        Duration::from_secs(5),
+    )?;
+    let m = proxy_metrics(&c, "node1")?;
+    let refused = metric_value(
+        &m,
+        "sidenode_hbone_refused_total",
+        &[("direction", "outbound"), ("reason", "overflow")],
+    );
+    ensure!(
+        refused >= overflow.len() as f64,
+        "refusals counted: {refused}"
+    );
+    Ok(())
+}
+
+/// `reviews` plus one Service per version, and a Gateway API HTTPRoute attached to `reviews`:
+/// `end-user: jason` to reviews-v2, the rest 4:1 (80/20) between reviews-v1 and reviews-v2.
+const HTTP_ROUTE_YAML: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.10
+  selector: {svc: reviews}
+  ports: [{name: http, port: 80, targetPort: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.21
+  selector: {svc: reviews, version: v1}
+  ports: [{name: http, port: 9080, targetPort: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.22
+  selector: {svc: reviews, version: v2}
+  ports: [{name: http, port: 9080, targetPort: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: mesh}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: reviews, port: 80}
+  rules:
+  - matches:
+    - headers: [{name: end-user, value: jason}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 4}
+    - {name: reviews-v2, port: 9080, weight: 1}
+"#;
+
+#[test]
+fn a_gateway_api_httproute_on_a_service_routes_requests() -> Result<()> {
+    let _turn = serial();
+    let (c, _servers) = reviews_cluster(&[])?;
+    c.write_config_file("reviews.yaml", HTTP_ROUTE_YAML)?;
+    wait_all(&c, &["end-user:jason"], "/", "v2", 10)?;
+    let n = 2000;
+    let r = get(&c, n, &[], "/")?;
+    ensure!(r.status("200") == n, "not all 200: {r:?}");
+    let (v1, v2) = (r.body("v1"), r.body("v2"));
+    ensure!(v1 + v2 == n, "other bodies: {r:?}");
+    let share = 100.0 * v1 as f64 / n as f64;
+    eprintln!("HTTPRoute split over {n} requests: v1 {v1} ({share:.1}%), v2 {v2}");
+    ensure!(
+        (77.0..=83.0).contains(&share),
+        "v1 got {share:.1}% of {n} requests, wanted 80 ± 3: {r:?}"
+    );
+    Ok(())
+}

@@ -64,6 +64,11 @@ impl Object {
                 namespace: sa.key.namespace.clone(),
                 name: sa.key.name.clone(),
             },
+            Object::HttpRoute(r) => ObjId {
+                kind: "HTTPRoute".into(),
+                namespace: r.key.namespace.clone(),
+                name: r.key.name.clone(),
+            },
             Object::MeshConfig(m) => ObjId {
                 kind: "MeshConfig".into(),
                 namespace: String::new(),
@@ -316,6 +321,27 @@ pub(crate) fn convert(
         "MeshConfig" => reader
             .read::<RawMeshConfig>()
             .and_then(|r| r.into_model(origin)),
+        "HTTPRoute" => {
+            let r = match reader.read::<httproute::RawHttpRoute>() {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            };
+            let line = origin.line;
+            let key = match r.metadata.key(line) {
+                Ok(k) => k,
+                Err(e) => return Some(Err(e)),
+            };
+            match r.into_virtual_service(line, &key.namespace) {
+                Ok(None) => return None,
+                Ok(Some(vs)) => {
+                    let spec = IstioSpec::VirtualService(vs);
+                    spec.validate()
+                        .map(|()| Object::HttpRoute(IstioObject { key, spec, origin }))
+                        .map_err(|(field, message)| ObjError::field(line, &field, message))
+                }
+                Err(e) => Err(e),
+            }
+        }
         other => {
             let kind = IstioKind::parse(other)?;
             read_istio(kind, reader, origin)
@@ -677,6 +703,8 @@ impl RawNode {
         Ok(Object::Node(Node { name, ip, origin }))
     }
 }
+
+mod httproute;
 
 #[cfg(test)]
 mod tests;

@@ -93,11 +93,13 @@ impl View {
                 (n.name.clone(), node)
             })
             .collect();
+        let http_routes = snap.http_routes.values().map(|o| ("HTTPRoute", o));
         let configs = snap
             .istio
             .values()
-            .filter_map(|o| {
-                let kind = o.spec.kind().as_str();
+            .map(|o| (o.spec.kind().as_str(), o))
+            .chain(http_routes)
+            .filter_map(|(kind, o)| {
                 let uid = format!("{kind}/{}", o.key);
                 // The tagged JSON (`{"kind":…,"spec":…}`) of a validated spec.
                 let spec_json = match serde_json::to_string(&o.spec) {

@@ -168,6 +168,8 @@ pub enum Object {
     Node(Node),
     ServiceAccount(ServiceAccount),
     Istio(istio::IstioObject),
+    /// A Gateway API HTTPRoute attached to Services, as the VirtualService it means.
+    HttpRoute(istio::IstioObject),
     MeshConfig(MeshConfig),
 }
 
@@ -181,6 +183,7 @@ pub struct Snapshot {
     pub service_accounts: BTreeMap<ObjKey, ServiceAccount>,
     pub istio: BTreeMap<(istio::IstioKind, ObjKey), istio::IstioObject>,
     pub mesh_configs: BTreeMap<String, MeshConfig>,
+    pub http_routes: BTreeMap<ObjKey, istio::IstioObject>,
 }
 
 impl Snapshot {
@@ -204,6 +207,9 @@ impl Snapshot {
             }
             Object::Istio(o) => {
                 self.istio.insert((o.spec.kind(), o.key.clone()), o);
+            }
+            Object::HttpRoute(r) => {
+                self.http_routes.insert(r.key.clone(), r);
             }
             Object::MeshConfig(m) => {
                 self.mesh_configs.insert(m.name.clone(), m);

@@ -13,6 +13,9 @@
 //! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
 //!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
 //!   for the first N requests, with status S), the peer in `x-testpod-peer`, after D ms.
+//! - `h2-serve --port P --name NAME [--delay-ms D]`: an HTTP/2-only server (h2c, prior
+//!   knowledge) answering every request with the body `NAME <version>` (`NAME HTTP/2.0`) and
+//!   the trailer `grpc-status: 0`, after D ms.
 //! - `http-get --url http://IP:PORT[/PATH] --count N [--header K:V ..] [--method M]
 //!   [--path P]`: N requests on one keep-alive connection; one JSON line with histograms of
 //!   statuses, bodies and peers, and latencies (ms).
@@ -87,6 +90,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// HTTP/2-only (h2c) server naming the pod and the request's version, with a trailer.
+    H2Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+        /// Wait this long before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
     /// N HTTP/1.1 requests on one keep-alive connection; a JSON report.
     HttpGet {
         #[arg(long)]
@@ -139,6 +152,11 @@ fn main() {
             fail_status,
             delay_ms,
         } => http_serve(port, name, fail_first, fail_status, delay_ms),
+        Cmd::H2Serve {
+            port,
+            name,
+            delay_ms,
+        } => h2_serve(port, name, delay_ms),
         Cmd::HttpGet {
             url,
             count,
@@ -653,6 +671,77 @@ fn http_serve(
         });
     }
     Ok(())
+}
+
+/// A body of one data frame then trailers, of unknown length (no `content-length`).
+struct DataThenTrailers {
+    data: Option<bytes::Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl hyper::body::Body for DataThenTrailers {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(d) => Some(hyper::body::Frame::data(d)),
+            None => self.trailers.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+fn h2_serve(port: u16, name: String, delay_ms: u64) -> Result<()> {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("binding :{port}"))?;
+        println!("serving");
+        std::io::stdout().flush().context("flushing stdout")?;
+        let name = Arc::new(name);
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            let version = req.version();
+                            // Read the request to its end.
+                            let _ = req.into_body().collect().await;
+                            if delay_ms > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            }
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let body = DataThenTrailers {
+                                data: Some(bytes::Bytes::from(format!("{name} {version:?}"))),
+                                trailers: Some(trailers),
+                            };
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                        }
+                    },
+                );
+                let builder =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await
+                {
+                    eprintln!("testpod h2-serve: {e}");
+                }
+            });
+        }
+    })
 }
 
 #[derive(Serialize, Default)]

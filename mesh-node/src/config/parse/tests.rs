@@ -119,3 +119,81 @@ fn service_parses_ports_and_headless() {
     );
     assert_eq!(s.ports[1].target_port, Some(TargetPort::Number(8081)));
 }
+
+const HTTP_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: mesh}
+spec:
+  parentRefs:
+  - {group: '', kind: Service, name: reviews, port: 80}
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+      headers: [{name: End-User, value: jason}]
+    backendRefs:
+    - {name: reviews-v2, port: 9080}
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 4}
+    - {name: reviews-v2, port: 9080, weight: 1}
+    timeouts: {request: 2s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: edge, namespace: mesh}
+spec:
+  parentRefs: [{name: my-gateway}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+";
+
+#[test]
+fn an_httproute_on_a_service_reads_as_a_virtual_service() {
+    use crate::model::istio::IstioSpec;
+    let p = parse(HTTP_ROUTE);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    // The route attached to a Gateway is not the mesh's.
+    assert_eq!(p.objects.len(), 1);
+    let Object::HttpRoute(r) = &p.objects[0] else {
+        panic!("an HTTPRoute object")
+    };
+    let IstioSpec::VirtualService(vs) = &r.spec else {
+        panic!("read as a VirtualService")
+    };
+    assert_eq!(vs.hosts, ["reviews"]);
+    let first = &vs.http[0];
+    let m = &first.r#match[0];
+    assert_eq!(m.port, Some(80));
+    assert_eq!(
+        m.uri.as_ref().and_then(|u| u.regex.as_deref()),
+        Some("/v2(/.*)?")
+    );
+    assert_eq!(
+        m.headers.get("end-user").and_then(|h| h.exact.as_deref()),
+        Some("jason")
+    );
+    assert_eq!(first.route[0].weight, None);
+    let second = &vs.http[1];
+    let weights: Vec<_> = second.route.iter().map(|d| d.weight).collect();
+    assert_eq!(weights, [Some(80), Some(20)]);
+    assert_eq!(second.timeout.as_deref(), Some("2s"));
+    assert_eq!(second.r#match[0].port, Some(80));
+}
+
+#[test]
+fn an_httproute_with_what_sidenode_cannot_honour_is_an_error() {
+    let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: mesh}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules:
+  - filters: [{type: RequestHeaderModifier}]
+    backendRefs: [{name: reviews-v1, port: 9080}]
+";
+    let p = parse(text);
+    assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+    let e = &p.errors[0];
+    assert_eq!(e.object.as_deref(), Some("HTTPRoute mesh/r"));
+    assert_eq!(e.field.as_deref(), Some("spec.rules[0].filters"));
+}

@@ -77,10 +77,16 @@ impl KubeSource {
                     .await
             });
         }
-        let (c, s) = (client, src.clone());
+        let (c, s) = (client.clone(), src.clone());
         tokio::spawn(async move {
             let gvk = GroupVersionKind::gvk("sidenode.io", "v1alpha1", "MeshConfig");
             s.watch_crd(c, "MeshConfig", "meshconfigs", &[gvk]).await
+        });
+        let (c, s) = (client, src.clone());
+        tokio::spawn(async move {
+            let versions = ["v1", "v1beta1"]
+                .map(|v| GroupVersionKind::gvk("gateway.networking.k8s.io", v, "HTTPRoute"));
+            s.watch_crd(c, "HTTPRoute", "httproutes", &versions).await
         });
         src
     }
@@ -239,7 +245,13 @@ fn upsert(st: &mut Store, kind: &str, o: &DynamicObject) {
     }
     let origin = Origin::kubernetes(format!("kubernetes {id}"));
     match convert(kind, &JsonObject(&value), origin) {
-        None => {}
+        // Not (or no longer) the mesh's, e.g. an HTTPRoute now attached only to a Gateway.
+        None => {
+            st.errors.remove(&id);
+            if st.objects.remove(&id).is_some() {
+                st.changed = true;
+            }
+        }
         Some(Ok(obj)) => {
             st.errors.remove(&id);
             if st.objects.get(&id) != Some(&obj) {

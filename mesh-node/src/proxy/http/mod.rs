@@ -2,9 +2,10 @@
 //! (`route::http::is_http_port`). The proxy terminates the client's HTTP (HTTP/1.1, or h2c with
 //! prior knowledge) and routes every request on its own: the VirtualService `http` route that
 //! matches it (`route::http::select`), a weighted destination and subset, one endpoint per
-//! attempt (the service's `Balancer`), then HTTP/1.1 to the endpoint inside an HBONE tunnel
-//! (meshed) or directly (`upstream`, pooled). Per route: `fault` (delay, abort), `timeout`
-//! (504), `retries` (a retry prefers another endpoint; bodies up to 64 KiB are replayable).
+//! attempt (the service's `Balancer`), then HTTP/1.1 or HTTP/2 ([`upstream_proto`]) to the
+//! endpoint inside an HBONE tunnel (meshed) or directly (`upstream`, pooled, under the
+//! destination's `connectionPool` limits). Per route: `fault` (delay, abort), `timeout` (504),
+//! `retries` (a retry prefers another endpoint; bodies up to 64 KiB are replayable).
 //! Each request is counted in `istio_requests_total` and has an `http` span.
 
 pub mod upstream;
@@ -37,7 +38,7 @@ use crate::identity::Identity;
 use crate::model::istio::{Percent, parse_duration};
 use crate::proxy::hbone::{Refusal, count_refusal};
 use crate::state::NodeState;
-use upstream::{Route, SendError};
+use upstream::{Proto, Route, SendError};
 
 /// Body type of requests and responses the proxy passes on.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -99,11 +100,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+    let grpc = is_grpc(req.headers());
     let span = info_span!(
         "http",
         method = %req.method(),
@@ -132,6 +129,51 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     });
     count_request(&out, status, if grpc { "grpc" } else { "http" });
     resp
+}
+
+/// A gRPC request (`content-type: application/grpc…`, gRPC-Web included).
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A service port that speaks HTTP/2 to its pods (Istio's `IsHTTP2`): `appProtocol` `http2`,
+/// `grpc`, `grpc-web`, `h2c` or `kubernetes.io/h2c`; without a known `appProtocol`, a name
+/// `http2`, `grpc` or starting with `http2-` or `grpc-`.
+pub fn is_http2_port(p: &crate::proto::ServicePort) -> bool {
+    match p.app_protocol.to_ascii_lowercase().as_str() {
+        "http2" | "grpc" | "grpc-web" | "kubernetes.io/h2c" | "h2c" => return true,
+        // Known and not HTTP/2 (`route::http::is_http_port`'s list).
+        "http" | "tcp" | "tls" | "https" | "udp" | "mongo" | "redis" | "mysql"
+        | "kubernetes.io/ws" | "kubernetes.io/wss" => return false,
+        _ => {}
+    }
+    let name = p.name.to_ascii_lowercase();
+    matches!(name.as_str(), "http2" | "grpc")
+        || ["http2-", "grpc-"].iter().any(|pre| name.starts_with(pre))
+}
+
+/// The HTTP version to the endpoint: HTTP/2 when the destination port is declared HTTP/2
+/// ([`is_http2_port`]), or for a gRPC request (`application/grpc`, not gRPC-Web) that came as
+/// HTTP/2 (gRPC needs HTTP/2 end to end). Else HTTP/1.1, as Istio does for ports declared
+/// `http`, also for HTTP/2 clients: HTTP/1.1-only servers behind `http` ports keep working.
+pub fn upstream_proto(
+    port: Option<&crate::proto::ServicePort>,
+    client: Version,
+    headers: &HeaderMap,
+) -> Proto {
+    let grpc_over_h2 = client == Version::HTTP_2
+        && is_grpc(headers)
+        && !headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc-web"));
+    if port.is_some_and(is_http2_port) || grpc_over_h2 {
+        Proto::Http2
+    } else {
+        Proto::Http1
+    }
 }
 
 /// `istio_requests_total`, reported by the source side as Istio's proxies do.
@@ -222,23 +264,29 @@ async fn apply_fault(policy: &RoutePolicy) -> Option<Response<Body>> {
     None
 }
 
-/// The request body: kept whole (replayable) or, past [`RETRY_BUFFER`], streamed once.
+/// The request body: kept whole with its trailers (replayable) or, past [`RETRY_BUFFER`],
+/// streamed once (trailers included).
 enum ReqBody {
-    Whole(Bytes),
+    Whole(Bytes, Option<HeaderMap>),
     Stream(Option<Body>),
 }
 
 impl ReqBody {
     async fn read(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
         let mut buf = BytesMut::new();
+        let mut trailers: Option<HeaderMap> = None;
         loop {
             match body.frame().await {
-                None => return Ok(ReqBody::Whole(buf.freeze())),
+                None => return Ok(ReqBody::Whole(buf.freeze(), trailers)),
                 Some(Err(e)) => return Err(e),
                 Some(Ok(frame)) => {
-                    // Trailers of a buffered body are dropped (HTTP/1.1 upstream).
-                    if let Ok(data) = frame.into_data() {
-                        buf.extend_from_slice(&data);
+                    match frame.into_data() {
+                        Ok(data) => buf.extend_from_slice(&data),
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                            }
+                        }
                     }
                     if buf.len() > RETRY_BUFFER {
                         let head = futures::stream::iter([Ok(Frame::data(buf.freeze()))]);
@@ -254,16 +302,24 @@ impl ReqBody {
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, ReqBody::Whole(_))
+        matches!(self, ReqBody::Whole(..))
     }
 
     fn take(&mut self) -> Option<Body> {
         match self {
-            ReqBody::Whole(b) => Some(
+            ReqBody::Whole(b, None) => Some(
                 Full::new(b.clone())
                     .map_err(|never| match never {})
                     .boxed_unsync(),
             ),
+            ReqBody::Whole(b, Some(t)) => {
+                let mut frames = Vec::with_capacity(2);
+                if !b.is_empty() {
+                    frames.push(Ok(Frame::data(b.clone())));
+                }
+                frames.push(Ok(Frame::trailers(t.clone())));
+                Some(StreamBody::new(futures::stream::iter(frames)).boxed_unsync())
+            }
             ReqBody::Stream(s) => s.take(),
         }
     }
@@ -301,12 +357,21 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 struct Head {
     method: http::Method,
     path: http::uri::PathAndQuery,
+    /// Without hop-by-hop headers; with `host` (from `:authority` for HTTP/2 clients).
     headers: HeaderMap,
+    /// The client sent `te: trailers` (passed on to HTTP/2 endpoints; gRPC wants it).
+    te_trailers: bool,
 }
 
 impl Head {
     fn new(parts: &http::request::Parts, vip: SocketAddr) -> Head {
         let mut headers = parts.headers.clone();
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         strip_hop_by_hop(&mut headers);
         if !headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in `:authority`.
@@ -327,15 +392,44 @@ impl Head {
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
             headers,
+            te_trailers,
         }
     }
 
-    fn request(&self, body: Body) -> Request<Body> {
+    fn request(&self, body: Body, proto: Proto) -> Request<Body> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = http::Uri::from(self.path.clone());
-        *r.version_mut() = Version::HTTP_11;
         *r.headers_mut() = self.headers.clone();
+        match proto {
+            Proto::Http1 => {
+                *r.uri_mut() = http::Uri::from(self.path.clone());
+                *r.version_mut() = Version::HTTP_11;
+            }
+            Proto::Http2 => {
+                // `:scheme` and `:authority` (from `host`, which HTTP/2 does not carry).
+                let host = r.headers_mut().remove(header::HOST);
+                let uri = http::Uri::builder()
+                    .scheme("http")
+                    .authority(host.as_ref().map_or(&b"localhost"[..], |h| h.as_bytes()))
+                    .path_and_query(self.path.clone())
+                    .build();
+                match uri {
+                    Ok(u) => *r.uri_mut() = u,
+                    Err(_) => {
+                        // Not an authority: keep it as a header, the path as the URI.
+                        if let Some(h) = host {
+                            r.headers_mut().insert(header::HOST, h);
+                        }
+                        *r.uri_mut() = http::Uri::from(self.path.clone());
+                    }
+                }
+                *r.version_mut() = Version::HTTP_2;
+                if self.te_trailers {
+                    r.headers_mut()
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+            }
+        }
         r
     }
 }
@@ -398,6 +492,13 @@ async fn route_request(
     if let Some(r) = apply_fault(&policy).await {
         return r;
     }
+    let proto = upstream_proto(
+        st.services
+            .get(&plan.service)
+            .and_then(|svc| super::route::service::service_port(svc, plan.port)),
+        req.version(),
+        req.headers(),
+    );
     let (parts, body) = req.into_parts();
     let head = Head::new(&parts, conn.dst);
     let body = match ReqBody::read(body).await {
@@ -407,7 +508,7 @@ async fn route_request(
             return local(StatusCode::BAD_REQUEST, "bad request body\n");
         }
     };
-    forward(&st, &source, &plan, &policy, head, body, conn, out).await
+    forward(&st, &source, &plan, &policy, head, body, proto, conn, out).await
 }
 
 /// An attempt's failure (no usable response).
@@ -425,6 +526,7 @@ async fn forward(
     policy: &RoutePolicy,
     head: Head,
     mut body: ReqBody,
+    proto: Proto,
     conn: &Conn,
     out: &mut Outcome,
 ) -> Response<Body> {
@@ -467,29 +569,25 @@ async fn forward(
             .try_request(&routed.cluster, &routed.resilience)
         {
             Ok(p) => p,
-            Err(e) => {
-                count_refusal("outbound", Refusal::Overflow);
-                warn!(endpoint = %ep, error = %e, "request refused: connection pool overflow");
-                let mut r = local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
-                r.headers_mut().insert(
-                    "x-envoy-overloaded",
-                    hyper::header::HeaderValue::from_static("true"),
-                );
-                return r;
-            }
+            Err(e) => return overflow(ep, &e),
         };
-        let result = attempt_once(conn, st, &routed, head.request(b), limit).await;
-        // Outlier detection learns from every attempt's outcome.
+        let result = attempt_once(conn, st, &routed, head.request(b, proto), proto, limit).await;
+        // Outlier detection learns from every attempt's outcome (a local overflow is none).
         if let Some(od) = &routed.resilience.outlier {
             let outcome = match &result {
-                Ok(resp) => HealthOutcome::from_status(resp.status().as_u16()),
-                Err(AttemptError::Send(SendError::Connect(_))) => HealthOutcome::ConnectFailure,
-                Err(AttemptError::Send(SendError::Reset(_)) | AttemptError::Timeout) => {
-                    HealthOutcome::GatewayError
+                Ok(resp) => Some(HealthOutcome::from_status(resp.status().as_u16())),
+                Err(AttemptError::Send(SendError::Connect(_))) => {
+                    Some(HealthOutcome::ConnectFailure)
                 }
-                Err(AttemptError::Refused(_)) => HealthOutcome::ConnectFailure,
+                Err(AttemptError::Send(SendError::Reset(_)) | AttemptError::Timeout) => {
+                    Some(HealthOutcome::GatewayError)
+                }
+                Err(AttemptError::Send(SendError::Overflow(_))) => None,
+                Err(AttemptError::Refused(_)) => Some(HealthOutcome::ConnectFailure),
             };
-            conn.shared.health.report(&routed.cluster, ep, outcome, od);
+            if let Some(outcome) = outcome {
+                conn.shared.health.report(&routed.cluster, ep, outcome, od);
+            }
         }
         let failed = match result {
             Ok(resp) => {
@@ -530,6 +628,8 @@ async fn forward(
                     ),
                 )
             }
+            // `http1MaxPendingRequests` (waiting for a connection under `maxConnections`).
+            Err(AttemptError::Send(SendError::Overflow(e))) => return overflow(ep, &e),
             Err(AttemptError::Refused(resp)) => Failed::Final(resp),
         };
         match failed {
@@ -552,6 +652,17 @@ async fn forward(
         tokio::time::sleep(backoff).await;
     }
     last
+}
+
+/// A connection pool limit refused the request: `503` with `x-envoy-overloaded` (Envoy's
+/// overflow), counted as `reason="overflow"`.
+fn overflow(ep: SocketAddr, e: &super::route::limits::Overflow) -> Response<Body> {
+    count_refusal("outbound", Refusal::Overflow);
+    warn!(endpoint = %ep, error = %e, "request refused: connection pool overflow");
+    let mut r = local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
+    r.headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
 }
 
 /// One endpoint for an attempt: a different one than those tried when there is one.
@@ -617,6 +728,7 @@ async fn attempt_once(
     st: &NodeState,
     routed: &Routed,
     req: Request<Body>,
+    proto: Proto,
     limit: Option<Duration>,
 ) -> Result<Response<Body>, AttemptError> {
     let ep = routed.endpoint.addr;
@@ -662,7 +774,19 @@ async fn attempt_once(
     };
     // Least-request balancing counts requests in flight (until the response headers).
     let _active = conn.shared.balancer.track(ep);
-    let send = upstream::send(&conn.mesh, conn.shared.connect_timeout, ep, &route, req);
+    let send = upstream::send(
+        &conn.mesh,
+        &conn.shared.limits,
+        &routed.cluster,
+        &routed.resilience,
+        routed
+            .resilience
+            .connect_timeout_or(conn.shared.connect_timeout),
+        ep,
+        &route,
+        proto,
+        req,
+    );
     let resp = match limit {
         Some(l) => tokio::time::timeout(l, send)
             .await
@@ -692,6 +816,106 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("end-user"));
+    }
+
+    #[test]
+    fn upstream_protocol_by_port_and_request() {
+        let port = |name: &str, app: &str| crate::proto::ServicePort {
+            name: name.into(),
+            app_protocol: app.into(),
+            port: 80,
+            target_port: 8080,
+            ..Default::default()
+        };
+        let grpc = {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc+proto"),
+            );
+            h
+        };
+        let plain = HeaderMap::new();
+        for (name, app, want) in [
+            ("grpc", "", Proto::Http2),
+            ("http2-api", "", Proto::Http2),
+            ("grpc-x", "", Proto::Http2),
+            ("web", "kubernetes.io/h2c", Proto::Http2),
+            ("http", "grpc", Proto::Http2),
+            ("http", "", Proto::Http1),
+            ("http-web", "", Proto::Http1),
+            ("grpc", "http", Proto::Http1),
+            ("http2x", "", Proto::Http1),
+        ] {
+            let p = port(name, app);
+            assert_eq!(
+                upstream_proto(Some(&p), Version::HTTP_11, &plain),
+                want,
+                "{name} {app}"
+            );
+        }
+        // HTTP/2 clients on `http` ports: HTTP/1.1 upstream, unless the request is gRPC.
+        let http = port("http", "");
+        assert_eq!(
+            upstream_proto(Some(&http), Version::HTTP_2, &plain),
+            Proto::Http1
+        );
+        assert_eq!(
+            upstream_proto(Some(&http), Version::HTTP_2, &grpc),
+            Proto::Http2
+        );
+        assert_eq!(
+            upstream_proto(Some(&http), Version::HTTP_11, &grpc),
+            Proto::Http1
+        );
+    }
+
+    #[test]
+    fn http2_requests_carry_the_authority_and_te_trailers() {
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://reviews:80/pkg.Svc/Call?x=1")
+            .version(Version::HTTP_2)
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let head = Head::new(&parts, SocketAddr::from(([198, 18, 0, 1], 80)));
+        let empty = || {
+            Full::new(Bytes::new())
+                .map_err(|n| match n {})
+                .boxed_unsync()
+        };
+        let h2 = head.request(empty(), Proto::Http2);
+        assert_eq!(h2.uri().to_string(), "http://reviews:80/pkg.Svc/Call?x=1");
+        assert_eq!(h2.version(), Version::HTTP_2);
+        assert!(!h2.headers().contains_key(header::HOST));
+        assert_eq!(h2.headers()[header::TE], "trailers");
+        let h1 = head.request(empty(), Proto::Http1);
+        assert_eq!(h1.uri().to_string(), "/pkg.Svc/Call?x=1");
+        assert_eq!(h1.headers()[header::HOST], "reviews:80");
+        assert!(!h1.headers().contains_key(header::TE));
+    }
+
+    #[tokio::test]
+    async fn buffered_request_bodies_keep_their_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-timeout", HeaderValue::from_static("1S"));
+        let mut body = ReqBody::Whole(Bytes::from_static(b"abc"), Some(t));
+        for _ in 0..2 {
+            let got = body
+                .take()
+                .expect("replayable")
+                .collect()
+                .await
+                .expect("body");
+            assert_eq!(
+                got.trailers().map(|t| t["grpc-timeout"].clone()),
+                Some(HeaderValue::from_static("1S"))
+            );
+            assert_eq!(got.to_bytes(), Bytes::from_static(b"abc"));
+        }
     }
 
     #[test]

@@ -1,31 +1,49 @@
-//! Upstream HTTP/1.1 connections to endpoints: inside an HBONE `CONNECT` stream to a meshed
-//! pod, else a direct marked TCP connection. Idle connections are kept per (endpoint, source
-//! identity) and reused by later requests; a connection goes back to the pool when its response
-//! body has been read to the end.
+//! Upstream HTTP connections to endpoints: inside an HBONE `CONNECT` stream to a meshed pod,
+//! else a direct marked TCP connection; HTTP/1.1 or HTTP/2 (h2c with prior knowledge,
+//! [`Proto`]).
+//!
+//! Connections are kept per (destination cluster, endpoint, source identity, protocol):
+//! - HTTP/1.1: idle connections are reused by later requests; a connection goes back to the
+//!   pool when its response body has been read to the end.
+//! - HTTP/2: one connection per key, shared by every request while it is open (streams are
+//!   multiplexed on it).
+//!
+//! Every connection holds a unit of the destination's `tcp.maxConnections`
+//! ([`Limits::try_connection`]) until it closes. A request that finds no usable connection
+//! while the limit is reached waits for one (an idle connection coming back, or one closing),
+//! counted under `http.http1MaxPendingRequests` ([`Limits::try_pending`]); past that limit, or
+//! after waiting the connect timeout, it fails with [`SendError::Overflow`].
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::Body;
 use crate::identity::Identity;
 use crate::proxy::Mesh;
 use crate::proxy::hbone::client::{TunnelError, TunnelRequest, open};
+use crate::proxy::route::limits::{Kind, Overflow, Permit};
+use crate::proxy::route::{Limits, Resilience};
 use crate::proxy::socket::connect_marked;
 
-/// Idle connections kept per key.
+/// Idle HTTP/1.1 connections kept per key.
 const MAX_IDLE: usize = 32;
+
+/// A waiting request looks again at least this often (a missed wake-up costs no more).
+const RECHECK: Duration = Duration::from_millis(100);
 
 /// How a connection to an endpoint is opened (one per attempt: the size does not matter).
 #[allow(clippy::large_enum_variant)]
@@ -44,68 +62,79 @@ pub enum Route {
     Direct,
 }
 
+/// The HTTP version spoken to the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    /// h2c with prior knowledge.
+    Http2,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
+    /// The destination (`Routed::cluster`): connections count against its limits.
+    cluster: String,
     endpoint: SocketAddr,
     /// The source identity, empty for direct connections.
     src: String,
+    proto: Proto,
 }
 
 impl Key {
-    fn new(endpoint: SocketAddr, route: &Route) -> Key {
+    fn new(cluster: &str, endpoint: SocketAddr, route: &Route, proto: Proto) -> Key {
         Key {
+            cluster: cluster.to_string(),
             endpoint,
             src: match route {
                 Route::Hbone { src_id, .. } => src_id.to_string(),
                 Route::Direct => String::new(),
             },
+            proto,
         }
     }
 }
 
-type Sender = SendRequest<Body>;
+/// A connection's request handle.
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    /// Cloned for every request; the connection lives while a clone or a stream does.
+    H2(http2::SendRequest<Body>),
+}
 
-/// Idle upstream connections.
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Held by a connection's task until the connection ends: its unit of `tcp.maxConnections`;
+/// dropping it wakes the requests waiting for a connection to the destination.
+pub struct ConnGuard {
+    _permit: Permit,
+    notify: Arc<Notify>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.notify.notify_waiters();
+    }
+}
+
+/// Upstream connections: idle HTTP/1.1 ones, the shared HTTP/2 one per key.
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Sender>>>,
+    /// Per cluster: woken when a connection comes back idle or closes.
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 /// The proxy's pool of upstream HTTP connections.
 pub fn pool() -> &'static Pool {
-    static P: OnceLock<Arc<Pool>> = OnceLock::new();
+    static P: OnceLock<Pool> = OnceLock::new();
     P.get_or_init(Default::default)
-}
-
-impl Pool {
-    fn take(&self, key: &Key) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
-        while let Some(s) = list.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        idle.remove(key);
-        None
-    }
-
-    fn put(&self, key: Key, s: Sender) {
-        if s.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(key).or_default();
-        if list.len() < MAX_IDLE {
-            list.push(s);
-        }
-    }
-
-    /// Idle connections (all keys).
-    pub fn idle(&self) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
-    }
 }
 
 /// Why an attempt got no response.
@@ -117,43 +146,221 @@ pub enum SendError {
     /// The connection failed or closed before a response.
     #[error("reset: {0}")]
     Reset(String),
+    /// A connection pool limit: `tcp.maxConnections` reached and the request could not wait
+    /// (`http1MaxPendingRequests` reached, or waited too long).
+    #[error("{0}")]
+    Overflow(Overflow),
 }
 
-/// Sends `req` to `endpoint` and returns its response, whose body hands the connection back to
-/// the pool once read to the end.
+impl Pool {
+    fn notify(&self, cluster: &str) -> Arc<Notify> {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get(cluster) {
+            return n.clone();
+        }
+        w.entry(cluster.to_string()).or_default().clone()
+    }
+
+    /// A usable connection for `key`: an idle HTTP/1.1 one (removed from the pool), or the
+    /// HTTP/2 one (shared, left in the pool).
+    async fn take(&self, key: &Key) -> Option<Sender> {
+        loop {
+            let s = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let list = idle.get_mut(key)?;
+                match key.proto {
+                    Proto::Http1 => list.pop(),
+                    Proto::Http2 => {
+                        list.retain(|s| !s.is_closed());
+                        match list.first() {
+                            Some(Sender::H2(s)) => Some(Sender::H2(s.clone())),
+                            _ => None,
+                        }
+                    }
+                }
+            };
+            match s {
+                None => {
+                    let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.get(key).is_some_and(Vec::is_empty) {
+                        idle.remove(key);
+                    }
+                    return None;
+                }
+                Some(Sender::H1(mut s)) => {
+                    // An idle connection is ready at once; one still finishing a body is soon.
+                    if let Ok(Ok(())) =
+                        tokio::time::timeout(Duration::from_millis(50), s.ready()).await
+                    {
+                        return Some(Sender::H1(s));
+                    }
+                }
+                Some(Sender::H2(s)) => return Some(Sender::H2(s)),
+            }
+        }
+    }
+
+    /// Keeps `s` for `key`: idle (HTTP/1.1) or shared (HTTP/2); wakes the waiting requests.
+    fn put(&self, key: Key, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        let notify = self.notify(&key.cluster);
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(key.clone()).or_default();
+            match s {
+                Sender::H1(_) if list.len() < MAX_IDLE => list.push(s),
+                Sender::H1(_) => {}
+                // One shared connection per key: the newest.
+                Sender::H2(_) => *list = vec![s],
+            }
+        }
+        notify.notify_waiters();
+    }
+
+    /// Closes one idle HTTP/1.1 connection of `cluster` not for `except` (it goes to another
+    /// endpoint or identity), so that its unit of `maxConnections` can serve `except`.
+    fn evict_idle(&self, cluster: &str, except: &Key) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, list) in idle.iter_mut() {
+            if k.cluster == cluster && k != except && k.proto == Proto::Http1 && !list.is_empty() {
+                // Dropped: the connection ends, its guard wakes the waiters.
+                list.remove(0);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Idle HTTP/1.1 connections and shared HTTP/2 ones (all keys).
+    pub fn idle(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+
+    /// A connection for `key` (pooled, or new through `dial`), waiting for one when
+    /// `tcp.maxConnections` of the cluster are open.
+    async fn connection<D, F>(
+        &'static self,
+        limits: &Limits,
+        res: &Resilience,
+        key: &Key,
+        max_wait: Duration,
+        dial: D,
+    ) -> Result<Sender, SendError>
+    where
+        D: FnOnce(ConnGuard) -> F,
+        F: Future<Output = Result<Sender, SendError>>,
+    {
+        let notify = self.notify(&key.cluster);
+        let mut pending: Option<Permit> = None;
+        let mut since: Option<Instant> = None;
+        loop {
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Some(s) = self.take(key).await {
+                return Ok(s);
+            }
+            match limits.try_connection(&key.cluster, res) {
+                Ok(permit) => {
+                    drop(pending);
+                    let guard = ConnGuard {
+                        _permit: permit,
+                        notify: notify.clone(),
+                    };
+                    let s = dial(guard).await?;
+                    if key.proto == Proto::Http2
+                        && let Sender::H2(h2) = &s
+                    {
+                        self.put(key.clone(), Sender::H2(h2.clone()));
+                    }
+                    return Ok(s);
+                }
+                Err(full) => {
+                    if pending.is_none() {
+                        pending = Some(
+                            limits
+                                .try_pending(&key.cluster, res)
+                                .map_err(SendError::Overflow)?,
+                        );
+                        debug!(cluster = %key.cluster, "waiting for an upstream connection");
+                    }
+                    let started = *since.get_or_insert_with(Instant::now);
+                    if started.elapsed() >= max_wait {
+                        return Err(SendError::Overflow(Overflow {
+                            kind: Kind::PendingRequests,
+                            ..full
+                        }));
+                    }
+                    if self.evict_idle(&key.cluster, key) {
+                        continue;
+                    }
+                    let _ = tokio::time::timeout(RECHECK, woken).await;
+                }
+            }
+        }
+    }
+
+    /// Sends `req` on a connection for `key` and returns its response, whose body hands an
+    /// HTTP/1.1 connection back to the pool once read to the end.
+    async fn send<D, F>(
+        &'static self,
+        limits: &Limits,
+        res: &Resilience,
+        key: Key,
+        max_wait: Duration,
+        dial: D,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, SendError>
+    where
+        D: FnOnce(ConnGuard) -> F,
+        F: Future<Output = Result<Sender, SendError>>,
+    {
+        match self.connection(limits, res, &key, max_wait, dial).await? {
+            Sender::H1(mut s) => {
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Reset(e.to_string()))?;
+                let (parts, body) = resp.into_parts();
+                let body = Pooled {
+                    pool: self,
+                    inner: body,
+                    give_back: Some((key, s)),
+                };
+                Ok(Response::from_parts(parts, body.boxed_unsync()))
+            }
+            Sender::H2(mut s) => {
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Reset(e.to_string()))?;
+                Ok(resp.map(BodyExt::boxed_unsync))
+            }
+        }
+    }
+}
+
+/// Sends `req` to `endpoint` over `proto`, for destination `cluster` (its limits `res`).
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     mesh: &Mesh,
+    limits: &Limits,
+    cluster: &str,
+    res: &Resilience,
     connect_timeout: Duration,
     endpoint: SocketAddr,
     route: &Route,
+    proto: Proto,
     req: Request<Body>,
 ) -> Result<Response<Body>, SendError> {
-    let key = Key::new(endpoint, route);
-    let mut sender = None;
-    while let Some(mut s) = pool().take(&key) {
-        // An idle connection is ready at once; one still finishing a body is soon.
-        match tokio::time::timeout(Duration::from_millis(50), s.ready()).await {
-            Ok(Ok(())) => {
-                sender = Some(s);
-                break;
-            }
-            _ => continue,
-        }
-    }
-    let mut sender = match sender {
-        Some(s) => s,
-        None => dial(mesh, connect_timeout, endpoint, route).await?,
-    };
-    let resp = sender
-        .send_request(req)
+    let key = Key::new(cluster, endpoint, route, proto);
+    let dial = |guard| dial(mesh, connect_timeout, endpoint, route, proto, guard);
+    pool()
+        .send(limits, res, key, connect_timeout, dial, req)
         .await
-        .map_err(|e| SendError::Reset(e.to_string()))?;
-    let (parts, body) = resp.into_parts();
-    let body = Pooled {
-        inner: body,
-        give_back: Some((key, sender)),
-    };
-    Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
 async fn dial(
@@ -161,13 +368,15 @@ async fn dial(
     connect_timeout: Duration,
     endpoint: SocketAddr,
     route: &Route,
+    proto: Proto,
+    guard: ConnGuard,
 ) -> Result<Sender, SendError> {
     match route {
         Route::Direct => {
             let tcp = connect_marked(endpoint, connect_timeout)
                 .await
                 .map_err(|e| SendError::Connect(format!("{endpoint}: {e}")))?;
-            handshake(TokioIo::new(tcp), endpoint).await
+            handshake(TokioIo::new(tcp), endpoint, proto, guard).await
         }
         Route::Hbone {
             src_id,
@@ -199,30 +408,54 @@ async fn dial(
                     | TunnelError::H2(_) => SendError::Connect(format!("HBONE to {endpoint}: {e}")),
                     other => SendError::Connect(other.to_string()),
                 })?;
-            handshake(io.into_inner(), endpoint).await
+            handshake(io.into_inner(), endpoint, proto, guard).await
         }
     }
 }
 
-async fn handshake<IO>(io: IO, endpoint: SocketAddr) -> Result<Sender, SendError>
+/// HTTP/1.1 or HTTP/2 on `io`; the connection's task holds `guard` until it ends.
+async fn handshake<IO>(
+    io: IO,
+    endpoint: SocketAddr,
+    proto: Proto,
+    guard: ConnGuard,
+) -> Result<Sender, SendError>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| SendError::Connect(format!("HTTP/1 with {endpoint}: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(%endpoint, error = %e, "upstream HTTP connection ended");
+    match proto {
+        Proto::Http1 => {
+            let (sender, conn) = http1::handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(format!("HTTP/1 with {endpoint}: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%endpoint, error = %e, "upstream HTTP/1 connection ended");
+                }
+                drop(guard);
+            });
+            Ok(Sender::H1(sender))
         }
-    });
-    Ok(sender)
+        Proto::Http2 => {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| SendError::Connect(format!("HTTP/2 with {endpoint}: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+                }
+                drop(guard);
+            });
+            Ok(Sender::H2(sender))
+        }
+    }
 }
 
-/// A response body that returns its connection to the pool once read to the end.
+/// A response body that returns its HTTP/1.1 connection to the pool once read to the end.
 struct Pooled {
+    pool: &'static Pool,
     inner: Incoming,
-    give_back: Option<(Key, Sender)>,
+    give_back: Option<(Key, http1::SendRequest<Body>)>,
 }
 
 impl Pooled {
@@ -230,7 +463,7 @@ impl Pooled {
         if self.inner.is_end_stream()
             && let Some((key, s)) = self.give_back.take()
         {
-            pool().put(key, s);
+            self.pool.put(key, Sender::H1(s));
         }
     }
 }
@@ -247,7 +480,7 @@ impl hyper::body::Body for Pooled {
         match &polled {
             Poll::Ready(None) => {
                 if let Some((key, s)) = self.give_back.take() {
-                    pool().put(key, s);
+                    self.pool.put(key, Sender::H1(s));
                 }
             }
             Poll::Ready(Some(Ok(_))) => self.release_if_done(),
@@ -269,5 +502,219 @@ impl hyper::body::Body for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         self.release_if_done();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An in-memory server answering `delay` late with body `ok` (HTTP/1.1 or HTTP/2, with a
+    /// trailer `grpc-status: 0` for HTTP/2), counting its connections.
+    fn serve_in_memory(
+        proto: Proto,
+        delay: Duration,
+        conns: Arc<AtomicUsize>,
+    ) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        conns.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| async move {
+                tokio::time::sleep(delay).await;
+                let version = format!("{:?}", req.version());
+                let frames = vec![
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(version))),
+                    Ok(Frame::trailers({
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        t
+                    })),
+                ];
+                Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(
+                    futures::stream::iter(frames),
+                )))
+            });
+            let io = TokioIo::new(server);
+            let _ = match proto {
+                Proto::Http1 => {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await
+                }
+                Proto::Http2 => {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                }
+            };
+        });
+        client
+    }
+
+    fn request() -> Request<Body> {
+        let mut r = Request::new(
+            Full::new(Bytes::new())
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        );
+        *r.uri_mut() = http::Uri::from_static("http://svc/");
+        r
+    }
+
+    fn key(cluster: &str, port: u16, proto: Proto) -> Key {
+        Key::new(
+            cluster,
+            SocketAddr::from(([10, 0, 0, 1], port)),
+            &Route::Direct,
+            proto,
+        )
+    }
+
+    fn leak() -> &'static Pool {
+        Box::leak(Box::default())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn one(
+        pool: &'static Pool,
+        limits: &Limits,
+        res: &Resilience,
+        key: Key,
+        delay: Duration,
+        conns: Arc<AtomicUsize>,
+    ) -> Result<(String, Option<http::HeaderMap>), SendError> {
+        let proto = key.proto;
+        let dial = move |guard| async move {
+            let io = TokioIo::new(serve_in_memory(proto, delay, conns));
+            handshake(io, SocketAddr::from(([10, 0, 0, 1], 80)), proto, guard).await
+        };
+        let resp = pool
+            .send(limits, res, key, Duration::from_secs(5), dial, request())
+            .await?;
+        let collected = resp.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        Ok((
+            String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            trailers,
+        ))
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_and_http2_shared() {
+        let pool = leak();
+        let limits = Limits::default();
+        let res = Resilience::default();
+        let conns = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            let (body, _) = one(
+                pool,
+                &limits,
+                &res,
+                key("c", 80, Proto::Http1),
+                Duration::ZERO,
+                conns.clone(),
+            )
+            .await
+            .expect("h1");
+            assert_eq!(body, "HTTP/1.1");
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one HTTP/1.1 connection reused"
+        );
+        // HTTP/2: concurrent requests share one connection; trailers pass.
+        let h2 = conns.clone();
+        let results = futures::future::join_all((0..4).map(|_| {
+            one(
+                pool,
+                &limits,
+                &res,
+                key("c", 80, Proto::Http2),
+                Duration::from_millis(50),
+                h2.clone(),
+            )
+        }))
+        .await;
+        for r in results {
+            let (body, trailers) = r.expect("h2");
+            assert_eq!(body, "HTTP/2.0");
+            assert_eq!(
+                trailers.and_then(|t| t.get("grpc-status").cloned()),
+                Some(http::HeaderValue::from_static("0"))
+            );
+        }
+        // The first request dials; the others may race it, but not all four.
+        let n = conns.load(Ordering::SeqCst) - 1;
+        assert!((1..4).contains(&n), "{n} HTTP/2 connections");
+        assert_eq!(limits.in_use(Kind::Connections, "c"), 1 + n as u32);
+    }
+
+    #[tokio::test]
+    async fn max_connections_makes_requests_wait_bounded_by_pending() {
+        let pool = leak();
+        let limits = Limits::default();
+        let res = Resilience {
+            max_connections: Some(1),
+            http1_max_pending_requests: Some(1),
+            ..Default::default()
+        };
+        let conns = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let results = futures::future::join_all((0..4).map(|_| {
+            one(
+                pool,
+                &limits,
+                &res,
+                key("ns/svc/v1", 80, Proto::Http1),
+                Duration::from_millis(200),
+                conns.clone(),
+            )
+        }))
+        .await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        let overflow = results
+            .iter()
+            .filter(|r| matches!(r, Err(SendError::Overflow(o)) if o.kind == Kind::PendingRequests))
+            .count();
+        assert_eq!((ok, overflow), (2, 2), "{results:?}");
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "never more than one connection"
+        );
+        // The pending one waited for the first.
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert_eq!(limits.in_use(Kind::PendingRequests, "ns/svc/v1"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_to_another_endpoint_is_closed_for_a_waiting_request() {
+        let pool = leak();
+        let limits = Limits::default();
+        let res = Resilience {
+            max_connections: Some(1),
+            ..Default::default()
+        };
+        let conns = Arc::new(AtomicUsize::new(0));
+        let a = key("k", 80, Proto::Http1);
+        let b = key("k", 81, Proto::Http1);
+        one(pool, &limits, &res, a, Duration::ZERO, conns.clone())
+            .await
+            .expect("a");
+        assert_eq!(pool.idle(), 1);
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            one(pool, &limits, &res, b, Duration::ZERO, conns.clone()),
+        )
+        .await
+        .expect("not stuck");
+        r.expect("b");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+        assert!(limits.in_use(Kind::Connections, "k") <= 1);
     }
 }
