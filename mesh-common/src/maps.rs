@@ -20,10 +20,14 @@ pub const EXCL_PORTS: &str = "SN_EXCL_PORTS";
 pub const EXCL_CIDRS: &str = "SN_EXCL_CIDRS";
 /// Per-CPU counters indexed by [`Stat`].
 pub const STATS: &str = "SN_STATS";
+/// Peer authentication enforced in the kernel (`PeerAuthentication` STRICT): [`StrictKey`]
+/// (pod address, port; port 0 = the workload's own mode) → [`MTLS_STRICT`] or another
+/// `MTLS_*` mode. Written by the agent for its node's meshed pods, read by `sn_strict_in`.
+pub const STRICT: &str = "SN_STRICT";
 
 /// Every map the object defines, for checks and for the CLI.
-pub const ALL_MAPS: [&str; 7] = [
-    ENROLLED, PENDING, ORIG_DST, CONFIG, EXCL_PORTS, EXCL_CIDRS, STATS,
+pub const ALL_MAPS: [&str; 8] = [
+    ENROLLED, PENDING, ORIG_DST, CONFIG, EXCL_PORTS, EXCL_CIDRS, STATS, STRICT,
 ];
 
 pub const ENROLLED_MAX: u32 = 16_384;
@@ -31,11 +35,18 @@ pub const PENDING_MAX: u32 = 65_536;
 pub const ORIG_DST_MAX: u32 = 262_144;
 pub const EXCL_PORTS_MAX: u32 = 1_024;
 pub const EXCL_CIDRS_MAX: u32 = 1_024;
+/// Pods of one node × (1 + port-level settings each).
+pub const STRICT_MAX: u32 = 65_536;
+/// Slots of [`STATS`]: more than [`STAT_COUNT`], so a later counter fits the map an older
+/// agent pinned (a pinned map is reused as it is).
+pub const STATS_MAX: u32 = 32;
 
 /// Program names (the Rust function names in `mesh-ebpf`).
 pub const PROG_CONNECT4: &str = "sn_connect4";
 pub const PROG_CONNECT6: &str = "sn_connect6";
 pub const PROG_SOCKOPS: &str = "sn_sockops";
+/// `cgroup_skb/ingress`: drops plaintext connection attempts to STRICT pods ([`STRICT`]).
+pub const PROG_STRICT_IN: &str = "sn_strict_in";
 
 /// Everything sidenode pins lives under `<bpffs>/sidenode/`.
 pub const PIN_ROOT: &str = "sidenode";
@@ -125,6 +136,27 @@ pub struct ProxyConfig {
     pub proxy_ip6: Addr,
 }
 
+/// Key of [`STRICT`]: a pod address and a destination port (host order); port 0 holds the
+/// mode of the workload as a whole. The program looks up (address, port) first, then
+/// (address, 0); a pod with neither entry is not enforced.
+///
+/// The agent writes (address, 0) → `MTLS_STRICT` when the workload's mode is STRICT, and
+/// (address, port) only for ports whose mode differs in strictness from the workload's
+/// (a PERMISSIVE/DISABLE exception of a STRICT pod, or a STRICT port of a non-STRICT one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StrictKey {
+    pub addr: Addr,
+    /// Host order; 0 = the workload's mode.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Values of [`STRICT`] (the effective `PeerAuthentication` mode). Only [`MTLS_STRICT`] drops.
+pub const MTLS_PERMISSIVE: u32 = 1;
+pub const MTLS_STRICT: u32 = 2;
+pub const MTLS_DISABLE: u32 = 3;
+
 /// Indexes of [`STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,8 +173,10 @@ pub enum Stat {
     Closed = 4,
     /// A map update failed in the kernel.
     MapErrors = 5,
+    /// A plaintext connection attempt (TCP SYN) to a STRICT pod's port was dropped.
+    StrictDropped = 6,
 }
-pub const STAT_COUNT: u32 = 6;
+pub const STAT_COUNT: u32 = 7;
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "captured",
     "excluded",
@@ -150,6 +184,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "recorded",
     "closed",
     "map_errors",
+    "strict_dropped",
 ];
 
 #[cfg(feature = "user")]
@@ -160,6 +195,7 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::Workload {}
     unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::StrictKey {}
 }
 
 /// Copies `s` into a NUL-padded fixed buffer, truncating at a UTF-8 boundary.

@@ -6,6 +6,10 @@
 //! 2. `sn_sockops` (`sockops`): when that connection is established, its original destination
 //!    moves to `SN_ORIG_DST`, keyed by the client's own address and port — exactly the peer
 //!    address the proxy sees after `accept()`. The entry is removed when the socket closes.
+//! 3. `sn_strict_in` (`cgroup_skb/ingress`): a plaintext connection attempt (TCP SYN) to a
+//!    port of a pod whose `PeerAuthentication` mode is STRICT (`SN_STRICT`) is dropped, unless
+//!    it is for the HBONE port or comes from the node proxy's own address (the inbound proxy
+//!    connects to the pod from the node's network namespace).
 //!
 //! Everything else passes untouched. Layouts, names and byte orders: `mesh-common`.
 #![no_std]
@@ -18,14 +22,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    Addr, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6, ORIG_DST_MAX,
-    OrigDst, PENDING_MAX, ProxyConfig, STAT_COUNT, SockKey, Stat, V4_MAPPED_WORD, Workload,
-    addr_from_v4,
+    Addr, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6, MTLS_STRICT,
+    ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, STATS_MAX, STRICT_MAX, SockKey, Stat,
+    StrictKey, V4_MAPPED_WORD, Workload, addr_from_v4,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -53,7 +57,10 @@ static SN_EXCL_PORTS: HashMap<u16, u8> = HashMap::pinned(EXCL_PORTS_MAX, 0);
 static SN_EXCL_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(EXCL_CIDRS_MAX, 0);
 
 #[map(name = "SN_STATS")]
-static SN_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+static SN_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_MAX, 0);
+
+#[map(name = "SN_STRICT")]
+static SN_STRICT: HashMap<StrictKey, u32> = HashMap::pinned(STRICT_MAX, 0);
 
 #[inline(always)]
 fn bump(stat: Stat) {
@@ -334,6 +341,113 @@ fn local_key(ctx: &SockOpsContext) -> Option<SockKey> {
         port: ctx.local_port() as u16,
         _pad: 0,
     })
+}
+
+/// `skb->protocol` values (network order, as the field holds them).
+const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
+const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// cgroup_skb verdicts.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+
+/// Ingress of every socket below the cgroup root (pods' listeners among them): a connection
+/// attempt to a STRICT pod's port that did not come through the mesh is dropped.
+#[cgroup_skb(ingress)]
+pub fn sn_strict_in(ctx: SkBuffContext) -> i32 {
+    if strict_drop(&ctx) {
+        bump(Stat::StrictDropped);
+        SKB_DROP
+    } else {
+        SKB_PASS
+    }
+}
+
+/// Only a SYN without ACK (a new inbound connection) is judged: replies to the pod's own
+/// outbound connections (SYN-ACK and later) and connections established before the policy
+/// pass. The packet starts at its IP header in cgroup_skb programs.
+#[inline(always)]
+fn strict_drop(ctx: &SkBuffContext) -> bool {
+    let proto = ctx.skb.protocol();
+    let (src, dst, l4): (Addr, Addr, usize) = if proto == ETH_P_IP_BE {
+        let Ok(vihl) = ctx.load::<u8>(0) else {
+            return false;
+        };
+        let Ok(ip_proto) = ctx.load::<u8>(9) else {
+            return false;
+        };
+        // Later fragments carry no TCP header: fragment offset bits of bytes 6..8.
+        let Ok(frag) = ctx.load::<u16>(6) else {
+            return false;
+        };
+        if ip_proto != IPPROTO_TCP || u16::from_be(frag) & 0x1fff != 0 {
+            return false;
+        }
+        let (Ok(s), Ok(d)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else {
+            return false;
+        };
+        (
+            addr_from_v4(s),
+            addr_from_v4(d),
+            usize::from(vihl & 0x0f) * 4,
+        )
+    } else if proto == ETH_P_IPV6_BE {
+        // The TCP header right after the fixed header (extension headers are not walked).
+        let Ok(next) = ctx.load::<u8>(6) else {
+            return false;
+        };
+        if next != IPPROTO_TCP {
+            return false;
+        }
+        let (Ok(s), Ok(d)) = (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) else {
+            return false;
+        };
+        (s, d, 40)
+    } else {
+        return false;
+    };
+    let (Ok(port_be), Ok(flags)) = (ctx.load::<u16>(l4 + 2), ctx.load::<u8>(l4 + 13)) else {
+        return false;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return false;
+    }
+    let port = u16::from_be(port_be);
+    if port == mesh_common::ports::HBONE {
+        return false;
+    }
+    let mode = match SN_STRICT.get_ptr(StrictKey {
+        addr: dst,
+        port,
+        _pad: 0,
+    }) {
+        Some(m) => m,
+        None => match SN_STRICT.get_ptr(StrictKey {
+            addr: dst,
+            port: 0,
+            _pad: 0,
+        }) {
+            Some(m) => m,
+            None => return false,
+        },
+    };
+    // SAFETY: a live map value.
+    if unsafe { *mode } != MTLS_STRICT {
+        return false;
+    }
+    // The inbound proxy (and the node's own processes, kubelet probes among them) connect
+    // from the node proxy's address.
+    let Some(cfg) = SN_CONFIG.get(0) else {
+        return true;
+    };
+    let from_proxy = if src[2] == V4_MAPPED_WORD && src[0] == 0 && src[1] == 0 {
+        cfg.proxy_ip4 != 0 && src[3] == cfg.proxy_ip4
+    } else {
+        cfg.proxy_ip6 != [0; 4] && src == cfg.proxy_ip6
+    };
+    !from_proxy
 }
 
 #[unsafe(link_section = "license")]

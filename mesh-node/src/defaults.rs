@@ -18,6 +18,9 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the proxy waits for a destination to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to complete the TLS handshake on an HBONE listener (a peer that
+/// stalls mid-handshake is dropped and counted as `reason="handshake"`).
+pub const HBONE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the proxy lets open connections finish after SIGTERM.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where pins go when `--bpffs` is not given.

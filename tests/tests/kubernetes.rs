@@ -305,7 +305,7 @@ fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
             .map(|a| a.iter().filter_map(|c| c["uid"].as_str()).collect())
             .unwrap_or_default();
         Ok(uids.contains(&"AuthorizationPolicy/mesh/deny-plain")
-            && uids.contains(&"PeerAuthentication/mesh/strict")
+            && uids.contains(&"PeerAuthentication/mesh/permissive")
             && uids.contains(&"VirtualService/mesh/reviews")
             && last["settings"]["exclude_ports"] == serde_json::json!([9999]))
     })?;
@@ -344,8 +344,8 @@ spec:
 ---
 apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
-metadata: {name: strict, namespace: mesh}
-spec: {mtls: {mode: STRICT}}
+metadata: {name: permissive, namespace: mesh}
+spec: {mtls: {mode: PERMISSIVE}}
 ---
 apiVersion: sidenode.io/v1alpha1
 kind: MeshConfig

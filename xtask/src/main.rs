@@ -5,6 +5,7 @@
 mod bench;
 mod cluster;
 mod demo;
+mod fuzz;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -50,6 +51,19 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
+    /// `--seconds`, and print executions per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (config_yaml, istio_json, hbone_request, http_route_match).
+        #[arg(long)]
+        target: Option<String>,
+        /// cargo-fuzz sanitizer: address, leak, memory, thread or none.
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -76,6 +90,11 @@ fn main() -> Result<()> {
             build(true)?;
             bench::run(rounds, quick)
         }
+        Cmd::Fuzz {
+            seconds,
+            target,
+            sanitizer,
+        } => fuzz::run(seconds, target.as_deref(), &sanitizer),
     }
 }
 

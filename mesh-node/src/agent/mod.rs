@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod enroll;
+pub mod peer_auth;
 pub mod status;
 
 use std::net::Ipv4Addr;
@@ -144,6 +145,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 let candidates = candidates_from_state(&st, &cfg.node);
                 let out = enroller.reconcile(&candidates, &mut maps);
+                let pa = peer_auth::sync_kernel(
+                    &peer_auth::targets_from_state(&st, &cfg.node),
+                    &mut maps,
+                );
+                log_peer_auth(&pa);
                 report_status(status.as_ref(), &enroller, &candidates);
                 if out.added + out.removed > 0 {
                     info!(
@@ -227,6 +233,11 @@ fn sync(
     }
     let candidates = enroll::Candidate::from_snapshot(&snap, enroller.node());
     let out = enroller.reconcile(&candidates, maps);
+    let pa = peer_auth::sync_kernel(
+        &peer_auth::targets_from_snapshot(&snap, enroller.node()),
+        maps,
+    );
+    log_peer_auth(&pa);
     report_status(status, enroller, &candidates);
     if out.added + out.removed > 0 {
         info!(
@@ -234,6 +245,17 @@ fn sync(
             added = out.added,
             removed = out.removed,
             "enrollment updated"
+        );
+    }
+}
+
+fn log_peer_auth(out: &peer_auth::StrictOutcome) {
+    if out.added + out.removed > 0 {
+        info!(
+            entries = out.entries,
+            added = out.added,
+            removed = out.removed,
+            "peer authentication (SN_STRICT) updated"
         );
     }
 }

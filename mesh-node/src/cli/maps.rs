@@ -39,9 +39,18 @@ struct OrigDstEntry {
     namespace: String,
 }
 
+/// One `SN_STRICT` entry: a pod address, a port (0 = the workload) and its mode.
+#[derive(Serialize)]
+struct StrictEntry {
+    ip: String,
+    port: u16,
+    mode: &'static str,
+}
+
 #[derive(Serialize)]
 struct View {
     enrolled: Vec<Enrolled>,
+    strict: Vec<StrictEntry>,
     orig_dst: Vec<OrigDstEntry>,
     pending: usize,
     stats: serde_json::Map<String, serde_json::Value>,
@@ -88,6 +97,22 @@ fn read(maps: &NodeMaps) -> View {
         })
         .collect();
     orig_dst.sort_by(|a, b| a.client.cmp(&b.client));
+    let mut strict: Vec<StrictEntry> = maps
+        .strict
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, mode)| StrictEntry {
+            ip: addr_to_ip(&k.addr).to_string(),
+            port: k.port,
+            mode: match mode {
+                mesh_common::MTLS_STRICT => "STRICT",
+                mesh_common::MTLS_PERMISSIVE => "PERMISSIVE",
+                mesh_common::MTLS_DISABLE => "DISABLE",
+                _ => "?",
+            },
+        })
+        .collect();
+    strict.sort_by(|a, b| (&a.ip, a.port).cmp(&(&b.ip, b.port)));
     let pending = maps.pending.keys().filter_map(Result::ok).count();
     let stats = maps
         .stats()
@@ -96,6 +121,7 @@ fn read(maps: &NodeMaps) -> View {
         .collect();
     View {
         enrolled,
+        strict,
         orig_dst,
         pending,
         stats,
@@ -113,6 +139,17 @@ fn print_tables(v: &View) {
             "{:<20} {:<16} {:<32} {:<20} {}",
             e.netns_cookie, e.namespace, e.pod, e.service_account, e.ip
         );
+    }
+    println!();
+    println!("PEER AUTHENTICATION IN THE KERNEL ({})", v.strict.len());
+    println!("{:<40} {:<6} MODE", "POD IP", "PORT");
+    for e in &v.strict {
+        let port = if e.port == 0 {
+            "*".to_string()
+        } else {
+            e.port.to_string()
+        };
+        println!("{:<40} {:<6} {}", e.ip, port, e.mode);
     }
     println!();
     println!(
@@ -133,6 +170,6 @@ fn print_tables(v: &View) {
     println!();
     println!("COUNTERS");
     for (k, val) in &v.stats {
-        println!("{k:<12} {val}");
+        println!("{k:<16} {val}");
     }
 }

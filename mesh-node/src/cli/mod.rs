@@ -207,6 +207,9 @@ struct ProxyArgs {
     /// agent's `--cgroup-root`; default: the cgroup2 mount).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
+    /// Istio's root namespace: its `AuthorizationPolicy` objects apply to the whole mesh.
+    #[arg(long, default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
 }
 
 pub fn main() -> Result<()> {
@@ -261,6 +264,7 @@ pub fn main() -> Result<()> {
                     .or_else(crate::kernel::load::default_cgroup_root),
                 retry_interval: defaults::RETRY_INTERVAL,
             };
+            crate::proxy::authz::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
         }
         Cmd::Controller(c) => {

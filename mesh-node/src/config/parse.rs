@@ -296,6 +296,21 @@ impl TypedReader for JsonObject<'_> {
     }
 }
 
+/// [`convert`] on an object as the Kubernetes API returns it (JSON), as the controller's
+/// source does; the error is the message it would report. Public for the fuzz targets.
+pub fn convert_json(
+    kind: &str,
+    value: &serde_json::Value,
+    origin: Origin,
+) -> Option<Result<Object, String>> {
+    convert(kind, &JsonObject(value), origin).map(|r| {
+        r.map_err(|e| match e.field {
+            Some(f) => format!("{f}: {}", e.message),
+            None => e.message,
+        })
+    })
+}
+
 /// The model object for a document of `kind`; `None` for kinds the mesh does not read. The one
 /// conversion every source (file, Kubernetes) goes through.
 pub(crate) fn convert(

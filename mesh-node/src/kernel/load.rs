@@ -1,15 +1,18 @@
 //! Installing the kernel programs once per node, or adopting the ones already pinned.
 //!
 //! First start: load the object (maps pinned by name under `<bpffs>/sidenode/maps/`), attach
-//! `sn_connect4`, `sn_connect6` and `sn_sockops` to the cgroup root with bpf links, and pin the links under
-//! `<bpffs>/sidenode/links/`. Later starts find every link pin and adopt them: nothing is
-//! detached or reloaded, so capture never stops across agent restarts.
+//! `sn_connect4`, `sn_connect6`, `sn_sockops` and `sn_strict_in` to the cgroup root with bpf
+//! links, and pin the links under `<bpffs>/sidenode/links/`. Later starts find every link pin
+//! and adopt them: nothing is detached or reloaded, so capture never stops across agent
+//! restarts. An agent started on pins left by an older version (some programs pinned, newer
+//! ones missing) keeps the pinned ones and attaches only the missing ones, sharing the pinned
+//! maps (a map the old object did not have is created and pinned).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -22,10 +25,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDENODE_EBPF_OBJECT"))
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Every program, attached at the cgroup root with a pinned link.
-const PROGRAMS: [&str; 3] = [
+const PROGRAMS: [&str; 4] = [
     mesh_common::PROG_CONNECT4,
     mesh_common::PROG_CONNECT6,
     mesh_common::PROG_SOCKOPS,
+    mesh_common::PROG_STRICT_IN,
 ];
 
 /// How the agent came to own the programs.
@@ -35,6 +39,8 @@ pub enum Install {
     Fresh,
     /// Found pinned from an earlier run and kept as they were.
     Adopted,
+    /// Some found pinned (kept), the missing ones (newer programs) attached now.
+    Upgraded,
 }
 
 /// Loads and attaches, or adopts, then opens the maps.
@@ -48,27 +54,50 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
         })?;
     }
     let links = PROGRAMS.map(|p| pins.link(p));
-    let how = if links.iter().all(|l| PinnedLink::from_pin(l).is_ok()) {
+    let live: Vec<bool> = links
+        .iter()
+        .map(|l| PinnedLink::from_pin(l).is_ok())
+        .collect();
+    let how = if live.iter().all(|l| *l) {
         info!(bpffs = %pins.bpffs().display(), "adopting pinned programs and maps");
         Install::Adopted
     } else {
-        for l in &links {
-            if l.exists() {
+        for (l, ok) in links.iter().zip(&live) {
+            if !ok && l.exists() {
                 warn!(path = %l.display(), "removing a stale link pin");
                 let _ = std::fs::remove_file(l);
             }
         }
-        attach(pins, cgroup_root)?;
-        info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
-        Install::Fresh
+        let missing: Vec<&'static str> = PROGRAMS
+            .iter()
+            .zip(&live)
+            .filter(|(_, ok)| !**ok)
+            .map(|(p, _)| *p)
+            .collect();
+        attach(pins, cgroup_root, &missing)?;
+        if missing.len() == PROGRAMS.len() {
+            info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
+            Install::Fresh
+        } else {
+            info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), attached = ?missing, "adopted pinned programs and attached the missing ones");
+            Install::Upgraded
+        }
     };
-    Ok((NodeMaps::open(pins)?, how))
+    let maps = NodeMaps::open(pins)?;
+    if maps.stats_slots() < mesh_common::STAT_COUNT {
+        warn!(
+            slots = maps.stats_slots(),
+            "SN_STATS was pinned by an older version with fewer counters: the newer ones stay at \
+             0 until `mesh-node uninstall` and a fresh install"
+        );
+    }
+    Ok((maps, how))
 }
 
 /// Loads program `$name` of type `$ty`, attaches it to the cgroup with a bpf link, and pins
 /// the link. (The program types share these steps but no trait, hence a macro.)
 macro_rules! attach_pinned {
-    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $pins:expr) => {{
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $pins:expr $(, $attach_arg:expr)*) => {{
         let name: &'static str = $name;
         let prog: &mut $ty = $ebpf
             .program_mut(name)
@@ -78,7 +107,7 @@ macro_rules! attach_pinned {
         prog.load()
             .map_err(|source| KernelError::Program { name, source })?;
         let id = prog
-            .attach($cgroup, CgroupAttachMode::Single)
+            .attach($cgroup, $($attach_arg,)* CgroupAttachMode::Single)
             .map_err(|source| KernelError::Program { name, source })?;
         let link = prog
             .take_link(id)
@@ -87,7 +116,9 @@ macro_rules! attach_pinned {
     }};
 }
 
-fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
+/// Loads the object (maps pinned by name; those already pinned are reused) and attaches the
+/// programs in `which`.
+fn attach(pins: &Pins, cgroup_root: &Path, which: &[&'static str]) -> Result<(), KernelError> {
     // The programs use no CO-RE relocations, so the kernel's BTF (megabytes to parse) is not
     // loaded: it would only raise the agent's peak memory.
     let mut ebpf: Ebpf = EbpfLoader::new()
@@ -101,21 +132,36 @@ fn attach(pins: &Pins, cgroup_root: &Path) -> Result<(), KernelError> {
         source,
     })?;
 
-    attach_pinned!(
-        ebpf,
-        CgroupSockAddr,
-        mesh_common::PROG_CONNECT4,
-        &cgroup,
-        pins
-    );
-    attach_pinned!(
-        ebpf,
-        CgroupSockAddr,
-        mesh_common::PROG_CONNECT6,
-        &cgroup,
-        pins
-    );
-    attach_pinned!(ebpf, SockOps, mesh_common::PROG_SOCKOPS, &cgroup, pins);
+    for name in which {
+        match *name {
+            mesh_common::PROG_CONNECT4 => attach_pinned!(
+                ebpf,
+                CgroupSockAddr,
+                mesh_common::PROG_CONNECT4,
+                &cgroup,
+                pins
+            ),
+            mesh_common::PROG_CONNECT6 => attach_pinned!(
+                ebpf,
+                CgroupSockAddr,
+                mesh_common::PROG_CONNECT6,
+                &cgroup,
+                pins
+            ),
+            mesh_common::PROG_SOCKOPS => {
+                attach_pinned!(ebpf, SockOps, mesh_common::PROG_SOCKOPS, &cgroup, pins)
+            }
+            mesh_common::PROG_STRICT_IN => attach_pinned!(
+                ebpf,
+                CgroupSkb,
+                mesh_common::PROG_STRICT_IN,
+                &cgroup,
+                pins,
+                CgroupSkbAttachType::Ingress
+            ),
+            other => return Err(KernelError::MissingProgram { name: other }),
+        }
+    }
     Ok(())
 }
 

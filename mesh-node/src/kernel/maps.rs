@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use mesh_common::{Addr, OrigDst, ProxyConfig, SockKey, Workload};
+use mesh_common::{Addr, OrigDst, ProxyConfig, SockKey, StrictKey, Workload};
 
 use super::{KernelError, Pins};
 
@@ -17,6 +17,8 @@ pub struct NodeMaps {
     pub excl_ports: HashMap<MapData, u16, u8>,
     pub excl_cidrs: LpmTrie<MapData, Addr, u8>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Kernel-enforced peer authentication (STRICT pods and port exceptions).
+    pub strict: HashMap<MapData, StrictKey, u32>,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, KernelError> {
@@ -46,7 +48,14 @@ impl NodeMaps {
             excl_ports: typed!(pins, mesh_common::EXCL_PORTS),
             excl_cidrs: typed!(pins, mesh_common::EXCL_CIDRS),
             stats: typed!(pins, mesh_common::STATS),
+            strict: typed!(pins, mesh_common::STRICT),
         })
+    }
+
+    /// How many counters the pinned `SN_STATS` holds (fewer than [`mesh_common::STAT_COUNT`]
+    /// when an older version pinned it).
+    pub fn stats_slots(&self) -> u32 {
+        self.stats.len()
     }
 
     /// Counters summed over CPUs, in [`mesh_common::Stat`] order.

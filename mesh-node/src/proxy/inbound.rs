@@ -215,8 +215,11 @@ async fn accept_loop(
                     }
                 };
                 let acceptor = TlsAcceptor::from(cert.server_config.clone());
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
+                let tls = match tokio::time::timeout(
+                    crate::defaults::HBONE_HANDSHAKE_TIMEOUT,
+                    acceptor.accept(tcp),
+                )
+                .await
                 {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
@@ -251,6 +254,8 @@ async fn accept_loop(
                     peer,
                     peer_identity,
                     connect_timeout,
+                    state: mesh.state.clone(),
+                    tunnels: mesh.authz.clone(),
                 });
                 server::serve(tls, conn).await;
             }

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -65,6 +66,8 @@ pub struct Mesh {
     pub state: StateRx,
     pub certs: Arc<CertManager>,
     pub pool: hbone::pool::Pool,
+    /// Open inbound tunnels, re-checked against `AuthorizationPolicy` on state changes.
+    pub authz: Arc<authz::registry::Registry>,
 }
 
 /// What every connection handler shares.
@@ -168,8 +171,13 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         state: rx,
         certs: certs.clone(),
         pool: Default::default(),
+        authz: Default::default(),
     });
     tokio::spawn(certs.renew_forever());
+    {
+        let (tunnels, state) = (mesh.authz.clone(), mesh.state.clone());
+        tokio::spawn(async move { tunnels.recheck_forever(state).await });
+    }
     tokio::spawn(inbound::run(
         mesh.clone(),
         inbound::Settings {

@@ -268,15 +268,26 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
     }
 }
 
-/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload, else a
-/// direct connection (when allowed). Failures are logged here.
+/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload (unless its
+/// `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a direct
+/// connection (when allowed). Failures are logged here.
 async fn open_upstream(
     c: &Ctx<'_>,
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<Upstream, Failure> {
     if let Some((st, mesh)) = c.mesh {
-        match st.workload_by_ip(dst.ip()) {
+        let dw = st.workload_by_ip(dst.ip());
+        // PeerAuthentication DISABLE on the destination's port: plaintext, as Istio sends it.
+        let mtls_disabled = dw.is_some_and(|dw| {
+            dw.meshed
+                && crate::agent::peer_auth::mode_of(st, dw, dst.port())
+                    == crate::agent::peer_auth::Mode::Disable
+        });
+        match dw {
+            Some(_) if mtls_disabled => {
+                debug!(%dst, src_workload = c.src_workload, "mTLS disabled by PeerAuthentication; connecting directly");
+            }
             Some(dw) if dw.meshed => {
                 let Some(w) = c.src else {
                     warn!(%dst, "source workload unknown; cannot present an identity");

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod pool;
+pub mod request;
 pub mod server;
 
 /// HTTP/2 flow-control windows sized for throughput (the defaults, 64 KiB, cap a stream at a

@@ -7,17 +7,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, Refusal, STREAM_WINDOW, count_refusal};
+use super::{
+    CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, Refusal, STREAM_WINDOW, count_refusal, request,
+};
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
+use crate::proxy::authz;
 use crate::proxy::socket::connect_marked;
+use crate::state::StateRx;
 
 /// What the listener knows of its pod and its caller.
 pub struct Conn {
@@ -26,6 +30,10 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub peer_identity: Identity,
     pub connect_timeout: Duration,
+    /// The node's state (authorization policies in force).
+    pub state: StateRx,
+    /// Open tunnels, closed when a policy change refuses them.
+    pub tunnels: Arc<authz::registry::Registry>,
 }
 
 pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
@@ -49,6 +57,12 @@ where
     }
 }
 
+/// The address of a `forwarded: for=` value (quotes already removed; IPv6 in brackets).
+fn forwarded_ip(v: &str) -> Option<IpAddr> {
+    let v = v.split([';', ',']).next()?.trim();
+    v.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
@@ -56,25 +70,15 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 }
 
 async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        count_refusal("inbound", Refusal::BadRequest);
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        count_refusal("inbound", Refusal::BadRequest);
-        warn!(uri = %req.uri(), "CONNECT without an ip:port authority");
-        return status(StatusCode::BAD_REQUEST);
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
+        Ok(t) => t,
+        Err(why) => {
+            count_refusal("inbound", Refusal::BadRequest);
+            warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
+            return status(why.status());
+        }
     };
-    if !conn.pod_ips.contains(&target.ip()) {
-        // A tunnel to this pod may reach only this pod.
-        count_refusal("inbound", Refusal::BadRequest);
-        warn!(%target, pod = %conn.pod, "CONNECT to an address this pod does not have");
-        return status(StatusCode::BAD_REQUEST);
-    }
     let client = req
         .headers()
         .get("forwarded")
@@ -84,6 +88,33 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
         .trim_matches('"')
         .to_string();
     let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
+    // AuthorizationPolicy: the connection now, or each request on HTTP ports with L7 rules.
+    let client_ip = forwarded_ip(&client).unwrap_or(conn.peer.ip());
+    let peer = authz::Peer::new(Some(&conn.peer_identity), client_ip, target);
+    let per_request = {
+        let st = conn.state.borrow().clone();
+        let per_request = authz::per_request(&st, &conn.pod, target.port());
+        if !per_request {
+            let d = authz::check_connection(&st, &conn.pod, &peer);
+            if let Some(reason) = d.denied {
+                authz::count_denied("l4", reason.as_str());
+                let policy = d.policy.as_deref().unwrap_or("");
+                span.in_scope(|| {
+                    warn!(
+                        reason = reason.as_str(),
+                        policy, "connection denied by authorization policy"
+                    )
+                });
+                return status(StatusCode::UNAUTHORIZED);
+            }
+            if !d.audit.is_empty() {
+                span.in_scope(
+                    || info!(audit = %d.audit.join(","), "authorization audit: connection allowed"),
+                );
+            }
+        }
+        per_request
+    };
     let upstream = match connect_marked(target, conn.connect_timeout)
         .instrument(span.clone())
         .await
@@ -101,9 +132,28 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
             let started = Instant::now();
             let mut upstream = upstream;
             match hyper::upgrade::on(req).await {
+                Ok(up) if per_request => {
+                    let tunnel = authz::l7::Tunnel {
+                        pod: conn2.pod.clone(),
+                        target,
+                        peer,
+                        state: conn2.state.clone(),
+                        connect_timeout: conn2.connect_timeout,
+                    };
+                    authz::l7::serve(TokioIo::new(up), Arc::new(tunnel), upstream).await;
+                    info!(pod = %conn2.pod, duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed");
+                }
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
-                    match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF).await {
+                    let registration = conn2.tunnels.register(&conn2.pod, peer);
+                    let copied = tokio::select! {
+                        r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
+                        _ = registration.closed() => {
+                            crate::proxy::socket::reset(upstream);
+                            return;
+                        }
+                    };
+                    match copied {
                         Ok((from_client, to_client)) => info!(
                             pod = %conn2.pod,
                             bytes_received = from_client,

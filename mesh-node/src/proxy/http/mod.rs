@@ -732,7 +732,15 @@ async fn attempt_once(
     limit: Option<Duration>,
 ) -> Result<Response<Body>, AttemptError> {
     let ep = routed.endpoint.addr;
-    let route = match st.workload_by_ip(ep.ip()) {
+    let dw = st.workload_by_ip(ep.ip());
+    // PeerAuthentication DISABLE on the endpoint's port: plaintext, as on the L4 path.
+    let mtls_disabled = dw.is_some_and(|dw| {
+        dw.meshed
+            && crate::agent::peer_auth::mode_of(st, dw, ep.port())
+                == crate::agent::peer_auth::Mode::Disable
+    });
+    let route = match dw {
+        Some(_) if mtls_disabled => Route::Direct,
         Some(dw) if dw.meshed => {
             let Some(w) = conn.src.as_ref() else {
                 warn!(endpoint = %ep, "source workload unknown; cannot present an identity");
