@@ -12,10 +12,6 @@ use serde::Deserialize;
 use sidenode_tests::cluster::{Cluster, TestCluster};
 use sidenode_tests::workload::{Server, Session, dial};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Meshed clients on node 1 (namespace `mesh`): identities `sa-node1-pod1`, `sa-node1-pod2`.
@@ -30,12 +26,6 @@ const WEB_POD: &str = "node2-pod2";
 const WEB_URL: &str = "http://198.19.2.3:9080";
 const WEB_VIP_URL: &str = "http://198.18.128.20:80";
 const DENIED: &str = "sidenode_authz_denied_total";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A mesh cluster (3 pods per node) with the echo server on node2-pod1 and the clients'
 /// and server's enrollment and HBONE listener ready.
@@ -296,47 +286,6 @@ fn policy_change_closes_open_connections() -> Result<()> {
 
 // ---- L7 ---------------------------------------------------------------------------------
 
-/// A `testpod http-serve` process; killed on drop.
-struct HttpServer {
-    child: Child,
-}
-
-impl HttpServer {
-    fn start(c: &Cluster, pod: &str, name: &str) -> Result<HttpServer> {
-        let mut cmd = c.pod_command(pod, testpod())?;
-        cmd.args(["http-serve", "--port", "9080", "--name", name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().context("starting testpod http-serve")?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("http-serve in {pod} did not start: {other:?}")
-            }
-        }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[allow(dead_code)]
 struct HttpReport {
@@ -421,7 +370,7 @@ fn l7_allow_get_public_only() -> Result<()> {
             .collect();
         c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
     }
-    let _web = HttpServer::start(&c, WEB_POD, "web")?;
+    let _web = HttpServer::start(&c, WEB_POD, "web", &[])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT)?;
     wait_enrolled(&c, "node2", "mesh", WEB_POD)?;
     wait_hbone_listener(&c, WEB_POD)?;

@@ -12,10 +12,7 @@ use common::*;
 use serde::Deserialize;
 use sidenode_tests::cluster::{Cluster, TestCluster};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::Mutex;
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const CLIENT_POD: &str = "node1-pod1";
@@ -25,76 +22,6 @@ const V1_POD: &str = "node2-pod1";
 const V2_POD: &str = "node2-pod2";
 const URL: &str = "http://198.18.128.10:80";
 const REQUESTS: &str = "istio_requests_total";
-
-/// One cluster at a time: each runs a controller, two agents and two proxies.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Rewrites every node's pod file with extra labels per pod.
-fn label_pods(c: &Cluster, labels: &[(&str, &[(&str, &str)])]) -> Result<()> {
-    let labels: BTreeMap<&str, &[(&str, &str)]> = labels.iter().copied().collect();
-    for node in c.node_names() {
-        let docs: Vec<String> = c
-            .pod_objects(&node)
-            .into_iter()
-            .map(|mut p| {
-                if let Some(extra) = labels.get(p.name.as_str()) {
-                    for (k, v) in *extra {
-                        p.labels.insert(k.to_string(), v.to_string());
-                    }
-                }
-                p.to_yaml()
-            })
-            .collect();
-        c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
-    }
-    Ok(())
-}
-
-/// A `testpod http-serve` process; killed on drop.
-struct HttpServer {
-    child: Child,
-}
-
-impl HttpServer {
-    fn start(c: &Cluster, pod: &str, name: &str, extra: &[&str]) -> Result<HttpServer> {
-        let mut cmd = c.pod_command(pod, testpod())?;
-        cmd.args(["http-serve", "--port", "9080", "--name", name])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().context("starting testpod http-serve")?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("http-serve in {pod} did not start: {other:?}")
-            }
-        }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `testpod http-get`'s report.
 #[derive(Debug, Deserialize)]
@@ -525,34 +452,6 @@ fn faults_abort_and_delay() -> Result<()> {
     Ok(())
 }
 
-/// A `testpod` server started with `args` (its first line `serving`); killed on drop.
-fn start_server(c: &Cluster, pod: &str, args: &[&str]) -> Result<HttpServer> {
-    let mut cmd = c.pod_command(pod, testpod())?;
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().context("starting testpod")?;
-    let out = child.stdout.take().context("stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
-        other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("testpod {args:?} in {pod} did not start: {other:?}")
-        }
-    }
-}
-
 const GREETER_URL: &str = "http://198.18.128.11:80";
 
 /// `greeter`: a Service whose port is declared `grpc`, to the v1 pod's HTTP/2-only server.
@@ -591,7 +490,7 @@ fn curl(c: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
 fn grpc_port_goes_upstream_as_http2_with_trailers() -> Result<()> {
     let _turn = serial();
     let (c, _servers) = reviews_cluster(&[])?;
-    let _h2 = start_server(
+    let _h2 = HttpServer::spawn(
         &c,
         V1_POD,
         &["h2-serve", "--port", "9090", "--name", "greeter-v1"],

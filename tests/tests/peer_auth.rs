@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::Cluster;
 use sidenode_tests::workload::{DialResult, Server, dial};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// The server: meshed, on node 2.
@@ -28,12 +27,6 @@ const PLAIN_CLIENT: &str = "node1-pod3";
 const PLAIN_CLIENT_SAME_NODE: &str = "node2-pod3";
 const PLAIN_CLIENT_SAME_NODE_IP: &str = "198.19.2.4";
 const NODE2_IP: &str = "198.18.0.2";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A mesh cluster, 3 pods per node (pod3 unenrolled), a server on node2-pod1 (8080, 9090),
 /// the meshed pods enrolled and the server's HBONE listener open.

@@ -11,8 +11,6 @@ use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::{Cluster, TestCluster};
 use sidenode_tests::workload::{DialResult, Server, Session, dial};
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const CLIENT_POD: &str = "node1-pod1";
@@ -29,34 +27,6 @@ const WEB_VIP: &str = "198.18.128.20:80";
 const ONE_VIP: &str = "198.18.128.21:80";
 const LR_VIP: &str = "198.18.128.22:80";
 const REFUSED: &str = "sidenode_hbone_refused_total";
-
-/// One cluster at a time: each runs a controller, two agents and two proxies.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Rewrites every node's pod file with extra labels per pod.
-fn label_pods(c: &Cluster, labels: &[(&str, &[(&str, &str)])]) -> Result<()> {
-    let labels: BTreeMap<&str, &[(&str, &str)]> = labels.iter().copied().collect();
-    for node in c.node_names() {
-        let docs: Vec<String> = c
-            .pod_objects(&node)
-            .into_iter()
-            .map(|mut p| {
-                if let Some(extra) = labels.get(p.name.as_str()) {
-                    for (k, v) in *extra {
-                        p.labels.insert(k.to_string(), v.to_string());
-                    }
-                }
-                p.to_yaml()
-            })
-            .collect();
-        c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
-    }
-    Ok(())
-}
 
 /// A `Service` in `mesh` with `clusterIP:80 → 9080` and a one-label selector.
 fn service_yaml(name: &str, ip: &str, key: &str, value: &str) -> String {

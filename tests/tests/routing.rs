@@ -11,7 +11,6 @@ use common::*;
 use sidenode_tests::cluster::{Cluster, TestCluster};
 use sidenode_tests::workload::{DialResult, Server, Session, dial};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const CLIENT_POD: &str = "node1-pod1";
@@ -25,13 +24,6 @@ const NOT_READY_POD: &str = "node1-pod2";
 const REVIEWS_VIP: &str = "198.18.128.10:80";
 const RATINGS_VIP: &str = "198.18.128.11:80";
 const REFUSED: &str = "sidenode_hbone_refused_total";
-
-/// One cluster at a time: each runs a controller, two agents and two proxies.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Rewrites every node's pod file with extra labels per pod, and `not_ready` pods given a
 /// `Ready: False` condition.

@@ -279,3 +279,84 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// One cluster at a time within a test binary: each runs a controller, two agents and two
+/// proxies, and the machine has two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rewrites every node's pod file with extra labels per pod.
+pub fn label_pods(c: &Cluster, labels: &[(&str, &[(&str, &str)])]) -> Result<()> {
+    let labels: std::collections::BTreeMap<&str, &[(&str, &str)]> =
+        labels.iter().copied().collect();
+    for node in c.node_names() {
+        let docs: Vec<String> = c
+            .pod_objects(&node)
+            .into_iter()
+            .map(|mut p| {
+                if let Some(extra) = labels.get(p.name.as_str()) {
+                    for (k, v) in *extra {
+                        p.labels.insert(k.to_string(), v.to_string());
+                    }
+                }
+                p.to_yaml()
+            })
+            .collect();
+        c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
+    }
+    Ok(())
+}
+
+/// A `testpod http-serve` process on port 9080 in `pod` (answering with `name`); killed on
+/// drop.
+pub struct HttpServer {
+    child: std::process::Child,
+}
+
+impl HttpServer {
+    pub fn start(c: &Cluster, pod: &str, name: &str, extra: &[&str]) -> Result<HttpServer> {
+        let mut args = vec!["http-serve", "--port", "9080", "--name", name];
+        args.extend_from_slice(extra);
+        Self::spawn(c, pod, &args)
+    }
+
+    /// Any `testpod` server mode started with `args`; ready once it prints `serving`.
+    pub fn spawn(c: &Cluster, pod: &str, args: &[&str]) -> Result<HttpServer> {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let mut cmd = c.pod_command(pod, testpod())?;
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting testpod")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.trim() == "serving" => Ok(HttpServer { child }),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("testpod {args:?} in {pod} did not start: {other:?}")
+            }
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
