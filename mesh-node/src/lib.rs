@@ -6,6 +6,7 @@
 //! `proxy/inbound` (TLS accept inside the destination pod's namespace, CONNECT, connect to the
 //! pod). Identities and certificates: `identity`. State flows one way: `config` (YAML) or
 //! `controller` (gRPC stream, `state`) → `model` → `agent` (enrollment) and `proxy`.
+//! Which policy applies where (shared by agent and proxy): `policy`.
 //!
 //! Only `kernel` (bpf and namespace syscalls) may use `unsafe`; every other module forbids it.
 
@@ -17,6 +18,7 @@ pub mod defaults;
 pub mod identity;
 pub mod kernel;
 pub mod model;
+pub mod policy;
 pub mod proto;
 pub mod proxy;
 pub mod state;

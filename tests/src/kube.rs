@@ -222,6 +222,47 @@ impl KubeEnv {
         }
     }
 
+    /// Applies every CRD of `deploy/kubernetes/crds` (server-side) and waits until each is
+    /// Established; returns their names.
+    pub fn install_crds(&self) -> Result<Vec<String>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds");
+        let applied = self.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-o",
+            "name",
+            "-k",
+            &dir.to_string_lossy(),
+        ])?;
+        let crds: Vec<String> = applied
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("customresourcedefinition.apiextensions.k8s.io/")
+            })
+            .map(str::to_string)
+            .collect();
+        anyhow::ensure!(!crds.is_empty(), "no CRD applied from {}", dir.display());
+        for crd in &crds {
+            self.wait_for(
+                &format!("CRD {crd} Established"),
+                Duration::from_secs(30),
+                || {
+                    let s = self.kubectl(&[
+                        "get",
+                        "crd",
+                        crd,
+                        "-o",
+                        "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                    ])?;
+                    Ok((s.trim() == "True").then_some(()))
+                },
+            )?;
+        }
+        Ok(crds)
+    }
+
     /// Leaves the server running past this handle (for `cargo xtask cluster up --kube`, whose
     /// `down` stops it with [`stop_leftover`]).
     pub fn detach(mut self) {

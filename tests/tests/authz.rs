@@ -6,12 +6,10 @@
 
 mod common;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use common::*;
-use serde::Deserialize;
 use sidenode_tests::cluster::{Cluster, TestCluster};
 use sidenode_tests::workload::{Server, Session, dial};
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Meshed clients on node 1 (namespace `mesh`): identities `sa-node1-pod1`, `sa-node1-pod2`.
@@ -286,22 +284,6 @@ fn policy_change_closes_open_connections() -> Result<()> {
 
 // ---- L7 ---------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct HttpReport {
-    count: usize,
-    statuses: BTreeMap<String, usize>,
-    bodies: BTreeMap<String, usize>,
-    errors: usize,
-    first_error: Option<String>,
-}
-
-impl HttpReport {
-    fn status(&self, s: &str) -> usize {
-        self.statuses.get(s).copied().unwrap_or(0)
-    }
-}
-
 /// `n` requests `method path` from `pod` to `url` on one connection.
 fn request(
     c: &Cluster,
@@ -311,23 +293,7 @@ fn request(
     path: &str,
     n: usize,
 ) -> Result<HttpReport> {
-    let mut cmd = c.pod_command(pod, testpod())?;
-    cmd.args(["http-get", "--url", url, "--count", &n.to_string()])
-        .args(["--method", method, "--path", path]);
-    let out = cmd.output().context("running testpod http-get")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| {
-            format!(
-                "http-get printed no report ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+    http_get(c, pod, url, method, path, &[], n)
 }
 
 /// Every request of `n` answered `status`?

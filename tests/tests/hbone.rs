@@ -630,6 +630,31 @@ fn certificate_rotation_under_continuous_traffic() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Secrets at rest: the CA key is private to its owner, and no key material reached a log
+    // after many signings and renewals.
+    let key_path = c.controller_state_dir().join("ca-key.pem");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_path)?.permissions());
+    ensure!(
+        mode & 0o777 == 0o600,
+        "{} has mode {:o}",
+        key_path.display(),
+        mode & 0o777
+    );
+    let key_pem = std::fs::read_to_string(&key_path)?;
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for entry in std::fs::read_dir(c.controller_log_path().parent().context("logs dir")?)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        ensure!(
+            !text.contains("PRIVATE KEY") && !text.contains(&key_body[..40.min(key_body.len())]),
+            "{} contains key material",
+            path.display()
+        );
+    }
     Ok(())
 }
 

@@ -9,9 +9,7 @@ mod common;
 
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
-use serde::Deserialize;
 use sidenode_tests::cluster::{Cluster, TestCluster};
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -23,53 +21,9 @@ const V2_POD: &str = "node2-pod2";
 const URL: &str = "http://198.18.128.10:80";
 const REQUESTS: &str = "istio_requests_total";
 
-/// `testpod http-get`'s report.
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct HttpReport {
-    count: usize,
-    statuses: BTreeMap<String, usize>,
-    bodies: BTreeMap<String, usize>,
-    peers: BTreeMap<String, usize>,
-    errors: usize,
-    first_error: Option<String>,
-    min_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
-    connections: usize,
-}
-
-impl HttpReport {
-    fn status(&self, s: &str) -> usize {
-        self.statuses.get(s).copied().unwrap_or(0)
-    }
-    fn body(&self, b: &str) -> usize {
-        self.bodies.get(b).copied().unwrap_or(0)
-    }
-}
-
 /// `n` requests from the client pod on one connection, with `headers` (`K:V`) and `path`.
 fn get(c: &Cluster, n: usize, headers: &[&str], path: &str) -> Result<HttpReport> {
-    let mut cmd = c.pod_command(CLIENT_POD, testpod())?;
-    cmd.args(["http-get", "--url", URL, "--count", &n.to_string()])
-        .args(["--path", path]);
-    for h in headers {
-        cmd.args(["--header", h]);
-    }
-    let out = cmd.output().context("running testpod http-get")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| {
-            format!(
-                "http-get printed no report ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+    http_get(c, CLIENT_POD, URL, "GET", path, headers, n)
 }
 
 /// Waits (20 s) until `n` requests with `headers` to `path` all answer 200 with body `body`.

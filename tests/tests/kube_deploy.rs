@@ -9,7 +9,6 @@ use serde_json::Value;
 use sidenode_tests::cluster::unique_prefix;
 use sidenode_tests::kube::KubeEnv;
 use std::path::PathBuf;
-use std::time::Duration;
 
 const OVERLAYS: [&str; 3] = ["default", "istio-crds-present", "ha"];
 
@@ -20,6 +19,7 @@ const ISTIO_CRDS: [&str; 4] = [
     "peerauthentications.security.istio.io",
 ];
 const OUR_CRD: &str = "meshconfigs.sidenode.io";
+const RATE_LIMIT_CRD: &str = "ratelimitpolicies.sidenode.io";
 
 fn kube_dir(rel: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,30 +37,15 @@ fn json(s: &str) -> Result<Value> {
     serde_json::from_str(s).context("kubectl output is not JSON")
 }
 
-/// Applies every CRD (for real) and waits until each is Established.
+/// Applies every CRD (for real) and waits until each is Established; all of ours and
+/// Istio's are among them.
 fn install_crds(kube: &KubeEnv) -> Result<()> {
-    kube.kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        &kube_dir("crds"),
-    ])?;
-    for crd in ISTIO_CRDS.iter().chain([&OUR_CRD]) {
-        kube.wait_for(
-            &format!("CRD {crd} Established"),
-            Duration::from_secs(30),
-            || {
-                let s = kube.kubectl(&[
-                    "get",
-                    "crd",
-                    crd,
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
-                ])?;
-                Ok((s.trim() == "True").then_some(()))
-            },
-        )?;
+    let crds = kube.install_crds()?;
+    for crd in ISTIO_CRDS.iter().chain([&OUR_CRD, &RATE_LIMIT_CRD]) {
+        ensure!(
+            crds.iter().any(|c| c == crd),
+            "{crd} not installed: {crds:?}"
+        );
     }
     Ok(())
 }
@@ -145,6 +130,10 @@ fn overlays_render_and_pass_server_dry_run() -> Result<()> {
             );
         }
         ensure!(crds.contains(&OUR_CRD), "{overlay}: no {OUR_CRD}");
+        ensure!(
+            crds.contains(&RATE_LIMIT_CRD),
+            "{overlay}: no {RATE_LIMIT_CRD}"
+        );
 
         let ctl = find(&objs, "Deployment", "sidenode-controller")?;
         let replicas = ctl["spec"]["replicas"].as_i64().unwrap_or(0);
@@ -240,6 +229,7 @@ fn rbac_grants_what_each_component_needs_and_no_more() -> Result<()> {
             true,
         ),
         (ctl, &["list", "meshconfigs.sidenode.io"], true),
+        (ctl, &["watch", "ratelimitpolicies.sidenode.io", "-A"], true),
         // (httproutes.gateway.networking.k8s.io is granted too, but `can-i` cannot check a
         // resource whose CRD — Gateway API's, not shipped here — is not installed.)
         (ctl, &["create", "tokenreviews.authentication.k8s.io"], true),
@@ -531,6 +521,33 @@ spec:
 "#,
         &["spec.certTTL", "should match"],
     ),
+    (
+        "RateLimitPolicy maxTokens 0",
+        r#"
+apiVersion: sidenode.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: bad-rl, namespace: default}
+spec:
+  connections:
+    tokenBucket: {maxTokens: 0, fillInterval: 1s}
+"#,
+        &[
+            "spec.connections.tokenBucket.maxTokens",
+            "greater than or equal to 1",
+        ],
+    ),
+    (
+        "RateLimitPolicy fillInterval",
+        r#"
+apiVersion: sidenode.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: bad-rl-interval, namespace: default}
+spec:
+  requests:
+    - tokenBucket: {maxTokens: 5, fillInterval: often}
+"#,
+        &["spec.requests.tokenBucket.fillInterval", "should match"],
+    ),
 ];
 
 /// A misspelt field of our closed schema: pruned by the server (and refused by kubectl's own
@@ -555,6 +572,7 @@ fn crds_are_established_and_serve_every_version() -> Result<()> {
         (ISTIO_CRDS[2], "v1 v1beta1"),
         (ISTIO_CRDS[3], "v1 v1beta1"),
         (OUR_CRD, "v1alpha1"),
+        (RATE_LIMIT_CRD, "v1alpha1"),
     ] {
         let v = json(&kube.kubectl(&["get", "crd", crd, "-o", "json"])?)?;
         let versions = v["spec"]["versions"].as_array().context("versions")?;

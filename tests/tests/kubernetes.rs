@@ -206,18 +206,7 @@ fn split(c: &TestCluster, n: usize) -> Result<(usize, usize)> {
 fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
     // Pods: node<i>-pod1, -pod2 in `mesh`, -pod3 in `plain`.
     let c = kube_cluster(3)?;
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds");
-    c.kubectl(&["apply", "-k", &crds.to_string_lossy()])?;
-    c.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/virtualservices.networking.istio.io",
-        "crd/destinationrules.networking.istio.io",
-        "crd/authorizationpolicies.security.istio.io",
-        "crd/peerauthentications.security.istio.io",
-        "crd/meshconfigs.sidenode.io",
-    ])?;
+    c.kube()?.install_crds()?;
     let _v1 = Server::start(&c, &testpod(), "node2-pod1", &[8080, 9999])?;
     let _v2 = Server::start(&c, &testpod(), "node2-pod2", &[8080])?;
     c.kubectl(&[
@@ -291,7 +280,7 @@ fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
     );
     held.close()?;
 
-    // The security objects and sidenode's MeshConfig reach the nodes too.
+    // The security objects, a RateLimitPolicy and sidenode's MeshConfig reach the nodes too.
     ensure!(
         new_connection_peer(&c, "node1-pod1", "198.19.2.2:9999")? == "198.18.0.2",
         "port 9999 not tunnelled before the MeshConfig"
@@ -306,6 +295,7 @@ fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
             .unwrap_or_default();
         Ok(uids.contains(&"AuthorizationPolicy/mesh/deny-plain")
             && uids.contains(&"PeerAuthentication/mesh/permissive")
+            && uids.contains(&"RateLimitPolicy/mesh/limits")
             && uids.contains(&"VirtualService/mesh/reviews")
             && last["settings"]["exclude_ports"] == serde_json::json!([9999]))
     })?;
@@ -346,6 +336,11 @@ apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
 metadata: {name: permissive, namespace: mesh}
 spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: sidenode.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: limits, namespace: mesh}
+spec: {connections: {tokenBucket: {maxTokens: 1000, fillInterval: 1s}}}
 ---
 apiVersion: sidenode.io/v1alpha1
 kind: MeshConfig

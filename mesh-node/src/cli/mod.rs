@@ -86,6 +86,9 @@ struct AgentArgs {
     /// Destination CIDRs never captured (comma-separated).
     #[arg(long, value_delimiter = ',')]
     exclude_cidrs: Vec<IpNet>,
+    /// Istio's root namespace: its `PeerAuthentication` without selector is mesh-wide.
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
 }
 
 /// How to reach the controller (all three together).
@@ -207,8 +210,9 @@ struct ProxyArgs {
     /// agent's `--cgroup-root`; default: the cgroup2 mount).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Istio's root namespace: its `AuthorizationPolicy` objects apply to the whole mesh.
-    #[arg(long, default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
+    /// Istio's root namespace: its `AuthorizationPolicy`, `PeerAuthentication` and
+    /// `RateLimitPolicy` objects apply to the whole mesh.
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
 }
 
@@ -217,6 +221,7 @@ pub fn main() -> Result<()> {
     logging::init(cli.log_format);
     match cli.cmd {
         Cmd::Agent(a) => {
+            crate::policy::set_root_namespace(&a.root_namespace);
             let cgroup_root = match a.cgroup_root {
                 Some(p) => p,
                 None => crate::kernel::load::default_cgroup_root()
@@ -264,7 +269,7 @@ pub fn main() -> Result<()> {
                     .or_else(crate::kernel::load::default_cgroup_root),
                 retry_interval: defaults::RETRY_INTERVAL,
             };
-            crate::proxy::authz::set_root_namespace(&p.root_namespace);
+            crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
         }
         Cmd::Controller(c) => {

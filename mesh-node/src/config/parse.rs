@@ -468,6 +468,9 @@ fn read_istio(
         IstioKind::PeerAuthentication => {
             typed(reader, line).map(|(k, s)| (k, IstioSpec::PeerAuthentication(s)))?
         }
+        IstioKind::RateLimitPolicy => {
+            typed(reader, line).map(|(k, s)| (k, IstioSpec::RateLimitPolicy(s)))?
+        }
     };
     spec.validate()
         .map_err(|(field, message)| ObjError::field(line, &field, message))?;

@@ -54,10 +54,12 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// Writes a file only its owner can read (keys).
+/// Writes a file only its owner can read (keys). The mode is set on the open file before
+/// anything is written, so a file that existed with a looser mode is narrowed first (`mode`
+/// at open applies only when the file is created).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| CaError::Io {
         path: path.into(),
         source,
@@ -68,6 +70,8 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
         .truncate(true)
         .mode(0o600)
         .open(path)
+        .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(io)?;
     f.write_all(bytes).map_err(io)
 }
@@ -281,4 +285,21 @@ impl Ca {
 
 pub fn der_to_pem(der: &rustls_pki_types::CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn write_private_narrows_an_existing_file_to_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        super::write_private(&path, b"new").expect("write_private");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+    }
 }

@@ -1,6 +1,7 @@
 //! The Istio objects the mesh reads — `networking.istio.io` `VirtualService` and
 //! `DestinationRule`, `security.istio.io` `AuthorizationPolicy` and `PeerAuthentication` — as
-//! typed specs. The same types read a YAML file, a Kubernetes object and the controller's state
+//! typed specs, with sidenode's own namespaced policy `sidenode.io` `RateLimitPolicy`
+//! (`super::ratelimit`), which travels the same way. The same types read a YAML file, a Kubernetes object and the controller's state
 //! stream (which carries the validated spec as JSON), so the schema is written once.
 //!
 //! Field names follow Istio's API (camelCase). Fields the mesh does not use are ignored, as
@@ -17,6 +18,9 @@ use super::{Labels, ObjKey, Origin};
 pub const NETWORKING_GROUP: &str = "networking.istio.io";
 pub const SECURITY_GROUP: &str = "security.istio.io";
 pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+/// sidenode's own API group and its versions.
+pub const SIDENODE_GROUP: &str = "sidenode.io";
+pub const SIDENODE_VERSIONS: [&str; 1] = ["v1alpha1"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IstioKind {
@@ -24,14 +28,17 @@ pub enum IstioKind {
     DestinationRule,
     AuthorizationPolicy,
     PeerAuthentication,
+    /// `sidenode.io/v1alpha1`, not Istio's; see `model::ratelimit`.
+    RateLimitPolicy,
 }
 
 impl IstioKind {
-    pub const ALL: [IstioKind; 4] = [
+    pub const ALL: [IstioKind; 5] = [
         IstioKind::VirtualService,
         IstioKind::DestinationRule,
         IstioKind::AuthorizationPolicy,
         IstioKind::PeerAuthentication,
+        IstioKind::RateLimitPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +47,7 @@ impl IstioKind {
             IstioKind::DestinationRule => "DestinationRule",
             IstioKind::AuthorizationPolicy => "AuthorizationPolicy",
             IstioKind::PeerAuthentication => "PeerAuthentication",
+            IstioKind::RateLimitPolicy => "RateLimitPolicy",
         }
     }
 
@@ -51,6 +59,15 @@ impl IstioKind {
         match self {
             IstioKind::VirtualService | IstioKind::DestinationRule => NETWORKING_GROUP,
             IstioKind::AuthorizationPolicy | IstioKind::PeerAuthentication => SECURITY_GROUP,
+            IstioKind::RateLimitPolicy => SIDENODE_GROUP,
+        }
+    }
+
+    /// The API versions read, the preferred first.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            IstioKind::RateLimitPolicy => &SIDENODE_VERSIONS,
+            _ => &VERSIONS,
         }
     }
 
@@ -61,6 +78,7 @@ impl IstioKind {
             IstioKind::DestinationRule => "destinationrules",
             IstioKind::AuthorizationPolicy => "authorizationpolicies",
             IstioKind::PeerAuthentication => "peerauthentications",
+            IstioKind::RateLimitPolicy => "ratelimitpolicies",
         }
     }
 }
@@ -80,6 +98,7 @@ pub enum IstioSpec {
     DestinationRule(DestinationRuleSpec),
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
+    RateLimitPolicy(super::ratelimit::RateLimitPolicySpec),
 }
 
 impl IstioSpec {
@@ -89,6 +108,7 @@ impl IstioSpec {
             IstioSpec::DestinationRule(_) => IstioKind::DestinationRule,
             IstioSpec::AuthorizationPolicy(_) => IstioKind::AuthorizationPolicy,
             IstioSpec::PeerAuthentication(_) => IstioKind::PeerAuthentication,
+            IstioSpec::RateLimitPolicy(_) => IstioKind::RateLimitPolicy,
         }
     }
 
@@ -99,6 +119,7 @@ impl IstioSpec {
             IstioSpec::DestinationRule(dr) => dr.validate(),
             IstioSpec::AuthorizationPolicy(ap) => ap.validate(),
             IstioSpec::PeerAuthentication(pa) => pa.validate(),
+            IstioSpec::RateLimitPolicy(rl) => rl.validate(),
         }
     }
 }
@@ -559,6 +580,15 @@ impl PeerAuthenticationSpec {
 pub struct WorkloadSelector {
     #[serde(default)]
     pub match_labels: Labels,
+}
+
+impl WorkloadSelector {
+    /// Are all of the selector's labels among `labels`?
+    pub fn selects(&self, labels: &std::collections::HashMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

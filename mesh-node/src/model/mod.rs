@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod istio;
+pub mod ratelimit;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -256,6 +256,7 @@ async fn accept_loop(
                     connect_timeout,
                     state: mesh.state.clone(),
                     tunnels: mesh.authz.clone(),
+                    limiter: mesh.limiter.clone(),
                 });
                 server::serve(tls, conn).await;
             }

@@ -17,6 +17,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod ratelimit;
 pub mod route;
 pub mod socket;
 
@@ -68,6 +69,8 @@ pub struct Mesh {
     pub pool: hbone::pool::Pool,
     /// Open inbound tunnels, re-checked against `AuthorizationPolicy` on state changes.
     pub authz: Arc<authz::registry::Registry>,
+    /// `RateLimitPolicy` token buckets of this node's workloads.
+    pub limiter: Arc<ratelimit::Limiter>,
 }
 
 /// What every connection handler shares.
@@ -172,6 +175,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         certs: certs.clone(),
         pool: Default::default(),
         authz: Default::default(),
+        limiter: Default::default(),
     });
     tokio::spawn(certs.renew_forever());
     {

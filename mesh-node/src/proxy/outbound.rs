@@ -281,8 +281,8 @@ async fn open_upstream(
         // PeerAuthentication DISABLE on the destination's port: plaintext, as Istio sends it.
         let mtls_disabled = dw.is_some_and(|dw| {
             dw.meshed
-                && crate::agent::peer_auth::mode_of(st, dw, dst.port())
-                    == crate::agent::peer_auth::Mode::Disable
+                && crate::policy::peer_auth::mode_of(st, dw, dst.port())
+                    == crate::policy::peer_auth::Mode::Disable
         });
         match dw {
             Some(_) if mtls_disabled => {
@@ -376,6 +376,10 @@ async fn tunnel(
                 TunnelError::Connect { .. } => (Refusal::Unreachable, true),
                 TunnelError::Status(s) if *s == StatusCode::SERVICE_UNAVAILABLE => {
                     (Refusal::Unreachable, true)
+                }
+                TunnelError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
+                TunnelError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                    (Refusal::Denied, false)
                 }
                 _ => (Refusal::Handshake, false),
             };

@@ -360,3 +360,63 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// `testpod http-get`'s report (one JSON line).
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)]
+pub struct HttpReport {
+    pub count: usize,
+    pub statuses: std::collections::BTreeMap<String, usize>,
+    pub bodies: std::collections::BTreeMap<String, usize>,
+    pub peers: std::collections::BTreeMap<String, usize>,
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+    pub connections: usize,
+}
+
+#[allow(dead_code)]
+impl HttpReport {
+    pub fn status(&self, s: &str) -> usize {
+        self.statuses.get(s).copied().unwrap_or(0)
+    }
+    pub fn body(&self, b: &str) -> usize {
+        self.bodies.get(b).copied().unwrap_or(0)
+    }
+}
+
+/// `n` requests `method path` with `headers` (`K:V`) from `pod` to `url`, on one keep-alive
+/// connection (`testpod http-get`).
+#[allow(dead_code)]
+pub fn http_get(
+    c: &Cluster,
+    pod: &str,
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    n: usize,
+) -> Result<HttpReport> {
+    let mut cmd = c.pod_command(pod, testpod())?;
+    cmd.args(["http-get", "--url", url, "--count", &n.to_string()])
+        .args(["--method", method, "--path", path]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    let out = cmd.output().context("running testpod http-get")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| {
+            format!(
+                "http-get printed no report ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+}

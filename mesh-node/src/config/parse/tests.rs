@@ -197,3 +197,35 @@ spec:
     assert_eq!(e.object.as_deref(), Some("HTTPRoute mesh/r"));
     assert_eq!(e.field.as_deref(), Some("spec.rules[0].filters"));
 }
+
+#[test]
+fn a_rate_limit_policy_parses_and_its_errors_name_file_line_and_field() {
+    let text = "\
+apiVersion: sidenode.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: ok, namespace: mesh}
+spec:
+  connections: {tokenBucket: {maxTokens: 5, fillInterval: 1s}}
+---
+apiVersion: sidenode.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: bad, namespace: mesh}
+spec:
+  requests:
+  - tokenBucket: {maxTokens: 5, fillInterval: 5ms}
+";
+    let p = parse(text);
+    assert_eq!(p.objects.len(), 1, "{:?}", p.errors);
+    assert!(matches!(
+        &p.objects[0],
+        Object::Istio(o) if matches!(o.spec, IstioSpec::RateLimitPolicy(_))
+    ));
+    assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+    let e = p.errors[0].to_string();
+    assert!(
+        e.starts_with(
+            "cfg/pods.yaml:7: RateLimitPolicy mesh/bad: spec.requests[0].tokenBucket.fillInterval:"
+        ),
+        "{e}"
+    );
+}

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::ConfigError;
 use crate::config::parse::{JsonObject, ObjId, convert};
 use crate::config::watch::Scan;
-use crate::model::istio::{IstioKind, VERSIONS};
+use crate::model::istio::IstioKind;
 use crate::model::{Object, Origin, Snapshot};
 
 /// Kinds the controller cannot serve without: the first view waits for their initial list.
@@ -69,7 +69,8 @@ impl KubeSource {
         for kind in IstioKind::ALL {
             let (c, s) = (client.clone(), src.clone());
             tokio::spawn(async move {
-                let versions: Vec<GroupVersionKind> = VERSIONS
+                let versions: Vec<GroupVersionKind> = kind
+                    .versions()
                     .iter()
                     .map(|v| GroupVersionKind::gvk(kind.group(), v, kind.as_str()))
                     .collect();

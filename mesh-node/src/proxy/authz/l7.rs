@@ -1,6 +1,8 @@
-//! Per-request authorization on an HBONE tunnel to an HTTP port: the destination's proxy serves
+//! Per-request policy on an HBONE tunnel to an HTTP port: the destination's proxy serves
 //! HTTP (HTTP/1.1, or h2c with prior knowledge) on the tunnel, checks every request against
-//! the policies in force at that moment, answers `403 RBAC: access denied` to refused ones and
+//! the authorization policies in force at that moment, answers `403 RBAC: access denied` to
+//! refused ones, then against the `RateLimitPolicy` request limits (`proxy::ratelimit`),
+//! answering `429 local_rate_limited` with `retry-after` to those over the limit, and
 //! passes the others to the pod over one connection of the same protocol (made again when the
 //! pod closes it).
 
@@ -36,6 +38,7 @@ pub struct Tunnel {
     pub peer: Peer,
     pub state: StateRx,
     pub connect_timeout: Duration,
+    pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
 }
 
 enum Sender {
@@ -100,7 +103,7 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap) {
 }
 
 async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
-    let decision = {
+    let (decision, limited) = {
         let st = t.state.borrow().clone();
         let host = req
             .uri()
@@ -115,7 +118,16 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
             host,
             headers: req.headers(),
         };
-        check(&st, &t.pod, &t.peer, Some(&http))
+        let decision = check(&st, &t.pod, &t.peer, Some(&http));
+        // A denied request takes no token.
+        let limited = match decision.denied {
+            None => t
+                .limiter
+                .check_request(&st, &t.pod, t.target.port(), &http)
+                .err(),
+            Some(_) => None,
+        };
+        (decision, limited)
     };
     if !decision.audit.is_empty() {
         info!(
@@ -136,6 +148,23 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
             "request denied by authorization policy"
         );
         return local(StatusCode::FORBIDDEN, "RBAC: access denied");
+    }
+    if let Some(l) = limited {
+        info!(
+            method = %req.method(),
+            path = %req.uri().path(),
+            policy = %l.policy,
+            limit = %l.entry,
+            "request over the rate limit"
+        );
+        let mut r = local(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(l.retry_after.as_secs_f64().ceil() as u64),
+        );
+        r.headers_mut()
+            .insert("x-sidenode-ratelimited", HeaderValue::from_static("true"));
+        return r;
     }
     match forward(req, t, up).await {
         Ok(resp) => resp,

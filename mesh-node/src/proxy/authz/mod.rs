@@ -34,22 +34,7 @@ use crate::model::istio::{
 use crate::proto;
 use crate::state::NodeState;
 
-/// Istio's default root namespace: its policies apply to every workload of the mesh.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
-
-static ROOT_NAMESPACE: OnceLock<String> = OnceLock::new();
-
-/// Sets the root namespace (`--root-namespace`) once, before the proxy starts.
-pub fn set_root_namespace(ns: &str) {
-    let _ = ROOT_NAMESPACE.set(ns.to_string());
-}
-
-pub fn root_namespace() -> &'static str {
-    ROOT_NAMESPACE
-        .get()
-        .map(String::as_str)
-        .unwrap_or(DEFAULT_ROOT_NAMESPACE)
-}
+pub use crate::policy::{DEFAULT_ROOT_NAMESPACE, root_namespace};
 
 /// The workload a connection or request goes to.
 #[derive(Clone, Copy, Debug)]
@@ -161,11 +146,9 @@ pub fn applicable<'s>(st: &'s NodeState, target: Target<'_>) -> Vec<Applied<'s>>
         })
         .filter(|(_, obj, _)| obj.key.namespace == target.namespace || obj.key.namespace == root)
         .filter(|(_, _, spec)| {
-            spec.selector.as_ref().is_none_or(|s| {
-                s.match_labels
-                    .iter()
-                    .all(|(k, v)| target.labels.get(k) == Some(v))
-            })
+            spec.selector
+                .as_ref()
+                .is_none_or(|s| s.selects(target.labels))
         })
         .map(|(uid, _, spec)| Applied {
             name: uid.split_once('/').map_or(uid.as_str(), |(_, rest)| rest),
@@ -456,7 +439,7 @@ fn principal_matches(pattern: &str, principal: &str) -> bool {
 }
 
 /// Hosts match case-insensitively; a pattern without a port ignores the request's port.
-fn host_matches(pattern: &str, host: &str) -> bool {
+pub fn host_matches(pattern: &str, host: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
     let host = host.to_ascii_lowercase();
     if string_matches(&pattern, &host) {

@@ -40,6 +40,10 @@ pub enum Refusal {
     NoRoute,
     /// A `DestinationRule` connection pool limit (`tcp.maxConnections`) was reached.
     Overflow,
+    /// A `RateLimitPolicy` connection limit of the destination (HBONE status 429).
+    RateLimited,
+    /// The destination's `AuthorizationPolicy` refused the tunnel (HBONE status 401/403).
+    Denied,
 }
 
 impl Refusal {
@@ -55,6 +59,8 @@ impl Refusal {
             Refusal::NoEndpoint => "no_endpoint",
             Refusal::NoRoute => "no_route",
             Refusal::Overflow => "overflow",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Denied => "denied",
         }
     }
 

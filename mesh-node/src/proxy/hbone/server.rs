@@ -20,6 +20,7 @@ use super::{
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
 use crate::proxy::authz;
+use crate::proxy::ratelimit;
 use crate::proxy::socket::connect_marked;
 use crate::state::StateRx;
 
@@ -34,6 +35,8 @@ pub struct Conn {
     pub state: StateRx,
     /// Open tunnels, closed when a policy change refuses them.
     pub tunnels: Arc<authz::registry::Registry>,
+    /// `RateLimitPolicy` buckets of this node's workloads.
+    pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
 }
 
 pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
@@ -93,7 +96,8 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
     let peer = authz::Peer::new(Some(&conn.peer_identity), client_ip, target);
     let per_request = {
         let st = conn.state.borrow().clone();
-        let per_request = authz::per_request(&st, &conn.pod, target.port());
+        let per_request = authz::per_request(&st, &conn.pod, target.port())
+            || ratelimit::has_request_limits(&st, &conn.pod, target.port());
         if !per_request {
             let d = authz::check_connection(&st, &conn.pod, &peer);
             if let Some(reason) = d.denied {
@@ -112,6 +116,19 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
                     || info!(audit = %d.audit.join(","), "authorization audit: connection allowed"),
                 );
             }
+        }
+        // RateLimitPolicy: a new connection takes a token (after authorization: a denied
+        // tunnel takes none).
+        if let Err(l) = conn.limiter.check_connection(&st, &conn.pod, target.port()) {
+            count_refusal("inbound", Refusal::RateLimited);
+            span.in_scope(|| {
+                warn!(
+                    policy = %l.policy,
+                    retry_after_ms = l.retry_after.as_millis() as u64,
+                    "connection over the rate limit"
+                )
+            });
+            return status(StatusCode::TOO_MANY_REQUESTS);
         }
         per_request
     };
@@ -139,6 +156,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
                         peer,
                         state: conn2.state.clone(),
                         connect_timeout: conn2.connect_timeout,
+                        limiter: conn2.limiter.clone(),
                     };
                     authz::l7::serve(TokioIo::new(up), Arc::new(tunnel), upstream).await;
                     info!(pod = %conn2.pod, duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed");

@@ -736,8 +736,8 @@ async fn attempt_once(
     // PeerAuthentication DISABLE on the endpoint's port: plaintext, as on the L4 path.
     let mtls_disabled = dw.is_some_and(|dw| {
         dw.meshed
-            && crate::agent::peer_auth::mode_of(st, dw, ep.port())
-                == crate::agent::peer_auth::Mode::Disable
+            && crate::policy::peer_auth::mode_of(st, dw, ep.port())
+                == crate::policy::peer_auth::Mode::Disable
     });
     let route = match dw {
         Some(_) if mtls_disabled => Route::Direct,
