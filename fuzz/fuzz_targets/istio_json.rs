@@ -20,6 +20,7 @@ const KINDS: &[&str] = &[
     "Node",
     "ServiceAccount",
     "MeshConfig",
+    "RateLimitPolicy",
 ];
 
 fuzz_target!(|data: &[u8]| {
