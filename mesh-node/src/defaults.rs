@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-pub use mesh_common::ports::{METRICS, OUTBOUND};
+pub use mesh_common::ports::{ADMIN, METRICS, OUTBOUND};
+
+/// Where the proxy's admin API listens unless `--admin` says otherwise: loopback only.
+pub const ADMIN_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), ADMIN);
 
 /// Controller gRPC port (Istio's istiod xDS port).
 pub const CONTROLLER: u16 = 15012;

@@ -10,6 +10,7 @@
 //!
 //! Only `kernel` (bpf and namespace syscalls) may use `unsafe`; every other module forbids it.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;

@@ -63,6 +63,9 @@ pub struct ClusterOpts {
     /// Extra arguments for every agent (e.g. `--exclude-ports 9000`).
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// Extra arguments for every proxy (e.g. `--otlp-endpoint http://198.18.0.254:4317`).
+    #[serde(default)]
+    pub proxy_args: Vec<String>,
     /// Kubernetes mode (implies `mesh`): a real kube-apiserver in `<prefix>-net` holds the
     /// objects, the controller reads it (`--kubernetes`), agents find pods' namespaces by UID
     /// and present projected service-account tokens. See `cluster/kube.rs`.
@@ -81,6 +84,7 @@ impl Default for ClusterOpts {
             mesh: false,
             cert_ttl: None,
             agent_args: Vec::new(),
+            proxy_args: Vec::new(),
             kube: false,
         }
     }
@@ -636,6 +640,15 @@ impl Cluster {
     pub fn node_command(&self, node: &str, program: impl AsRef<OsStr>) -> Result<Command> {
         let n = self.node(node)?;
         let fd = procs::open_netns(&netns_path(&n.netns))?;
+        let mut cmd = Command::new(program);
+        procs::enter_in_child(&mut cmd, fd, None)?;
+        Ok(cmd)
+    }
+
+    /// A command that runs in the fabric netns `<prefix>-net` (no cgroup): it reaches every
+    /// node (198.18.0.0/24 on `br0`) and, in mesh mode, every pod.
+    pub fn fabric_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let fd = procs::open_netns(&netns_path(&self.fabric_netns()))?;
         let mut cmd = Command::new(program);
         procs::enter_in_child(&mut cmd, fd, None)?;
         Ok(cmd)

@@ -36,7 +36,7 @@ fn enrolled_pod_is_captured_plain_is_not_and_unenroll_stops_capture() -> Result<
         "node1",
         "proxy",
         0,
-        &["connection closed", &format!("dst={TARGET}")],
+        &["connection complete", &format!("dst.addr={TARGET}")],
         Duration::from_secs(5),
     )?;
 
@@ -445,7 +445,7 @@ fn ipv6_connections_are_captured_too() -> Result<()> {
         "node1",
         "proxy",
         0,
-        &["connection closed", &format!("dst={target}")],
+        &["connection complete", &format!("dst.addr={target}")],
         Duration::from_secs(5),
     )?;
     Ok(())

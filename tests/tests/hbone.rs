@@ -36,8 +36,8 @@ fn mesh_with_server(
 
 /// The proxy line for the connection from `local` (the client's ip:port) with every needle.
 fn wait_conn_line(c: &Cluster, local: &str, offset: u64, needles: &[&str]) -> Result<String> {
-    let src = format!("src={local}");
-    let mut all = vec!["connection closed", src.as_str()];
+    let src = format!("src.addr={local}");
+    let mut all = vec!["connection complete", src.as_str()];
     all.extend_from_slice(needles);
     wait_log_all(c, "node1", "proxy", offset, &all, Duration::from_secs(5))
 }
@@ -179,11 +179,11 @@ fn meshed_traffic_is_encrypted_on_the_wire() -> Result<()> {
         "proxy",
         offset,
         &[
-            "connection closed",
-            &format!("dst={TARGET}"),
-            "protocol=\"hbone\"",
-            "src_identity=spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1",
-            "dst_identity=spiffe://cluster.local/ns/mesh/sa/sa-node2-pod1",
+            "connection complete",
+            &format!("dst.addr={TARGET}"),
+            "transport=\"hbone\"",
+            "src.identity=spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1",
+            "dst.identity=spiffe://cluster.local/ns/mesh/sa/sa-node2-pod1",
         ],
         Duration::from_secs(5),
     )?;
@@ -548,7 +548,7 @@ fn hbone_listener_checks_client_identity() -> Result<()> {
     // The mesh path still works afterwards.
     let r = dial_one(&c, CLIENT_POD, TARGET)?;
     let local = r.local.clone().context("no local address")?;
-    wait_conn_line(&c, &local, 0, &["protocol=\"hbone\""])?;
+    wait_conn_line(&c, &local, 0, &["transport=\"hbone\""])?;
     Ok(())
 }
 
@@ -692,7 +692,7 @@ fn controller_down_keeps_traffic_and_restart_resyncs() -> Result<()> {
             "{r:?}"
         );
         let local = r.local.clone().context("no local address")?;
-        wait_conn_line(&c, &local, 0, &["protocol=\"hbone\""])?;
+        wait_conn_line(&c, &local, 0, &["transport=\"hbone\""])?;
     }
     ensure!(s.echo("still")? == "still", "echo");
 
@@ -729,7 +729,7 @@ fn controller_down_keeps_traffic_and_restart_resyncs() -> Result<()> {
     wait_enrolled(&c, "node2", "plain", "node2-pod2")?;
     let r = dial_one(&c, CLIENT_POD, TARGET)?;
     let local = r.local.clone().context("no local address")?;
-    wait_conn_line(&c, &local, 0, &["protocol=\"hbone\""])?;
+    wait_conn_line(&c, &local, 0, &["transport=\"hbone\""])?;
     ensure!(s.echo("after")? == "after", "echo after restart");
     s.close()?;
     Ok(())
@@ -752,9 +752,12 @@ fn unmeshed_destination_goes_direct() -> Result<()> {
         &c,
         &local,
         0,
-        &[&format!("dst={target}"), "protocol=\"tcp\""],
+        &[&format!("dst.addr={target}"), "transport=\"tcp\""],
     )?;
-    ensure!(!line.contains("hbone"), "{line}");
+    ensure!(
+        line.contains("dst.hbone_addr= ") && line.contains("security=\"none\""),
+        "{line}"
+    );
     Ok(())
 }
 
@@ -772,7 +775,7 @@ fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
         &c,
         &local,
         0,
-        &[&format!("dst={target}"), "protocol=\"hbone\""],
+        &[&format!("dst.addr={target}"), "transport=\"hbone\""],
     )?;
     eprintln!("{line}");
     Ok(())
@@ -784,7 +787,7 @@ fn destination_proxy_down_fails_fast() -> Result<()> {
     // Works first (and warms any tunnel pool to node2).
     let r = dial_one(&c, CLIENT_POD, TARGET)?;
     let local = r.local.clone().context("no local address")?;
-    wait_conn_line(&c, &local, 0, &["protocol=\"hbone\""])?;
+    wait_conn_line(&c, &local, 0, &["transport=\"hbone\""])?;
 
     c.kill_process("node2", "proxy", libc::SIGKILL)?;
     let offset = c.log_len("node1", "proxy");

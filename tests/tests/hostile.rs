@@ -59,9 +59,9 @@ fn expect_tunnel_works(c: &Cluster) -> Result<()> {
         "proxy",
         0,
         &[
-            "connection closed",
-            &format!("src={local}"),
-            "protocol=\"hbone\"",
+            "connection complete",
+            &format!("src.addr={local}"),
+            "transport=\"hbone\"",
         ],
         Duration::from_secs(5),
     )?;

@@ -184,9 +184,9 @@ fn strict_drops_plaintext_keeps_mesh_traffic_and_lifts_on_removal() -> Result<()
         "proxy",
         offset,
         &[
-            "connection closed",
-            &format!("dst={target}"),
-            "protocol=\"hbone\"",
+            "connection complete",
+            &format!("dst.addr={target}"),
+            "transport=\"hbone\"",
         ],
         Duration::from_secs(5),
     )?;
@@ -269,10 +269,10 @@ fn disable_goes_plaintext_and_port_level_strict_on_a_permissive_workload() -> Re
         "proxy",
         0,
         &[
-            "connection closed",
-            &format!("src={local}"),
-            &format!("dst={target}"),
-            "protocol=\"tcp\"",
+            "connection complete",
+            &format!("src.addr={local}"),
+            &format!("dst.addr={target}"),
+            "transport=\"tcp\"",
         ],
         Duration::from_secs(5),
     )?;

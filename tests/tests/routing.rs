@@ -227,10 +227,10 @@ fn vip_traffic_splits_80_20_across_subsets() -> Result<()> {
         "proxy",
         offset,
         &[
-            "connection closed",
+            "connection complete",
             "service=\"mesh/reviews\"",
             &format!("endpoint={V2_ADDR}"),
-            "protocol=\"hbone\"",
+            "transport=\"hbone\"",
         ],
         Duration::from_secs(5),
     )?;

@@ -74,6 +74,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 mesh,
                 cert_ttl,
                 agent_args: Vec::new(),
+                proxy_args: Vec::new(),
                 kube,
             })?;
             if kube {

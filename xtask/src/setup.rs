@@ -25,7 +25,14 @@ pub const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "openssl",
     "curl",
+    // tests/tests/prometheus.rs scrapes the node proxies with a real Prometheus (2.42 in
+    // Debian 12; it also brings `promtool`). Installed without starting its service (below).
+    "prometheus",
 ];
+
+/// Packages whose maintainer scripts start and enable a system service on install; the
+/// tests run their own instance, so setup stops and disables the system one.
+const SERVICES: &[&str] = &["prometheus"];
 
 pub fn run() -> Result<()> {
     apt()?;
@@ -54,12 +61,47 @@ fn apt() -> Result<()> {
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
+    // Debian's maintainer scripts ask policy-rc.d before starting a service (invoke-rc.d,
+    // deb-systemd-invoke): exit 101 = "not allowed". Only added if there is none (a
+    // container usually has one already), removed afterwards.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let added_policy = !policy.exists() && write_deny_policy(policy).is_ok();
+    let result = run_cmd(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
-    )
+    );
+    if added_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result?;
+    for svc in SERVICES.iter().filter(|s| missing.contains(*s)) {
+        no_system_service(svc);
+    }
+    Ok(())
+}
+
+fn write_deny_policy(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, "#!/bin/sh\n# added by cargo xtask setup\nexit 101\n")?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+}
+
+/// Stops and disables a service a package just installed (systemd and sysv links), in
+/// case policy-rc.d did not keep it from starting. Best effort: quiet, never fails.
+fn no_system_service(svc: &str) {
+    let quiet = |cmd: &mut Command| {
+        let _ = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    };
+    quiet(Command::new("systemctl").args(["stop", svc]));
+    quiet(Command::new("systemctl").args(["disable", svc]));
+    quiet(Command::new("update-rc.d").args([svc, "disable"]));
+    quiet(Command::new("invoke-rc.d").args(["--force", svc, "stop"]));
 }
 
 fn bpf_linker() -> Result<()> {

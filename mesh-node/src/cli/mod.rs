@@ -2,8 +2,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod maps;
 pub mod state;
+pub mod table;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -41,6 +43,11 @@ enum Cmd {
     Maps(maps::MapsArgs),
     /// Show what the controller serves a node: workloads, services, Istio objects, settings.
     State(state::StateArgs),
+    /// Show what this node's proxy holds (from its admin API): workloads, services, policies,
+    /// certificates, connections.
+    Config(config::ConfigArgs),
+    /// Show or change the node proxy's log filter at run time (through its admin API).
+    LogLevel(config::LogLevelArgs),
     /// Remove every sidenode pin from a bpffs (detaches the capture programs).
     Uninstall {
         #[arg(long, default_value = defaults::BPFFS)]
@@ -192,6 +199,15 @@ struct ProxyArgs {
     /// Prometheus metrics address (default: proxy-ip:15020).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Admin API address (`/config_dump`, `/connections`, `/healthz/ready`, `/logging`). It
+    /// has no authentication, so only a loopback address is accepted without
+    /// --admin-allow-remote.
+    #[arg(long, default_value_t = defaults::ADMIN_ADDR)]
+    admin: std::net::SocketAddr,
+    /// Accept a non-loopback --admin address: anyone who reaches it can read the mesh's
+    /// topology and policies and change the log filter.
+    #[arg(long)]
+    admin_allow_remote: bool,
     /// Runtime worker threads. One keeps every hop of a connection on one CPU, which on small
     /// nodes halves the added latency (no cross-CPU wake-ups); raise it on large nodes.
     #[arg(long, default_value_t = defaults::PROXY_WORKERS)]
@@ -214,6 +230,13 @@ struct ProxyArgs {
     /// `RateLimitPolicy` objects apply to the whole mesh.
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// Export trace spans with OTLP/gRPC to this collector (`http://HOST:PORT`, e.g. Jaeger's
+    /// 4317). Without it tracing is off.
+    #[arg(long, value_parser = crate::telemetry::trace::parse_endpoint)]
+    otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled (default 100); a request's own sampled flag is kept.
+    #[arg(long, requires = "otlp_endpoint", value_parser = crate::telemetry::trace::parse_sampling)]
+    trace_sampling: Option<f64>,
 }
 
 pub fn main() -> Result<()> {
@@ -264,10 +287,22 @@ pub fn main() -> Result<()> {
                     p.metrics
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
+                admin: Some(crate::admin::Settings {
+                    addr: p.admin,
+                    allow_remote: p.admin_allow_remote,
+                }),
                 cgroup_root: p
                     .cgroup_root
                     .or_else(crate::kernel::load::default_cgroup_root),
                 retry_interval: defaults::RETRY_INTERVAL,
+                tracing: p
+                    .otlp_endpoint
+                    .map(|endpoint| crate::telemetry::trace::Settings {
+                        endpoint,
+                        sampling_percent: p
+                            .trace_sampling
+                            .unwrap_or(crate::telemetry::trace::DEFAULT_SAMPLING_PERCENT),
+                    }),
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
@@ -305,6 +340,8 @@ pub fn main() -> Result<()> {
         }
         Cmd::Maps(m) => maps::run(m),
         Cmd::State(a) => runtime(Some(1))?.block_on(state::run(a)),
+        Cmd::Config(a) => runtime(Some(1))?.block_on(config::run(a)),
+        Cmd::LogLevel(a) => runtime(Some(1))?.block_on(config::log_level(a)),
         Cmd::Uninstall { bpffs } => {
             crate::kernel::load::uninstall(&crate::kernel::Pins::new(bpffs))?;
             Ok(())

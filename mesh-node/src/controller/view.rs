@@ -18,6 +18,15 @@ pub struct View {
     pub cert_ttl: Option<std::time::Duration>,
     pub trust_bundle_pem: String,
     pub trust_domain: String,
+    /// When this version was built (Unix ms), sent with every update for the nodes' lag.
+    pub built_unix_ms: u64,
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl View {
@@ -138,6 +147,7 @@ impl View {
             cert_ttl: mc.and_then(|m| m.cert_ttl),
             trust_bundle_pem: trust_bundle_pem.to_string(),
             trust_domain: trust_domain.to_string(),
+            built_unix_ms: unix_ms(),
         }
     }
 
@@ -164,6 +174,7 @@ impl View {
             settings: Some(self.settings.clone()),
             trust_bundle_pem: self.trust_bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
+            built_unix_ms: self.built_unix_ms,
             ..Default::default()
         }
     }
@@ -204,6 +215,7 @@ impl View {
             settings: Some(self.settings.clone()),
             trust_bundle_pem: self.trust_bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
+            built_unix_ms: self.built_unix_ms,
         }
     }
 }

@@ -62,6 +62,18 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
+/// What may be shown of a held certificate: the identity, the validity and the public chain
+/// (leaf first). No key.
+#[derive(Clone, Debug)]
+pub struct PublicCert {
+    pub identity: Identity,
+    pub generation: u64,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub renew_at: SystemTime,
+}
+
 pub struct CertManager {
     client: proto::certificates_client::CertificatesClient<AuthChannel>,
     certs: Mutex<HashMap<Identity, Arc<WorkloadCert>>>,
@@ -193,6 +205,27 @@ impl CertManager {
         }
     }
 
+    /// The certificates held, by identity: public parts only (the admin API's
+    /// `/config_dump`). The private keys stay in [`WorkloadCert`], which this never hands out.
+    pub fn certificates(&self) -> Vec<PublicCert> {
+        let Ok(m) = self.certs.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<PublicCert> = m
+            .values()
+            .map(|c| PublicCert {
+                identity: c.identity.clone(),
+                generation: c.generation,
+                chain: c.chain.clone(),
+                not_before: c.info.not_before,
+                not_after: c.info.not_after,
+                renew_at: c.renew_at,
+            })
+            .collect();
+        out.sort_by_key(|c| c.identity.to_string());
+        out
+    }
+
     /// Renews every held certificate once it is past half-life.
     pub async fn renew_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -212,5 +245,47 @@ impl CertManager {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl CertManager {
+    /// Holds a certificate made outside (a test CA) as if the controller had signed it:
+    /// `chain_pem` leaf first, `key` its private key.
+    pub(crate) fn hold_for_tests(
+        &self,
+        id: &Identity,
+        key: &rcgen::KeyPair,
+        chain_pem: &[String],
+        bundle_pem: &str,
+    ) -> Arc<WorkloadCert> {
+        let chain: Vec<CertificateDer<'static>> = chain_pem
+            .iter()
+            .flat_map(|p| certs_from_pem(p).expect("chain PEM"))
+            .collect();
+        let info = cert_info(&chain[0]).expect("leaf");
+        let roots = super::tls::roots_from_pem(bundle_pem).expect("bundle");
+        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+        let server_config = super::tls::server_config(
+            chain.clone(),
+            PrivateKeyDer::Pkcs8(key.clone_key()),
+            roots.clone(),
+        )
+        .expect("server config");
+        let cert = Arc::new(WorkloadCert {
+            renew_at: info.not_after,
+            identity: id.clone(),
+            chain,
+            key,
+            roots,
+            info,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            server_config,
+        });
+        self.certs
+            .lock()
+            .expect("certs")
+            .insert(id.clone(), cert.clone());
+        cert
     }
 }

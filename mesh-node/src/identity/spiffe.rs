@@ -28,6 +28,16 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// Istio's principal form: the SPIFFE id without `spiffe://` (`td/ns/NS/sa/SA`).
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

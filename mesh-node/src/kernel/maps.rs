@@ -60,25 +60,32 @@ impl NodeMaps {
 
     /// Counters summed over CPUs, in [`mesh_common::Stat`] order.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        mesh_common::STAT_NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let sum = self
-                    .stats
-                    .get(&(i as u32), 0)
-                    .map(|v| v.iter().copied().sum())
-                    .unwrap_or(0);
-                (*name, sum)
-            })
-            .collect()
+        read_stats(&self.stats)
     }
+}
+
+/// The `SN_STATS` counters summed over CPUs, in [`mesh_common::Stat`] order (0 for slots an
+/// older pinned map lacks).
+pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    mesh_common::STAT_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let sum = stats
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0);
+            (*name, sum)
+        })
+        .collect()
 }
 
 /// Only what the proxy needs, read-only.
 pub struct ProxyMaps {
     pub enrolled: HashMap<MapData, u64, Workload>,
     pub orig_dst: HashMap<MapData, SockKey, OrigDst>,
+    /// The capture counters (read for the proxy's metrics).
+    pub stats: PerCpuArray<MapData, u64>,
 }
 
 impl ProxyMaps {
@@ -86,6 +93,7 @@ impl ProxyMaps {
         Ok(Self {
             enrolled: typed!(pins, mesh_common::ENROLLED),
             orig_dst: typed!(pins, mesh_common::ORIG_DST),
+            stats: typed!(pins, mesh_common::STATS),
         })
     }
 

@@ -55,11 +55,15 @@ pub struct ProxyConfig {
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
     pub direct_unmeshed: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// Admin API (`--admin`, loopback by default); `None`: off.
+    pub admin: Option<crate::admin::Settings>,
     /// cgroup v2 folder below which local pods' namespaces are found by pod UID (the agent's
     /// `--cgroup-root`); without it only the `sidenode.io/netns` annotation works.
     pub cgroup_root: Option<PathBuf>,
     /// How often to try again to open listeners of pods not found (or not ready) yet.
     pub retry_interval: Duration,
+    /// Distributed tracing (`--otlp-endpoint`); `None`: off.
+    pub tracing: Option<crate::telemetry::trace::Settings>,
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -90,6 +94,14 @@ pub struct Shared {
 }
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
+    if let Some(t) = &cfg.tracing {
+        crate::telemetry::trace::init(t, &cfg.node).context("setting up tracing")?;
+    }
+    // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
+    let admin = crate::admin::Admin::new(&cfg.node, cfg.controller.is_some());
+    if let Some(a) = &cfg.admin {
+        tokio::spawn(crate::admin::serve(crate::admin::bind(a)?, admin.clone()));
+    }
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];
     if let Some(ip6) = cfg.proxy_ip6 {
@@ -103,6 +115,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         Some(c) => Some(start_mesh(c, &cfg).await?),
         None => None,
     };
+    if let Some(m) = &mesh {
+        admin.set_mesh(m.clone());
+    }
     if let Some(addr) = cfg.metrics_addr {
         tokio::spawn(async move {
             if let Err(e) = crate::telemetry::metrics::serve(addr).await {
@@ -120,6 +135,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         health: Default::default(),
         limits: Default::default(),
     });
+    crate::telemetry::node::NodeCollector::register(shared.clone());
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
     let tracker = TaskTracker::new();
@@ -133,11 +149,13 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
             stopped.clone(),
         )));
     }
+    admin.set_serving();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    admin.set_draining();
     let _ = stop.send(true);
     for a in acceptors {
         let _ = a.await;
@@ -153,6 +171,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
             "drain deadline passed; closing the remaining connections"
         );
     }
+    crate::telemetry::trace::shutdown().await;
     Ok(())
 }
 
@@ -178,6 +197,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         limiter: Default::default(),
     });
     tokio::spawn(certs.renew_forever());
+    tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));
     {
         let (tunnels, state) = (mesh.authz.clone(), mesh.state.clone());
         tokio::spawn(async move { tunnels.recheck_forever(state).await });

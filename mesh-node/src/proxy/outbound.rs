@@ -27,6 +27,8 @@ use super::{COPY_BUF, Mesh, Shared};
 use crate::identity::Identity;
 use crate::kernel::maps::orig_dst_addr;
 use crate::state::NodeState;
+use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
+use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
 
 /// Connect attempts for one connection to a service: the routed endpoint and up to two
 /// others after it failed to connect (Istio's TCP proxy default `max_connect_attempts` is 1;
@@ -51,6 +53,8 @@ struct Ctx<'a> {
     /// With a controller: the state and the mesh side.
     mesh: Option<(&'a NodeState, &'a Mesh)>,
     shared: &'a Shared,
+    /// The connection's `outbound.tcp` span (none when tracing is off).
+    trace: crate::telemetry::trace::Span,
 }
 
 /// An open upstream connection.
@@ -59,6 +63,7 @@ enum Upstream {
         io: TokioIo<Upgraded>,
         src_id: Identity,
         dst_id: Identity,
+        tunnel_addr: SocketAddr,
     },
     Tcp(TcpStream),
 }
@@ -99,6 +104,10 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         src_workload: &src_workload,
         mesh: st.as_deref().zip(shared.mesh.as_deref()),
         shared: &shared,
+        trace: crate::telemetry::trace::outbound_connection(peer, dst, || {
+            st.as_deref()
+                .is_some_and(|st| route::http::is_http_service_port(st, dst))
+        }),
     };
     if let Some((st, _)) = ctx.mesh {
         let (src_ns, src_name) = src
@@ -135,10 +144,21 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             }
             Decision::Passthrough { service } => {
                 Span::current().record("service", service.as_str());
-                let ctx = Ctx { mesh: None, ..ctx };
-                match open_upstream(&ctx, dst, shared.connect_timeout).await {
-                    Ok(up) => splice(inbound, dst, up, &src_workload, started).await,
-                    Err(_) => reset(inbound),
+                let meta = |up: Option<&Upstream>| conn_meta(&ctx, dst, Some(&service), up);
+                let direct = Ctx {
+                    mesh: None,
+                    trace: ctx.trace.clone(),
+                    ..ctx
+                };
+                match open_upstream(&direct, dst, shared.connect_timeout).await {
+                    Ok(up) => {
+                        let m = meta(Some(&up));
+                        splice(inbound, up, m, started, &direct.trace).await
+                    }
+                    Err(f) => {
+                        failed_with(meta(None), &f, started);
+                        reset(inbound)
+                    }
                 }
                 return;
             }
@@ -150,20 +170,111 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 Span::current().record("service", service.as_str());
                 count_refusal("outbound", reason);
                 warn!(vip = %dst, %src_workload, reason = reason.as_str(), "{why}; closing");
+                telemetry::failed(
+                    conn_meta(&ctx, dst, Some(&service), None),
+                    started,
+                    reason.response_flag(),
+                    &why,
+                );
                 reset(inbound);
                 return;
             }
         }
     }
     match open_upstream(&ctx, dst, shared.connect_timeout).await {
-        Ok(up) => splice(inbound, dst, up, &src_workload, started).await,
+        Ok(up) => {
+            let meta = conn_meta(&ctx, dst, None, Some(&up));
+            splice(inbound, up, meta, started, &ctx.trace).await
+        }
         Err(f) => {
             if let Some(reason) = f.refusal {
                 count_refusal("outbound", reason);
             }
+            failed_with(conn_meta(&ctx, dst, None, None), &f, started);
             reset(inbound);
         }
     }
+}
+
+/// Istio's view of this connection's source workload (`principal`: the identity it presents
+/// over mTLS).
+fn source_side(c: &Ctx<'_>, principal: Option<String>) -> Side {
+    let Some(w) = c.src else {
+        return Side {
+            principal: principal.unwrap_or_else(|| istio::UNKNOWN.into()),
+            ..Side::default()
+        };
+    };
+    let (ns, name) = (name_str(&w.namespace), name_str(&w.name));
+    match c
+        .mesh
+        .and_then(|(st, _)| st.workloads.get(&format!("{ns}/{name}")))
+    {
+        Some(sw) => Side::of(sw, principal),
+        None => Side {
+            principal: principal.unwrap_or_else(|| istio::UNKNOWN.into()),
+            ..Side::named(ns, name)
+        },
+    }
+}
+
+/// The telemetry of a connection to `dst` (a pod or outside address) sent over `up`, routed
+/// through `service` (`namespace/name`) if a VIP was dialled.
+fn conn_meta(
+    c: &Ctx<'_>,
+    dst: SocketAddr,
+    service: Option<&str>,
+    up: Option<&Upstream>,
+) -> ConnMeta {
+    let (src_p, dst_p, hbone_addr) = match up {
+        Some(Upstream::Hbone {
+            src_id,
+            dst_id,
+            tunnel_addr,
+            ..
+        }) => (
+            Some(src_id.principal()),
+            Some(dst_id.principal()),
+            Some(*tunnel_addr),
+        ),
+        _ => (None, None, None),
+    };
+    let security = if hbone_addr.is_some() {
+        istio::MUTUAL_TLS
+    } else {
+        istio::NONE
+    };
+    let destination = match c.mesh.and_then(|(st, _)| st.workload_by_ip(dst.ip())) {
+        Some(w) => Side::of(w, dst_p),
+        None => Side {
+            principal: dst_p.unwrap_or_else(|| istio::UNKNOWN.into()),
+            ..Side::default()
+        },
+    };
+    ConnMeta {
+        labels: Labels {
+            reporter: Reporter::Source,
+            source: source_side(c, src_p),
+            destination,
+            service: service.and_then(ServiceName::of_uid),
+            protocol: "tcp".into(),
+            security,
+        },
+        src_addr: c.peer,
+        dst_addr: dst,
+        hbone_addr,
+    }
+}
+
+/// Counts and logs a connection that could not be sent on.
+fn failed_with(meta: ConnMeta, f: &Failure, started: Instant) {
+    let (flag, why) = match f.refusal {
+        Some(r) => (r.response_flag(), r.as_str()),
+        None if f.unreachable => ("UF", "unreachable"),
+        // Outside the mesh with direct connections off.
+        None => ("NR", "outside the mesh"),
+    };
+    telemetry::failed(meta, started, flag, why);
 }
 
 /// A connection routed to an endpoint of a service: limits, connect with retries on other
@@ -172,6 +283,7 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
     let span = Span::current();
     span.record("service", r.service.as_str());
     span.record("endpoint", field::display(r.endpoint.addr));
+    c.trace.upstream(&r.service, "", None, &r.cluster, 0);
     debug!(
         %vip,
         subset = r.subset.as_deref().unwrap_or(""),
@@ -193,6 +305,12 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
                 error = %e,
                 "connection pool limit reached; closing"
             );
+            telemetry::failed(
+                conn_meta(c, r.endpoint.addr, Some(&r.service), None),
+                started,
+                Refusal::Overflow.response_flag(),
+                "connection pool limit",
+            );
             reset(inbound);
             return;
         }
@@ -212,7 +330,8 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
                         .health
                         .report(&r.cluster, endpoint, Outcome::Success, od);
                 }
-                splice(inbound, endpoint, up, c.src_workload, started).await;
+                let meta = conn_meta(c, endpoint, Some(&r.service), Some(&up));
+                splice(inbound, up, meta, started, &c.trace).await;
                 drop(active);
                 return;
             }
@@ -245,6 +364,11 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
             if let Some(reason) = failure.refusal {
                 count_refusal("outbound", reason);
             }
+            failed_with(
+                conn_meta(c, endpoint, Some(&r.service), None),
+                &failure,
+                started,
+            );
             if failure.unreachable {
                 warn!(
                     %vip,
@@ -366,9 +490,15 @@ async fn tunnel(
         target: dst,
         client_ip: c.peer.ip(),
         baggage,
+        traceparent: c.trace.traceparent(),
     };
     match open(&mesh.pool, req, timeout).await {
-        Ok(io) => Ok(Upstream::Hbone { io, src_id, dst_id }),
+        Ok(io) => Ok(Upstream::Hbone {
+            io,
+            src_id,
+            dst_id,
+            tunnel_addr,
+        }),
         Err(e) => {
             // Unreachable: the pod's proxy (connect) or the pod itself (503).
             let (reason, unreachable) = match &e {
@@ -392,61 +522,32 @@ async fn tunnel(
     }
 }
 
-/// Copies both ways until both sides are done, then logs the connection.
+/// Copies both ways until both sides are done; the connection's bytes are counted as they
+/// flow and its access-log line is written at the end (`telemetry::conn`).
 async fn splice(
-    mut inbound: TcpStream,
-    dst: SocketAddr,
+    inbound: TcpStream,
     upstream: Upstream,
-    src_workload: &str,
+    meta: ConnMeta,
     started: Instant,
+    trace: &crate::telemetry::trace::Span,
 ) {
-    let (result, protocol, ids) = match upstream {
-        Upstream::Hbone {
-            mut io,
-            src_id,
-            dst_id,
-        } => (
-            tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut io, COPY_BUF, COPY_BUF)
-                .await,
+    let dst = meta.dst_addr;
+    let tracked = Tracked::open_since(meta, started);
+    let mut down = tracked.count(inbound);
+    let (result, protocol) = match upstream {
+        Upstream::Hbone { mut io, .. } => (
+            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut io, COPY_BUF, COPY_BUF).await,
             "hbone",
-            Some((src_id, dst_id)),
         ),
         Upstream::Tcp(mut s) => (
-            tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut s, COPY_BUF, COPY_BUF)
-                .await,
+            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut s, COPY_BUF, COPY_BUF).await,
             "tcp",
-            None,
         ),
     };
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match (result, ids) {
-        (Ok((sent, received)), Some((src_id, dst_id))) => info!(
-            %dst,
-            %src_workload,
-            src_identity = %src_id,
-            dst_identity = %dst_id,
-            protocol,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            "connection closed"
-        ),
-        (Ok((sent, received)), None) => info!(
-            %dst,
-            %src_workload,
-            protocol,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            "connection closed"
-        ),
-        (Err(e), _) => info!(
-            %dst,
-            %src_workload,
-            protocol,
-            duration_ms,
-            error = %e,
-            "connection closed with error"
-        ),
+    trace.set("network.peer.address", || dst.ip().to_string());
+    trace.connection_closed(protocol, &result);
+    match result {
+        Ok(_) => tracked.close("-", None),
+        Err(e) => tracked.close("DC", Some(&e.to_string())),
     }
 }

@@ -110,7 +110,9 @@ pub async fn follow(conn: (Channel, TokenAuth), tx: watch::Sender<Arc<NodeState>
                         Ok(Some(update)) => {
                             backoff = Duration::from_millis(100);
                             let snapshot = update.snapshot;
+                            let built = update.built_unix_ms;
                             let next = tx.borrow().apply(update);
+                            crate::telemetry::node::state_update(next.version, snapshot, built);
                             if snapshot {
                                 info!(
                                     version = next.version,
@@ -122,8 +124,12 @@ pub async fn follow(conn: (Channel, TokenAuth), tx: watch::Sender<Arc<NodeState>
                             }
                             tx.send_replace(Arc::new(next));
                         }
-                        Ok(None) => break,
+                        Ok(None) => {
+                            crate::telemetry::node::state_connected(false);
+                            break;
+                        }
                         Err(e) => {
+                            crate::telemetry::node::state_connected(false);
                             warn!(error = %e, "state stream error");
                             break;
                         }

@@ -12,13 +12,15 @@
 //!   connect-to-HELLO latency percentiles (µs).
 //! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
 //!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
-//!   for the first N requests, with status S), the peer in `x-testpod-peer`, after D ms.
+//!   for the first N requests, with status S), the peer in `x-testpod-peer`, the request's
+//!   `traceparent` (when it has one) in `x-testpod-traceparent`, after D ms.
 //! - `h2-serve --port P --name NAME [--delay-ms D]`: an HTTP/2-only server (h2c, prior
 //!   knowledge) answering every request with the body `NAME <version>` (`NAME HTTP/2.0`) and
 //!   the trailer `grpc-status: 0`, after D ms.
 //! - `http-get --url http://IP:PORT[/PATH] --count N [--header K:V ..] [--method M]
 //!   [--path P]`: N requests on one keep-alive connection; one JSON line with histograms of
-//!   statuses, bodies and peers, and latencies (ms).
+//!   statuses, bodies, peers and `x-testpod-traceparent` values (`traceparents`, only when
+//!   some answer had one), and latencies (ms).
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -651,8 +653,12 @@ fn http_serve(
                     let close = head
                         .header("connection")
                         .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    let traceparent = head
+                        .header("traceparent")
+                        .map(|v| format!("x-testpod-traceparent: {v}\r\n"))
+                        .unwrap_or_default();
                     let resp = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-testpod-peer: {peer}\r\nx-testpod-request: {}\r\n{}\r\n{body}",
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-testpod-peer: {peer}\r\nx-testpod-request: {}\r\n{traceparent}{}\r\n{body}",
                         body.len(),
                         head.first,
                         if close { "connection: close\r\n" } else { "" },
@@ -750,6 +756,9 @@ struct HttpReport {
     statuses: std::collections::BTreeMap<String, usize>,
     bodies: std::collections::BTreeMap<String, usize>,
     peers: std::collections::BTreeMap<String, usize>,
+    /// `x-testpod-traceparent` of the answers (what the server received).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    traceparents: std::collections::BTreeMap<String, usize>,
     errors: usize,
     first_error: Option<String>,
     min_ms: f64,
@@ -757,6 +766,10 @@ struct HttpReport {
     mean_ms: f64,
     connections: usize,
 }
+
+/// One answer of `http-get`: status, body, `x-testpod-peer`, `connection: close`,
+/// `x-testpod-traceparent`.
+type Answer = (String, String, Option<String>, bool, Option<String>);
 
 fn http_get(
     url: &str,
@@ -792,7 +805,7 @@ fn http_get(
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
         let t0 = Instant::now();
-        let res = (|| -> Result<(String, String, Option<String>, bool)> {
+        let res = (|| -> Result<Answer> {
             if conn.is_none() {
                 let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connect")?;
                 s.set_nodelay(true).context("set_nodelay")?;
@@ -816,17 +829,22 @@ fn http_get(
                 .header("connection")
                 .is_some_and(|v| v.eq_ignore_ascii_case("close"));
             let peer = head.header("x-testpod-peer").map(str::to_string);
+            let traceparent = head.header("x-testpod-traceparent").map(str::to_string);
             Ok((
                 status,
                 String::from_utf8_lossy(&body).into_owned(),
                 peer,
                 close,
+                traceparent,
             ))
         })();
         let dt = t0.elapsed();
         match res {
-            Ok((status, body, peer, close)) => {
+            Ok((status, body, peer, close, traceparent)) => {
                 samples.push(dt);
+                if let Some(tp) = traceparent {
+                    *report.traceparents.entry(tp).or_default() += 1;
+                }
                 *report.statuses.entry(status).or_default() += 1;
                 *report.bodies.entry(body).or_default() += 1;
                 if let Some(p) = peer {

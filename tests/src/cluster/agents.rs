@@ -65,8 +65,11 @@ impl Cluster {
                     .arg("--kubeconfig")
                     .arg(self.kubeconfig()?);
             }
-        } else if self.opts.kube {
-            cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
+        } else {
+            if self.opts.kube {
+                cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
+            }
+            cmd.args(&self.opts.proxy_args);
         }
         if self.opts.mesh {
             cmd.arg("--controller")

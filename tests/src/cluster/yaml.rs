@@ -39,7 +39,11 @@ impl PodObject {
         out.push_str(&format!("  name: {}\n", q(&self.name)));
         out.push_str(&format!("  namespace: {}\n", q(&self.namespace)));
         out.push_str("  labels:\n");
-        out.push_str(&format!("    app: {}\n", q(&self.name)));
+        // `app: <pod name>` unless the extra labels set `app` themselves (a key written twice
+        // makes the document invalid YAML).
+        if !self.labels.contains_key("app") {
+            out.push_str(&format!("    app: {}\n", q(&self.name)));
+        }
         for (k, v) in &self.labels {
             out.push_str(&format!("    {}: {}\n", q(k), q(v)));
         }

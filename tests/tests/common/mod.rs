@@ -210,6 +210,14 @@ pub fn mesh_cluster(pods: usize, cert_ttl: Option<&str>) -> Result<TestCluster> 
     })
 }
 
+/// A mesh-mode cluster whose proxies get `proxy_args` too (e.g. `--log-format json`).
+pub fn mesh_cluster_with_proxy_args(pods: usize, proxy_args: &[&str]) -> Result<TestCluster> {
+    up('m', pods, |o| {
+        o.mesh = true;
+        o.proxy_args = proxy_args.iter().map(|a| a.to_string()).collect();
+    })
+}
+
 /// Wait (10 s) until the pod's node proxy has opened the pod's HBONE listener.
 pub fn wait_hbone_listener(c: &Cluster, pod: &str) -> Result<()> {
     let p = c.pod(pod)?;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use super::{HttpRequest, Peer, check, count_denied};
+use crate::proxy::http::local;
 use crate::proxy::socket::connect_marked;
 use crate::state::StateRx;
 
@@ -39,6 +40,8 @@ pub struct Tunnel {
     pub state: StateRx,
     pub connect_timeout: Duration,
     pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
+    /// Istio labels of the tunnel (destination reporter), for the requests' metrics.
+    pub labels: crate::telemetry::istio::Labels,
 }
 
 enum Sender {
@@ -61,9 +64,22 @@ where
         fresh: Some(first),
         sender: None,
     }));
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let (tunnel, upstream) = (tunnel.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(req, &tunnel, &upstream).await) }
+        async move {
+            // The `inbound` trace span, child of the request's `traceparent`; the pod gets
+            // this span as its parent.
+            let trace = crate::telemetry::trace::inbound_request(
+                &mut req,
+                &tunnel.pod,
+                tunnel.target,
+                tunnel.peer.ip,
+                tunnel.peer.principal.as_deref(),
+            );
+            let resp = handle(req, &tunnel, &upstream).await;
+            trace.http_status(resp.status().as_u16());
+            Ok::<_, Infallible>(trace.end_with_body(resp))
+        }
     });
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new());
@@ -71,18 +87,6 @@ where
     if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
         debug!(error = %e, "HTTP on the tunnel ended");
     }
-}
-
-fn local(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -102,7 +106,35 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     }
 }
 
+/// One request: policy, forwarding, then its metrics and access-log line.
 async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let resp = respond(req, t, up).await;
+    let log = crate::telemetry::request::RequestLog {
+        method: method.as_str(),
+        path: &path,
+        authority: &authority,
+        upstream: Some(t.target),
+        attempts: 1,
+    };
+    crate::telemetry::request::done(&t.labels, &log, &resp, started);
+    resp
+}
+
+async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
     let (decision, limited) = {
         let st = t.state.borrow().clone();
         let host = req

@@ -54,6 +54,8 @@ pub struct TunnelRequest<'a> {
     pub target: SocketAddr,
     pub client_ip: IpAddr,
     pub baggage: String,
+    /// W3C `traceparent` of the connection's span (`telemetry::trace`), sent on the `CONNECT`.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 pub async fn open(
@@ -89,12 +91,15 @@ pub async fn open(
         }
     };
     sender.ready().await?;
-    let connect = Request::builder()
+    let mut connect = Request::builder()
         .method(Method::CONNECT)
         .uri(req.target.to_string())
         .header("forwarded", format!("for={}", forwarded_for(req.client_ip)))
-        .header("baggage", req.baggage)
-        .body(Empty::<Bytes>::new())?;
+        .header("baggage", req.baggage);
+    if let Some(tp) = req.traceparent {
+        connect = connect.header(crate::telemetry::trace::TRACEPARENT, tp);
+    }
+    let connect = connect.body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(connect).await?;
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Status(resp.status()));

@@ -64,6 +64,25 @@ impl Refusal {
         }
     }
 
+    /// Envoy's response flag for a connection given up for this reason (access log and
+    /// `istio_tcp_connections_closed_total{response_flags}`).
+    pub fn response_flag(self) -> &'static str {
+        match self {
+            Refusal::Unreachable => "UF",
+            Refusal::NoEndpoint => "UH",
+            Refusal::NoRoute => "NR",
+            Refusal::Overflow => "UO",
+            Refusal::RateLimited => "RL",
+            Refusal::Denied => "UAEX",
+            Refusal::Untrusted
+            | Refusal::WrongIdentity
+            | Refusal::Expired
+            | Refusal::Handshake
+            | Refusal::NoCertificate => "UPE",
+            Refusal::BadRequest => "DPE",
+        }
+    }
+
     /// Classifies a TLS failure by what rustls reported.
     pub fn of_tls(err: &std::io::Error) -> Refusal {
         let text = err.to_string();

@@ -22,7 +22,9 @@ use crate::proxy::COPY_BUF;
 use crate::proxy::authz;
 use crate::proxy::ratelimit;
 use crate::proxy::socket::connect_marked;
-use crate::state::StateRx;
+use crate::state::{NodeState, StateRx};
+use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
+use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
 
 /// What the listener knows of its pod and its caller.
 pub struct Conn {
@@ -43,9 +45,22 @@ pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, conn).await) }
+        async move {
+            // The tunnel's `inbound.tunnel` trace span (child of the CONNECT's `traceparent`),
+            // open until the tunnel closes.
+            let trace = crate::telemetry::trace::inbound_tunnel(
+                req.headers(),
+                req.uri().authority().map(|a| a.as_str()),
+                &conn.pod,
+                conn.peer.ip(),
+                &conn.peer_identity,
+            );
+            let resp = handle(req, conn, trace.clone()).await;
+            trace.tunnel_status(resp.status().as_u16());
+            Ok::<_, Infallible>(resp)
+        }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -66,13 +81,68 @@ fn forwarded_ip(v: &str) -> Option<IpAddr> {
     v.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
+/// The telemetry of a tunnel to `target` (destination reporter): the caller's workload from
+/// the client address (`forwarded`) and its proven identity; the pod; the first Service
+/// selecting the pod with a port that targets `target`'s port.
+fn inbound_meta(st: &NodeState, conn: &Conn, target: SocketAddr, client_ip: IpAddr) -> ConnMeta {
+    let principal = conn.peer_identity.principal();
+    let source = match st.workload_by_ip(client_ip) {
+        Some(w) => Side::of(w, Some(principal)),
+        None => Side {
+            namespace: conn.peer_identity.namespace.clone(),
+            principal,
+            ..Side::default()
+        },
+    };
+    let pod = st.workloads.get(&conn.pod);
+    let destination = match pod {
+        Some(w) => Side::of(w, Some(st.identity_of(w).principal())),
+        None => Side::default(),
+    };
+    let service = pod.and_then(|w| {
+        st.services
+            .values()
+            .filter(|s| s.namespace == w.namespace && !s.selector.is_empty())
+            .filter(|s| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .find(|s| {
+                s.ports.iter().any(|p| {
+                    let t = if p.target_port == 0 {
+                        p.port
+                    } else {
+                        p.target_port
+                    };
+                    t == u32::from(target.port())
+                })
+            })
+            .and_then(|s| ServiceName::of_uid(&s.uid))
+    });
+    ConnMeta {
+        labels: Labels {
+            reporter: Reporter::Destination,
+            source,
+            destination,
+            service,
+            protocol: "tcp".into(),
+            security: istio::MUTUAL_TLS,
+        },
+        // The client's port is not carried in HBONE (`forwarded: for=` has the address only).
+        src_addr: SocketAddr::new(client_ip, 0),
+        dst_addr: target,
+        hbone_addr: Some(SocketAddr::new(target.ip(), mesh_common::ports::HBONE)),
+    }
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
     r
 }
 
-async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<Conn>,
+    trace: crate::telemetry::trace::Span,
+) -> Response<Empty<Bytes>> {
     let authority = req.uri().authority().map(|a| a.as_str());
     let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
         Ok(t) => t,
@@ -94,8 +164,10 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
     // AuthorizationPolicy: the connection now, or each request on HTTP ports with L7 rules.
     let client_ip = forwarded_ip(&client).unwrap_or(conn.peer.ip());
     let peer = authz::Peer::new(Some(&conn.peer_identity), client_ip, target);
-    let per_request = {
+    let accepted = Instant::now();
+    let (per_request, meta) = {
         let st = conn.state.borrow().clone();
+        let meta = inbound_meta(&st, &conn, target, client_ip);
         let per_request = authz::per_request(&st, &conn.pod, target.port())
             || ratelimit::has_request_limits(&st, &conn.pod, target.port());
         if !per_request {
@@ -107,6 +179,14 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
                     warn!(
                         reason = reason.as_str(),
                         policy, "connection denied by authorization policy"
+                    )
+                });
+                span.in_scope(|| {
+                    telemetry::failed(
+                        meta,
+                        accepted,
+                        Refusal::Denied.response_flag(),
+                        reason.as_str(),
                     )
                 });
                 return status(StatusCode::UNAUTHORIZED);
@@ -128,9 +208,21 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
                     "connection over the rate limit"
                 )
             });
+            span.in_scope(|| {
+                telemetry::failed(
+                    meta,
+                    accepted,
+                    Refusal::RateLimited.response_flag(),
+                    "rate limited",
+                )
+            });
             return status(StatusCode::TOO_MANY_REQUESTS);
         }
-        per_request
+        // With tracing on, HTTP ports are served per request too (an `inbound` span each);
+        // the connection was checked above when no L7 rule applies.
+        let per_request =
+            per_request || crate::telemetry::trace::per_request(&st, &conn.pod, target.port());
+        (per_request, meta)
     };
     let upstream = match connect_marked(target, conn.connect_timeout)
         .instrument(span.clone())
@@ -140,14 +232,26 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
         Err(e) => {
             count_refusal("inbound", Refusal::Unreachable);
             span.in_scope(|| warn!(error = %e, "destination unreachable"));
+            span.in_scope(|| {
+                telemetry::failed(
+                    meta,
+                    accepted,
+                    Refusal::Unreachable.response_flag(),
+                    &e.to_string(),
+                )
+            });
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let conn2 = conn.clone();
     tokio::spawn(
         async move {
-            let started = Instant::now();
             let mut upstream = upstream;
+            let http_labels = Labels {
+                protocol: "http".into(),
+                ..meta.labels.clone()
+            };
+            let tracked = Tracked::open_since(meta, accepted);
             match hyper::upgrade::on(req).await {
                 Ok(up) if per_request => {
                     let tunnel = authz::l7::Tunnel {
@@ -157,32 +261,33 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Empty<Bytes
                         state: conn2.state.clone(),
                         connect_timeout: conn2.connect_timeout,
                         limiter: conn2.limiter.clone(),
+                        labels: http_labels,
                     };
-                    authz::l7::serve(TokioIo::new(up), Arc::new(tunnel), upstream).await;
-                    info!(pod = %conn2.pod, duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed");
+                    let io = tracked.count(TokioIo::new(up));
+                    authz::l7::serve(io, Arc::new(tunnel), upstream).await;
+                    tracked.close("-", None);
                 }
                 Ok(up) => {
-                    let mut tunnel = TokioIo::new(up);
+                    let mut tunnel = tracked.count(TokioIo::new(up));
                     let registration = conn2.tunnels.register(&conn2.pod, peer);
                     let copied = tokio::select! {
                         r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
                         _ = registration.closed() => {
                             crate::proxy::socket::reset(upstream);
+                            tracked.close("UAEX", Some("closed by a policy change"));
                             return;
                         }
                     };
+                    trace.connection_closed("hbone", &copied);
                     match copied {
-                        Ok((from_client, to_client)) => info!(
-                            pod = %conn2.pod,
-                            bytes_received = from_client,
-                            bytes_sent = to_client,
-                            duration_ms = started.elapsed().as_millis() as u64,
-                            "inbound connection closed"
-                        ),
-                        Err(e) => info!(pod = %conn2.pod, error = %e, "inbound connection closed with error"),
+                        Ok(_) => tracked.close("-", None),
+                        Err(e) => tracked.close("DC", Some(&e.to_string())),
                     }
                 }
-                Err(e) => warn!(error = %e, "CONNECT upgrade failed"),
+                Err(e) => {
+                    warn!(error = %e, "CONNECT upgrade failed");
+                    tracked.close("DC", Some(&e.to_string()));
+                }
             }
         }
         .instrument(span),

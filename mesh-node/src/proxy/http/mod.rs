@@ -12,7 +12,7 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,7 +24,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::name_str;
-use prometheus::{IntCounterVec, Opts};
 use tokio::net::TcpStream;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
@@ -38,6 +37,7 @@ use crate::identity::Identity;
 use crate::model::istio::{Percent, parse_duration};
 use crate::proxy::hbone::{Refusal, count_refusal};
 use crate::state::NodeState;
+use crate::telemetry::request::RequestLog;
 use upstream::{Proto, Route, SendError};
 
 /// Body type of requests and responses the proxy passes on.
@@ -91,9 +91,13 @@ struct Outcome {
     /// The pod that answered (`name`), empty when none did.
     workload: String,
     attempts: u32,
+    /// The last attempt's endpoint, and its cluster (`namespace/name/subset`; kept only when
+    /// tracing is on, for the `outbound` span).
+    endpoint: Option<SocketAddr>,
+    cluster: String,
 }
 
-async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     let started = Instant::now();
     let path = req
         .uri()
@@ -101,6 +105,8 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     let grpc = is_grpc(req.headers());
+    // The `outbound` trace span; the request goes upstream with it as `traceparent`.
+    let trace = crate::telemetry::trace::outbound_request(&mut req, conn.peer, conn.dst);
     let span = info_span!(
         "http",
         method = %req.method(),
@@ -111,10 +117,39 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         attempts = field::Empty,
     );
     let mut out = Outcome::default();
+    let method = req.method().clone();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
     let resp = route_request(req, &path, &conn, &mut out)
         .instrument(span.clone())
         .await;
     let status = resp.status().as_u16();
+    let req_log = RequestLog {
+        method: method.as_str(),
+        path: path.split('?').next().unwrap_or("/"),
+        authority: &authority,
+        upstream: out.endpoint,
+        attempts: out.attempts,
+    };
+    report(&conn, &out, &resp, &req_log, grpc, started);
+    trace.upstream(
+        &out.service,
+        &out.workload,
+        out.endpoint,
+        &out.cluster,
+        out.attempts,
+    );
+    trace.http_status(status);
+    let resp = trace.end_with_body(resp);
     span.record("status", status);
     span.record("attempts", out.attempts);
     if !out.service.is_empty() {
@@ -127,7 +162,6 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
             "request done"
         )
     });
-    count_request(&out, status, if grpc { "grpc" } else { "http" });
     resp
 }
 
@@ -176,60 +210,74 @@ pub fn upstream_proto(
     }
 }
 
-/// `istio_requests_total`, reported by the source side as Istio's proxies do.
-fn requests_total() -> &'static IntCounterVec {
-    static C: OnceLock<IntCounterVec> = OnceLock::new();
-    C.get_or_init(|| {
-        let c = IntCounterVec::new(
-            Opts::new(
-                "istio_requests_total",
-                "HTTP requests routed by the node proxy, by destination and response code",
-            ),
-            &[
-                "reporter",
-                "destination_service",
-                "destination_workload",
-                "response_code",
-                "request_protocol",
-            ],
+/// Counts the request (`istio_requests_total`, `istio_request_duration_milliseconds`,
+/// `reporter="source"`) and writes its access-log line.
+fn report(
+    conn: &Conn,
+    out: &Outcome,
+    resp: &Response<Body>,
+    log: &RequestLog<'_>,
+    grpc: bool,
+    started: Instant,
+) {
+    use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
+    let st = conn.mesh.state.borrow().clone();
+    let src_id = conn.src.map(|w| {
+        Identity::new(
+            &st.trust_domain,
+            name_str(&w.namespace),
+            name_str(&w.service_account),
         )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = crate::telemetry::metrics::metrics()
-            .registry
-            .register(Box::new(c.clone()));
-        c
-    })
+    });
+    let dw = out.endpoint.and_then(|ep| st.workload_by_ip(ep.ip()));
+    // mTLS when the answering pod is meshed and its port is not DISABLE'd.
+    let mtls = match (dw, out.endpoint) {
+        (Some(w), Some(ep)) => {
+            w.meshed
+                && crate::policy::peer_auth::mode_of(&st, w, ep.port())
+                    != crate::policy::peer_auth::Mode::Disable
+        }
+        _ => false,
+    };
+    let source = match conn.src {
+        Some(w) => {
+            let (ns, name) = (name_str(&w.namespace), name_str(&w.name));
+            let principal = src_id.filter(|_| mtls).map(|i| i.principal());
+            match st.workloads.get(&format!("{ns}/{name}")) {
+                Some(sw) => Side::of(sw, principal),
+                None => Side::named(ns, name),
+            }
+        }
+        None => Side::default(),
+    };
+    let destination = match dw {
+        Some(w) => Side::of(w, mtls.then(|| st.identity_of(w).principal())),
+        None => Side::default(),
+    };
+    let labels = Labels {
+        reporter: Reporter::Source,
+        source,
+        destination,
+        service: ServiceName::of_uid(&out.service),
+        protocol: if grpc { "grpc" } else { "http" }.into(),
+        security: if mtls { istio::MUTUAL_TLS } else { istio::NONE },
+    };
+    crate::telemetry::request::done(&labels, log, resp, started);
 }
 
-fn count_request(out: &Outcome, status: u16, protocol: &str) {
-    let service = match out.service.split_once('/') {
-        Some((ns, name)) => format!("{name}.{ns}.svc.{}", super::route::service::CLUSTER_DOMAIN),
-        None => "unknown".into(),
-    };
-    let workload = if out.workload.is_empty() {
-        "unknown"
-    } else {
-        out.workload.as_str()
-    };
-    requests_total()
-        .with_label_values(&[
-            "source",
-            service.as_str(),
-            workload,
-            status.to_string().as_str(),
-            protocol,
-        ])
-        .inc();
-}
-
-/// A response made by the proxy itself.
-fn local(status: StatusCode, body: &'static str) -> Response<Body> {
+/// A response made by the proxy itself (Envoy's local reply texts), marked with its response
+/// flag for the request's metrics and access log.
+pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
             .map_err(|never| match never {})
             .boxed_unsync(),
     );
     *r.status_mut() = status;
+    r.extensions_mut()
+        .insert(crate::telemetry::request::ResponseFlags(
+            crate::telemetry::request::local_reply_flags(status.as_u16(), body),
+        ));
     if !body.is_empty() {
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -553,6 +601,10 @@ async fn forward(
             .split_once('/')
             .map_or(routed.endpoint.workload.as_str(), |(_, n)| n)
             .to_string();
+        out.endpoint = Some(ep);
+        if crate::telemetry::trace::enabled() {
+            out.cluster.clone_from(&routed.cluster);
+        }
         Span::current().record("endpoint", field::display(ep));
         let Some(b) = body.take() else {
             break;

@@ -397,6 +397,8 @@ async fn dial(
                 target: endpoint,
                 client_ip: *client_ip,
                 baggage: baggage.clone(),
+                // A pooled connection outlives the request that opened it: no trace context.
+                traceparent: None,
             };
             let io = open(&mesh.pool, req, connect_timeout)
                 .await

@@ -1,0 +1,520 @@
+//! Istio's standard metrics, with Istio's names and labels, so existing dashboards and alerts
+//! work: `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (L4 connections),
+//! `istio_requests_total` and `istio_request_duration_milliseconds` (HTTP requests).
+//!
+//! Label values follow Istio: `reporter` is `source` (the client's node proxy) or
+//! `destination` (the server's); workloads are named as Istio names them (the Deployment of a
+//! ReplicaSet pod: the pod name without its `pod-template-hash` suffix, else the pod name);
+//! anything not known is `unknown`. Sent/received are from the reporter's view of the
+//! downstream side: `received` = bytes of the request direction (client → server), `sent` =
+//! the response direction.
+//!
+//! Bounded cardinality: every label set used is remembered with its two workloads, and
+//! [`sweep`] (run by the proxy on each state change) removes the series of workloads that have
+//! no pod left in the node's state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+
+use crate::proto;
+use crate::state::NodeState;
+
+/// Istio's default cluster name (`values.global.multiCluster.clusterName` unset).
+pub const CLUSTER: &str = "Kubernetes";
+pub const UNKNOWN: &str = "unknown";
+/// `connection_security_policy` values.
+pub const MUTUAL_TLS: &str = "mutual_tls";
+pub const NONE: &str = "none";
+
+/// Istio's label names for TCP metrics, in Istio's order.
+pub const TCP_LABELS: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// HTTP metrics add these to [`TCP_LABELS`].
+pub const HTTP_EXTRA_LABELS: [&str; 2] = ["response_code", "grpc_response_status"];
+
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+pub const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// One side of a connection as Istio labels it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Side {
+    pub workload: String,
+    pub namespace: String,
+    /// SPIFFE id without `spiffe://` (Istio's principal form), or `unknown`.
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl Default for Side {
+    fn default() -> Self {
+        Side {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: UNKNOWN.into(),
+        }
+    }
+}
+
+impl Side {
+    /// A workload of the state; `principal` as proven (mTLS) or `None` (plaintext: unknown).
+    pub fn of(w: &proto::Workload, principal: Option<String>) -> Side {
+        let workload = workload_name(w);
+        let label = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| w.labels.get(*k).filter(|v| !v.is_empty()).cloned())
+        };
+        Side {
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: label(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| UNKNOWN.into()),
+            namespace: w.namespace.clone(),
+            principal: principal.unwrap_or_else(|| UNKNOWN.into()),
+            workload,
+        }
+    }
+
+    /// Only what the kernel's workload map knows (namespace and pod name): a source pod the
+    /// state does not have (yet).
+    pub fn named(namespace: &str, pod: &str) -> Side {
+        Side {
+            workload: pod.to_string(),
+            namespace: namespace.to_string(),
+            canonical_service: pod.to_string(),
+            canonical_revision: "latest".into(),
+            ..Side::default()
+        }
+    }
+}
+
+/// Istio's workload name: a ReplicaSet pod (`<deployment>-<pod-template-hash>-<suffix>`)
+/// belongs to its Deployment; any other pod is its own workload.
+pub fn workload_name(w: &proto::Workload) -> String {
+    if let Some(hash) = w.labels.get("pod-template-hash").filter(|h| !h.is_empty())
+        && let Some(i) = w.name.rfind(&format!("-{hash}-"))
+    {
+        return w.name[..i].to_string();
+    }
+    w.name.clone()
+}
+
+/// The Service a connection or request was sent to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct ServiceName {
+    /// FQDN (`reviews.shop.svc.cluster.local`).
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceName {
+    /// From a service uid `namespace/name`.
+    pub fn of_uid(uid: &str) -> Option<ServiceName> {
+        let (ns, name) = uid.split_once('/')?;
+        Some(ServiceName {
+            host: format!(
+                "{name}.{ns}.svc.{}",
+                crate::proxy::route::service::CLUSTER_DOMAIN
+            ),
+            name: name.into(),
+            namespace: ns.into(),
+        })
+    }
+}
+
+/// Everything the labels of one connection or request are made of.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Labels {
+    pub reporter: Reporter,
+    pub source: Side,
+    pub destination: Side,
+    pub service: Option<ServiceName>,
+    /// `tcp`, `http`, `http2`, `grpc`.
+    pub protocol: String,
+    /// `mutual_tls` or `none`.
+    pub security: &'static str,
+}
+
+impl Labels {
+    /// The values for [`TCP_LABELS`].
+    pub fn tcp_values(&self, flags: &str) -> Vec<String> {
+        let (s, d) = (&self.source, &self.destination);
+        let (svc_host, svc_name, svc_ns) = match &self.service {
+            Some(sv) => (sv.host.clone(), sv.name.clone(), sv.namespace.clone()),
+            None => {
+                // Istio falls back to the workload's address when there is no service.
+                (UNKNOWN.into(), UNKNOWN.into(), d.namespace.clone())
+            }
+        };
+        vec![
+            self.reporter.as_str().into(),
+            s.workload.clone(),
+            s.canonical_service.clone(),
+            s.canonical_revision.clone(),
+            s.namespace.clone(),
+            s.principal.clone(),
+            s.app.clone(),
+            s.version.clone(),
+            CLUSTER.into(),
+            d.workload.clone(),
+            d.namespace.clone(),
+            d.principal.clone(),
+            d.app.clone(),
+            d.version.clone(),
+            svc_host,
+            svc_name,
+            svc_ns,
+            d.canonical_service.clone(),
+            d.canonical_revision.clone(),
+            CLUSTER.into(),
+            self.protocol.clone(),
+            flags.into(),
+            self.security.into(),
+        ]
+    }
+
+    fn workloads(&self) -> [(String, String); 2] {
+        [
+            (self.source.namespace.clone(), self.source.workload.clone()),
+            (
+                self.destination.namespace.clone(),
+                self.destination.workload.clone(),
+            ),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------ families
+
+pub struct Families {
+    pub tcp_opened: IntCounterVec,
+    pub tcp_closed: IntCounterVec,
+    pub tcp_sent: IntCounterVec,
+    pub tcp_received: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+    let _ = crate::telemetry::metrics::metrics()
+        .registry
+        .register(Box::new(c.clone()));
+    c
+}
+
+pub fn families() -> &'static Families {
+    static F: OnceLock<Families> = OnceLock::new();
+    F.get_or_init(|| {
+        let http: Vec<&str> = TCP_LABELS
+            .iter()
+            .chain(HTTP_EXTRA_LABELS.iter())
+            .copied()
+            .collect();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "istio_request_duration_milliseconds",
+                "Duration of HTTP requests, from the first request byte to the last response header",
+            )
+            .buckets(DURATION_BUCKETS_MS.to_vec()),
+            &http,
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = crate::telemetry::metrics::metrics()
+            .registry
+            .register(Box::new(duration.clone()));
+        Families {
+            tcp_opened: counter(
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+                &TCP_LABELS,
+            ),
+            tcp_closed: counter(
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+                &TCP_LABELS,
+            ),
+            tcp_sent: counter(
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent to the client (response direction) on TCP connections",
+                &TCP_LABELS,
+            ),
+            tcp_received: counter(
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client (request direction) on TCP connections",
+                &TCP_LABELS,
+            ),
+            requests: counter(
+                "istio_requests_total",
+                "HTTP requests, by source, destination and response code",
+                &http,
+            ),
+            duration,
+        }
+    })
+}
+
+// ------------------------------------------------------------------------------ book
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Family {
+    Tcp,
+    Http,
+}
+
+/// A workload as the book keys it: (namespace, workload name).
+pub type WorkloadKey = (String, String);
+
+/// Label sets in use, with the workloads they name.
+#[derive(Default)]
+struct Book {
+    series: HashMap<(Family, Vec<String>), [WorkloadKey; 2]>,
+}
+
+fn book() -> &'static Mutex<Book> {
+    static B: OnceLock<Mutex<Book>> = OnceLock::new();
+    B.get_or_init(Default::default)
+}
+
+fn remember(family: Family, values: &[String], labels: &Labels) {
+    let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
+    b.series
+        .entry((family, values.to_vec()))
+        .or_insert_with(|| labels.workloads());
+}
+
+fn refs(values: &[String]) -> Vec<&str> {
+    values.iter().map(String::as_str).collect()
+}
+
+/// The byte counters of one TCP connection (resolved once; adding is an atomic add).
+pub struct TcpCounters {
+    pub sent: IntCounter,
+    pub received: IntCounter,
+}
+
+/// Counts a TCP connection opened and returns its byte counters.
+pub fn tcp_opened(labels: &Labels) -> TcpCounters {
+    let f = families();
+    let values = labels.tcp_values("-");
+    remember(Family::Tcp, &values, labels);
+    let v = refs(&values);
+    f.tcp_opened.with_label_values(&v).inc();
+    TcpCounters {
+        sent: f.tcp_sent.with_label_values(&v),
+        received: f.tcp_received.with_label_values(&v),
+    }
+}
+
+/// Counts a TCP connection closed, with its Envoy-style response flags (`-`: none).
+pub fn tcp_closed(labels: &Labels, flags: &str) {
+    let values = labels.tcp_values(flags);
+    remember(Family::Tcp, &values, labels);
+    families()
+        .tcp_closed
+        .with_label_values(&refs(&values))
+        .inc();
+}
+
+/// Counts one HTTP request and its duration.
+pub fn request(labels: &Labels, flags: &str, status: u16, grpc_status: Option<&str>, ms: f64) {
+    let mut values = labels.tcp_values(flags);
+    values.push(status.to_string());
+    values.push(grpc_status.unwrap_or("").to_string());
+    remember(Family::Http, &values, labels);
+    let f = families();
+    let v = refs(&values);
+    f.requests.with_label_values(&v).inc();
+    f.duration.with_label_values(&v).observe(ms);
+}
+
+/// Drops every series naming a workload (`namespace`, `workload`) that is not `live` (and not
+/// `unknown`). Returns how many series were removed.
+pub fn sweep(live: impl Fn(&WorkloadKey) -> bool) -> usize {
+    let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
+    let f = families();
+    let gone = |k: &WorkloadKey| k.1 != UNKNOWN && !live(k);
+    let mut removed = 0;
+    b.series.retain(|(family, values), workloads| {
+        if !workloads.iter().any(gone) {
+            return true;
+        }
+        let v = refs(values);
+        match family {
+            Family::Tcp => {
+                for vec in [&f.tcp_opened, &f.tcp_closed, &f.tcp_sent, &f.tcp_received] {
+                    let _ = vec.remove_label_values(&v);
+                }
+            }
+            Family::Http => {
+                let _ = f.requests.remove_label_values(&v);
+                let _ = f.duration.remove_label_values(&v);
+            }
+        }
+        removed += 1;
+        false
+    });
+    removed
+}
+
+/// Sweeps after every state change (at most once a second): series of workloads that left
+/// the state, and that no open connection uses, are dropped.
+pub async fn sweep_forever(mut state: crate::state::StateRx) {
+    while state.changed().await.is_ok() {
+        let live = live_workloads(&state.borrow_and_update().clone());
+        let in_use = crate::telemetry::conn::workloads_in_use();
+        let removed = sweep(|k| live.contains(k) || in_use.contains(k));
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "dropped the metric series of workloads that are gone"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// The (namespace, workload) pairs of the state's pods.
+pub fn live_workloads(st: &NodeState) -> HashSet<(String, String)> {
+    st.workloads
+        .values()
+        .map(|w| (w.namespace.clone(), workload_name(w)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, labels: &[(&str, &str)]) -> proto::Workload {
+        proto::Workload {
+            uid: format!("shop/{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workload_and_canonical_names_follow_istio() {
+        let w = pod(
+            "reviews-v1-5d8f9c7b6-x2x9z",
+            &[
+                ("pod-template-hash", "5d8f9c7b6"),
+                ("app", "reviews"),
+                ("version", "v1"),
+            ],
+        );
+        let s = Side::of(&w, Some("cluster.local/ns/shop/sa/reviews".into()));
+        assert_eq!(s.workload, "reviews-v1");
+        assert_eq!(s.canonical_service, "reviews");
+        assert_eq!(s.canonical_revision, "v1");
+        assert_eq!(s.app, "reviews");
+        assert_eq!(s.principal, "cluster.local/ns/shop/sa/reviews");
+        let bare = Side::of(&pod("db-0", &[]), None);
+        assert_eq!(
+            (bare.workload.as_str(), bare.canonical_service.as_str()),
+            ("db-0", "db-0")
+        );
+        assert_eq!(
+            (bare.canonical_revision.as_str(), bare.principal.as_str()),
+            ("latest", UNKNOWN)
+        );
+    }
+
+    #[test]
+    fn sweep_drops_series_of_gone_workloads_only() {
+        let _g = crate::telemetry::test_lock();
+        let labels = |src: &str, dst: &str| Labels {
+            reporter: Reporter::Source,
+            source: Side::named("sweep-test", src),
+            destination: Side::named("sweep-test", dst),
+            service: None,
+            protocol: "tcp".into(),
+            security: "mutual_tls",
+        };
+        let keep = labels("a", "b");
+        let drop = labels("a", "gone");
+        tcp_opened(&keep).sent.inc_by(5);
+        tcp_opened(&drop).sent.inc_by(7);
+        tcp_closed(&drop, "DC");
+        // Series of other tests are left alone: only `sweep-test/gone` is not live.
+        let gone = |k: &WorkloadKey| k.0 == "sweep-test" && k.1 == "gone";
+        // Still in use (say, by an open connection): kept.
+        assert_eq!(sweep(|_| true), 0);
+        let removed = sweep(|k| !gone(k));
+        assert_eq!(removed, 2, "opened/bytes (flags -) and closed series");
+        let text = crate::telemetry::metrics::render();
+        assert!(!text.contains("destination_workload=\"gone\""), "{text}");
+        assert!(text.contains("destination_workload=\"b\""));
+    }
+}
