@@ -234,12 +234,23 @@ fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
     // All to v1.
     c.kube()?.apply(&reviews_objects(100, 0))?;
     let mut got = (0, 0);
-    // The controller notices CRDs installed after it started within 3 s.
+    let mut last_err = None;
+    // The controller notices CRDs installed after it started within 3 s. Until the Service
+    // and the pods' labels have reached node1, connections to the VIP are refused: retried.
     let ok = wait_until(Duration::from_secs(20), || {
-        got = split(&c, 10)?;
+        match split(&c, 10) {
+            Ok(g) => got = g,
+            Err(e) => {
+                last_err = Some(e);
+                return Ok(false);
+            }
+        }
         Ok(got == (10, 0))
     })?;
-    ensure!(ok, "with 100/0 the split is {got:?}");
+    ensure!(
+        ok,
+        "with 100/0 the split is {got:?} (last error: {last_err:?})"
+    );
     let mut held = Session::open(&c, &testpod(), "node1-pod1", &format!("{VIP}:9080"))?;
     ensure!(
         held.hello.contains("198.19.2.2"),

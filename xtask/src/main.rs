@@ -146,7 +146,8 @@ fn test(args: &[String]) -> Result<()> {
     )?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
-        .args(["test", "--all-targets"]);
+        // Every test binary runs even after one fails, so the total counts them all.
+        .args(["test", "--all-targets", "--no-fail-fast"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
