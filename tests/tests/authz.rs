@@ -51,7 +51,9 @@ fn connects(c: &Cluster, pod: &str, target: &str) -> Result<bool> {
     Ok(r.first().is_some_and(|r| r.echo_ok))
 }
 
-/// Waits (10 s) until connections `pod` → `target` succeed (`ok`) or fail.
+/// Waits (10 s) until connections `pod` → `target` succeed (`ok`) or fail. A failure seen may
+/// be a probe that was open when the policy arrived (closed by the change, not denied at the
+/// `CONNECT`), so for `ok == false` one more new connection must fail too.
 fn wait_connects(c: &Cluster, pod: &str, target: &str, ok: bool) -> Result<()> {
     if !wait_until(Duration::from_secs(10), || {
         connects(c, pod, target).map(|r| r == ok)
@@ -59,6 +61,12 @@ fn wait_connects(c: &Cluster, pod: &str, target: &str, ok: bool) -> Result<()> {
         bail!(
             "{pod} -> {target} did not {} within 10 s",
             if ok { "connect" } else { "get refused" }
+        );
+    }
+    if !ok {
+        ensure!(
+            !connects(c, pod, target)?,
+            "{pod} -> {target}: refused once, then accepted"
         );
     }
     Ok(())
