@@ -242,13 +242,17 @@ cmd_install() {
 
 PICKED_PORTS=" "
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# A port below the kernel's ephemeral range (outgoing connections take ports from that range,
+# and a bind to one of them fails with "address already in use"), used by no socket at all.
 free_port() {
-    local p i
+    local p i low=32768
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    (( low > 12000 )) || low=32768
     for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((10000 + RANDOM % (low - 10000)))
         [[ $PICKED_PORTS == *" $p "* ]] && continue
         port_in_use "$p" && continue
-        ss -Hltn "sport = :$p" 2>/dev/null | grep -q . && continue
+        ss -Hatn "sport = :$p" 2>/dev/null | grep -q . && continue
         PICKED_PORTS+="$p "
         echo "$p"
         return
