@@ -38,6 +38,16 @@ pub fn local_reply_flags(status: u16, body: &str) -> &'static str {
     }
 }
 
+/// The request's authority: `:authority` (HTTP/2, absolute URIs), else the `Host` header,
+/// else empty.
+pub fn authority<B>(req: &http::Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+        .unwrap_or("")
+}
+
 /// What the access-log line says about the request besides the labels.
 pub struct RequestLog<'a> {
     pub method: &'a str,

@@ -111,17 +111,7 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let authority = crate::telemetry::request::authority(&req).to_string();
     let resp = respond(req, t, up).await;
     let log = crate::telemetry::request::RequestLog {
         method: method.as_str(),
@@ -137,12 +127,7 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
 async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
     let (decision, limited) = {
         let st = t.state.borrow().clone();
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-            .unwrap_or("");
+        let host = crate::telemetry::request::authority(&req);
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let http = HttpRequest {
             method: req.method().as_str(),

@@ -118,17 +118,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     );
     let mut out = Outcome::default();
     let method = req.method().clone();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let authority = crate::telemetry::request::authority(&req).to_string();
     let resp = route_request(req, &path, &conn, &mut out)
         .instrument(span.clone())
         .await;
