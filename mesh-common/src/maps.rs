@@ -25,9 +25,28 @@ pub const STATS: &str = "SN_STATS";
 /// `MTLS_*` mode. Written by the agent for its node's meshed pods, read by `sn_strict_in`.
 pub const STRICT: &str = "SN_STRICT";
 
+/// The local legs of meshed connections (sockhash): a socket's own [`SpliceKey`] → the
+/// socket. Filled by `sn_sockops` at establishment; `sn_splice_msg` (attached to this map)
+/// hands each message a member sends to its peer's receive queue (`bpf_msg_redirect_hash`,
+/// ingress), skipping TCP/IP and the veth between pod and proxy. The kernel removes a socket
+/// when it closes.
+pub const SPLICE: &str = "SN_SPLICE";
+/// Per-socket splice state: a member's own [`SpliceKey`] → [`SPLICE_F_*`](SPLICE_F_LEG) bits
+/// (LRU). Removed when the socket closes.
+pub const SPLICE_STATE: &str = "SN_SPLICE_ST";
+
 /// Every map the object defines, for checks and for the CLI.
-pub const ALL_MAPS: [&str; 8] = [
-    ENROLLED, PENDING, ORIG_DST, CONFIG, EXCL_PORTS, EXCL_CIDRS, STATS, STRICT,
+pub const ALL_MAPS: [&str; 10] = [
+    ENROLLED,
+    PENDING,
+    ORIG_DST,
+    CONFIG,
+    EXCL_PORTS,
+    EXCL_CIDRS,
+    STATS,
+    STRICT,
+    SPLICE,
+    SPLICE_STATE,
 ];
 
 pub const ENROLLED_MAX: u32 = 16_384;
@@ -37,6 +56,9 @@ pub const EXCL_PORTS_MAX: u32 = 1_024;
 pub const EXCL_CIDRS_MAX: u32 = 1_024;
 /// Pods of one node × (1 + port-level settings each).
 pub const STRICT_MAX: u32 = 65_536;
+/// Live local legs on one node (two sockets per leg).
+pub const SPLICE_MAX: u32 = 131_072;
+pub const SPLICE_STATE_MAX: u32 = 131_072;
 /// Slots of [`STATS`]: more than [`STAT_COUNT`], so a later counter fits the map an older
 /// agent pinned (a pinned map is reused as it is).
 pub const STATS_MAX: u32 = 32;
@@ -47,9 +69,14 @@ pub const PROG_CONNECT6: &str = "sn_connect6";
 pub const PROG_SOCKOPS: &str = "sn_sockops";
 /// `cgroup_skb/ingress`: drops plaintext connection attempts to STRICT pods ([`STRICT`]).
 pub const PROG_STRICT_IN: &str = "sn_strict_in";
+/// `sk_msg`, attached to [`SPLICE`]: redirects a member's messages to its peer socket.
+pub const PROG_SPLICE_MSG: &str = "sn_splice_msg";
 
 /// Everything sidenode pins lives under `<bpffs>/sidenode/`.
 pub const PIN_ROOT: &str = "sidenode";
+/// The `sk_msg` program is attached to its map (not to a cgroup, so no bpf link) and pinned
+/// as a program at `<bpffs>/sidenode/progs/<program>`: the pin marks it attached.
+pub const PIN_PROGS: &str = "sidenode/progs";
 /// Maps are pinned by name under `<bpffs>/sidenode/maps/`.
 pub const PIN_MAPS: &str = "sidenode/maps";
 /// Program links are pinned under `<bpffs>/sidenode/links/<program>`.
@@ -82,6 +109,46 @@ pub struct SockKey {
     pub port: u16,
     pub _pad: u16,
 }
+
+/// Key of [`SPLICE`] and [`SPLICE_STATE`]: one socket's connection as that socket sees it.
+/// The peer of a local leg is the socket whose key has `local` and `remote` swapped
+/// ([`SpliceKey::peer`]): the captured pod's socket and the proxy's accepted one, or the
+/// proxy's socket to a pod and the pod's accepted one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpliceKey {
+    pub local: Addr,
+    pub remote: Addr,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+}
+
+impl SpliceKey {
+    /// The key of the socket at the other end of this connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> SpliceKey {
+        SpliceKey {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// [`SPLICE_STATE`] bit: this socket is the active side of a local leg (a captured pod's
+/// connection to the proxy, or the proxy's connection to a pod); the socket that accepts it
+/// joins [`SPLICE`] too.
+pub const SPLICE_F_LEG: u32 = 1;
+/// [`SPLICE_STATE`] bit: this socket's first message found no peer in [`SPLICE`], so all its
+/// messages take the normal path (mixing the two would let the reader see bytes out of order).
+pub const SPLICE_F_PLAIN: u32 = 2;
+/// [`SPLICE_STATE`] bit: this socket (a captured pod's) has an [`ORIG_DST`] entry to remove at
+/// close. Other members share local addresses with captured sockets (the proxy's listener
+/// address, a pod's served port), so they leave [`ORIG_DST`] alone.
+pub const SPLICE_F_ORIG: u32 = 4;
 
 /// Where a captured connection was meant to go, and from which workload.
 #[repr(C)]
@@ -126,7 +193,9 @@ pub struct ProxyConfig {
     pub proxy_ip4: u32,
     /// Outbound listener port, host order.
     pub outbound_port: u16,
-    pub _pad: u16,
+    /// [`CONFIG_F_NO_SPLICE`] bits (0: everything on). Was padding: an agent that wrote 0
+    /// here meant the defaults.
+    pub flags: u16,
     /// `SO_MARK` of the proxy's own sockets: never captured.
     pub proxy_mark: u32,
     /// Ports on the proxy's addresses that are never rewritten (host order; 0 = unused slot).
@@ -135,6 +204,10 @@ pub struct ProxyConfig {
     /// IPv6 connections are not captured.
     pub proxy_ip6: Addr,
 }
+
+/// [`ProxyConfig::flags`] bit: local legs are not spliced (`mesh-node agent --no-splice`);
+/// sockets already spliced stay so until they close.
+pub const CONFIG_F_NO_SPLICE: u16 = 1;
 
 /// Key of [`STRICT`]: a pod address and a destination port (host order); port 0 holds the
 /// mode of the workload as a whole. The program looks up (address, port) first, then
@@ -175,8 +248,16 @@ pub enum Stat {
     MapErrors = 5,
     /// A plaintext connection attempt (TCP SYN) to a STRICT pod's port was dropped.
     StrictDropped = 6,
+    /// A socket joined [`SPLICE`] (a local leg's end).
+    SpliceJoined = 7,
+    /// A message was handed straight to the peer socket.
+    SpliceMsgs = 8,
+    /// Bytes handed straight to peer sockets.
+    SpliceBytes = 9,
+    /// A member's first message found no peer: the socket takes the normal path.
+    SplicePlain = 10,
 }
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 11;
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "captured",
     "excluded",
@@ -185,6 +266,10 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "closed",
     "map_errors",
     "strict_dropped",
+    "splice_joined",
+    "splice_msgs",
+    "splice_bytes",
+    "splice_plain",
 ];
 
 #[cfg(feature = "user")]
@@ -196,6 +281,7 @@ mod pod {
     unsafe impl aya::Pod for super::Workload {}
     unsafe impl aya::Pod for super::ProxyConfig {}
     unsafe impl aya::Pod for super::StrictKey {}
+    unsafe impl aya::Pod for super::SpliceKey {}
 }
 
 /// Copies `s` into a NUL-padded fixed buffer, truncating at a UTF-8 boundary.

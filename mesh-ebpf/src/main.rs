@@ -10,6 +10,12 @@
 //!    port of a pod whose `PeerAuthentication` mode is STRICT (`SN_STRICT`) is dropped, unless
 //!    it is for the HBONE port or comes from the node proxy's own address (the inbound proxy
 //!    connects to the pod from the node's network namespace).
+//! 4. Splicing the local legs (`sn_sockops` + `sn_splice_msg`, an `sk_msg` program attached to
+//!    `SN_SPLICE`): both ends of a leg that never leaves the node — a captured pod's socket and
+//!    the proxy's accepted one; the proxy's socket to a local pod and the pod's accepted one —
+//!    join the `SN_SPLICE` sockhash when established, and each message one of them sends is
+//!    put straight on its peer's receive queue, skipping TCP/IP and the veth. A socket whose
+//!    first message finds no peer keeps the normal path for good (`SPLICE_F_PLAIN`).
 //!
 //! Everything else passes untouched. Layouts, names and byte orders: `mesh-common`.
 #![no_std]
@@ -18,17 +24,19 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    Addr, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6, MTLS_STRICT,
-    ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, STATS_MAX, STRICT_MAX, SockKey, Stat,
+    Addr, CONFIG_F_NO_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
+    MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG,
+    SPLICE_F_PLAIN, SPLICE_MAX, SPLICE_STATE_MAX, STATS_MAX, STRICT_MAX, SockKey, SpliceKey, Stat,
     StrictKey, V4_MAPPED_WORD, Workload, addr_from_v4,
 };
 
@@ -62,11 +70,22 @@ static SN_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_MAX, 0);
 #[map(name = "SN_STRICT")]
 static SN_STRICT: HashMap<StrictKey, u32> = HashMap::pinned(STRICT_MAX, 0);
 
+#[map(name = "SN_SPLICE")]
+static SN_SPLICE: SockHash<SpliceKey> = SockHash::pinned(SPLICE_MAX, 0);
+
+#[map(name = "SN_SPLICE_ST")]
+static SN_SPLICE_ST: LruHashMap<SpliceKey, u32> = LruHashMap::pinned(SPLICE_STATE_MAX, 0);
+
 #[inline(always)]
 fn bump(stat: Stat) {
+    add(stat, 1);
+}
+
+#[inline(always)]
+fn add(stat: Stat, n: u64) {
     if let Some(p) = SN_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: a per-CPU slot, so no other writer races with this one.
-        unsafe { *p += 1 };
+        unsafe { *p += n };
     }
 }
 
@@ -283,18 +302,32 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             let Some(key) = local_key(ctx) else { return };
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let Some(orig) = SN_PENDING.get_ptr(cookie) else {
-                return;
-            };
-            // SAFETY: a live map value; copied out before the entry is removed.
-            let orig = unsafe { *orig };
-            if SN_ORIG_DST.insert(key, orig, 0).is_err() {
-                bump(Stat::MapErrors);
-            } else {
-                bump(Stat::Recorded);
+            if let Some(orig) = SN_PENDING.get_ptr(cookie) {
+                // SAFETY: a live map value; copied out before the entry is removed.
+                let orig = unsafe { *orig };
+                if SN_ORIG_DST.insert(key, orig, 0).is_err() {
+                    bump(Stat::MapErrors);
+                } else {
+                    bump(Stat::Recorded);
+                }
+                let _ = SN_PENDING.remove(cookie);
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                // A captured pod's connection to the proxy: the first local leg.
+                join_splice(ctx, SPLICE_F_LEG | SPLICE_F_ORIG);
+            } else if to_local_pod(ctx) {
+                // The proxy's connection to a pod: the last local leg.
+                join_splice(ctx, SPLICE_F_LEG);
             }
-            let _ = SN_PENDING.remove(cookie);
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The accepting end of a leg whose active end registered itself.
+            let Some(key) = splice_key(ctx) else { return };
+            if let Some(peer) = SN_SPLICE_ST.get_ptr(key.peer())
+                // SAFETY: a live map value.
+                && unsafe { *peer } & SPLICE_F_LEG != 0
+            {
+                join_splice(ctx, 0);
+            }
         }
         BPF_SOCK_OPS_STATE_CB => {
             // args[1] is the new state.
@@ -304,13 +337,188 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SN_PENDING.remove(cookie);
-            if let Some(key) = local_key(ctx)
+            // A spliced socket that was not captured has no original destination to remove
+            // (and its local address may be a captured socket's).
+            let mut orig = true;
+            if let Some(key) = splice_key(ctx)
+                && let Some(st) = SN_SPLICE_ST.get_ptr(key)
+            {
+                // SAFETY: a live map value, read before the entry is removed.
+                orig = unsafe { *st } & SPLICE_F_ORIG != 0;
+                let _ = SN_SPLICE_ST.remove(key);
+            }
+            if orig
+                && let Some(key) = local_key(ctx)
                 && SN_ORIG_DST.remove(key).is_ok()
             {
                 bump(Stat::Closed);
             }
         }
         _ => {}
+    }
+}
+
+/// Is this established active socket the proxy's own (marked) connection to a pod's port?
+/// Its HBONE connections (to port 15008) are tunnels, never local legs.
+#[inline(always)]
+fn to_local_pod(ctx: &SockOpsContext) -> bool {
+    let Some(cfg) = SN_CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: `ops` is the kernel-provided context; `sk` is readable in sock_ops programs
+    // (null unless a full socket).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    // SAFETY: checked non-null; `mark` is readable through a `bpf_sock`.
+    if sk.is_null() || unsafe { (*sk).mark } != cfg.proxy_mark {
+        return false;
+    }
+    remote_port(ctx.remote_port()) != mesh_common::ports::HBONE
+}
+
+/// Adds the socket to `SN_SPLICE` under its own key and records its state; asks for its close
+/// so the state goes with it.
+#[inline(always)]
+fn join_splice(ctx: &SockOpsContext, flags: u32) {
+    match SN_CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_F_NO_SPLICE == 0 => {}
+        _ => return,
+    }
+    let Some(mut key) = splice_key(ctx) else {
+        return;
+    };
+    // SAFETY: `ops` is the program's context.
+    if SN_SPLICE
+        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+        .is_err()
+    {
+        bump(Stat::MapErrors);
+        return;
+    }
+    if SN_SPLICE_ST.insert(key, flags, 0).is_err() {
+        bump(Stat::MapErrors);
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    bump(Stat::SpliceJoined);
+}
+
+/// A `remote_port` field of `bpf_sock_ops` / `sk_msg_md` in host order: the kernel loads the
+/// network-order port into the upper 16 bits on little-endian machines.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    if cfg!(target_endian = "little") {
+        u16::from_be((raw >> 16) as u16)
+    } else {
+        raw as u16
+    }
+}
+
+/// This socket's own connection, as [`SpliceKey`].
+#[inline(always)]
+fn splice_key(ctx: &SockOpsContext) -> Option<SpliceKey> {
+    let (local, remote) = match ctx.family() {
+        AF_INET => (
+            addr_from_v4(ctx.local_ip4()),
+            addr_from_v4(ctx.remote_ip4()),
+        ),
+        AF_INET6 => {
+            let ops = ctx.ops;
+            // SAFETY: `ops` is the kernel-provided context; the ip6 words are readable in
+            // sockops (word by word at constant offsets, as the verifier wants).
+            unsafe {
+                (
+                    [
+                        core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                        core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                        core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                        core::ptr::read_volatile(&(*ops).local_ip6[3]),
+                    ],
+                    [
+                        core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+                    ],
+                )
+            }
+        }
+        _ => return None,
+    };
+    Some(SpliceKey {
+        local,
+        remote,
+        local_port: ctx.local_port() as u16,
+        remote_port: remote_port(ctx.remote_port()),
+    })
+}
+
+/// Every message a member of `SN_SPLICE` sends: straight to its peer's receive queue, or,
+/// when the peer is not there, the normal path — for good, so bytes never overtake each other.
+#[sk_msg]
+pub fn sn_splice_msg(ctx: SkMsgContext) -> u32 {
+    splice_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn splice_msg(ctx: &SkMsgContext) {
+    let Some(own) = msg_key(ctx) else {
+        return;
+    };
+    let state = match SN_SPLICE_ST.get_ptr(own) {
+        // SAFETY: a live map value.
+        Some(st) => unsafe { *st },
+        None => 0,
+    };
+    if state & SPLICE_F_PLAIN != 0 {
+        return;
+    }
+    let size = ctx.size();
+    let mut peer = own.peer();
+    // The helper sets the redirect and answers SK_PASS, or SK_DROP when the peer is not in the
+    // map; the program still answers SK_PASS, so a miss takes the normal path.
+    if SN_SPLICE.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == SK_PASS as i64 {
+        bump(Stat::SpliceMsgs);
+        add(Stat::SpliceBytes, u64::from(size));
+    } else {
+        let _ = SN_SPLICE_ST.insert(own, state | SPLICE_F_PLAIN, 0);
+        bump(Stat::SplicePlain);
+    }
+}
+
+/// The sending socket's own connection, as [`SpliceKey`].
+#[inline(always)]
+fn msg_key(ctx: &SkMsgContext) -> Option<SpliceKey> {
+    let md = ctx.msg;
+    // SAFETY: `md` is the kernel-provided context; every field read here is readable in
+    // sk_msg programs, at constant offsets.
+    unsafe {
+        let (local, remote) = match (*md).family {
+            AF_INET => (
+                addr_from_v4((*md).local_ip4),
+                addr_from_v4((*md).remote_ip4),
+            ),
+            AF_INET6 => (
+                [
+                    core::ptr::read_volatile(&(*md).local_ip6[0]),
+                    core::ptr::read_volatile(&(*md).local_ip6[1]),
+                    core::ptr::read_volatile(&(*md).local_ip6[2]),
+                    core::ptr::read_volatile(&(*md).local_ip6[3]),
+                ],
+                [
+                    core::ptr::read_volatile(&(*md).remote_ip6[0]),
+                    core::ptr::read_volatile(&(*md).remote_ip6[1]),
+                    core::ptr::read_volatile(&(*md).remote_ip6[2]),
+                    core::ptr::read_volatile(&(*md).remote_ip6[3]),
+                ],
+            ),
+            _ => return None,
+        };
+        Some(SpliceKey {
+            local,
+            remote,
+            local_port: (*md).local_port as u16,
+            remote_port: remote_port((*md).remote_port),
+        })
     }
 }
 

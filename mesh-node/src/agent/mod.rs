@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub proxy_ip6: Option<std::net::Ipv6Addr>,
     pub outbound_port: u16,
     pub exclude_ports: Vec<u16>,
+    /// Splice the local legs (pod ↔ proxy) in the kernel (`--no-splice` turns it off).
+    pub splice: bool,
     pub exclude_cidrs: Vec<IpNet>,
     pub scan_interval: Duration,
     pub resync_interval: Duration,
@@ -288,7 +290,11 @@ fn write_capture_settings(
     let pc = ProxyConfig {
         proxy_ip4: ip4_to_net(cfg.proxy_ip),
         outbound_port: cfg.outbound_port,
-        _pad: 0,
+        flags: if cfg.splice {
+            0
+        } else {
+            mesh_common::CONFIG_F_NO_SPLICE
+        },
         proxy_mark: PROXY_MARK,
         proxy_ports,
         proxy_ip6: cfg

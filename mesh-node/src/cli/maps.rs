@@ -47,11 +47,26 @@ struct StrictEntry {
     mode: &'static str,
 }
 
+/// One socket in `SN_SPLICE`: its own connection and how its messages travel.
+#[derive(Serialize)]
+struct SpliceEntry {
+    local: String,
+    remote: String,
+    /// `connecting` (the active end: a captured pod's socket, or the proxy's to a pod) or
+    /// `accepted`.
+    side: &'static str,
+    /// `spliced` (messages go to the peer's receive queue) or `plain` (its first message found
+    /// no peer, so it keeps the normal path).
+    path: &'static str,
+}
+
 #[derive(Serialize)]
 struct View {
     enrolled: Vec<Enrolled>,
     strict: Vec<StrictEntry>,
     orig_dst: Vec<OrigDstEntry>,
+    /// `None`: the pinned maps predate splicing.
+    splice: Option<Vec<SpliceEntry>>,
     pending: usize,
     stats: serde_json::Map<String, serde_json::Value>,
 }
@@ -114,6 +129,34 @@ fn read(maps: &NodeMaps) -> View {
         .collect();
     strict.sort_by(|a, b| (&a.ip, a.port).cmp(&(&b.ip, b.port)));
     let pending = maps.pending.keys().filter_map(Result::ok).count();
+    let splice = maps.splice.as_ref().map(|sp| {
+        let mut v: Vec<SpliceEntry> = sp
+            .sockets
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                let flags = sp.state.get(&k, 0).unwrap_or(0);
+                SpliceEntry {
+                    local: std::net::SocketAddr::new(addr_to_ip(&k.local), k.local_port)
+                        .to_string(),
+                    remote: std::net::SocketAddr::new(addr_to_ip(&k.remote), k.remote_port)
+                        .to_string(),
+                    side: if flags & mesh_common::SPLICE_F_LEG != 0 {
+                        "connecting"
+                    } else {
+                        "accepted"
+                    },
+                    path: if flags & mesh_common::SPLICE_F_PLAIN != 0 {
+                        "plain"
+                    } else {
+                        "spliced"
+                    },
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.local, &a.remote).cmp(&(&b.local, &b.remote)));
+        v
+    });
     let stats = maps
         .stats()
         .into_iter()
@@ -123,6 +166,7 @@ fn read(maps: &NodeMaps) -> View {
         enrolled,
         strict,
         orig_dst,
+        splice,
         pending,
         stats,
     }
@@ -166,6 +210,17 @@ fn print_tables(v: &View) {
             "{:<24} {:<24} {:<16} {}",
             o.client, o.dst, o.namespace, o.pod
         );
+    }
+    println!();
+    match &v.splice {
+        Some(sp) => {
+            println!("SPLICED LOCAL LEGS ({} sockets)", sp.len());
+            println!("{:<44} {:<44} {:<11} PATH", "LOCAL", "REMOTE", "SIDE");
+            for e in sp {
+                println!("{:<44} {:<44} {:<11} {}", e.local, e.remote, e.side, e.path);
+            }
+        }
+        None => println!("SPLICED LOCAL LEGS: not installed (pins of an older version)"),
     }
     println!();
     println!("COUNTERS");

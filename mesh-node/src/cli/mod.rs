@@ -96,6 +96,10 @@ struct AgentArgs {
     /// Istio's root namespace: its `PeerAuthentication` without selector is mesh-wide.
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// Do not splice the local legs (pod ↔ node proxy) in the kernel: new connections take
+    /// the TCP/IP path on both legs (docs/performance.md says when that matters).
+    #[arg(long)]
+    no_splice: bool,
 }
 
 /// How to reach the controller (all three together).
@@ -263,6 +267,7 @@ pub fn main() -> Result<()> {
                 outbound_port: a.outbound_port,
                 exclude_ports: a.exclude_ports,
                 exclude_cidrs: a.exclude_cidrs,
+                splice: !a.no_splice,
                 scan_interval: defaults::SCAN_INTERVAL,
                 resync_interval: defaults::RESYNC_INTERVAL,
                 retry_interval: defaults::RETRY_INTERVAL,

@@ -12,7 +12,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
+};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -46,7 +48,7 @@ pub enum Install {
 /// Loads and attaches, or adopts, then opens the maps.
 pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), KernelError> {
     check_cgroup2(cgroup_root)?;
-    for dir in [pins.maps_dir(), pins.links_dir()] {
+    for dir in [pins.maps_dir(), pins.links_dir(), pins.progs_dir()] {
         std::fs::create_dir_all(&dir).map_err(|source| KernelError::Io {
             what: "creating",
             path: dir.clone(),
@@ -54,9 +56,15 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
         })?;
     }
     let links = PROGRAMS.map(|p| pins.link(p));
-    let live: Vec<bool> = links
+    let mut live: Vec<bool> = links
         .iter()
         .map(|l| PinnedLink::from_pin(l).is_ok())
+        .collect();
+    // The splice program is attached to its map; its program pin says it is.
+    live.push(SkMsg::from_pin(pins.prog(mesh_common::PROG_SPLICE_MSG)).is_ok());
+    let links: Vec<PathBuf> = links
+        .into_iter()
+        .chain([pins.prog(mesh_common::PROG_SPLICE_MSG)])
         .collect();
     let how = if live.iter().all(|l| *l) {
         info!(bpffs = %pins.bpffs().display(), "adopting pinned programs and maps");
@@ -70,12 +78,13 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
         }
         let missing: Vec<&'static str> = PROGRAMS
             .iter()
+            .chain(&[mesh_common::PROG_SPLICE_MSG])
             .zip(&live)
             .filter(|(_, ok)| !**ok)
             .map(|(p, _)| *p)
             .collect();
         attach(pins, cgroup_root, &missing)?;
-        if missing.len() == PROGRAMS.len() {
+        if missing.len() == PROGRAMS.len() + 1 {
             info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
             Install::Fresh
         } else {
@@ -159,10 +168,53 @@ fn attach(pins: &Pins, cgroup_root: &Path, which: &[&'static str]) -> Result<(),
                 pins,
                 CgroupSkbAttachType::Ingress
             ),
+            mesh_common::PROG_SPLICE_MSG => attach_splice(&mut ebpf, pins)?,
             other => return Err(KernelError::MissingProgram { name: other }),
         }
     }
     Ok(())
+}
+
+/// Attaches `sn_splice_msg` to the `SN_SPLICE` sockhash and pins the program. The attachment
+/// belongs to the map (a legacy `BPF_PROG_ATTACH`: this kernel API has no bpf link for it in
+/// aya), so it lasts as long as the pinned map; the handle is forgotten rather than dropped,
+/// since dropping it would detach the program.
+fn attach_splice(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), KernelError> {
+    let name = mesh_common::PROG_SPLICE_MSG;
+    let map = ebpf
+        .map(mesh_common::SPLICE)
+        .ok_or(KernelError::MissingProgram {
+            name: mesh_common::SPLICE,
+        })?;
+    let splice =
+        aya::maps::SockHash::<_, mesh_common::SpliceKey>::try_from(map).map_err(|source| {
+            KernelError::Map {
+                name: mesh_common::SPLICE,
+                source,
+            }
+        })?;
+    let map_fd = splice.fd().try_clone().map_err(|source| KernelError::Io {
+        what: "duplicating the fd of",
+        path: pins.map(mesh_common::SPLICE),
+        source,
+    })?;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| KernelError::Program { name, source })?;
+    let id = prog
+        .attach(&map_fd)
+        .map_err(|source| KernelError::Program { name, source })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| KernelError::Program { name, source })?;
+    std::mem::forget(link);
+    let path = pins.prog(name);
+    prog.pin(&path)
+        .map_err(|source| KernelError::Pin { path, source })
 }
 
 /// Pins a program's link, so it stays attached after this process.

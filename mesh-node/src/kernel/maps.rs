@@ -3,8 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use mesh_common::{Addr, OrigDst, ProxyConfig, SockKey, StrictKey, Workload};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash};
+use mesh_common::{Addr, OrigDst, ProxyConfig, SockKey, SpliceKey, StrictKey, Workload};
 
 use super::{KernelError, Pins};
 
@@ -19,6 +19,15 @@ pub struct NodeMaps {
     pub stats: PerCpuArray<MapData, u64>,
     /// Kernel-enforced peer authentication (STRICT pods and port exceptions).
     pub strict: HashMap<MapData, StrictKey, u32>,
+    /// The spliced local legs' sockets (`SN_SPLICE`) and their state (`SN_SPLICE_ST`); `None`
+    /// on pins of a version without splicing.
+    pub splice: Option<Splice>,
+}
+
+/// The splice maps: sockets by their own connection, and their flags.
+pub struct Splice {
+    pub sockets: SockHash<MapData, SpliceKey>,
+    pub state: HashMap<MapData, SpliceKey, u32>,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, KernelError> {
@@ -49,6 +58,7 @@ impl NodeMaps {
             excl_cidrs: typed!(pins, mesh_common::EXCL_CIDRS),
             stats: typed!(pins, mesh_common::STATS),
             strict: typed!(pins, mesh_common::STRICT),
+            splice: Splice::open(pins).ok(),
         })
     }
 
@@ -61,6 +71,15 @@ impl NodeMaps {
     /// Counters summed over CPUs, in [`mesh_common::Stat`] order.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         read_stats(&self.stats)
+    }
+}
+
+impl Splice {
+    pub fn open(pins: &Pins) -> Result<Self, KernelError> {
+        Ok(Self {
+            sockets: typed!(pins, mesh_common::SPLICE),
+            state: typed!(pins, mesh_common::SPLICE_STATE),
+        })
     }
 }
 

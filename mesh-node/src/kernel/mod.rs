@@ -2,7 +2,8 @@
 //! maps as typed handles (`maps`), network-namespace cookies (`netns`), and finding a pod's
 //! namespace from its UID through its cgroup (`podns`).
 //!
-//! Everything is pinned under `<bpffs>/sidenode/`: maps in `maps/`, program links in `links/`.
+//! Everything is pinned under `<bpffs>/sidenode/`: maps in `maps/`, program links in `links/`,
+//! and the `sk_msg` program (attached to its sockhash, not a cgroup) in `progs/`.
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
 
 pub mod load;
@@ -38,6 +39,13 @@ impl Pins {
     }
     pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
+    }
+    pub fn progs_dir(&self) -> PathBuf {
+        self.bpffs.join(mesh_common::PIN_PROGS)
+    }
+    /// The pin of a program attached to a map (no link): present while it is attached.
+    pub fn prog(&self, program: &str) -> PathBuf {
+        self.progs_dir().join(program)
     }
     pub fn bpffs(&self) -> &Path {
         &self.bpffs

@@ -75,6 +75,9 @@ pub struct Mesh {
     pub authz: Arc<authz::registry::Registry>,
     /// `RateLimitPolicy` token buckets of this node's workloads.
     pub limiter: Arc<ratelimit::Limiter>,
+    /// This node's name: a meshed destination on it is reached without a tunnel
+    /// (`outbound::local`).
+    pub node: String,
 }
 
 /// What every connection handler shares.
@@ -195,6 +198,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         pool: Default::default(),
         authz: Default::default(),
         limiter: Default::default(),
+        node: cfg.node.clone(),
     });
     tokio::spawn(certs.renew_forever());
     tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::hbone::client::{TunnelError, TunnelRequest, open};
-use super::hbone::{Refusal, count_refusal};
+use super::hbone::{Refusal, count_refusal, server};
 use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
 use super::{COPY_BUF, Mesh, Shared};
@@ -64,6 +64,15 @@ enum Upstream {
         src_id: Identity,
         dst_id: Identity,
         tunnel_addr: SocketAddr,
+    },
+    /// A meshed pod on this node: admitted by the destination's checks in this process, and
+    /// connected without a tunnel (see [`local`]).
+    Local {
+        admitted: Box<server::Admitted>,
+        conn: Arc<server::Conn>,
+        span: Span,
+        src_id: Identity,
+        dst_id: Identity,
     },
     Tcp(TcpStream),
 }
@@ -237,9 +246,13 @@ fn conn_meta(
             Some(dst_id.principal()),
             Some(*tunnel_addr),
         ),
+        Some(Upstream::Local { src_id, dst_id, .. }) => {
+            (Some(src_id.principal()), Some(dst_id.principal()), None)
+        }
         _ => (None, None, None),
     };
-    let security = if hbone_addr.is_some() {
+    // A same-node connection is authenticated as a tunnel is (docs/architecture.md).
+    let security = if matches!(up, Some(Upstream::Hbone { .. } | Upstream::Local { .. })) {
         istio::MUTUAL_TLS
     } else {
         istio::NONE
@@ -437,6 +450,9 @@ async fn open_upstream(
                     name_str(&w.namespace),
                     name_str(&w.name)
                 );
+                if dw.node == mesh.node {
+                    return local(c, mesh, dw, dst, src_id, dst_id, timeout).await;
+                }
                 let tunnel_addr = SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE);
                 return tunnel(c, mesh, dst, tunnel_addr, src_id, dst_id, baggage, timeout).await;
             }
@@ -457,6 +473,54 @@ async fn open_upstream(
             Err(Failure {
                 refusal: None,
                 unreachable: true,
+            })
+        }
+    }
+}
+
+/// A meshed destination on this node: the destination's checks (`AuthorizationPolicy`,
+/// `RateLimitPolicy`, then the connection to the pod) run here, as the pod's HBONE listener
+/// would run them, with the source identity the tunnel would have presented. Both come from
+/// the kernel's record of the client's network namespace, so nothing is lost by skipping the
+/// mutual TLS between two sockets of one process; both local legs are spliced in the kernel.
+async fn local(
+    c: &Ctx<'_>,
+    mesh: &Mesh,
+    dw: &crate::proto::Workload,
+    dst: SocketAddr,
+    src_id: Identity,
+    dst_id: Identity,
+    timeout: Duration,
+) -> Result<Upstream, Failure> {
+    let conn = Arc::new(server::Conn {
+        pod: dw.uid.clone(),
+        pod_ips: dw.ips.iter().filter_map(|i| i.parse().ok()).collect(),
+        peer: c.peer,
+        peer_identity: src_id.clone(),
+        connect_timeout: timeout,
+        state: mesh.state.clone(),
+        tunnels: mesh.authz.clone(),
+        limiter: mesh.limiter.clone(),
+    });
+    let span = info_span!("inbound", src_identity = %src_id, target = %dst, client = %c.peer, local = true);
+    match server::admit(&conn, dst, c.peer.ip(), &span).await {
+        Ok(admitted) => Ok(Upstream::Local {
+            admitted: Box::new(admitted),
+            conn,
+            span,
+            src_id,
+            dst_id,
+        }),
+        Err(code) => {
+            let (reason, unreachable) = match code {
+                StatusCode::SERVICE_UNAVAILABLE => (Refusal::Unreachable, true),
+                StatusCode::TOO_MANY_REQUESTS => (Refusal::RateLimited, false),
+                _ => (Refusal::Denied, false),
+            };
+            warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), "same-node connection refused by the destination");
+            Err(Failure {
+                refusal: Some(reason),
+                unreachable,
             })
         }
     }
@@ -543,6 +607,19 @@ async fn splice(
             tokio::io::copy_bidirectional_with_sizes(&mut down, &mut s, COPY_BUF, COPY_BUF).await,
             "tcp",
         ),
+        Upstream::Local {
+            admitted,
+            conn,
+            span,
+            ..
+        } => {
+            let none = crate::telemetry::trace::Span::none();
+            let carried = server::carry(down, *admitted, &conn, &none, "local")
+                .instrument(span)
+                .await;
+            // Served request by request: the destination's side counted and logged each.
+            (carried.unwrap_or(Ok((0, 0))), "local")
+        }
     };
     trace.set("network.peer.address", || dst.ip().to_string());
     trace.connection_closed(protocol, &result);

@@ -10,6 +10,10 @@
 //! - `connlat --to IP:PORT --count N [--warmup W]`: N times connect, read the HELLO line and
 //!   close with a reset (SO_LINGER 0, so no TIME_WAIT piles up); one JSON line of the
 //!   connect-to-HELLO latency percentiles (µs).
+//! - `transfer --to IP:PORT --bytes N [--conns C]`: C connections at once to a `serve` echo,
+//!   each sending N bytes of a seeded pseudo-random stream and half-closing, while reading the
+//!   echo back to EOF; one JSON line: per connection the bytes and FNV-1a checksum sent and
+//!   received, and whether they match.
 //! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
 //!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
 //!   for the first N requests, with status S), the peer in `x-testpod-peer`, the request's
@@ -117,6 +121,16 @@ enum Cmd {
         #[arg(long)]
         path: Option<String>,
     },
+    /// C concurrent connections each sending N checksummed bytes to an echo, half-closing,
+    /// and checking the echo.
+    Transfer {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+    },
     /// New-connection latency: connect, read HELLO, close with a reset; N times.
     Connlat {
         #[arg(long)]
@@ -147,6 +161,7 @@ fn main() {
             warmup,
         } => rr(to, count, size, warmup),
         Cmd::Connlat { to, count, warmup } => connlat(to, count, warmup),
+        Cmd::Transfer { to, bytes, conns } => transfer(to, bytes, conns),
         Cmd::HttpServe {
             port,
             name,
@@ -873,4 +888,158 @@ fn http_get(
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// What one `transfer` connection sent and got back.
+#[derive(Serialize)]
+struct TransferConn {
+    sent: u64,
+    sent_fnv: String,
+    received: u64,
+    received_fnv: String,
+    ok: bool,
+    /// Blocking reads that returned EAGAIN (see `transfer_one`).
+    spurious_eagain: u64,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TransferReport {
+    conns: usize,
+    ok: usize,
+    bytes_each: u64,
+    secs: f64,
+    results: Vec<TransferConn>,
+}
+
+/// FNV-1a, 64 bits: enough to tell a reordered, lost or duplicated chunk from the original.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// The seeded stream of connection `seed`: xorshift64 words.
+fn fill_stream(state: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let w = state.to_le_bytes();
+        chunk.copy_from_slice(&w[..chunk.len()]);
+    }
+}
+
+fn transfer(to: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..conns.max(1))
+        .map(|i| std::thread::spawn(move || transfer_one(to, bytes, i as u64 + 1)))
+        .collect();
+    let results: Vec<TransferConn> = handles
+        .into_iter()
+        .map(|h| {
+            h.join().unwrap_or_else(|_| TransferConn {
+                sent: 0,
+                sent_fnv: String::new(),
+                received: 0,
+                received_fnv: String::new(),
+                ok: false,
+                spurious_eagain: 0,
+                error: Some("thread panicked".into()),
+            })
+        })
+        .collect();
+    let report = TransferReport {
+        conns: results.len(),
+        ok: results.iter().filter(|r| r.ok).count(),
+        bytes_each: bytes,
+        secs: started.elapsed().as_secs_f64(),
+        results,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn transfer_one(to: SocketAddr, bytes: u64, seed: u64) -> TransferConn {
+    let mut out = TransferConn {
+        sent: 0,
+        sent_fnv: String::new(),
+        received: 0,
+        received_fnv: String::new(),
+        ok: false,
+        spurious_eagain: 0,
+        error: None,
+    };
+    let run = |out: &mut TransferConn| -> Result<()> {
+        let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connecting")?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut rd = BufReader::new(s.try_clone().context("cloning the socket")?);
+        let mut hello = String::new();
+        rd.read_line(&mut hello).context("reading HELLO")?;
+        if !hello.starts_with("HELLO ") {
+            bail!("unexpected greeting {hello:?}");
+        }
+        let mut w = s;
+        let writer = std::thread::spawn(move || -> Result<(u64, u64)> {
+            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut fnv = Fnv::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                fill_stream(&mut state, &mut buf[..n]);
+                fnv.update(&buf[..n]);
+                w.write_all(&buf[..n]).context("writing")?;
+                left -= n as u64;
+            }
+            w.shutdown(Shutdown::Write).context("half-closing")?;
+            Ok((bytes, fnv.0))
+        });
+        let mut fnv = Fnv::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut progress = Instant::now();
+        loop {
+            let n = match rd.read(&mut buf) {
+                Ok(n) => n,
+                // A blocking read of a socket spliced by sockmap can return EAGAIN when it
+                // is woken without data (here: by this connection's own writer thread waiting
+                // for buffer space); the kernel's tcp_bpf_recvmsg does not wait again. Counted
+                // and retried; docs/performance.md lists this kernel behaviour.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && progress.elapsed() < Duration::from_secs(30) =>
+                {
+                    out.spurious_eagain += 1;
+                    continue;
+                }
+                Err(e) => return Err(e).context("reading the echo"),
+            };
+            if n == 0 {
+                break;
+            }
+            progress = Instant::now();
+            fnv.update(&buf[..n]);
+            out.received += n as u64;
+        }
+        out.received_fnv = format!("{:016x}", fnv.0);
+        let (sent, sent_fnv) = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        out.sent = sent;
+        out.sent_fnv = format!("{sent_fnv:016x}");
+        out.ok = out.sent == out.received && out.sent_fnv == out.received_fnv;
+        Ok(())
+    };
+    if let Err(e) = run(&mut out) {
+        out.error = Some(format!("{e:#}"));
+    }
+    out
 }

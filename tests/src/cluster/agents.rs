@@ -70,6 +70,12 @@ impl Cluster {
                 cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
             }
             cmd.args(&self.opts.proxy_args);
+            // The proxy runs below the node's cgroup root, as a DaemonSet pod runs below the
+            // host's: its sockets are seen by the node's sockops program, which splices the
+            // local legs (pod ↔ proxy) in the kernel.
+            let cg = self.node_cgroup(node).join("node-proxy");
+            std::fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+            procs::join_cgroup_in_child(&mut cmd, &cg.join("cgroup.procs"))?;
         }
         if self.opts.mesh {
             cmd.arg("--controller")

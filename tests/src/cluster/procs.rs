@@ -174,6 +174,30 @@ pub fn enter_in_child(
     Ok(())
 }
 
+/// Make `cmd`'s child join the cgroup whose `cgroup.procs` is `cgroup_procs`, between fork and
+/// exec.
+pub fn join_cgroup_in_child(cmd: &mut Command, cgroup_procs: &Path) -> Result<()> {
+    let procs =
+        CString::new(cgroup_procs.as_os_str().as_encoded_bytes()).context("cgroup path has NUL")?;
+    // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close).
+    unsafe {
+        cmd.pre_exec(move || {
+            let cfd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if cfd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(cfd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(cfd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Put the child in its own session (and process group), so it outlives the caller's
 /// terminal and process group.
 pub fn new_session(cmd: &mut Command) {

@@ -25,6 +25,7 @@ use crate::proxy::socket::connect_marked;
 use crate::state::{NodeState, StateRx};
 use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
 use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
+use tokio::net::TcpStream;
 
 /// What the listener knows of its pod and its caller.
 pub struct Conn {
@@ -161,13 +162,56 @@ async fn handle(
         .trim_matches('"')
         .to_string();
     let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
-    // AuthorizationPolicy: the connection now, or each request on HTTP ports with L7 rules.
     let client_ip = forwarded_ip(&client).unwrap_or(conn.peer.ip());
+    let admitted = match admit(&conn, target, client_ip, &span).await {
+        Ok(a) => a,
+        Err(code) => return status(code),
+    };
+    tokio::spawn(
+        async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => {
+                    carry(TokioIo::new(up), admitted, &conn, &trace, "hbone").await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "CONNECT upgrade failed");
+                    Tracked::open_since(admitted.meta, admitted.accepted)
+                        .close("DC", Some(&e.to_string()));
+                }
+            }
+        }
+        .instrument(span),
+    );
+    status(StatusCode::OK)
+}
+
+/// A connection to one of the pod's addresses that passed the destination's checks, with its
+/// connection to the pod open.
+pub struct Admitted {
+    pub upstream: TcpStream,
+    pub meta: ConnMeta,
+    pub peer: authz::Peer,
+    /// Authorized (and traced) request by request: an HTTP port with L7 rules or limits.
+    pub per_request: bool,
+    pub accepted: Instant,
+}
+
+/// The destination's side of a new connection from `conn.peer_identity` (the client at
+/// `client_ip`) to `target`: `AuthorizationPolicy`, `RateLimitPolicy`, then the connection to
+/// the pod. A refusal is counted and logged here and answered with its status (`401`, `429`,
+/// `503`). The same checks serve an HBONE `CONNECT` and a same-node connection.
+pub async fn admit(
+    conn: &Conn,
+    target: SocketAddr,
+    client_ip: IpAddr,
+    span: &tracing::Span,
+) -> Result<Admitted, StatusCode> {
+    // AuthorizationPolicy: the connection now, or each request on HTTP ports with L7 rules.
     let peer = authz::Peer::new(Some(&conn.peer_identity), client_ip, target);
     let accepted = Instant::now();
     let (per_request, meta) = {
         let st = conn.state.borrow().clone();
-        let meta = inbound_meta(&st, &conn, target, client_ip);
+        let meta = inbound_meta(&st, conn, target, client_ip);
         let per_request = authz::per_request(&st, &conn.pod, target.port())
             || ratelimit::has_request_limits(&st, &conn.pod, target.port());
         if !per_request {
@@ -189,7 +233,7 @@ async fn handle(
                         reason.as_str(),
                     )
                 });
-                return status(StatusCode::UNAUTHORIZED);
+                return Err(StatusCode::UNAUTHORIZED);
             }
             if !d.audit.is_empty() {
                 span.in_scope(
@@ -216,7 +260,7 @@ async fn handle(
                     "rate limited",
                 )
             });
-            return status(StatusCode::TOO_MANY_REQUESTS);
+            return Err(StatusCode::TOO_MANY_REQUESTS);
         }
         // With tracing on, HTTP ports are served per request too (an `inbound` span each);
         // the connection was checked above when no L7 rule applies.
@@ -240,57 +284,76 @@ async fn handle(
                     &e.to_string(),
                 )
             });
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let conn2 = conn.clone();
-    tokio::spawn(
-        async move {
-            let mut upstream = upstream;
-            let http_labels = Labels {
-                protocol: "http".into(),
-                ..meta.labels.clone()
-            };
-            let tracked = Tracked::open_since(meta, accepted);
-            match hyper::upgrade::on(req).await {
-                Ok(up) if per_request => {
-                    let tunnel = authz::l7::Tunnel {
-                        pod: conn2.pod.clone(),
-                        target,
-                        peer,
-                        state: conn2.state.clone(),
-                        connect_timeout: conn2.connect_timeout,
-                        limiter: conn2.limiter.clone(),
-                        labels: http_labels,
-                    };
-                    let io = tracked.count(TokioIo::new(up));
-                    authz::l7::serve(io, Arc::new(tunnel), upstream).await;
-                    tracked.close("-", None);
-                }
-                Ok(up) => {
-                    let mut tunnel = tracked.count(TokioIo::new(up));
-                    let registration = conn2.tunnels.register(&conn2.pod, peer);
-                    let copied = tokio::select! {
-                        r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
-                        _ = registration.closed() => {
-                            crate::proxy::socket::reset(upstream);
-                            tracked.close("UAEX", Some("closed by a policy change"));
-                            return;
-                        }
-                    };
-                    trace.connection_closed("hbone", &copied);
-                    match copied {
-                        Ok(_) => tracked.close("-", None),
-                        Err(e) => tracked.close("DC", Some(&e.to_string())),
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "CONNECT upgrade failed");
-                    tracked.close("DC", Some(&e.to_string()));
-                }
-            }
-        }
-        .instrument(span),
-    );
-    status(StatusCode::OK)
+    Ok(Admitted {
+        upstream,
+        meta,
+        peer,
+        per_request,
+        accepted,
+    })
 }
+
+/// Carries an admitted connection between `io` (the tunnel's stream, or for a same-node
+/// connection the client's own socket) and the pod, counted as the destination reports it,
+/// until both sides are done or a policy change closes it. The copy's result, or `None` when
+/// the connection was served request by request.
+pub async fn carry<IO>(
+    io: IO,
+    a: Admitted,
+    conn: &Conn,
+    trace: &crate::telemetry::trace::Span,
+    protocol: &'static str,
+) -> Option<std::io::Result<(u64, u64)>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Admitted {
+        mut upstream,
+        meta,
+        peer,
+        per_request,
+        accepted,
+    } = a;
+    let target = meta.dst_addr;
+    let http_labels = Labels {
+        protocol: "http".into(),
+        ..meta.labels.clone()
+    };
+    let tracked = Tracked::open_since(meta, accepted);
+    if per_request {
+        let tunnel = authz::l7::Tunnel {
+            pod: conn.pod.clone(),
+            target,
+            peer,
+            state: conn.state.clone(),
+            connect_timeout: conn.connect_timeout,
+            limiter: conn.limiter.clone(),
+            labels: http_labels,
+        };
+        let io = tracked.count(io);
+        authz::l7::serve(io, Arc::new(tunnel), upstream).await;
+        tracked.close("-", None);
+        return None;
+    }
+    let mut tunnel = tracked.count(io);
+    let registration = conn.tunnels.register(&conn.pod, peer);
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
+        _ = registration.closed() => {
+            crate::proxy::socket::reset(upstream);
+            tracked.close("UAEX", Some(CLOSED_BY_POLICY));
+            return Some(Err(std::io::Error::other(CLOSED_BY_POLICY)));
+        }
+    };
+    trace.connection_closed(protocol, &copied);
+    match &copied {
+        Ok(_) => tracked.close("-", None),
+        Err(e) => tracked.close("DC", Some(&e.to_string())),
+    }
+    Some(copied)
+}
+
+const CLOSED_BY_POLICY: &str = "closed by a policy change";
