@@ -193,8 +193,7 @@ pub struct ProxyConfig {
     pub proxy_ip4: u32,
     /// Outbound listener port, host order.
     pub outbound_port: u16,
-    /// [`CONFIG_F_NO_SPLICE`] bits (0: everything on). Was padding: an agent that wrote 0
-    /// here meant the defaults.
+    /// [`CONFIG_F_SPLICE`] bits. Was padding: an older agent writes 0 (everything off).
     pub flags: u16,
     /// `SO_MARK` of the proxy's own sockets: never captured.
     pub proxy_mark: u32,
@@ -205,9 +204,10 @@ pub struct ProxyConfig {
     pub proxy_ip6: Addr,
 }
 
-/// [`ProxyConfig::flags`] bit: local legs are not spliced (`mesh-node agent --no-splice`);
-/// sockets already spliced stay so until they close.
-pub const CONFIG_F_NO_SPLICE: u16 = 1;
+/// [`ProxyConfig::flags`] bit: splice the local legs of new connections
+/// (`mesh-node agent --splice`); clearing it leaves sockets already spliced so until they
+/// close.
+pub const CONFIG_F_SPLICE: u16 = 1;
 
 /// Key of [`STRICT`]: a pod address and a destination port (host order); port 0 holds the
 /// mode of the workload as a whole. The program looks up (address, port) first, then

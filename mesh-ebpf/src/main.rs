@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    Addr, CONFIG_F_NO_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
+    Addr, CONFIG_F_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
     MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG,
     SPLICE_F_PLAIN, SPLICE_MAX, SPLICE_STATE_MAX, STATS_MAX, STRICT_MAX, SockKey, SpliceKey, Stat,
     StrictKey, V4_MAPPED_WORD, Workload, addr_from_v4,
@@ -380,7 +380,7 @@ fn to_local_pod(ctx: &SockOpsContext) -> bool {
 #[inline(always)]
 fn join_splice(ctx: &SockOpsContext, flags: u32) {
     match SN_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_NO_SPLICE == 0 => {}
+        Some(cfg) if cfg.flags & CONFIG_F_SPLICE != 0 => {}
         _ => return,
     }
     let Some(mut key) = splice_key(ctx) else {

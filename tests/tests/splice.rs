@@ -4,7 +4,8 @@
 //! transfers both ways with half-close, many concurrent connections, a connection whose
 //! sockhash entries are removed mid-life, the agent restarted mid-transfer, the destination's
 //! policy closing a same-node connection and its telemetry, and `uninstall` taking everything
-//! away. Mesh mode (controller), file config. Run as root:
+//! away; and with splicing off (the default) nothing joins the map. Mesh mode (controller),
+//! file config. Run as root:
 //! `cargo test -p sidenode-tests --test splice`. One cluster at a time (`serial()`).
 
 mod common;
@@ -28,7 +29,7 @@ const LOCAL: &str = "198.19.1.3:8081";
 const MB: u64 = 1 << 20;
 
 fn splice_cluster() -> Result<(sidenode_tests::cluster::TestCluster, Server, Server)> {
-    let c = mesh_cluster(3, None)?;
+    let c = mesh_cluster_with_agent_args(3, &["--splice"])?;
     let remote = Server::start(&c, &testpod(), REMOTE_POD, &[8080])?;
     let local = Server::start(&c, &testpod(), LOCAL_POD, &[8081])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT)?;
@@ -314,6 +315,46 @@ fn missing_entries_fall_back_and_the_destination_policy_still_applies() -> Resul
         gone,
         "after uninstall, program {prog_id} or map {map_id} is still loaded"
     );
+    Ok(())
+}
+
+#[test]
+fn splicing_is_off_unless_asked_for() -> Result<()> {
+    let _g = serial();
+    let c = mesh_cluster(3, None)?;
+    let _remote = Server::start(&c, &testpod(), REMOTE_POD, &[8080])?;
+    let _local = Server::start(&c, &testpod(), LOCAL_POD, &[8081])?;
+    wait_enrolled(&c, "node1", "mesh", CLIENT)?;
+    wait_enrolled(&c, "node1", "mesh", LOCAL_POD)?;
+    wait_enrolled(&c, "node2", "mesh", REMOTE_POD)?;
+    wait_hbone_listener(&c, REMOTE_POD)?;
+    transfer(&c, CLIENT, REMOTE, MB, 4)?;
+    transfer(&c, CLIENT, LOCAL, MB, 4)?;
+    // The same-node connections were still admitted and reported by the destination's side.
+    let opened = metric_value(
+        &proxy_metrics(&c, "node1")?,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_workload", LOCAL_POD),
+            ("source_workload", CLIENT),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    ensure!(
+        opened >= 4.0,
+        "{opened} destination-reported same-node connections, 4 made"
+    );
+    for node in ["node1", "node2"] {
+        ensure!(
+            stat(&c, node, "splice_joined")? == 0,
+            "{node}: sockets joined SN_SPLICE without --splice"
+        );
+        ensure!(
+            splice_entries(&c, node)?.is_empty(),
+            "{node}: SN_SPLICE has entries without --splice"
+        );
+    }
     Ok(())
 }
 

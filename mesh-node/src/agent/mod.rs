@@ -51,7 +51,7 @@ pub struct AgentConfig {
     pub proxy_ip6: Option<std::net::Ipv6Addr>,
     pub outbound_port: u16,
     pub exclude_ports: Vec<u16>,
-    /// Splice the local legs (pod ↔ proxy) in the kernel (`--no-splice` turns it off).
+    /// Splice the local legs (pod ↔ proxy) in the kernel (`--splice`).
     pub splice: bool,
     pub exclude_cidrs: Vec<IpNet>,
     pub scan_interval: Duration,
@@ -291,9 +291,9 @@ fn write_capture_settings(
         proxy_ip4: ip4_to_net(cfg.proxy_ip),
         outbound_port: cfg.outbound_port,
         flags: if cfg.splice {
-            0
+            mesh_common::CONFIG_F_SPLICE
         } else {
-            mesh_common::CONFIG_F_NO_SPLICE
+            0
         },
         proxy_mark: PROXY_MARK,
         proxy_ports,

@@ -96,10 +96,11 @@ struct AgentArgs {
     /// Istio's root namespace: its `PeerAuthentication` without selector is mesh-wide.
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
-    /// Do not splice the local legs (pod ↔ node proxy) in the kernel: new connections take
-    /// the TCP/IP path on both legs (docs/performance.md says when that matters).
+    /// Splice the local legs (pod ↔ node proxy) of new connections in the kernel (sockmap),
+    /// skipping TCP/IP on both legs. Off by default: a blocking `recv()` of a spliced pod
+    /// socket can return EAGAIN (docs/performance.md).
     #[arg(long)]
-    no_splice: bool,
+    splice: bool,
 }
 
 /// How to reach the controller (all three together).
@@ -267,7 +268,7 @@ pub fn main() -> Result<()> {
                 outbound_port: a.outbound_port,
                 exclude_ports: a.exclude_ports,
                 exclude_cidrs: a.exclude_cidrs,
-                splice: !a.no_splice,
+                splice: a.splice,
                 scan_interval: defaults::SCAN_INTERVAL,
                 resync_interval: defaults::RESYNC_INTERVAL,
                 retry_interval: defaults::RETRY_INTERVAL,

@@ -218,6 +218,14 @@ pub fn mesh_cluster_with_proxy_args(pods: usize, proxy_args: &[&str]) -> Result<
     })
 }
 
+/// A mesh-mode cluster whose agents get `agent_args` too (e.g. `--splice`).
+pub fn mesh_cluster_with_agent_args(pods: usize, agent_args: &[&str]) -> Result<TestCluster> {
+    up('m', pods, |o| {
+        o.mesh = true;
+        o.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
+    })
+}
+
 /// Wait (10 s) until the pod's node proxy has opened the pod's HBONE listener.
 pub fn wait_hbone_listener(c: &Cluster, pod: &str) -> Result<()> {
     let p = c.pod(pod)?;
