@@ -13,8 +13,8 @@
 //!
 //! Everything lives under `<cluster state>/envoy/`, which the cluster's teardown removes.
 
-use super::util::{Bg, checked};
-use anyhow::{Context, Result};
+use super::util::{Bg, checked, output};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sidenode_tests::cluster::Cluster;
 use std::path::Path;
@@ -122,6 +122,56 @@ pub fn start(
         return Err(e);
     }
     Ok(EnvoyPair { a, b, version })
+}
+
+/// `openssl s_client` from the client pod to Envoy B's echo listener with the client
+/// certificate: the handshake must be TLS 1.3 with an ECDSA server certificate that verifies
+/// against the throwaway CA. Returns what s_client reported.
+pub fn check_tls(c: &Cluster, client_pod: &str, server_pod: &str) -> Result<Value> {
+    let dir = c.state_dir.join("envoy");
+    let server_ip = c.pod(server_pod)?.ip.clone();
+    let mut cmd = c.pod_command(client_pod, "openssl")?;
+    cmd.current_dir(&dir)
+        .args(["s_client", "-brief", "-no_ign_eof", "-verify_return_error"])
+        .args(["-connect", &format!("{server_ip}:{B_ECHO_PORT}")])
+        .args(["-servername", SERVER_SAN, "-verify_hostname", SERVER_SAN])
+        .args([
+            "-CAfile",
+            "ca.pem",
+            "-cert",
+            "client.pem",
+            "-key",
+            "client.key",
+        ]);
+    let out = output(cmd, Duration::from_secs(20), "openssl s_client")?;
+    let text = format!("{}\n{}", out.stderr, out.stdout);
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .map(|v| v.trim().to_string())
+    };
+    let (proto, sig, verify) = (
+        field("Protocol version:"),
+        field("Signature type:"),
+        field("Verification:"),
+    );
+    if proto.as_deref() != Some("TLSv1.3")
+        || sig.as_deref() != Some("ECDSA")
+        || verify.as_deref() != Some("OK")
+    {
+        bail!(
+            "Envoy B's TLS is not TLS 1.3 + ECDSA + verified (protocol {proto:?}, signature \
+             {sig:?}, verification {verify:?}): {}",
+            text.trim()
+        );
+    }
+    Ok(json!({
+        "protocol": proto,
+        "ciphersuite": field("Ciphersuite:"),
+        "signature_type": sig,
+        "peer_certificate": field("Peer certificate:"),
+        "verification": verify,
+    }))
 }
 
 fn tls_params() -> Value {

@@ -549,8 +549,13 @@ fn sanity(e: &Env) -> Result<Value> {
                 path.name()
             );
         }
-        if path == Route::Envoy && !peer.starts_with("127.0.0.1:") {
-            bail!("envoy path: the server saw {peer}, not Envoy B on 127.0.0.1");
+        let mut tls = Value::Null;
+        if path == Route::Envoy {
+            if !peer.starts_with("127.0.0.1:") {
+                bail!("envoy path: the server saw {peer}, not Envoy B on 127.0.0.1");
+            }
+            tls = envoy::check_tls(c, client, path.server())?;
+            println!("check {:<12} Envoy B's TLS: {tls}", path.name());
         }
         if path == Route::Mesh && hbone == Some(0) {
             eprintln!(
@@ -566,6 +571,7 @@ fn sanity(e: &Env) -> Result<Value> {
                 "server_peer": peer,
                 "captured_delta": captured_delta,
                 "node1_hbone_conns": hbone,
+                "envoy_tls": tls,
             }),
         );
     }
