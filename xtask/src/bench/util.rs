@@ -159,6 +159,9 @@ pub fn output(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output>
             .map(|r| Box::new(r) as Box<dyn Read + Send>),
     );
     let end = Instant::now() + timeout;
+    // Polls from 1 ms up to every 50 ms: short commands return quickly, and a long
+    // measurement is not disturbed by this process waking up often.
+    let mut nap = Duration::from_millis(1);
     let status = loop {
         if let Some(st) = child
             .try_wait()
@@ -175,7 +178,8 @@ pub fn output(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output>
             );
             bail!("{what} did not finish within {timeout:?}; stdout: {o} stderr: {e}");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(50));
     };
     Ok(Output {
         ok: status.success(),
