@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install Debian packages and bpf-linker needed to build and test (idempotent).
+    /// Install Debian packages, bpf-linker, and Envoy for the benchmark (idempotent).
     Setup,
     /// Set up, then build the eBPF object and all binaries.
     Build {
@@ -42,14 +42,18 @@ enum Cmd {
     },
     /// Bring up a 2-node cluster, send traffic through the mesh, show it, clean up.
     Demo,
-    /// Set up, build release, then measure pod-to-pod direct vs through the mesh.
+    /// Set up, build release, then measure pod-to-pod direct, through the mesh (across nodes
+    /// and on one node) and through an Envoy sidecar pair, side by side.
     Bench {
-        /// Rounds per path (direct and mesh alternate).
+        /// Rounds per path (the order of the paths flips every round).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Shorter runs (2 s streams, fewer round trips and connections).
         #[arg(long)]
         quick: bool,
+        /// Skip setup and the release build: use the binaries in target/release as they are.
+        #[arg(long)]
+        no_build: bool,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -85,9 +89,15 @@ fn main() -> Result<()> {
             build(false)?;
             demo::run()
         }
-        Cmd::Bench { rounds, quick } => {
-            setup::run()?;
-            build(true)?;
+        Cmd::Bench {
+            rounds,
+            quick,
+            no_build,
+        } => {
+            if !no_build {
+                setup::run()?;
+                build(true)?;
+            }
             bench::run(rounds, quick)
         }
         Cmd::Fuzz {

