@@ -18,6 +18,9 @@ pub struct DialResult {
     pub server_peer: Option<String>,
     pub echo_ok: bool,
     pub error: Option<String>,
+    /// Milliseconds from the start of `connect` to the end, measured in the pod.
+    #[serde(default)]
+    pub elapsed_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

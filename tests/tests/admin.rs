@@ -108,25 +108,59 @@ fn view_text(c: &Cluster, node: &str, view: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `curl` in the node's netns: (HTTP status, body); status 0 when curl could not connect.
+/// `curl` in the node's netns: (HTTP status, body). A curl failure (no connection, no
+/// answer) is an error: see [`curl_refused`] for the "must not connect" checks.
 fn curl(c: &Cluster, node: &str, method: &str, url: &str) -> Result<(u16, String)> {
-    let out = c
-        .node_command(node, "curl")?
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-        ])
-        .arg(url)
-        .output()
-        .context("running curl")?;
+    let out = curl_output(c.node_command(node, "curl")?, method, url)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    if !out.status.success() {
+        bail!(
+            "curl {method} {url} from {node} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (body, code) = text
+        .rsplit_once('\n')
+        .with_context(|| format!("curl {url}: no status line in {text:?}"))?;
+    let code = code
+        .trim()
+        .parse()
+        .with_context(|| format!("curl {url}: status {code:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// curl's exit code for "Failed to connect to host" (the port refused the connection).
+const CURL_COULDNT_CONNECT: i32 = 7;
+
+/// `curl` run by `cmd` (in a node's or a pod's netns) must fail to connect to `url`: exit code
+/// 7, i.e. the connection was refused. A timeout (28) or an HTTP answer of any status fails
+/// the check, so an unreachable network cannot pass for a closed port.
+fn curl_refused(cmd: std::process::Command, url: &str) -> Result<()> {
+    let out = curl_output(cmd, "GET", url)?;
+    ensure!(
+        out.status.code() == Some(CURL_COULDNT_CONNECT),
+        "{url}: expected curl to be refused (exit {CURL_COULDNT_CONNECT}), got {}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn curl_output(mut cmd: std::process::Command, method: &str, url: &str) -> Result<Output> {
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ])
+    .arg(url)
+    .output()
+    .context("running curl")
 }
 
 /// (namespace, name, node, addresses, service account, identity, meshed).
@@ -494,30 +528,28 @@ fn config_dump_has_no_key_material_and_the_port_is_loopback_only() -> Result<()>
     let (code, _) = curl(&c, "node2", "GET", &format!("{ADMIN}/nope"))?;
     ensure!(code == 404, "unknown path: {code}");
 
-    // Loopback only: not from another node, not on the node's own address, not from a pod.
+    // Loopback only: not from another node, not on the node's own address, not from a pod
+    // (a pod's 127.0.0.1 is its own, so from a pod the node's address is the way in). Each is
+    // a refused connection, while the proxy's metrics port on that same address answers from
+    // each place: the network is there, the admin port is not.
     let node2_ip = c.node("node2")?.ip.clone();
-    for (from, url) in [
-        ("node1", format!("http://{node2_ip}:15000/config_dump")),
-        ("node2", format!("http://{node2_ip}:15000/config_dump")),
-    ] {
-        let (code, body) = curl(&c, from, "GET", &url)?;
-        ensure!(code == 0, "{url} from {from} answered {code}: {body}");
+    let admin_remote = format!("http://{node2_ip}:15000/config_dump");
+    let metrics = format!("http://{node2_ip}:15020/metrics");
+    for from in ["node1", "node2"] {
+        let (code, _) = curl(&c, from, "GET", &metrics)?;
+        ensure!(code == 200, "{metrics} from {from}: {code}");
+        curl_refused(c.node_command(from, "curl")?, &admin_remote)
+            .with_context(|| format!("the admin API from {from}"))?;
     }
-    let out = c
-        .pod_command(SERVER_POD, "curl")?
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15000/config_dump",
-        ])
-        .output()
-        .context("curl in a pod")?;
+    let out = curl_output(c.pod_command(OTHER_NODE2_POD, "curl")?, "GET", &metrics)?;
     ensure!(
-        !out.status.success(),
-        "the admin API answered inside a pod: {}",
-        String::from_utf8_lossy(&out.stdout)
+        out.status.success() && String::from_utf8_lossy(&out.stdout).ends_with("\n200"),
+        "{metrics} from the pod {OTHER_NODE2_POD}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
+    curl_refused(c.pod_command(OTHER_NODE2_POD, "curl")?, &admin_remote)
+        .context("the admin API from a pod")?;
 
     // A non-loopback --admin is refused at start, before anything else.
     let started = Instant::now();
@@ -608,10 +640,27 @@ fn the_log_filter_changes_at_run_time() -> Result<()> {
         "{code} {v}"
     );
     let off_at = c.log_len("node2", "proxy");
+    let closed = || -> Result<f64> {
+        Ok(metric_value(
+            &proxy_metrics(&c, "node2")?,
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "destination")],
+        ))
+    };
+    let closed_before = closed()?;
     for _ in 0..3 {
         dial_one(&c, CLIENT, &target)?;
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // The positive marker: node2's proxy has finished all three connections (it counts a
+    // connection closed just before it would write its access line), so their lines would
+    // be in the log by now if access=off did not hold.
+    ensure!(
+        wait_until(Duration::from_secs(5), || Ok(
+            closed()? >= closed_before + 3.0
+        ))?,
+        "node2's proxy did not finish the 3 connections: closed {closed_before} -> {}",
+        closed()?
+    );
     // Through the CLI: a level names everything (access lines come back).
     let out = mesh_node(&c, "node2", &["log-level", "info"])?;
     ensure!(

@@ -9,7 +9,7 @@ mod common;
 use anyhow::{Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::{Cluster, TestCluster};
-use sidenode_tests::workload::{Server, Session, dial};
+use sidenode_tests::workload::{Server, Session};
 use std::time::{Duration, Instant};
 
 /// Meshed clients on node 1 (namespace `mesh`): identities `sa-node1-pod1`, `sa-node1-pod2`.
@@ -22,6 +22,8 @@ const TARGET_9090: &str = "198.19.2.2:9090";
 /// Meshed HTTP server on node 2 (port 9080), behind the Service `web` (port `http` 80).
 const WEB_POD: &str = "node2-pod2";
 const WEB_URL: &str = "http://198.19.2.3:9080";
+/// A plain TCP port of the web pod (a `testpod serve` echo).
+const WEB_L4: &str = "198.19.2.3:8080";
 const WEB_VIP_URL: &str = "http://198.18.128.20:80";
 const DENIED: &str = "sidenode_authz_denied_total";
 
@@ -45,18 +47,28 @@ fn policy(name: &str, spec: &str) -> String {
     )
 }
 
-/// One connection attempt: did the echo round trip work?
+/// One connection attempt: true when the echo round trip worked, false when the mesh refused
+/// it (reset before the server's HELLO). Any other failure (a timeout, a refused `connect`,
+/// a connection closed after HELLO) is an error, not a "no".
 fn connects(c: &Cluster, pod: &str, target: &str) -> Result<bool> {
-    let r = dial(c, &testpod(), pod, &[target.to_string()], 1, 1, 0)?;
-    Ok(r.first().is_some_and(|r| r.echo_ok))
+    match try_connect(c, pod, target)? {
+        Outcome::Echoed => Ok(true),
+        Outcome::Refused => Ok(false),
+        Outcome::Closed => bail!("{pod} -> {target}: closed after the server's HELLO"),
+    }
 }
 
-/// Waits (10 s) until connections `pod` → `target` succeed (`ok`) or fail. A failure seen may
-/// be a probe that was open when the policy arrived (closed by the change, not denied at the
-/// `CONNECT`), so for `ok == false` one more new connection must fail too.
+/// Waits (10 s) until connections `pod` → `target` succeed (`ok`) or are refused. A probe open
+/// when the policy arrived may be closed by the change after its HELLO (not refused at the
+/// `CONNECT`): that is "not yet"; for `ok == false` one more new connection must be refused.
 fn wait_connects(c: &Cluster, pod: &str, target: &str, ok: bool) -> Result<()> {
+    let want = if ok {
+        Outcome::Echoed
+    } else {
+        Outcome::Refused
+    };
     if !wait_until(Duration::from_secs(10), || {
-        connects(c, pod, target).map(|r| r == ok)
+        try_connect(c, pod, target).map(|r| r == want)
     })? {
         bail!(
             "{pod} -> {target} did not {} within 10 s",
@@ -151,7 +163,7 @@ fn l4_allow_by_principal_and_namespace() -> Result<()> {
 #[test]
 fn l4_deny_by_port_deny_beats_allow_and_audit() -> Result<()> {
     let _g = serial();
-    let (c, _srv) = authz_cluster()?;
+    let (mut c, _srv) = authz_cluster()?;
     ensure!(connects(&c, CLIENT, TARGET_9090)?, "no policy: refused");
 
     // DENY by port.
@@ -187,10 +199,28 @@ fn l4_deny_by_port_deny_beats_allow_and_audit() -> Result<()> {
     let offset = c.log_len("node2", "proxy");
     c.write_config_file("policy.yaml", &both)?;
     wait_connects(&c, CLIENT, TARGET, false)?;
+    // Both refusals are the proxy's denials (counted with their reason), not a dead proxy.
+    let denied_before = node2_denied(&c, "l4", "deny_policy")?;
+    let no_allow_before = node2_denied(&c, "l4", "no_allow_match")?;
+    ensure!(
+        !connects(&c, CLIENT, TARGET)?,
+        "allowed by the ALLOW, denied by the DENY: accepted"
+    );
     ensure!(
         !connects(&c, OTHER, TARGET)?,
         "not allowed by the ALLOW: accepted"
     );
+    let denied_after = node2_denied(&c, "l4", "deny_policy")?;
+    let no_allow_after = node2_denied(&c, "l4", "no_allow_match")?;
+    ensure!(
+        denied_after >= denied_before + 1.0,
+        "the DENY's refusal not counted as deny_policy: {denied_before} -> {denied_after}"
+    );
+    ensure!(
+        no_allow_after >= no_allow_before + 1.0,
+        "the other principal's refusal not counted as no_allow_match: {no_allow_before} -> {no_allow_after}"
+    );
+    ensure!(c.is_alive("node2", "proxy"), "node2's proxy died");
     wait_log_all(
         &c,
         "node2",
@@ -268,12 +298,8 @@ fn policy_change_closes_open_connections() -> Result<()> {
         ],
         Duration::from_secs(5),
     )?;
-    let took = changed.elapsed();
-    // The file is polled every 500 ms and the change then crosses the controller: ~2 s.
-    ensure!(
-        took < Duration::from_millis(2500),
-        "closed {took:?} after the change: {line}"
-    );
+    // How soon is a speed figure, printed only; the behaviour is that it was closed.
+    eprintln!("closed {:?} after the change: {line}", changed.elapsed());
     ensure!(
         open.echo("after").is_err(),
         "the refused connection still echoes"
@@ -345,9 +371,12 @@ fn l7_allow_get_public_only() -> Result<()> {
         c.write_config_file(&format!("{node}.yaml"), &docs.join("---\n"))?;
     }
     let _web = HttpServer::start(&c, WEB_POD, "web", &[])?;
+    // A TCP echo on another port of the web pod: under the policy, plain L4.
+    let _echo = Server::start(&c, &testpod(), WEB_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT)?;
     wait_enrolled(&c, "node2", "mesh", WEB_POD)?;
     wait_hbone_listener(&c, WEB_POD)?;
+    ensure!(connects(&c, CLIENT, WEB_L4)?, "no policy: {WEB_L4} refused");
     let spec = "  selector:\n    matchLabels:\n      svc: web\n  action: ALLOW\n  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n        paths: [\"/public*\"]\n";
     c.write_config_file(
         "policy.yaml",
@@ -408,7 +437,14 @@ fn l7_allow_get_public_only() -> Result<()> {
         all_status(&c, WEB_VIP_URL, "POST", "/public/y", "403")?,
         "VIP POST /public/y not 403"
     );
-    // Another port of the pod without HTTP service: L4, where the policy allows nothing.
-    ensure!(!connects(&c, CLIENT, "198.19.2.3:8080")?, "L4 port allowed");
+    // Another port of the pod without HTTP service (served, and reached before the policy):
+    // L4, where the policy's HTTP-only rule matches nothing, so the ALLOW refuses it.
+    let before = node2_denied(&c, "l4", "no_allow_match")?;
+    ensure!(!connects(&c, CLIENT, WEB_L4)?, "L4 port allowed");
+    let after = node2_denied(&c, "l4", "no_allow_match")?;
+    ensure!(
+        after >= before + 1.0,
+        "the L4 refusal of {WEB_L4} not counted: {before} -> {after}"
+    );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! End-to-end capture tests on the simulated cluster. Run as root:
-//! `cargo test -p sidenode-tests -- --test-threads=2` (needs `target/debug/mesh-node` or
-//! `$SIDENODE_MESH_NODE`). Each test has its own cluster prefix, torn down on drop.
+//! `cargo test -p sidenode-tests --test capture` (needs `target/debug/mesh-node` or
+//! `$SIDENODE_MESH_NODE`). The tests take turns (`serial()`: one cluster at a time, whatever
+//! the number of test threads); each has its own cluster prefix, torn down on drop.
 
 mod common;
 
@@ -16,6 +17,7 @@ const TARGET: &str = "198.19.2.2:8080";
 
 #[test]
 fn enrolled_pod_is_captured_plain_is_not_and_unenroll_stops_capture() -> Result<()> {
+    let _turn = serial();
     let mut c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
@@ -74,6 +76,7 @@ fn enrolled_pod_is_captured_plain_is_not_and_unenroll_stops_capture() -> Result<
 
 #[test]
 fn agent_sigkill_keeps_traffic_and_restart_adopts_state() -> Result<()> {
+    let _turn = serial();
     let mut c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
@@ -110,6 +113,7 @@ fn agent_sigkill_keeps_traffic_and_restart_adopts_state() -> Result<()> {
 
 #[test]
 fn original_destination_right_for_200_concurrent_connections() -> Result<()> {
+    let _turn = serial();
     let c = cluster(3)?;
     // Servers on the plain pods (node<i>-pod3), two ports each; clients: all enrolled pods.
     let _s1 = Server::start(&c, &testpod(), "node1-pod3", &[8080, 8081])?;
@@ -176,6 +180,7 @@ fn original_destination_right_for_200_concurrent_connections() -> Result<()> {
 
 #[test]
 fn proxy_own_connections_are_not_captured() -> Result<()> {
+    let _turn = serial();
     let mut c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     let node_ns = c.node("node1")?.netns.clone();
@@ -216,6 +221,7 @@ fn proxy_own_connections_are_not_captured() -> Result<()> {
 
 #[test]
 fn bad_config_is_reported_and_does_not_disturb_enrolled_pods() -> Result<()> {
+    let _turn = serial();
     let mut c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
@@ -292,6 +298,7 @@ fn bad_config_is_reported_and_does_not_disturb_enrolled_pods() -> Result<()> {
 
 #[test]
 fn excluded_ports_and_cidrs_are_not_captured() -> Result<()> {
+    let _turn = serial();
     let c = cluster_with(
         2,
         vec![
@@ -317,6 +324,7 @@ fn excluded_ports_and_cidrs_are_not_captured() -> Result<()> {
 
 #[test]
 fn connection_without_original_destination_is_closed_and_logged() -> Result<()> {
+    let _turn = serial();
     let c = cluster(2)?;
     let offset = c.log_len("node1", "proxy");
     // A pod that is not enrolled dials the proxy's outbound port itself: nothing was recorded
@@ -354,6 +362,7 @@ fn open_fds(pid: u32) -> Result<usize> {
 
 #[test]
 fn proxy_releases_its_sockets_after_connections_end() -> Result<()> {
+    let _turn = serial();
     let c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
@@ -385,6 +394,7 @@ fn proxy_releases_its_sockets_after_connections_end() -> Result<()> {
 
 #[test]
 fn enrolling_a_namespace_captures_new_connections_and_keeps_established_ones() -> Result<()> {
+    let _turn = serial();
     let mut c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     // node1-pod2 is in `plain`, not enrolled: its connection goes straight.
@@ -411,6 +421,7 @@ fn enrolling_a_namespace_captures_new_connections_and_keeps_established_ones() -
 
 #[test]
 fn ipv6_connections_are_captured_too() -> Result<()> {
+    let _turn = serial();
     use sidenode_tests::cluster::{node_ip6, pod_ip6};
     let c = cluster(2)?;
     let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;

@@ -1,6 +1,7 @@
 //! End-to-end tests of mesh mode (controller, certificates, HBONE tunnels) on the simulated
-//! cluster. Run as root: `cargo test -p sidenode-tests --test hbone -- --test-threads=1`.
-//! Each test has its own cluster (prefix `m....`), torn down on drop.
+//! cluster. Run as root: `cargo test -p sidenode-tests --test hbone`. The tests take turns
+//! (`serial()`: one cluster at a time); each has its own cluster (prefix `m....`), torn down
+//! on drop.
 
 mod common;
 
@@ -151,6 +152,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn meshed_traffic_is_encrypted_on_the_wire() -> Result<()> {
+    let _turn = serial();
     let (c, _srv) = mesh_with_server(None)?;
     let pcap = c.state_dir.join("node1-eth0.pcap");
     let cap = Capture::start(&c, "node1", &pcap)?;
@@ -393,6 +395,7 @@ fn expect_refused(
 
 #[test]
 fn hbone_listener_checks_client_identity() -> Result<()> {
+    let _turn = serial();
     let (c, _srv) = mesh_with_server(None)?;
     // A first tunnel so node2's proxy has its certificate for node2-pod1.
     let r = dial_one(&c, CLIENT_POD, TARGET)?;
@@ -554,6 +557,7 @@ fn hbone_listener_checks_client_identity() -> Result<()> {
 
 #[test]
 fn certificate_rotation_under_continuous_traffic() -> Result<()> {
+    let _turn = serial();
     let (c, _srv) = mesh_with_server(Some("20s"))?;
     let offset = c.log_len("node1", "proxy");
     let mut s = Session::open(&c, &testpod(), CLIENT_POD, TARGET)?;
@@ -577,19 +581,29 @@ fn certificate_rotation_under_continuous_traffic() -> Result<()> {
         let mut batches = Vec::new();
         while start.elapsed() < run_for {
             let at = start.elapsed();
+            // Renewals logged before this batch started.
+            let renewed = lines_after(&c, "node1", "proxy", offset, "certificate renewed").len();
             let r = dial(&c, &testpod(), CLIENT_POD, &[TARGET.to_string()], 20, 5, 0);
-            batches.push((at, r));
+            batches.push((at, renewed, r));
         }
         let session = h
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("session thread panicked")));
         (session, batches)
     });
+    // The session echoed every tick (any failure ended the thread with an error); how many
+    // ticks fit in the time is a speed figure.
     let ticks = session_res?;
-    ensure!(ticks >= 40, "only {ticks} session echoes in {run_for:?}");
+    // Connections were made on both sides of a renewal: before the first, and after one.
+    ensure!(
+        batches.iter().any(|(_, renewed, _)| *renewed == 0)
+            && batches.iter().any(|(_, renewed, _)| *renewed > 0),
+        "no dial batch before the first renewal and after one: renewals seen per batch {:?}",
+        batches.iter().map(|(_, n, _)| *n).collect::<Vec<_>>()
+    );
     let mut total = 0;
     let mut bad = Vec::new();
-    for (at, r) in batches {
+    for (at, _, r) in batches {
         let r = r.with_context(|| format!("dial batch at {at:?}"))?;
         for x in r {
             total += 1;
@@ -604,7 +618,6 @@ fn certificate_rotation_under_continuous_traffic() -> Result<()> {
         bad.len(),
         bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
     );
-    ensure!(total >= 100, "only {total} connections in {run_for:?}");
     let renewed = lines_after(&c, "node1", "proxy", offset, "certificate renewed");
     ensure!(
         !renewed.is_empty(),
@@ -660,6 +673,7 @@ fn certificate_rotation_under_continuous_traffic() -> Result<()> {
 
 #[test]
 fn controller_down_keeps_traffic_and_restart_resyncs() -> Result<()> {
+    let _turn = serial();
     let (mut c, _srv) = mesh_with_server(None)?;
     let mut s = Session::open(&c, &testpod(), CLIENT_POD, TARGET)?;
     ensure!(s.echo("before")? == "before", "echo before");
@@ -737,6 +751,7 @@ fn controller_down_keeps_traffic_and_restart_resyncs() -> Result<()> {
 
 #[test]
 fn unmeshed_destination_goes_direct() -> Result<()> {
+    let _turn = serial();
     let c = mesh_cluster(2, None)?;
     let _srv = Server::start(&c, &testpod(), "node2-pod2", &[8080])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT_POD)?;
@@ -763,6 +778,7 @@ fn unmeshed_destination_goes_direct() -> Result<()> {
 
 #[test]
 fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
+    let _turn = serial();
     let (c, _srv) = mesh_with_server(None)?;
     // node2-pod1's second address: the tunnel still goes to its first address's listener and
     // the CONNECT names the IPv6 destination.
@@ -775,7 +791,11 @@ fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
         &c,
         &local,
         0,
-        &[&format!("dst.addr={target}"), "transport=\"hbone\""],
+        &[
+            &format!("dst.addr={target}"),
+            &format!("dst.hbone_addr={HBONE_ADDR} "),
+            "transport=\"hbone\"",
+        ],
     )?;
     eprintln!("{line}");
     Ok(())
@@ -783,6 +803,7 @@ fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
 
 #[test]
 fn destination_proxy_down_fails_fast() -> Result<()> {
+    let _turn = serial();
     let (mut c, _srv) = mesh_with_server(None)?;
     // Works first (and warms any tunnel pool to node2).
     let r = dial_one(&c, CLIENT_POD, TARGET)?;
@@ -791,19 +812,22 @@ fn destination_proxy_down_fails_fast() -> Result<()> {
 
     c.kill_process("node2", "proxy", libc::SIGKILL)?;
     let offset = c.log_len("node1", "proxy");
+    // A prompt reset, not a hang: a reset before the server's HELLO (testpod's read timeout
+    // would be an error in `outcome`), and before the proxy's own connect timeout (measured in
+    // the pod), i.e. not node1's proxy giving up on a connect that nobody answered.
+    let limit = mesh_node::defaults::CONNECT_TIMEOUT;
     for attempt in 0..2 {
-        let t = Instant::now();
         let mut r = dial(&c, &testpod(), CLIENT_POD, &[TARGET.to_string()], 1, 1, 0)?;
-        let took = t.elapsed();
         let one = r.pop().context("empty dial report")?;
-        eprintln!("attempt {attempt}: {took:?} {one:?}");
+        eprintln!("attempt {attempt}: {one:?}");
         ensure!(
-            !one.echo_ok,
-            "connection succeeded with the destination proxy down (not tunnelled?): {one:?}"
+            outcome(&one)? == Outcome::Refused,
+            "not refused with the destination proxy down (not tunnelled?): {one:?}"
         );
         ensure!(
-            took < Duration::from_secs(3),
-            "failure took {took:?} (a hang, not a prompt reset): {one:?}"
+            u128::from(one.elapsed_ms) < limit.as_millis(),
+            "refused after {} ms, not before the {limit:?} connect timeout: {one:?}",
+            one.elapsed_ms
         );
     }
     let line = wait_log_all(

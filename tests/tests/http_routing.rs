@@ -325,14 +325,19 @@ fn retries_turn_first_503s_into_200s() -> Result<()> {
 #[test]
 fn route_timeout_answers_504() -> Result<()> {
     let _turn = serial();
-    let (c, _servers) = reviews_cluster(&["--delay-ms", "1000"])?;
-    let routes = r#"  - route:
+    // The server answers after SERVER_DELAY_MS; the route gives up after TIMEOUT_MS.
+    const SERVER_DELAY_MS: f64 = 1000.0;
+    const TIMEOUT_MS: f64 = 200.0;
+    let (c, _servers) = reviews_cluster(&["--delay-ms", &SERVER_DELAY_MS.to_string()])?;
+    let routes = format!(
+        r#"  - route:
     - destination:
         host: reviews
         subset: v1
-    timeout: 200ms
-"#;
-    c.write_config_file("reviews.yaml", &reviews_yaml(routes))?;
+    timeout: {TIMEOUT_MS}ms
+"#
+    );
+    c.write_config_file("reviews.yaml", &reviews_yaml(&routes))?;
     wait_all(&c, &["probe:1"], "/", "v2", 3)?;
     let r = get(&c, 5, &[], "/")?;
     eprintln!(
@@ -340,9 +345,11 @@ fn route_timeout_answers_504() -> Result<()> {
         r.statuses, r.min_ms, r.mean_ms, r.max_ms
     );
     ensure!(r.status("504") == 5, "wanted 504s: {r:?}");
+    // The 504 is the route's timeout: not before it (the client's clock, 5 % for rounding),
+    // and before the server could have answered (else the answer would have been a 200).
     ensure!(
-        r.min_ms >= 190.0 && r.max_ms < 600.0,
-        "504 after {:.1}..{:.1} ms, wanted about 200",
+        r.min_ms >= TIMEOUT_MS * 0.95 && r.max_ms < SERVER_DELAY_MS,
+        "504 after {:.1}..{:.1} ms: not the {TIMEOUT_MS} ms timeout of a {SERVER_DELAY_MS} ms server",
         r.min_ms,
         r.max_ms
     );
@@ -399,10 +406,9 @@ fn faults_abort_and_delay() -> Result<()> {
         delayed.status("200") == 5 && delayed.body("v1") == 5,
         "{delayed:?}"
     );
-    ensure!(
-        delayed.min_ms >= 295.0 && delayed.mean_ms < 300.0 + plain.mean_ms + 200.0,
-        "delay not applied: {delayed:?}"
-    );
+    // The delay was applied to every delayed request (none answered sooner than it); how much
+    // longer they took is a speed figure, not checked.
+    ensure!(delayed.min_ms >= 295.0, "delay not applied: {delayed:?}");
     Ok(())
 }
 
@@ -584,18 +590,31 @@ fn pending_requests_over_the_limit_get_503_overflow() -> Result<()> {
     let overflow: Vec<&String> = outs.iter().filter(|o| o.contains("code=503")).collect();
     ensure!(ok >= 1, "none succeeded: {outs:?}");
     ensure!(!overflow.is_empty(), "none overflowed: {outs:?}");
+    let total_s = |o: &str| -> Result<f64> {
+        o.split("ms=")
+            .nth(1)
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no time_total in {o}"))
+    };
+    // The first served request waited for the (delayed) server; every overflow was answered
+    // before it, i.e. refused at once rather than queued behind it.
+    let served_first = outs
+        .iter()
+        .filter(|o| o.contains("code=200"))
+        .map(|o| total_s(o))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
     for o in &overflow {
         ensure!(
             o.to_ascii_lowercase().contains("x-envoy-overloaded: true"),
             "a 503 without x-envoy-overloaded: {o}"
         );
-        // At once, not after waiting for the 500 ms server.
-        let ms: f64 = o
-            .split("ms=")
-            .nth(1)
-            .and_then(|v| v.trim().parse().ok())
-            .context("time_total")?;
-        ensure!(ms < 0.4, "the overflow took {ms} s: {o}");
+        let s = total_s(o)?;
+        ensure!(
+            s < served_first,
+            "the overflow took {s} s, the first served request {served_first} s: {o}"
+        );
     }
     // Not more than 1 connection: at most 1 served at once + 1 pending, so ≥ 2 503s.
     ensure!(ok + overflow.len() == 4, "{outs:?}");

@@ -1,5 +1,6 @@
 //! sidenode on a real kube-apiserver (1.20, built and cached by `deploy/kube-testenv.sh`).
-//! Run as root: `cargo test -p sidenode-tests --test kubernetes`.
+//! Run as root: `cargo test -p sidenode-tests --test kubernetes`. The tests take turns
+//! (`serial()`: one API server and cluster at a time).
 //!
 //! The simulated cluster in Kubernetes mode (`ClusterOpts::kube`): the apiserver in the
 //! fabric namespace, Pod objects without the standalone netns annotation (agents find each
@@ -12,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::{ClusterOpts, SYSTEM_NS, TestCluster, unique_prefix};
 use sidenode_tests::kube::KubeEnv;
-use sidenode_tests::workload::{Server, Session, mesh_node_path};
+use sidenode_tests::workload::{Server, Session, dial, mesh_node_path};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +68,7 @@ fn new_connection_peer(c: &TestCluster, pod: &str, target: &str) -> Result<Strin
 
 #[test]
 fn labelling_a_namespace_enrolls_its_running_pods_without_restarting_them() -> Result<()> {
+    let _turn = serial();
     let c = kube_cluster(2)?;
     const TARGET: &str = "198.19.2.2:8080"; // node2-pod1, namespace mesh (enabled)
     let _srv = Server::start(&c, &testpod(), "node2-pod1", &[8080])?;
@@ -188,22 +190,40 @@ spec:
     )
 }
 
-/// Which pod answered `n` new connections to the VIP: (v1 count, v2 count).
-fn split(c: &TestCluster, n: usize) -> Result<(usize, usize)> {
+/// Which pod answered `n` new connections to the VIP: `Some((v1 count, v2 count))`, or `None`
+/// when a connection reached no server at all (what a Service not yet on node1 gives). A
+/// connection answered by any other endpoint, or broken after a server answered, is an error.
+fn try_split(c: &TestCluster, n: usize) -> Result<Option<(usize, usize)>> {
     let (mut v1, mut v2) = (0, 0);
     for _ in 0..n {
-        let r = dial_one(c, "node1-pod1", &format!("{VIP}:9080"))?;
-        match r.server_local.as_deref().map(ip_of) {
-            Some("198.19.2.2") => v1 += 1,
-            Some("198.19.2.3") => v2 += 1,
-            other => bail!("answered by an unexpected endpoint {other:?}: {r:?}"),
+        let mut r = dial(
+            c,
+            &testpod(),
+            "node1-pod1",
+            &[format!("{VIP}:9080")],
+            1,
+            1,
+            0,
+        )?;
+        let r = r.pop().context("empty dial report")?;
+        match (r.echo_ok, r.server_local.as_deref().map(ip_of)) {
+            (false, None) => return Ok(None),
+            (true, Some("198.19.2.2")) => v1 += 1,
+            (true, Some("198.19.2.3")) => v2 += 1,
+            _ => bail!("answered by an unexpected endpoint, or broken after the answer: {r:?}"),
         }
     }
-    Ok((v1, v2))
+    Ok(Some((v1, v2)))
+}
+
+/// [`try_split`] once the Service is in place: every connection must reach v1 or v2.
+fn split(c: &TestCluster, n: usize) -> Result<(usize, usize)> {
+    try_split(c, n)?.context("a connection to the VIP reached no server")
 }
 
 #[test]
 fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
+    let _turn = serial();
     // Pods: node<i>-pod1, -pod2 in `mesh`, -pod3 in `plain`.
     let c = kube_cluster(3)?;
     c.kube()?.install_crds()?;
@@ -233,24 +253,16 @@ fn a_virtual_service_applied_with_kubectl_changes_routing_live() -> Result<()> {
 
     // All to v1.
     c.kube()?.apply(&reviews_objects(100, 0))?;
-    let mut got = (0, 0);
-    let mut last_err = None;
+    let mut got = None;
     // The controller notices CRDs installed after it started within 3 s. Until the Service
-    // and the pods' labels have reached node1, connections to the VIP are refused: retried.
+    // and the pods' labels have reached node1, connections to the VIP reach no server:
+    // retried (only that; an answer from anything but v1 or v2 fails the test).
     let ok = wait_until(Duration::from_secs(20), || {
-        match split(&c, 10) {
-            Ok(g) => got = g,
-            Err(e) => {
-                last_err = Some(e);
-                return Ok(false);
-            }
-        }
-        Ok(got == (10, 0))
+        got = try_split(&c, 10)?;
+        Ok(got == Some((10, 0)))
     })?;
-    ensure!(
-        ok,
-        "with 100/0 the split is {got:?} (last error: {last_err:?})"
-    );
+    ensure!(ok, "with 100/0 the split is {got:?}");
+    let mut got = (0, 0);
     let mut held = Session::open(&c, &testpod(), "node1-pod1", &format!("{VIP}:9080"))?;
     ensure!(
         held.hello.contains("198.19.2.2"),
@@ -422,6 +434,8 @@ impl Drop for Replica {
     }
 }
 
+/// The Lease's holder ("" when released); a kubectl failure (no Lease yet, no API server) is
+/// an error, never an empty holder.
 fn lease_holder(kube: &KubeEnv) -> Result<String> {
     Ok(kube
         .kubectl(&[
@@ -432,8 +446,7 @@ fn lease_holder(kube: &KubeEnv) -> Result<String> {
             SYSTEM_NS,
             "-o",
             "jsonpath={.spec.holderIdentity}",
-        ])
-        .unwrap_or_default()
+        ])?
         .trim()
         .to_string())
 }
@@ -454,6 +467,7 @@ fn root_cert_in(kube: &KubeEnv, ns: &str) -> Result<Option<String>> {
 
 #[test]
 fn leader_election_hands_over_when_the_leader_stops() -> Result<()> {
+    let _turn = serial();
     require_root();
     let kube = KubeEnv::start(&unique_prefix('l'))?;
     kube.kubectl(&["create", "namespace", SYSTEM_NS])?;
@@ -554,6 +568,7 @@ fn state_with_token(kube: &KubeEnv, port: u16, ca: &Path, token: &str) -> Result
 
 #[test]
 fn the_controller_accepts_only_tokens_that_prove_a_node() -> Result<()> {
+    let _turn = serial();
     require_root();
     let kube = KubeEnv::start(&unique_prefix('a'))?;
     kube.apply(&format!(

@@ -61,11 +61,21 @@ fn expect_ok(c: &Cluster, pod: &str, target: &str) -> Result<DialResult> {
     Ok(r)
 }
 
+/// A plaintext connection `pod` → `target` (a pod of node 2) is dropped by node 2's kernel:
+/// the SYN goes unanswered (testpod's `connect` times out; a refusal or reset would be
+/// something else) and node 2's `strict_dropped` counter moves.
 fn expect_dropped(c: &Cluster, pod: &str, target: &str) -> Result<()> {
+    let before = strict_dropped(c, "node2")?;
     let r = try_dial(c, pod, target)?;
+    let err = r.error.as_deref().unwrap_or_default();
     ensure!(
-        !r.echo_ok && r.error.is_some(),
-        "{pod} -> {target} should be dropped (STRICT): {r:?}"
+        !r.echo_ok && err.starts_with("connect:") && err.contains("timed out"),
+        "{pod} -> {target} should be dropped (STRICT), i.e. its connect time out: {r:?}"
+    );
+    let after = strict_dropped(c, "node2")?;
+    ensure!(
+        after > before,
+        "{pod} -> {target}: failed, but node2's strict_dropped did not move ({before} -> {after}): {r:?}"
     );
     Ok(())
 }

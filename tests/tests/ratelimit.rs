@@ -47,10 +47,21 @@ fn refused(c: &Cluster, node: &str, direction: &str) -> Result<f64> {
     ))
 }
 
-/// `n` connections from the client to `target`, `n` at a time: how many echoed.
+/// `n` connections from the client to `target`, `n` at a time: how many echoed. Every other
+/// one must have been refused the way a rate limit refuses: the client's connection reset
+/// before the server's HELLO (a timeout or any other failure is an error).
 fn burst(c: &Cluster, target: &str, n: usize) -> Result<usize> {
     let r = dial(c, &testpod(), CLIENT, &[target.to_string()], n, n, 0)?;
-    Ok(r.iter().filter(|r| r.echo_ok).count())
+    ensure!(r.len() == n, "{} results for {n} connections", r.len());
+    let mut echoed = 0;
+    for one in &r {
+        match outcome(one)? {
+            Outcome::Echoed => echoed += 1,
+            Outcome::Refused => {}
+            Outcome::Closed => bail!("closed after the server's HELLO, not refused: {one:?}"),
+        }
+    }
+    Ok(echoed)
 }
 
 #[test]

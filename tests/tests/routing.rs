@@ -174,7 +174,7 @@ fn wait_all_reach(c: &Cluster, vip: &str, addr: &str, n: usize) -> Result<Durati
     let start = Instant::now();
     let mut last = Vec::new();
     let ok = wait_until(Duration::from_secs(20), || {
-        last = dial_many(c, vip, n, 4).unwrap_or_default();
+        last = dial_many(c, vip, n, 4)?;
         Ok(last.len() == n && last.iter().all(|r| answered(r).ok() == Some(addr)))
     })?;
     if !ok {
@@ -253,12 +253,9 @@ fn weight_change_moves_new_connections_and_keeps_open_ones() -> Result<()> {
     ensure!(open.echo("before")? == "before", "echo before the change");
 
     c.write_config_file("reviews.yaml", &reviews_yaml(0, 100))?;
+    // How long the change took is printed, not asserted: speed is a benchmark figure.
     let took = wait_all_reach(&c, REVIEWS_VIP, V2_ADDR, 10)?;
     eprintln!("new connections moved to v2 within {took:?}");
-    ensure!(
-        took < Duration::from_secs(5),
-        "new connections took {took:?} to move to v2"
-    );
     // Everything after the change goes to v2.
     let after = dial_many(&c, REVIEWS_VIP, 100, 8)?;
     for r in &after {
@@ -304,23 +301,20 @@ fn service_without_ready_endpoint_is_refused() -> Result<()> {
     )?;
 
     let counted = metric_value(&proxy_metrics(&c, "node1")?, REFUSED, &labels);
-    let started = Instant::now();
     let r = dial_many(&c, RATINGS_VIP, 1, 1)?;
-    let took = started.elapsed();
     let one = r.first().context("empty dial report")?;
+    // Reset by node1's proxy: not a hang (testpod's read timeout is an error in `outcome`),
+    // and before the proxy's connect timeout, i.e. not an attempt to reach something.
     ensure!(
-        !one.echo_ok,
-        "a connection to a service without endpoints worked: {one:?}"
+        outcome(one)? == Outcome::Refused,
+        "a connection to a service without endpoints was not refused: {one:?}"
     );
-    let err = one.error.as_deref().unwrap_or_default();
+    eprintln!("refused after {} ms: {:?}", one.elapsed_ms, one.error);
+    let limit = mesh_node::defaults::CONNECT_TIMEOUT;
     ensure!(
-        err.contains("reset") || err.contains("closed") || err.contains("HELLO"),
-        "unexpected failure: {one:?}"
-    );
-    eprintln!("refused in {took:?}: {err}");
-    ensure!(
-        took < Duration::from_secs(2),
-        "refusal took {took:?} (a reset should be immediate)"
+        u128::from(one.elapsed_ms) < limit.as_millis(),
+        "refused after {} ms, not before the proxy's {limit:?} connect timeout",
+        one.elapsed_ms
     );
     let after = metric_value(&proxy_metrics(&c, "node1")?, REFUSED, &labels);
     ensure!(

@@ -483,7 +483,17 @@ fn a_request_across_two_nodes_is_traced() -> Result<()> {
         "{tunnel:?}"
     );
 
-    // Every span of the unsampled request would have been exported by now.
+    // The positive marker: spans of the requests and the connection made after the unsampled
+    // request have been received from both nodes (above), and each proxy exports its spans in
+    // the order they end, so the unsampled request's spans, ended earlier, would be here too.
+    ensure!(
+        ["node1", "node2"].iter().all(|n| rx
+            .store
+            .spans()
+            .iter()
+            .any(|s| s.node == *n && s.trace_id == fresh)),
+        "no span of the later trace {fresh} from both nodes"
+    );
     let leaked: Vec<Got> = rx
         .store
         .spans()

@@ -276,6 +276,10 @@ struct ConnResult {
     server_peer: Option<String>,
     echo_ok: bool,
     error: Option<String>,
+    /// From the start of `connect` to the end (echo done, or the error), in milliseconds:
+    /// measured in the pod, so a test can tell a prompt reset from a wait for a timeout
+    /// without counting the time to start `testpod`.
+    elapsed_ms: u64,
 }
 
 fn hello_fields(line: &str) -> (Option<String>, Option<String>) {
@@ -339,10 +343,12 @@ fn dial(to: &[SocketAddr], conns: usize, concurrency: usize, hold_ms: u64) -> Re
                         target: target.to_string(),
                         ..Default::default()
                     };
+                    let started = Instant::now();
                     if let Err(e) = one_conn(target, i, hold_ms, &mut r) {
                         r.echo_ok = false;
                         r.error = Some(format!("{e:#}"));
                     }
+                    r.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     if let Ok(mut all) = results.lock() {
                         all[i] = r;
                     }

@@ -114,6 +114,58 @@ pub fn dial_one(c: &Cluster, pod: &str, target: &str) -> Result<DialResult> {
     Ok(one)
 }
 
+/// How one connection attempt that a test expects to either work or be refused ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The echo round trip worked.
+    Echoed,
+    /// Reset or closed by the peer (the client's proxy, which took the connection) before the
+    /// server's HELLO, possibly before `connect` returned: the mesh refused it. Not a refused
+    /// `connect` (nothing listening) nor a timeout.
+    Refused,
+    /// Reset or closed after the server's HELLO: a connection that was open when something
+    /// changed (e.g. closed by a policy change), not a refusal of a new one.
+    Closed,
+}
+
+/// Is this testpod error the peer resetting or closing the connection (rather than a read
+/// timeout, a refused `connect`, an echo mismatch)? testpod reports an EOF before HELLO as
+/// `unexpected greeting ""`; a reset that arrives while `connect` returns as
+/// `connect: Connection reset by peer`.
+fn reset_or_eof(err: &str) -> bool {
+    err.contains("Connection reset by peer")
+        || err.contains("Broken pipe")
+        || err == "unexpected greeting \"\""
+        || (err.starts_with("echo mismatch: sent") && err.ends_with("got \"\""))
+}
+
+/// Classifies one [`DialResult`]; anything that is neither an echo nor a reset/close by the
+/// peer (a read timeout, i.e. a hang; a refused or timed-out `connect`; garbage) is an error,
+/// so a harness or network fault never passes for a refusal.
+pub fn outcome(r: &DialResult) -> Result<Outcome> {
+    if r.echo_ok {
+        return Ok(Outcome::Echoed);
+    }
+    let err = r.error.as_deref().unwrap_or_default();
+    if !reset_or_eof(err) {
+        bail!(
+            "connection to {} neither echoed nor was reset/closed by the peer: {r:?}",
+            r.target
+        );
+    }
+    Ok(if r.server_local.is_some() {
+        Outcome::Closed
+    } else {
+        Outcome::Refused
+    })
+}
+
+/// One connection `pod` → `target`, classified by [`outcome`].
+pub fn try_connect(c: &Cluster, pod: &str, target: &str) -> Result<Outcome> {
+    let r = dial(c, &testpod(), pod, &[target.to_string()], 1, 1, 0)?;
+    outcome(r.first().context("empty dial report")?)
+}
+
 /// Was the connection captured, i.e. did the server see the client node's proxy address?
 pub fn was_captured(c: &Cluster, client_pod: &str, r: &DialResult) -> Result<bool> {
     let node = &c.pod(client_pod)?.node;

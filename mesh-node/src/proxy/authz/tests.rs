@@ -608,9 +608,37 @@ fn per_request_only_on_http_ports_with_http_rules() {
     assert!(!per_request(&st, "mesh/web", 9080));
 }
 
+/// A selector-less policy in the root namespace applies to the workloads of every namespace;
+/// the same policy in an ordinary namespace only to that namespace's.
 #[test]
-fn root_namespace_default() {
+fn a_root_namespace_policy_applies_mesh_wide() {
+    const DENY_ALL: &str = "action: DENY\nrules:\n- {}\n";
+    // No `--root-namespace` in a unit test: the default is in force.
     assert_eq!(root_namespace(), DEFAULT_ROOT_NAMESPACE);
+    let with_db = |policy_ns: &str| {
+        let mut st = state(&[(policy_ns, "p", DENY_ALL)]);
+        let db = proto::Workload {
+            uid: "other/db".into(),
+            namespace: "other".into(),
+            name: "db".into(),
+            service_account: "db".into(),
+            ..Default::default()
+        };
+        st.workloads.insert(db.uid.clone(), db);
+        st
+    };
+    let st = with_db(root_namespace());
+    for uid in ["mesh/web", "other/db"] {
+        let d = check_connection(&st, uid, &client());
+        assert!(!d.allowed(), "{uid}: {d:?}");
+        assert_eq!(
+            d.policy.as_deref(),
+            Some(format!("{}/p", root_namespace()).as_str())
+        );
+    }
+    let st = with_db("mesh");
+    assert!(!check_connection(&st, "mesh/web", &client()).allowed());
+    assert!(check_connection(&st, "other/db", &client()).allowed());
 }
 
 #[test]
