@@ -28,8 +28,11 @@ const LOCAL_POD: &str = "node1-pod2";
 const LOCAL: &str = "198.19.1.3:8081";
 const MB: u64 = 1 << 20;
 
-fn splice_cluster() -> Result<(sidenode_tests::cluster::TestCluster, Server, Server)> {
-    let c = mesh_cluster_with_agent_args(3, &["--splice"])?;
+/// A mesh cluster (agents with `agent_args`) with both echo servers up and every pod enrolled.
+fn splice_cluster(
+    agent_args: &[&str],
+) -> Result<(sidenode_tests::cluster::TestCluster, Server, Server)> {
+    let c = mesh_cluster_with_agent_args(3, agent_args)?;
     let remote = Server::start(&c, &testpod(), REMOTE_POD, &[8080])?;
     let local = Server::start(&c, &testpod(), LOCAL_POD, &[8081])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT)?;
@@ -91,7 +94,7 @@ fn spliced_during(c: &Cluster, f: impl FnOnce() -> Result<()>) -> Result<(u64, u
 #[test]
 fn spliced_legs_carry_every_byte_in_order() -> Result<()> {
     let _g = serial();
-    let (c, _remote, _local) = splice_cluster()?;
+    let (c, _remote, _local) = splice_cluster(&["--splice"])?;
 
     // Cross-node, 100 MB each way: node 1 splices the client's bytes to its proxy and the echo
     // back (≥ 200 MB); node 2 at least the server's echo to its proxy (the proxy's socket is
@@ -164,7 +167,7 @@ fn splice_entries(c: &Cluster, node: &str) -> Result<Vec<serde_json::Value>> {
 #[test]
 fn missing_entries_fall_back_and_the_destination_policy_still_applies() -> Result<()> {
     let _g = serial();
-    let (c, _remote, _local) = splice_cluster()?;
+    let (c, _remote, _local) = splice_cluster(&["--splice"])?;
 
     // A same-node connection: both legs spliced, shown by `mesh-node maps`.
     let mut s = Session::open(&c, &testpod(), CLIENT, LOCAL)?;
@@ -321,13 +324,7 @@ fn missing_entries_fall_back_and_the_destination_policy_still_applies() -> Resul
 #[test]
 fn splicing_is_off_unless_asked_for() -> Result<()> {
     let _g = serial();
-    let c = mesh_cluster(3, None)?;
-    let _remote = Server::start(&c, &testpod(), REMOTE_POD, &[8080])?;
-    let _local = Server::start(&c, &testpod(), LOCAL_POD, &[8081])?;
-    wait_enrolled(&c, "node1", "mesh", CLIENT)?;
-    wait_enrolled(&c, "node1", "mesh", LOCAL_POD)?;
-    wait_enrolled(&c, "node2", "mesh", REMOTE_POD)?;
-    wait_hbone_listener(&c, REMOTE_POD)?;
+    let (c, _remote, _local) = splice_cluster(&[])?;
     transfer(&c, CLIENT, REMOTE, MB, 4)?;
     transfer(&c, CLIENT, LOCAL, MB, 4)?;
     // The same-node connections were still admitted and reported by the destination's side.

@@ -947,7 +947,7 @@ fn http_get(
 }
 
 /// What one `transfer` connection sent and got back.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct TransferConn {
     sent: u64,
     sent_fnv: String,
@@ -1003,13 +1003,8 @@ fn transfer(to: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
         .into_iter()
         .map(|h| {
             h.join().unwrap_or_else(|_| TransferConn {
-                sent: 0,
-                sent_fnv: String::new(),
-                received: 0,
-                received_fnv: String::new(),
-                ok: false,
-                spurious_eagain: 0,
                 error: Some("thread panicked".into()),
+                ..TransferConn::default()
             })
         })
         .collect();
@@ -1025,15 +1020,7 @@ fn transfer(to: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
 }
 
 fn transfer_one(to: SocketAddr, bytes: u64, seed: u64) -> TransferConn {
-    let mut out = TransferConn {
-        sent: 0,
-        sent_fnv: String::new(),
-        received: 0,
-        received_fnv: String::new(),
-        ok: false,
-        spurious_eagain: 0,
-        error: None,
-    };
+    let mut out = TransferConn::default();
     let run = |out: &mut TransferConn| -> Result<()> {
         let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connecting")?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;

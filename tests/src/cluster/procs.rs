@@ -146,25 +146,13 @@ pub fn enter_in_child(
     netns_fd: OwnedFd,
     cgroup_procs: Option<&Path>,
 ) -> Result<()> {
-    let procs = cgroup_procs
-        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()).context("cgroup path has NUL"))
-        .transpose()?;
+    if let Some(procs) = cgroup_procs {
+        join_cgroup_in_child(cmd, procs)?;
+    }
     let fd = Arc::new(netns_fd);
-    // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close, setns).
+    // SAFETY: the closure only makes an async-signal-safe syscall (setns).
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &procs {
-                let cfd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if cfd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(cfd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(cfd);
-                if n != 1 {
-                    return Err(err);
-                }
-            }
             if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -175,7 +163,7 @@ pub fn enter_in_child(
 }
 
 /// Make `cmd`'s child join the cgroup whose `cgroup.procs` is `cgroup_procs`, between fork and
-/// exec.
+/// exec (before any `pre_exec` step added later).
 pub fn join_cgroup_in_child(cmd: &mut Command, cgroup_procs: &Path) -> Result<()> {
     let procs =
         CString::new(cgroup_procs.as_os_str().as_encoded_bytes()).context("cgroup path has NUL")?;
