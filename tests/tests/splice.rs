@@ -118,6 +118,45 @@ fn spliced_legs_carry_every_byte_in_order() -> Result<()> {
     transfer(&c, CLIENT, REMOTE, 4 * MB, 16)?;
     transfer(&c, CLIENT, LOCAL, 4 * MB, 16)?;
 
+    // Resets: 200 connections each closed by the client with an RST (SO_LINGER 0) after one
+    // echo, on both paths. Every connection must work, and every spliced socket of them —
+    // the pod's and the proxy's, on both legs — must leave the map: the reset reached and
+    // closed both ends of each leg.
+    let proxy_pid = c.pid("node1", "proxy").context("no node1 proxy pid")?;
+    let fds_before = open_fds(proxy_pid)?;
+    for to in [REMOTE, LOCAL] {
+        let out = c
+            .pod_command(CLIENT, testpod())?
+            .args(["connlat", "--to", to, "--count", "200", "--size", "64"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running testpod connlat")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && text.contains("\"errors\":0"),
+            "connlat {CLIENT} -> {to}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let client_ip = c.pod(CLIENT)?.ip.clone();
+    let drained = wait_until(Duration::from_secs(10), || {
+        Ok(splice_entries(&c, "node1")?.iter().all(|e| {
+            !e["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with(&format!("{client_ip}:")))
+                && !e["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&format!("{client_ip}:")))
+        }) && open_fds(proxy_pid)? <= fds_before)
+    })?;
+    ensure!(
+        drained,
+        "after 400 reset connections node1 still holds spliced sockets of the client or proxy fds \
+         ({} now, {fds_before} before): {:?}",
+        open_fds(proxy_pid)?,
+        splice_entries(&c, "node1")?
+    );
+
     // The agent killed and restarted mid-transfer: the pinned maps and programs carry on.
     let mut cmd = c.pod_command(CLIENT, testpod())?;
     cmd.args(["transfer", "--to", LOCAL, "--bytes"])
@@ -353,6 +392,12 @@ fn splicing_is_off_unless_asked_for() -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing fds of {pid}"))?
+        .count())
 }
 
 fn bpftool_id(args: &[&str], pin: &std::path::Path) -> Result<u64> {
