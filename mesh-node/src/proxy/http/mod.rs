@@ -797,20 +797,30 @@ async fn attempt_once(
                 .first()
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(ep.ip());
-            Route::Hbone {
-                src_id: Identity::new(
-                    &st.trust_domain,
-                    name_str(&w.namespace),
-                    name_str(&w.service_account),
-                ),
-                dst_id: st.identity_of(dw),
-                tunnel_addr: SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE),
-                client_ip: conn.peer.ip(),
-                baggage: format!(
-                    "k8s.namespace.name={},k8s.pod.name={}",
-                    name_str(&w.namespace),
-                    name_str(&w.name)
-                ),
+            let src_id = Identity::new(
+                &st.trust_domain,
+                name_str(&w.namespace),
+                name_str(&w.service_account),
+            );
+            if dw.node == conn.mesh.node {
+                Route::Local {
+                    src_id,
+                    pod: dw.uid.clone(),
+                    pod_ips: dw.ips.iter().filter_map(|i| i.parse().ok()).collect(),
+                    client_ip: conn.peer.ip(),
+                }
+            } else {
+                Route::Hbone {
+                    src_id,
+                    dst_id: st.identity_of(dw),
+                    tunnel_addr: SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE),
+                    client_ip: conn.peer.ip(),
+                    baggage: format!(
+                        "k8s.namespace.name={},k8s.pod.name={}",
+                        name_str(&w.namespace),
+                        name_str(&w.name)
+                    ),
+                }
             }
         }
         _ if !conn.shared.direct_unmeshed => {

@@ -29,15 +29,19 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::Body;
 use crate::identity::Identity;
 use crate::proxy::Mesh;
 use crate::proxy::hbone::client::{TunnelError, TunnelRequest, open};
+use crate::proxy::hbone::server;
 use crate::proxy::route::limits::{Kind, Overflow, Permit};
 use crate::proxy::route::{Limits, Resilience};
 use crate::proxy::socket::connect_marked;
+
+/// Buffer of the in-process pipe to a same-node pod's destination side.
+const LOCAL_PIPE: usize = 64 * 1024;
 
 /// Idle HTTP/1.1 connections kept per key.
 const MAX_IDLE: usize = 32;
@@ -57,6 +61,15 @@ pub enum Route {
         tunnel_addr: SocketAddr,
         client_ip: IpAddr,
         baggage: String,
+    },
+    /// A meshed pod on this node: the destination's checks run in this process and the
+    /// requests reach the pod without a tunnel (as `outbound::local` for TCP).
+    Local {
+        src_id: Identity,
+        /// The destination workload's uid and addresses.
+        pod: String,
+        pod_ips: Vec<IpAddr>,
+        client_ip: IpAddr,
     },
     /// Plain TCP (an endpoint outside the mesh).
     Direct,
@@ -86,7 +99,7 @@ impl Key {
             cluster: cluster.to_string(),
             endpoint,
             src: match route {
-                Route::Hbone { src_id, .. } => src_id.to_string(),
+                Route::Hbone { src_id, .. } | Route::Local { src_id, .. } => src_id.to_string(),
                 Route::Direct => String::new(),
             },
             proto,
@@ -377,6 +390,39 @@ async fn dial(
                 .await
                 .map_err(|e| SendError::Connect(format!("{endpoint}: {e}")))?;
             handshake(TokioIo::new(tcp), endpoint, proto, guard).await
+        }
+        Route::Local {
+            src_id,
+            pod,
+            pod_ips,
+            client_ip,
+        } => {
+            // The destination's side (per-request authorization, rate limits, telemetry) runs
+            // on the far end of an in-process pipe, as it would behind the pod's HBONE
+            // listener.
+            let conn = Arc::new(server::Conn {
+                pod: pod.clone(),
+                pod_ips: pod_ips.clone(),
+                peer: SocketAddr::new(*client_ip, 0),
+                peer_identity: src_id.clone(),
+                connect_timeout,
+                state: mesh.state.clone(),
+                tunnels: mesh.authz.clone(),
+                limiter: mesh.limiter.clone(),
+            });
+            let span = tracing::info_span!("inbound", src_identity = %src_id, target = %endpoint, local = true);
+            let admitted = server::admit(&conn, endpoint, *client_ip, &span)
+                .await
+                .map_err(|code| SendError::Connect(format!("{endpoint}: refused with {code}")))?;
+            let (near, far) = tokio::io::duplex(LOCAL_PIPE);
+            tokio::spawn(
+                async move {
+                    let none = crate::telemetry::trace::Span::none();
+                    server::carry(far, admitted, &conn, &none, "local").await;
+                }
+                .instrument(span),
+            );
+            handshake(TokioIo::new(near), endpoint, proto, guard).await
         }
         Route::Hbone {
             src_id,
