@@ -54,6 +54,10 @@ enum Cmd {
         /// Skip setup and the release build: use the binaries in target/release as they are.
         #[arg(long)]
         no_build: bool,
+        /// Run the agents with `--splice` (pod ↔ proxy legs spliced in the kernel); the JSON
+        /// goes to target/bench/latest-splice.json.
+        #[arg(long)]
+        splice: bool,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -93,12 +97,13 @@ fn main() -> Result<()> {
             rounds,
             quick,
             no_build,
+            splice,
         } => {
             if !no_build {
                 setup::run()?;
                 build(true)?;
             }
-            bench::run(rounds, quick)
+            bench::run(rounds, quick, splice)
         }
         Cmd::Fuzz {
             seconds,

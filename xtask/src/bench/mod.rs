@@ -119,6 +119,8 @@ impl Route {
 pub struct Params {
     pub rounds: usize,
     pub quick: bool,
+    /// Agents run with `--splice`: the pod ↔ proxy legs are spliced in the kernel.
+    pub splice: bool,
     pub iperf_secs: u32,
     pub rr_count: usize,
     pub rr_warmup: usize,
@@ -135,6 +137,7 @@ impl Params {
         Self {
             rounds: rounds.max(1),
             quick,
+            splice: false,
             iperf_secs: if quick { 2 } else { 5 },
             rr_count: if quick { 3_000 } else { 20_000 },
             rr_warmup: 200,
@@ -239,8 +242,11 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
-pub fn run(rounds: usize, quick: bool) -> Result<()> {
-    let params = Params::new(rounds, quick);
+pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {
+    let params = Params {
+        splice,
+        ..Params::new(rounds, quick)
+    };
     let release = target_dir().join("release");
     let mesh_node = release.join("mesh-node");
     let testpod = release.join("testpod");
@@ -259,7 +265,12 @@ pub fn run(rounds: usize, quick: bool) -> Result<()> {
     // A cluster left by an interrupted run would block `up`.
     Cluster::down(PREFIX);
     println!(
-        "bench: bringing up a 2-node mesh cluster ({PREFIX}, {PODS_PER_NODE} pods per node) from the release binaries"
+        "bench: bringing up a 2-node mesh cluster ({PREFIX}, {PODS_PER_NODE} pods per node) from the release binaries; local legs spliced in the kernel: {}",
+        if splice {
+            "yes (agent --splice)"
+        } else {
+            "no (default)"
+        }
     );
     let started = Instant::now();
     // TestCluster tears everything down when dropped, also on error: processes in its
@@ -272,6 +283,11 @@ pub fn run(rounds: usize, quick: bool) -> Result<()> {
         mesh_node: mesh_node.clone(),
         start_agents: false,
         mesh: true,
+        agent_args: if splice {
+            vec!["--splice".into()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     })?;
     let res = start_mesh(&mut cluster).and_then(|()| bench(&cluster, &testpod, &envoy, &params));
@@ -444,6 +460,7 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         "params": {
             "rounds": p.rounds,
             "quick": p.quick,
+            "splice": p.splice,
             "iperf3_seconds": p.iperf_secs,
             "rr_count": p.rr_count,
             "rr_warmup": p.rr_warmup,
@@ -474,7 +491,11 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
     });
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join("latest.json");
+    let out = dir.join(if p.splice {
+        "latest-splice.json"
+    } else {
+        "latest.json"
+    });
     std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());
