@@ -1,19 +1,8 @@
-//! The standalone configuration folder's parser on arbitrary text: it reports errors, never
-//! panics.
+//! cargo-fuzz target `config_yaml`: the check and its properties are in `checks/config_yaml.rs`, shared with
+//! the corpus test that `cargo test` runs (`tests/tests/fuzz_corpus.rs`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use mesh_node::config::parse::parse_file;
-use std::path::Path;
+#[path = "../checks/config_yaml.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    let parsed = parse_file(Path::new("fuzz.yaml"), &text);
-    // Whatever was read is printable (errors name file, line and field).
-    for e in &parsed.errors {
-        let _ = e.to_string();
-    }
-    for o in &parsed.objects {
-        let _ = o.id().to_string();
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

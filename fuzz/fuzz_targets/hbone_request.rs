@@ -1,42 +1,8 @@
-//! The HBONE listener's `CONNECT` check (method, `:authority` against the pod's addresses):
-//! never panics, and what it accepts is one of the pod's addresses with a port.
-//!
-//! Input: first byte picks the method, the rest (lossy UTF-8) is the authority; as the
-//! listener sees it, the authority has first gone through `http::uri::Authority`.
+//! cargo-fuzz target `hbone_request`: the check and its properties are in `checks/hbone_request.rs`, shared with
+//! the corpus test that `cargo test` runs (`tests/tests/fuzz_corpus.rs`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use mesh_node::proxy::hbone::request::check_connect;
-use std::net::IpAddr;
+#[path = "../checks/hbone_request.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&m, rest)) = data.split_first() else {
-        return;
-    };
-    let method = match m % 4 {
-        0 | 1 => http::Method::CONNECT,
-        2 => http::Method::GET,
-        _ => http::Method::from_bytes(rest.get(..3).unwrap_or(b"X")).unwrap_or(http::Method::PUT),
-    };
-    let pod_ips: [IpAddr; 2] = [
-        IpAddr::from([198, 19, 2, 2]),
-        IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 2, 2]),
-    ];
-    let text = String::from_utf8_lossy(rest);
-    // Raw text, and what hyper would hand over (an authority it accepted).
-    let parsed = http::uri::Authority::try_from(text.as_ref()).ok();
-    for authority in [
-        Some(text.as_ref()),
-        parsed.as_ref().map(|a| a.as_str()),
-        None,
-    ] {
-        if let Ok(t) = check_connect(&method, authority, &pod_ips) {
-            assert!(method == http::Method::CONNECT);
-            assert!(
-                pod_ips.contains(&t.ip()),
-                "accepted {t} for another address"
-            );
-            assert_ne!(t.port(), 0, "accepted port 0");
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

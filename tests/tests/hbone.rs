@@ -384,6 +384,16 @@ fn expect_refused(
         Duration::from_secs(5),
     )
     .with_context(|| format!("s_client said:\n{}\n{}", tried.stdout, tried.stderr))?;
+    // The refusal is the listener's: s_client reached it (a TCP connection and a handshake
+    // attempt), it did not fail to connect. That a CONNECT over such a
+    // certificate gets nowhere is checked end to end in hostile.rs
+    // (`client_certificates_the_listener_must_refuse_get_no_tunnel`).
+    ensure!(
+        tried.stdout.contains("CONNECTED("),
+        "s_client never reached the listener:\n{}\n{}",
+        tried.stdout,
+        tried.stderr
+    );
     eprintln!("{reason}: {line}");
     let after = refused(c, reason)?;
     ensure!(

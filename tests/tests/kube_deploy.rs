@@ -694,6 +694,49 @@ spec:
         !st.contains("observedGeneration"),
         "status written through the main resource: {st}"
     );
+    // ... and a status write (through the subresource) is stored, while the spec it also
+    // carries is ignored: neither the spec nor the generation moves.
+    let spec_and_generation = || {
+        kube.kubectl(&[
+            "get",
+            "vs",
+            "reviews",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.metadata.generation} {.spec}",
+        ])
+    };
+    let before = spec_and_generation()?;
+    kube.kubectl(&[
+        "patch",
+        "virtualservices.v1.networking.istio.io",
+        "reviews",
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"observedGeneration":9},"spec":{"hosts":["tampered"]}}"#,
+    ])?;
+    let st = kube.kubectl(&[
+        "get",
+        "vs",
+        "reviews",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.status.observedGeneration}",
+    ])?;
+    ensure!(
+        st.trim() == "9",
+        "status not written through /status: {st:?}"
+    );
+    let after = spec_and_generation()?;
+    ensure!(
+        after == before && !after.contains("tampered"),
+        "a status write changed the spec or generation: {before} -> {after}"
+    );
     Ok(())
 }
 

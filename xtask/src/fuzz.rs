@@ -1,6 +1,10 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets of `fuzz/` (its own workspace, never built
 //! by `build` or `test`) for a while each and prints what libFuzzer did, as a table.
 //!
+//! The targets' checks live in `fuzz/checks/`; `cargo test` (so `cargo xtask test`) runs each
+//! of them on its committed corpus and a fixed number of deterministic mutations of it
+//! (`tests/tests/fuzz_corpus.rs`), with no cargo-fuzz or nightly needed.
+//!
 //! Needs `cargo-fuzz` (`cargo install cargo-fuzz`); libFuzzer's instrumentation needs nightly
 //! flags, which the stable toolchain accepts with `RUSTC_BOOTSTRAP=1` (set here).
 
@@ -17,6 +21,8 @@ pub const TARGETS: &[&str] = &[
     "istio_json",
     "hbone_request",
     "http_route_match",
+    "state_update",
+    "spiffe_san",
 ];
 
 /// What one run reported.

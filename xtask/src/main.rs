@@ -161,7 +161,10 @@ fn test(args: &[String]) -> Result<()> {
     )?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
-        // Every test binary runs even after one fails, so the total counts them all.
+        // Every test binary runs even after one fails, so the total counts them all. The fuzz
+        // targets' checks run here too, briefly and deterministically, on their committed
+        // corpus (tests/tests/fuzz_corpus.rs: no cargo-fuzz or nightly needed); the long
+        // coverage-guided runs are `cargo xtask fuzz`.
         .args(["test", "--all-targets", "--no-fail-fast"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);

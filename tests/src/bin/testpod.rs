@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// (`TESTPOD_READ_TIMEOUT_MS` in tests/tests/common tells a hang by it.)
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]

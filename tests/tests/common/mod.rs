@@ -128,12 +128,22 @@ pub enum Outcome {
     Closed,
 }
 
-/// Is this testpod error the peer resetting or closing the connection (rather than a read
-/// timeout, a refused `connect`, an echo mismatch)? testpod reports an EOF before HELLO as
+/// testpod's read timeout (`READ_TIMEOUT` in `src/bin/testpod.rs`): a read that waited this
+/// long is a hang.
+const TESTPOD_READ_TIMEOUT_MS: u64 = 5000;
+
+/// Did the peer reset or close the connection (rather than a read timeout, a refused
+/// `connect`, an echo mismatch)? testpod reports an EOF before HELLO as
 /// `unexpected greeting ""`; a reset that arrives while `connect` returns as
-/// `connect: Connection reset by peer`.
-fn reset_or_eof(err: &str) -> bool {
-    err.contains("Connection reset by peer")
+/// `connect: Connection reset by peer`. A read can also end in EAGAIN when the peer resets
+/// (seen on this kernel for refused connections, within milliseconds): that counts only when
+/// it came well before testpod's read timeout, which is what a hang ends in.
+fn reset_or_eof(r: &DialResult) -> bool {
+    let err = r.error.as_deref().unwrap_or_default();
+    let early_eagain = err.starts_with("reading HELLO: Resource temporarily unavailable")
+        && r.elapsed_ms < TESTPOD_READ_TIMEOUT_MS - 1000;
+    early_eagain
+        || err.contains("Connection reset by peer")
         || err.contains("Broken pipe")
         || err == "unexpected greeting \"\""
         || (err.starts_with("echo mismatch: sent") && err.ends_with("got \"\""))
@@ -146,8 +156,7 @@ pub fn outcome(r: &DialResult) -> Result<Outcome> {
     if r.echo_ok {
         return Ok(Outcome::Echoed);
     }
-    let err = r.error.as_deref().unwrap_or_default();
-    if !reset_or_eof(err) {
+    if !reset_or_eof(r) {
         bail!(
             "connection to {} neither echoed nor was reset/closed by the peer: {r:?}",
             r.target

@@ -82,6 +82,16 @@ fn forwarded_ip(v: &str) -> Option<IpAddr> {
     v.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
+/// The client address a `forwarded: for=` value claims, believed only when it is an address
+/// of a workload with the caller's proven identity (a node proxy speaks for its own pods; a
+/// header naming someone else's address must not buy that address's policy or telemetry).
+/// `None`: the tunnel's own peer address stands.
+fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, v: &str) -> Option<IpAddr> {
+    let ip = forwarded_ip(v)?;
+    let w = st.workload_by_ip(ip)?;
+    (st.identity_of(w) == *caller).then_some(ip)
+}
+
 /// The telemetry of a tunnel to `target` (destination reporter): the caller's workload from
 /// the client address (`forwarded`) and its proven identity; the pod; the first Service
 /// selecting the pod with a port that targets `target`'s port.
@@ -162,7 +172,8 @@ async fn handle(
         .trim_matches('"')
         .to_string();
     let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
-    let client_ip = forwarded_ip(&client).unwrap_or(conn.peer.ip());
+    let client_ip = trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, &client)
+        .unwrap_or(conn.peer.ip());
     let admitted = match admit(&conn, target, client_ip, &span).await {
         Ok(a) => a,
         Err(code) => return status(code),
