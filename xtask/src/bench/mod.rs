@@ -448,6 +448,7 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
                     "server": r.server(),
                     "baseline": r.baseline().map(Route::name),
                     "proxies": env.proxies(*r).into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                    "pinned": pinned_names(&env, *r),
                 }),
             )
         })
@@ -502,6 +503,18 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
     drop(pair);
     drop(bg);
     Ok(())
+}
+
+/// What the pinned measurements pin on a path (the client runs under `taskset`).
+fn pinned_names(e: &Env, path: Route) -> Vec<String> {
+    let server = path.server();
+    let mut v = vec![
+        format!("client in {} (taskset -c {PIN_CPU})", path.client()),
+        format!("testpod serve in {server}"),
+        format!("iperf3 -s in {server}"),
+    ];
+    v.extend(e.proxies(path).into_iter().map(|(n, _)| n));
+    v
 }
 
 fn num(v: &Value, key: &str) -> f64 {
