@@ -1,24 +1,22 @@
 //! Serving tunnels on one pod's HBONE listener: each `CONNECT` names a destination of this pod;
-//! the proxy connects to it and splices the stream.
+//! the proxy connects to it and splices the stream (`stream::copy`).
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::stream::{self, H2Stream};
 use super::{
-    CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, Refusal, STREAM_WINDOW, count_refusal, request,
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUF, MAX_STREAMS, Refusal,
+    STREAM_WINDOW, count_refusal, request,
 };
 use crate::identity::Identity;
-use crate::proxy::COPY_BUF;
 use crate::proxy::authz;
 use crate::proxy::ratelimit;
 use crate::proxy::socket::connect_marked;
@@ -45,9 +43,33 @@ pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUF)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let mut h2c = match handshake {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "HBONE connection ended");
+            return;
+        }
+    };
+    // Accepting also drives the connection: it runs until the connection ends.
+    while let Some(accepted) = h2c.accept().await {
+        let (req, respond) = match accepted {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE connection ended");
+                return;
+            }
+        };
         let conn = conn.clone();
-        async move {
+        tokio::spawn(async move {
             // The tunnel's `inbound.tunnel` trace span (child of the CONNECT's `traceparent`),
             // open until the tunnel closes.
             let trace = crate::telemetry::trace::inbound_tunnel(
@@ -57,21 +79,8 @@ where
                 conn.peer.ip(),
                 &conn.peer_identity,
             );
-            let resp = handle(req, conn, trace.clone()).await;
-            trace.tunnel_status(resp.status().as_u16());
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(error = %e, "HBONE connection ended");
+            handle(req, respond, conn, trace).await;
+        });
     }
 }
 
@@ -132,24 +141,40 @@ fn inbound_meta(st: &NodeState, conn: &Conn, target: SocketAddr, client_ip: IpAd
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+/// Answers the `CONNECT` with `code`; with `200` the stream stays open and is handed back.
+fn respond_with(
+    respond: &mut SendResponse<Bytes>,
+    code: StatusCode,
+    trace: &crate::telemetry::trace::Span,
+) -> Option<h2::SendStream<Bytes>> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
-    r
+    trace.tunnel_status(code.as_u16());
+    match respond.send_response(r, code != StatusCode::OK) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not answer the CONNECT");
+            None
+        }
+    }
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     conn: Arc<Conn>,
     trace: crate::telemetry::trace::Span,
-) -> Response<Empty<Bytes>> {
+) {
+    let status = |respond: &mut SendResponse<Bytes>, code: StatusCode| {
+        respond_with(respond, code, &trace);
+    };
     let authority = req.uri().authority().map(|a| a.as_str());
     let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
         Ok(t) => t,
         Err(why) => {
             count_refusal("inbound", Refusal::BadRequest);
             warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
-            return status(why.status());
+            return status(&mut respond, why.status());
         }
     };
     let client = req
@@ -189,7 +214,7 @@ async fn handle(
                         reason.as_str(),
                     )
                 });
-                return status(StatusCode::UNAUTHORIZED);
+                return status(&mut respond, StatusCode::UNAUTHORIZED);
             }
             if !d.audit.is_empty() {
                 span.in_scope(
@@ -216,7 +241,7 @@ async fn handle(
                     "rate limited",
                 )
             });
-            return status(StatusCode::TOO_MANY_REQUESTS);
+            return status(&mut respond, StatusCode::TOO_MANY_REQUESTS);
         }
         // With tracing on, HTTP ports are served per request too (an `inbound` span each);
         // the connection was checked above when no L7 rule applies.
@@ -240,57 +265,59 @@ async fn handle(
                     &e.to_string(),
                 )
             });
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let conn2 = conn.clone();
-    tokio::spawn(
-        async move {
-            let mut upstream = upstream;
-            let http_labels = Labels {
-                protocol: "http".into(),
-                ..meta.labels.clone()
+    let recv = req.into_body();
+    let http_labels = Labels {
+        protocol: "http".into(),
+        ..meta.labels.clone()
+    };
+    let tracked = Tracked::open_since(meta, accepted);
+    let Some(send) = respond_with(&mut respond, StatusCode::OK, &trace) else {
+        tracked.close("DC", Some("the tunnel closed before its answer"));
+        return;
+    };
+    let tunnel = H2Stream::new(send, recv);
+    async move {
+        let mut upstream = upstream;
+        if per_request {
+            let l7 = authz::l7::Tunnel {
+                pod: conn.pod.clone(),
+                target,
+                peer,
+                state: conn.state.clone(),
+                connect_timeout: conn.connect_timeout,
+                limiter: conn.limiter.clone(),
+                labels: http_labels,
             };
-            let tracked = Tracked::open_since(meta, accepted);
-            match hyper::upgrade::on(req).await {
-                Ok(up) if per_request => {
-                    let tunnel = authz::l7::Tunnel {
-                        pod: conn2.pod.clone(),
-                        target,
-                        peer,
-                        state: conn2.state.clone(),
-                        connect_timeout: conn2.connect_timeout,
-                        limiter: conn2.limiter.clone(),
-                        labels: http_labels,
-                    };
-                    let io = tracked.count(TokioIo::new(up));
-                    authz::l7::serve(io, Arc::new(tunnel), upstream).await;
-                    tracked.close("-", None);
-                }
-                Ok(up) => {
-                    let mut tunnel = tracked.count(TokioIo::new(up));
-                    let registration = conn2.tunnels.register(&conn2.pod, peer);
-                    let copied = tokio::select! {
-                        r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
-                        _ = registration.closed() => {
-                            crate::proxy::socket::reset(upstream);
-                            tracked.close("UAEX", Some("closed by a policy change"));
-                            return;
-                        }
-                    };
-                    trace.connection_closed("hbone", &copied);
-                    match copied {
-                        Ok(_) => tracked.close("-", None),
-                        Err(e) => tracked.close("DC", Some(&e.to_string())),
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "CONNECT upgrade failed");
-                    tracked.close("DC", Some(&e.to_string()));
-                }
-            }
+            let io = tracked.count(tunnel.into_io());
+            authz::l7::serve(io, Arc::new(l7), upstream).await;
+            tracked.close("-", None);
+            return;
         }
-        .instrument(span),
-    );
-    status(StatusCode::OK)
+        let registration = conn.tunnels.register(&conn.pod, peer);
+        // The downstream side is the tunnel: what comes from it is received.
+        let (mut received, mut sent) = tracked.meters();
+        let copied = {
+            let copy = stream::copy(&mut upstream, tunnel, &mut sent, &mut received);
+            tokio::select! {
+                r = copy => Some(r.map(|(to_tunnel, from_tunnel)| (from_tunnel, to_tunnel))),
+                _ = registration.closed() => None,
+            }
+        };
+        drop((received, sent));
+        let Some(copied) = copied else {
+            crate::proxy::socket::reset(upstream);
+            tracked.close("UAEX", Some("closed by a policy change"));
+            return;
+        };
+        trace.connection_closed("hbone", &copied);
+        match copied {
+            Ok(_) => tracked.close("-", None),
+            Err(e) => tracked.close("DC", Some(&e.to_string())),
+        }
+    }
+    .instrument(span)
+    .await
 }
