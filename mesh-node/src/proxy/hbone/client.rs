@@ -13,7 +13,7 @@ use super::pool::{Pool, PoolKey, Sender};
 use super::stream::H2Stream;
 use super::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST,
-    MAX_SEND_BUF, Refusal, STREAM_WINDOW,
+    MAX_SEND_BUF, Refusal, STREAM_WINDOW, TLS_READ_BUF,
 };
 use crate::identity::Identity;
 use crate::identity::manager::WorkloadCert;
@@ -127,7 +127,10 @@ async fn dial(
         .map_err(|source| TunnelError::Connect { addr, source })?;
     let connector = TlsConnector::from(cert.client_config(dst_identity.clone())?);
     let tls = connector
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .connect(
+            ServerName::IpAddress(addr.ip().into()),
+            tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp),
+        )
         .await
         .map_err(|source| TunnelError::Tls {
             addr,

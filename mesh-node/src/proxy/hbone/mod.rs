@@ -26,6 +26,10 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 pub const MAX_SEND_BUF: usize = 1024 * 1024;
 /// Largest header block accepted (hyper's default, 16 KiB): a bigger one is refused.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Bytes read from an HBONE connection's socket at once, below TLS. rustls asks for at most
+/// 4 KiB more than it holds (a 16 KiB record takes several reads); a buffer under it turns
+/// those into one `read` per this many bytes.
+pub const TLS_READ_BUF: usize = 64 * 1024;
 /// Streams one HTTP/2 connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
 /// Pooled client connections ping their peer this often and give up on it after
