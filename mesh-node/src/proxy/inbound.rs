@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Mesh;
-use super::hbone::{Refusal, count_refusal, server};
+use super::hbone::{Refusal, TLS_READ_BUF, count_refusal, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::kernel::netns::{bind_in_netns, netns_id};
@@ -217,7 +217,7 @@ async fn accept_loop(
                 let acceptor = TlsAcceptor::from(cert.server_config.clone());
                 let tls = match tokio::time::timeout(
                     crate::defaults::HBONE_HANDSHAKE_TIMEOUT,
-                    acceptor.accept(tcp),
+                    acceptor.accept(tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)),
                 )
                 .await
                 {

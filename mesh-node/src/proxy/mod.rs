@@ -37,8 +37,9 @@ use crate::kernel::maps::ProxyMaps;
 use crate::state::StateRx;
 use crate::state::client::ControllerSettings;
 
-/// Buffer per direction when splicing two streams: large enough that a bulk transfer moves in
-/// few big writes (and big HTTP/2 DATA frames), small enough for many idle connections.
+/// Buffer per direction when splicing two TCP sockets (direct connections; HBONE streams use
+/// `hbone::stream`, whose buffers grow with the flow): large enough that a bulk transfer moves
+/// in few big writes, small enough for many idle connections.
 pub const COPY_BUF: usize = 64 * 1024;
 
 #[derive(Clone, Debug)]

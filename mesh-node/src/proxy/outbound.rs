@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use mesh_common::{Workload, name_str};
 use tokio::net::TcpStream;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::hbone::client::{TunnelError, TunnelRequest, open};
+use super::hbone::stream::{self, H2Stream};
 use super::hbone::{Refusal, count_refusal, server};
 use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
@@ -60,7 +59,7 @@ struct Ctx<'a> {
 /// An open upstream connection.
 enum Upstream {
     Hbone {
-        io: TokioIo<Upgraded>,
+        io: H2Stream,
         src_id: Identity,
         dst_id: Identity,
         tunnel_addr: SocketAddr,
@@ -597,22 +596,29 @@ async fn splice(
 ) {
     let dst = meta.dst_addr;
     let tracked = Tracked::open_since(meta, started);
-    let mut down = tracked.count(inbound);
     let (result, protocol) = match upstream {
-        Upstream::Hbone { mut io, .. } => (
-            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut io, COPY_BUF, COPY_BUF).await,
-            "hbone",
-        ),
-        Upstream::Tcp(mut s) => (
-            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut s, COPY_BUF, COPY_BUF).await,
-            "tcp",
-        ),
+        Upstream::Hbone { io, .. } => {
+            // The app's socket is the downstream side: what comes from it is received.
+            let (mut received, mut sent) = tracked.meters();
+            let mut inbound = inbound;
+            let r = stream::copy(&mut inbound, io, &mut received, &mut sent).await;
+            (r, "hbone")
+        }
+        Upstream::Tcp(mut s) => {
+            let mut down = tracked.count(inbound);
+            (
+                tokio::io::copy_bidirectional_with_sizes(&mut down, &mut s, COPY_BUF, COPY_BUF)
+                    .await,
+                "tcp",
+            )
+        }
         Upstream::Local {
             admitted,
             conn,
             span,
             ..
         } => {
+            let down = tracked.count(inbound);
             let none = crate::telemetry::trace::Span::none();
             let carried = server::carry(down, *admitted, &conn, &none, "local")
                 .instrument(span)

@@ -123,6 +123,20 @@ impl Tracked {
         }
     }
 
+    /// Batched counters for a copy loop that counts its own bytes: `(received, sent)`.
+    pub fn meters(&self) -> (Meter, Meter) {
+        let m = |dir, counter: &IntCounter| Meter {
+            bytes: self.bytes.clone(),
+            dir,
+            counter: counter.clone(),
+            pending: 0,
+        };
+        (
+            m(Direction::Received, &self.received),
+            m(Direction::Sent, &self.sent),
+        )
+    }
+
     pub fn meta(&self) -> &ConnMeta {
         &self.meta
     }
@@ -280,6 +294,55 @@ pub fn workloads_in_use() -> HashSet<(String, String)> {
             ]
         })
         .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    Received,
+    Sent,
+}
+
+/// Bytes a [`Meter`] holds back before publishing them (a busy flow publishes about once per
+/// this many bytes; an idle one as soon as it pauses).
+pub const METER_BATCH: u64 = 256 * 1024;
+
+/// One direction's byte count, kept locally and published in batches: when
+/// [`METER_BATCH`] bytes are pending, when the copy is about to wait ([`Meter::flush`]), and
+/// when dropped. Totals are exact once the copy has ended and its meters are dropped.
+pub struct Meter {
+    bytes: Arc<Bytes>,
+    dir: Direction,
+    counter: IntCounter,
+    pending: u64,
+}
+
+impl Meter {
+    #[inline]
+    pub fn add(&mut self, n: usize) {
+        self.pending += n as u64;
+        if self.pending >= METER_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Publishes what is pending (the Istio counter and the open-connection list).
+    pub fn flush(&mut self) {
+        if self.pending == 0 {
+            return;
+        }
+        let n = std::mem::take(&mut self.pending);
+        match self.dir {
+            Direction::Received => self.bytes.received.fetch_add(n, Ordering::Relaxed),
+            Direction::Sent => self.bytes.sent.fetch_add(n, Ordering::Relaxed),
+        };
+        self.counter.inc_by(n);
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// A stream whose bytes are counted: reads as received (request direction), writes as sent.

@@ -1,20 +1,20 @@
 //! Opening a tunnel: reuse or dial the pooled HTTP/2 connection, send `CONNECT`, and hand back
-//! the stream as an ordinary byte pipe.
+//! the stream (`stream::H2Stream`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::pool::{Pool, PoolKey, Sender};
-use super::{CONNECTION_WINDOW, MAX_FRAME, Refusal, STREAM_WINDOW};
+use super::stream::H2Stream;
+use super::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST,
+    MAX_SEND_BUF, Refusal, STREAM_WINDOW, TLS_READ_BUF,
+};
 use crate::identity::Identity;
 use crate::identity::manager::WorkloadCert;
 use crate::proxy::socket::connect_marked;
@@ -37,7 +37,7 @@ pub enum TunnelError {
     #[error("TLS settings: {0}")]
     Config(#[from] rustls::Error),
     #[error("HTTP/2: {0}")]
-    H2(#[from] hyper::Error),
+    H2(#[from] h2::Error),
     #[error("CONNECT answered {0}")]
     Status(StatusCode),
     #[error("building the CONNECT request: {0}")]
@@ -62,14 +62,14 @@ pub async fn open(
     pool: &Pool,
     req: TunnelRequest<'_>,
     connect_timeout: Duration,
-) -> Result<TokioIo<Upgraded>, TunnelError> {
+) -> Result<H2Stream, TunnelError> {
     let key = PoolKey {
         src: req.cert.identity.clone(),
         src_generation: req.cert.generation,
         dst: req.tunnel_addr,
         dst_identity: req.dst_identity.clone(),
     };
-    let mut sender = match pool.ready(&key) {
+    let sender = match pool.ready(&key) {
         Some(s) => s,
         None => {
             let lock = pool.dial_lock(&key);
@@ -90,7 +90,7 @@ pub async fn open(
             }
         }
     };
-    sender.ready().await?;
+    let mut sender = sender.h2.ready().await?;
     let mut connect = Request::builder()
         .method(Method::CONNECT)
         .uri(req.target.to_string())
@@ -99,12 +99,13 @@ pub async fn open(
     if let Some(tp) = req.traceparent {
         connect = connect.header(crate::telemetry::trace::TRACEPARENT, tp);
     }
-    let connect = connect.body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(connect).await?;
+    let connect = connect.body(())?;
+    let (resp, send) = sender.send_request(connect, false)?;
+    let resp = resp.await?;
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Status(resp.status()));
     }
-    Ok(TokioIo::new(hyper::upgrade::on(resp).await?))
+    Ok(H2Stream::new(send, resp.into_body()))
 }
 
 /// RFC 7239 `for=` value (IPv6 quoted and bracketed).
@@ -126,25 +127,51 @@ async fn dial(
         .map_err(|source| TunnelError::Connect { addr, source })?;
     let connector = TlsConnector::from(cert.client_config(dst_identity.clone())?);
     let tls = connector
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .connect(
+            ServerName::IpAddress(addr.ip().into()),
+            tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp),
+        )
         .await
         .map_err(|source| TunnelError::Tls {
             addr,
             reason: Refusal::of_tls(&source),
             source,
         })?;
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (h2, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .handshake(TokioIo::new(tls))
+        .max_send_buffer_size(MAX_SEND_BUF)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake(tls)
         .await?;
+    let sender = Sender::new(h2);
+    let ping = conn.ping_pong();
+    let alive = sender.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(%addr, error = %e, "HBONE connection ended");
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                debug!(%addr, error = %e, "HBONE connection ended");
+            },
+            why = keepalive(ping) => debug!(%addr, why, "HBONE connection closed"),
         }
+        alive.set_closed();
     });
     Ok(sender)
+}
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns when a ping is not answered in time.
+async fn keepalive(ping: Option<h2::PingPong>) -> &'static str {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "keep-alive ping failed",
+            Err(_) => return "keep-alive ping timed out",
+        }
+    }
 }

@@ -8,20 +8,38 @@
 //!   not serve, `401` refused by policy, `503` the pod could not be reached.
 //!
 //! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
-//! identity), `client` (open a tunnel), `server` (accept tunnels for one pod).
+//! identity), `client` (open a tunnel), `server` (accept tunnels for one pod), `stream` (a
+//! tunnel's stream on `h2` and the copy between it and a socket).
 
 pub mod client;
 pub mod pool;
 pub mod request;
 pub mod server;
+pub mod stream;
 
 /// HTTP/2 flow-control windows sized for throughput (the defaults, 64 KiB, cap a stream at a
 /// few hundred Mbit/s on a millisecond of latency).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME: u32 = 256 * 1024;
+/// Largest DATA frame a peer may send us. The receiver holds a whole frame in one buffer that
+/// h2 then hands on (and cannot reuse): at 256 KiB each frame took a fresh, page-faulted
+/// allocation (90 % of the destination proxy's page faults under a bulk flow); at 64 KiB the
+/// buffers come from the allocator's free lists, and a frame is still one socket write.
+pub const MAX_FRAME: u32 = 64 * 1024;
+/// Bytes h2 queues per stream before the sender must wait (hyper's client default, 1 MiB).
+pub const MAX_SEND_BUF: usize = 1024 * 1024;
+/// Largest header block accepted (hyper's default, 16 KiB): a bigger one is refused.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Bytes read from an HBONE connection's socket at once, below TLS. rustls asks for at most
+/// 4 KiB more than it holds (a 16 KiB record takes several reads); a buffer under it turns
+/// those into one `read` per this many bytes.
+pub const TLS_READ_BUF: usize = 64 * 1024;
 /// Streams one HTTP/2 connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
+/// Pooled client connections ping their peer this often and give up on it after
+/// `KEEPALIVE_TIMEOUT` without an answer.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Why a tunnel (or, for `NoEndpoint`/`NoRoute`/`Overflow`, a connection to a service VIP)
 /// was refused (label of `sidenode_hbone_refused_total`).

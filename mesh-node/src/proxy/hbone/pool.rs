@@ -4,11 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
 
 use crate::identity::Identity;
 
@@ -20,7 +19,30 @@ pub struct PoolKey {
     pub dst_identity: Identity,
 }
 
-pub type Sender = SendRequest<Empty<Bytes>>;
+/// A pooled HTTP/2 connection: opens streams; closed once its connection task ended.
+#[derive(Clone)]
+pub struct Sender {
+    pub h2: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sender {
+    pub fn new(h2: h2::client::SendRequest<Bytes>) -> Sender {
+        Sender {
+            h2,
+            closed: Arc::default(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Called by the connection's task when it ends.
+    pub fn set_closed(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
 
 #[derive(Default)]
 pub struct Pool {

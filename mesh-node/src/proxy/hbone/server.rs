@@ -1,21 +1,20 @@
 //! Serving tunnels on one pod's HBONE listener: each `CONNECT` names a destination of this pod;
-//! the proxy connects to it and splices the stream.
+//! the proxy connects to it and splices the stream (`stream::copy`).
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::stream::{self, H2Stream};
 use super::{
-    CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, Refusal, STREAM_WINDOW, count_refusal, request,
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUF, MAX_STREAMS, Refusal,
+    STREAM_WINDOW, count_refusal, request,
 };
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
@@ -46,9 +45,33 @@ pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUF)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let mut h2c = match handshake {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "HBONE connection ended");
+            return;
+        }
+    };
+    // Accepting also drives the connection: it runs until the connection ends.
+    while let Some(accepted) = h2c.accept().await {
+        let (req, respond) = match accepted {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE connection ended");
+                return;
+            }
+        };
         let conn = conn.clone();
-        async move {
+        tokio::spawn(async move {
             // The tunnel's `inbound.tunnel` trace span (child of the CONNECT's `traceparent`),
             // open until the tunnel closes.
             let trace = crate::telemetry::trace::inbound_tunnel(
@@ -58,21 +81,8 @@ where
                 conn.peer.ip(),
                 &conn.peer_identity,
             );
-            let resp = handle(req, conn, trace.clone()).await;
-            trace.tunnel_status(resp.status().as_u16());
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(error = %e, "HBONE connection ended");
+            handle(req, respond, conn, trace).await;
+        });
     }
 }
 
@@ -143,24 +153,40 @@ fn inbound_meta(st: &NodeState, conn: &Conn, target: SocketAddr, client_ip: IpAd
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+/// Answers the `CONNECT` with `code`; with `200` the stream stays open and is handed back.
+fn respond_with(
+    respond: &mut SendResponse<Bytes>,
+    code: StatusCode,
+    trace: &crate::telemetry::trace::Span,
+) -> Option<h2::SendStream<Bytes>> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
-    r
+    trace.tunnel_status(code.as_u16());
+    match respond.send_response(r, code != StatusCode::OK) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not answer the CONNECT");
+            None
+        }
+    }
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     conn: Arc<Conn>,
     trace: crate::telemetry::trace::Span,
-) -> Response<Empty<Bytes>> {
+) {
+    let status = |respond: &mut SendResponse<Bytes>, code: StatusCode| {
+        respond_with(respond, code, &trace);
+    };
     let authority = req.uri().authority().map(|a| a.as_str());
     let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
         Ok(t) => t,
         Err(why) => {
             count_refusal("inbound", Refusal::BadRequest);
             warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
-            return status(why.status());
+            return status(&mut respond, why.status());
         }
     };
     let client = req
@@ -176,24 +202,64 @@ async fn handle(
         .unwrap_or(conn.peer.ip());
     let admitted = match admit(&conn, target, client_ip, &span).await {
         Ok(a) => a,
-        Err(code) => return status(code),
+        Err(code) => return status(&mut respond, code),
     };
-    tokio::spawn(
-        async move {
-            match hyper::upgrade::on(req).await {
-                Ok(up) => {
-                    carry(TokioIo::new(up), admitted, &conn, &trace, "hbone").await;
-                }
-                Err(e) => {
-                    warn!(error = %e, "CONNECT upgrade failed");
-                    Tracked::open_since(admitted.meta, admitted.accepted)
-                        .close("DC", Some(&e.to_string()));
-                }
-            }
+    let recv = req.into_body();
+    let Some(send) = respond_with(&mut respond, StatusCode::OK, &trace) else {
+        Tracked::open_since(admitted.meta, admitted.accepted)
+            .close("DC", Some("the tunnel closed before its answer"));
+        return;
+    };
+    let tunnel = H2Stream::new(send, recv);
+    if admitted.per_request {
+        // Request by request: the tunnel as a byte stream under the L7 layer.
+        carry(tunnel.into_io(), admitted, &conn, &trace, "hbone")
+            .instrument(span)
+            .await;
+        return;
+    }
+    carry_h2(tunnel, admitted, &conn, &trace)
+        .instrument(span)
+        .await
+}
+
+/// [`carry`] for a whole-connection tunnel: the HTTP/2 stream copied straight to the pod's
+/// socket (`stream::copy`, flow-control aware, counted in batches).
+async fn carry_h2(
+    tunnel: H2Stream,
+    a: Admitted,
+    conn: &Conn,
+    trace: &crate::telemetry::trace::Span,
+) {
+    let Admitted {
+        mut upstream,
+        meta,
+        peer,
+        accepted,
+        ..
+    } = a;
+    let tracked = Tracked::open_since(meta, accepted);
+    let registration = conn.tunnels.register(&conn.pod, peer);
+    // The downstream side is the tunnel: what comes from it is received.
+    let (mut received, mut sent) = tracked.meters();
+    let copied = {
+        let copy = stream::copy(&mut upstream, tunnel, &mut sent, &mut received);
+        tokio::select! {
+            r = copy => Some(r.map(|(to_tunnel, from_tunnel)| (from_tunnel, to_tunnel))),
+            _ = registration.closed() => None,
         }
-        .instrument(span),
-    );
-    status(StatusCode::OK)
+    };
+    drop((received, sent));
+    let Some(copied) = copied else {
+        crate::proxy::socket::reset(upstream);
+        tracked.close("UAEX", Some(CLOSED_BY_POLICY));
+        return;
+    };
+    trace.connection_closed("hbone", &copied);
+    match copied {
+        Ok(_) => tracked.close("-", None),
+        Err(e) => tracked.close("DC", Some(&e.to_string())),
+    }
 }
 
 /// A connection to one of the pod's addresses that passed the destination's checks, with its

@@ -456,7 +456,7 @@ async fn dial(
                     | TunnelError::H2(_) => SendError::Connect(format!("HBONE to {endpoint}: {e}")),
                     other => SendError::Connect(other.to_string()),
                 })?;
-            handshake(io.into_inner(), endpoint, proto, guard).await
+            handshake(TokioIo::new(io.into_io()), endpoint, proto, guard).await
         }
     }
 }
