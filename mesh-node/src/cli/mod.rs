@@ -97,8 +97,8 @@ struct AgentArgs {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
     /// Splice the local legs (pod ↔ node proxy) of new connections in the kernel (sockmap),
-    /// skipping TCP/IP on both legs. Off by default: a blocking `recv()` of a spliced pod
-    /// socket can return EAGAIN (docs/performance.md).
+    /// skipping TCP/IP on both legs. Experimental, off by default: on a spliced pod socket a
+    /// blocking `recv()` can return EAGAIN and a bulk `write()` ENOMEM (docs/performance.md).
     #[arg(long)]
     splice: bool,
 }
