@@ -279,16 +279,7 @@ fn missing_entries_fall_back_and_the_destination_policy_still_applies() -> Resul
     // The destination's telemetry for a same-node connection: reported by the destination,
     // authenticated as a tunnel would be.
     let m = proxy_metrics(&c, "node1")?;
-    let opened = metric_value(
-        &m,
-        "istio_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("destination_workload", LOCAL_POD),
-            ("source_workload", CLIENT),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    );
+    let opened = same_node_opened(&m);
     ensure!(
         opened >= 1.0,
         "no destination-reported connection for the same-node session"
@@ -367,16 +358,7 @@ fn splicing_is_off_unless_asked_for() -> Result<()> {
     transfer(&c, CLIENT, REMOTE, MB, 4)?;
     transfer(&c, CLIENT, LOCAL, MB, 4)?;
     // The same-node connections were still admitted and reported by the destination's side.
-    let opened = metric_value(
-        &proxy_metrics(&c, "node1")?,
-        "istio_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("destination_workload", LOCAL_POD),
-            ("source_workload", CLIENT),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    );
+    let opened = same_node_opened(&proxy_metrics(&c, "node1")?);
     ensure!(
         opened >= 4.0,
         "{opened} destination-reported same-node connections, 4 made"
@@ -392,6 +374,21 @@ fn splicing_is_off_unless_asked_for() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Connections from the client to the same-node server that node1 reported as their
+/// destination, authenticated as a tunnel would be (`metrics`: node1's page).
+fn same_node_opened(metrics: &str) -> f64 {
+    metric_value(
+        metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_workload", LOCAL_POD),
+            ("source_workload", CLIENT),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    )
 }
 
 fn open_fds(pid: u32) -> Result<usize> {
