@@ -291,28 +291,35 @@ impl Cluster {
             c.write_node_pods(&node)?;
         }
         if c.opts.start_agents {
-            if c.opts.mesh {
-                c.start_controller()?;
-                c.wait_for_log(
-                    "controller",
-                    "controller",
-                    "controller ready",
-                    READY_TIMEOUT,
-                )?;
-            }
-            for node in c.node_names() {
-                c.start_process(&node, "agent")?;
-                c.start_process(&node, "proxy")?;
-            }
-            for node in c.node_names() {
-                c.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
-                c.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
-            }
+            c.start_node_processes()?;
         }
         Ok(c)
     }
 
     /// Re-open a running cluster from its `cluster.json`.
+    /// Starts the controller (in mesh mode) and waits for it, then every node's agent and
+    /// proxy, and waits until all are ready. `up` does this unless `start_agents` is off.
+    pub fn start_node_processes(&mut self) -> Result<()> {
+        if self.opts.mesh {
+            self.start_controller()?;
+            self.wait_for_log(
+                "controller",
+                "controller",
+                "controller ready",
+                READY_TIMEOUT,
+            )?;
+        }
+        for node in self.node_names() {
+            self.start_process(&node, "agent")?;
+            self.start_process(&node, "proxy")?;
+        }
+        for node in self.node_names() {
+            self.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
+            self.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
     pub fn load(prefix: &str) -> Result<Cluster> {
         check_prefix(prefix)?;
         let sd = state_dir(prefix);

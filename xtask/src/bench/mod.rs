@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use measure::measure;
 use report::{Report, Round};
 use serde_json::{Value, json};
-use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts, READY_TIMEOUT, TestCluster};
+use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts, TestCluster};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -308,22 +308,7 @@ pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {
 /// controller, the agents and the proxies, as `Cluster::up` does.
 fn start_mesh(c: &mut Cluster) -> Result<()> {
     c.set_pod_opt_out(PLAIN_LOCAL_SERVER, true)?;
-    c.start_controller()?;
-    c.wait_for_log(
-        "controller",
-        "controller",
-        "controller ready",
-        READY_TIMEOUT,
-    )?;
-    for node in c.node_names() {
-        c.start_process(&node, "agent")?;
-        c.start_process(&node, "proxy")?;
-    }
-    for node in c.node_names() {
-        c.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
-        c.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
-    }
-    Ok(())
+    c.start_node_processes()
 }
 
 fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()> {
