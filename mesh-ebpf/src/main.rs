@@ -76,6 +76,20 @@ static SN_SPLICE: SockHash<SpliceKey> = SockHash::pinned(SPLICE_MAX, 0);
 #[map(name = "SN_SPLICE_ST")]
 static SN_SPLICE_ST: LruHashMap<SpliceKey, u32> = LruHashMap::pinned(SPLICE_STATE_MAX, 0);
 
+/// The four words of an IPv6 address field of a kernel context (`bpf_sock_ops`, `sk_msg_md`),
+/// read one by one at constant offsets: the verifier refuses a context access through a
+/// computed pointer, which a whole-array copy compiles to. Use inside `unsafe`.
+macro_rules! ip6_words {
+    ($ctx:expr, $field:ident) => {
+        [
+            core::ptr::read_volatile(&(*$ctx).$field[0]),
+            core::ptr::read_volatile(&(*$ctx).$field[1]),
+            core::ptr::read_volatile(&(*$ctx).$field[2]),
+            core::ptr::read_volatile(&(*$ctx).$field[3]),
+        ]
+    };
+}
+
 #[inline(always)]
 fn bump(stat: Stat) {
     add(stat, 1);
@@ -299,13 +313,13 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let Some(key) = local_key(ctx) else { return };
+            let Some(conn) = splice_key(ctx) else { return };
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if let Some(orig) = SN_PENDING.get_ptr(cookie) {
                 // SAFETY: a live map value; copied out before the entry is removed.
                 let orig = unsafe { *orig };
-                if SN_ORIG_DST.insert(key, orig, 0).is_err() {
+                if SN_ORIG_DST.insert(local_key(&conn), orig, 0).is_err() {
                     bump(Stat::MapErrors);
                 } else {
                     bump(Stat::Recorded);
@@ -313,10 +327,10 @@ fn on_sock_ops(ctx: &SockOpsContext) {
                 let _ = SN_PENDING.remove(cookie);
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 // A captured pod's connection to the proxy: the first local leg.
-                join_splice(ctx, SPLICE_F_LEG | SPLICE_F_ORIG);
+                join_splice(ctx, conn, SPLICE_F_LEG | SPLICE_F_ORIG);
             } else if to_local_pod(ctx) {
                 // The proxy's connection to a pod: the last local leg.
-                join_splice(ctx, SPLICE_F_LEG);
+                join_splice(ctx, conn, SPLICE_F_LEG);
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
@@ -326,7 +340,7 @@ fn on_sock_ops(ctx: &SockOpsContext) {
                 // SAFETY: a live map value.
                 && unsafe { *peer } & SPLICE_F_LEG != 0
             {
-                join_splice(ctx, 0);
+                join_splice(ctx, key, 0);
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -339,18 +353,14 @@ fn on_sock_ops(ctx: &SockOpsContext) {
             let _ = SN_PENDING.remove(cookie);
             // A spliced socket that was not captured has no original destination to remove
             // (and its local address may be a captured socket's).
+            let Some(conn) = splice_key(ctx) else { return };
             let mut orig = true;
-            if let Some(key) = splice_key(ctx)
-                && let Some(st) = SN_SPLICE_ST.get_ptr(key)
-            {
+            if let Some(st) = SN_SPLICE_ST.get_ptr(conn) {
                 // SAFETY: a live map value, read before the entry is removed.
                 orig = unsafe { *st } & SPLICE_F_ORIG != 0;
-                let _ = SN_SPLICE_ST.remove(key);
+                let _ = SN_SPLICE_ST.remove(conn);
             }
-            if orig
-                && let Some(key) = local_key(ctx)
-                && SN_ORIG_DST.remove(key).is_ok()
-            {
+            if orig && SN_ORIG_DST.remove(local_key(&conn)).is_ok() {
                 bump(Stat::Closed);
             }
         }
@@ -378,14 +388,11 @@ fn to_local_pod(ctx: &SockOpsContext) -> bool {
 /// Adds the socket to `SN_SPLICE` under its own key and records its state; asks for its close
 /// so the state goes with it.
 #[inline(always)]
-fn join_splice(ctx: &SockOpsContext, flags: u32) {
+fn join_splice(ctx: &SockOpsContext, mut key: SpliceKey, flags: u32) {
     match SN_CONFIG.get(0) {
         Some(cfg) if cfg.flags & CONFIG_F_SPLICE != 0 => {}
         _ => return,
     }
-    let Some(mut key) = splice_key(ctx) else {
-        return;
-    };
     // SAFETY: `ops` is the program's context.
     if SN_SPLICE
         .update(&mut key, unsafe { &mut *ctx.ops }, 0)
@@ -424,22 +431,7 @@ fn splice_key(ctx: &SockOpsContext) -> Option<SpliceKey> {
             let ops = ctx.ops;
             // SAFETY: `ops` is the kernel-provided context; the ip6 words are readable in
             // sockops (word by word at constant offsets, as the verifier wants).
-            unsafe {
-                (
-                    [
-                        core::ptr::read_volatile(&(*ops).local_ip6[0]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[1]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[2]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[3]),
-                    ],
-                    [
-                        core::ptr::read_volatile(&(*ops).remote_ip6[0]),
-                        core::ptr::read_volatile(&(*ops).remote_ip6[1]),
-                        core::ptr::read_volatile(&(*ops).remote_ip6[2]),
-                        core::ptr::read_volatile(&(*ops).remote_ip6[3]),
-                    ],
-                )
-            }
+            unsafe { (ip6_words!(ops, local_ip6), ip6_words!(ops, remote_ip6)) }
         }
         _ => return None,
     };
@@ -497,20 +489,7 @@ fn msg_key(ctx: &SkMsgContext) -> Option<SpliceKey> {
                 addr_from_v4((*md).local_ip4),
                 addr_from_v4((*md).remote_ip4),
             ),
-            AF_INET6 => (
-                [
-                    core::ptr::read_volatile(&(*md).local_ip6[0]),
-                    core::ptr::read_volatile(&(*md).local_ip6[1]),
-                    core::ptr::read_volatile(&(*md).local_ip6[2]),
-                    core::ptr::read_volatile(&(*md).local_ip6[3]),
-                ],
-                [
-                    core::ptr::read_volatile(&(*md).remote_ip6[0]),
-                    core::ptr::read_volatile(&(*md).remote_ip6[1]),
-                    core::ptr::read_volatile(&(*md).remote_ip6[2]),
-                    core::ptr::read_volatile(&(*md).remote_ip6[3]),
-                ],
-            ),
+            AF_INET6 => (ip6_words!(md, local_ip6), ip6_words!(md, remote_ip6)),
             _ => return None,
         };
         Some(SpliceKey {
@@ -525,30 +504,12 @@ fn msg_key(ctx: &SkMsgContext) -> Option<SpliceKey> {
 /// The client's own address as the proxy will see it as peer: local address (IPv4 mapped) and
 /// local port (host order). A dual-stack IPv6 socket to an IPv4 peer already has a mapped one.
 #[inline(always)]
-fn local_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    let addr = match ctx.family() {
-        AF_INET => addr_from_v4(ctx.local_ip4()),
-        AF_INET6 => {
-            // Word by word at constant offsets: the verifier refuses a context access through a
-            // computed pointer, which a whole-array copy compiles to.
-            let ops = ctx.ops;
-            // SAFETY: `ops` is the kernel-provided context; local_ip6 is readable in sockops.
-            unsafe {
-                [
-                    core::ptr::read_volatile(&(*ops).local_ip6[0]),
-                    core::ptr::read_volatile(&(*ops).local_ip6[1]),
-                    core::ptr::read_volatile(&(*ops).local_ip6[2]),
-                    core::ptr::read_volatile(&(*ops).local_ip6[3]),
-                ]
-            }
-        }
-        _ => return None,
-    };
-    Some(SockKey {
-        addr,
-        port: ctx.local_port() as u16,
+fn local_key(conn: &SpliceKey) -> SockKey {
+    SockKey {
+        addr: conn.local,
+        port: conn.local_port,
         _pad: 0,
-    })
+    }
 }
 
 /// `skb->protocol` values (network order, as the field holds them).
