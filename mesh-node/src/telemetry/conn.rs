@@ -424,26 +424,33 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// A connection between workloads `client` and `server` of namespace `ns`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_meta(ns: &str, reporter: crate::telemetry::istio::Reporter) -> ConnMeta {
+    use crate::telemetry::istio::Side;
+    ConnMeta {
+        labels: Labels {
+            reporter,
+            source: Side::named(ns, "client"),
+            destination: Side::named(ns, "server"),
+            service: None,
+            protocol: "tcp".into(),
+            security: "mutual_tls",
+        },
+        src_addr: "127.0.0.1:1000".parse().expect("addr"),
+        dst_addr: "127.0.0.1:2000".parse().expect("addr"),
+        hbone_addr: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::istio::{Reporter, Side};
+    use crate::telemetry::istio::Reporter;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn meta(ns: &str) -> ConnMeta {
-        ConnMeta {
-            labels: Labels {
-                reporter: Reporter::Destination,
-                source: Side::named(ns, "client"),
-                destination: Side::named(ns, "server"),
-                service: None,
-                protocol: "tcp".into(),
-                security: "mutual_tls",
-            },
-            src_addr: "127.0.0.1:1000".parse().expect("addr"),
-            dst_addr: "127.0.0.1:2000".parse().expect("addr"),
-            hbone_addr: None,
-        }
+        test_meta(ns, Reporter::Destination)
     }
 
     // The guard serializes the tests that share the process-wide registry; holding it across

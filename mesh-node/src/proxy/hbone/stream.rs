@@ -262,7 +262,7 @@ impl AsyncWrite for H2Io {
 mod tests {
     use super::*;
     use crate::telemetry::conn::{ConnMeta, Tracked, open_connections};
-    use crate::telemetry::istio::{Labels, Reporter, Side};
+    use crate::telemetry::istio::Reporter;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -298,19 +298,7 @@ mod tests {
     }
 
     fn meta(ns: &str) -> ConnMeta {
-        ConnMeta {
-            labels: Labels {
-                reporter: Reporter::Source,
-                source: Side::named(ns, "client"),
-                destination: Side::named(ns, "server"),
-                service: None,
-                protocol: "tcp".into(),
-                security: "mutual_tls",
-            },
-            src_addr: "127.0.0.1:1000".parse().expect("addr"),
-            dst_addr: "127.0.0.1:2000".parse().expect("addr"),
-            hbone_addr: None,
-        }
+        crate::telemetry::conn::test_meta(ns, Reporter::Source)
     }
 
     // The guard serializes the tests that share the process-wide registry; holding it across
