@@ -48,6 +48,16 @@ enum Cmd {
     Config(config::ConfigArgs),
     /// Show or change the node proxy's log filter at run time (through its admin API).
     LogLevel(config::LogLevelArgs),
+    /// Make sure the host has a bpffs at --bpffs that is a shared mount: enters the host's
+    /// mount namespace (--mount-ns, with hostPID), mounts one if there is none, makes it shared
+    /// if it is private. The DaemonSet's init container (privileged for this only).
+    MountBpffs {
+        #[arg(long, default_value = defaults::BPFFS)]
+        bpffs: PathBuf,
+        /// The host's mount namespace.
+        #[arg(long, default_value = "/proc/1/ns/mnt")]
+        mount_ns: PathBuf,
+    },
     /// Remove every sidenode pin from a bpffs (detaches the capture programs).
     Uninstall {
         #[arg(long, default_value = defaults::BPFFS)]
@@ -65,8 +75,10 @@ struct AgentArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     controller: ControllerArgs,
-    /// cgroup v2 folder the capture programs attach to (default: the cgroup2 mount). Pods'
-    /// network namespaces are found below it by pod UID (kubelet's `pod<uid>` folders).
+    /// cgroup v2 folder the capture programs attach to. Default: the cgroup2 mount, found in
+    /// /proc/self/mountinfo (/sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
+    /// ones); a relative PATH is taken below that mount. Pods' network namespaces are found
+    /// below it by pod UID (kubelet's `pod<uid>` folders).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
     /// Annotate every enrolled pod with `sidenode.io/redirection: enabled` (removed when
@@ -228,7 +240,7 @@ struct ProxyArgs {
     #[arg(long, default_value_t = defaults::OUTBOUND)]
     outbound_port: u16,
     /// cgroup v2 folder below which local pods' network namespaces are found by pod UID (the
-    /// agent's `--cgroup-root`; default: the cgroup2 mount).
+    /// agent's `--cgroup-root`: default the cgroup2 mount, a relative PATH below it).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
     /// Istio's root namespace: its `AuthorizationPolicy`, `PeerAuthentication` and
@@ -250,11 +262,7 @@ pub fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Agent(a) => {
             crate::policy::set_root_namespace(&a.root_namespace);
-            let cgroup_root = match a.cgroup_root {
-                Some(p) => p,
-                None => crate::kernel::load::default_cgroup_root()
-                    .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount found; pass --cgroup-root"))?,
-            };
+            let cgroup_root = crate::kernel::mounts::resolve_cgroup_root(a.cgroup_root.as_deref())?;
             let cfg = crate::agent::AgentConfig {
                 node: a.node,
                 source: match a.controller.settings() {
@@ -297,9 +305,10 @@ pub fn main() -> Result<()> {
                     addr: p.admin,
                     allow_remote: p.admin_allow_remote,
                 }),
-                cgroup_root: p
-                    .cgroup_root
-                    .or_else(crate::kernel::load::default_cgroup_root),
+                cgroup_root: match p.cgroup_root {
+                    Some(c) => Some(crate::kernel::mounts::resolve_cgroup_root(Some(&c))?),
+                    None => crate::kernel::load::default_cgroup_root(),
+                },
                 retry_interval: defaults::RETRY_INTERVAL,
                 tracing: p
                     .otlp_endpoint
@@ -348,6 +357,16 @@ pub fn main() -> Result<()> {
         Cmd::State(a) => runtime(Some(1))?.block_on(state::run(a)),
         Cmd::Config(a) => runtime(Some(1))?.block_on(config::run(a)),
         Cmd::LogLevel(a) => runtime(Some(1))?.block_on(config::log_level(a)),
+        Cmd::MountBpffs { bpffs, mount_ns } => {
+            use crate::kernel::mounts::{BpffsAction, ensure_shared_bpffs};
+            let done = match ensure_shared_bpffs(&bpffs, &mount_ns)? {
+                BpffsAction::Present => "a shared bpffs is already mounted",
+                BpffsAction::MadeShared => "a private bpffs was mounted: made it shared",
+                BpffsAction::Mounted => "no bpffs was mounted: mounted one, shared",
+            };
+            println!("{}: {done}", bpffs.display());
+            Ok(())
+        }
         Cmd::Uninstall { bpffs } => {
             crate::kernel::load::uninstall(&crate::kernel::Pins::new(bpffs))?;
             Ok(())

@@ -264,22 +264,16 @@ fn check_cgroup2(path: &Path) -> Result<(), KernelError> {
     if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "not a cgroup v2 folder (pass --cgroup-root inside the cgroup2 mount)",
+            "not a cgroup v2 folder (--cgroup-root must be inside the cgroup2 mount, e.g. /sys/fs/cgroup on a pure v2 host, /sys/fs/cgroup/unified on a hybrid one; without the flag it is found in /proc/self/mountinfo)",
         )));
     }
     Ok(())
 }
 
-/// The machine's cgroup2 mount point, from /proc/self/mountinfo.
+/// The machine's cgroup2 mount point, from /proc/self/mountinfo (see
+/// [`super::mounts::cgroup2_mount_in`]: hybrid and pure v2 hosts).
 pub fn default_cgroup_root() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
+    super::mounts::cgroup2_mount().ok()
 }
 
 #[cfg(test)]
