@@ -3,4 +3,5 @@
 //! ([`workload`]), and a real kube-apiserver for the Kubernetes tests ([`kube`]).
 pub mod cluster;
 pub mod kube;
+pub mod realnode;
 pub mod workload;

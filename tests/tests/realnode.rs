@@ -1,0 +1,493 @@
+//! End-to-end tests on a real two-node Kubernetes 1.20 cluster (kubelet + containerd + runc +
+//! bridge CNI + kube-proxy per node, `sidenode_tests::realnode`): the shipped manifests through
+//! `deploy/kubernetes/overlays/testenv`, real pods, real containers.
+//!
+//! One cluster is shared by every check (bringing it up costs ~30 s): a single `#[test]` runs
+//! the [`STEPS`] in order, each a function of the shared [`Ctx`]. To add a check, write
+//! `fn my_check(cx: &mut Ctx) -> Result<()>` and put it in [`STEPS`] where the state it needs
+//! exists (the `shop` namespace enrolled, `client` on node 1, `echo` on node 2, ...).
+//! Run as root: `cargo test -p sidenode-tests --test realnode` (`SIDENODE_KEEP_REAL=1` keeps the
+//! cluster for a look afterwards; `cargo xtask cluster down --real --prefix P` removes it).
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use sidenode_tests::cluster::unique_prefix;
+use sidenode_tests::realnode::{MESH_NS, RealCluster, WORKLOAD_IMAGE};
+use sidenode_tests::workload::DialReport;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const NS: &str = "shop";
+const CLIENT: &str = "client";
+const ECHO: &str = "echo";
+const ECHO_PORT: u16 = 8080;
+const SERVICE_IP: &str = "198.18.130.10";
+const LABEL: &str = "sidenode.io/dataplane-mode";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What the steps share.
+pub struct Ctx {
+    pub c: RealCluster,
+    /// Pod name → IP.
+    pub ips: BTreeMap<String, String>,
+    /// Pod name → (containerID, restartCount) before enrollment.
+    pub containers: BTreeMap<String, (String, i64)>,
+}
+
+type Step = fn(&mut Ctx) -> Result<()>;
+
+/// The checks, in order.
+const STEPS: &[(&str, Step)] = &[
+    ("mesh deployed: controller and DaemonSet Ready", mesh_ready),
+    ("workloads running (not enrolled)", workloads),
+    ("labelling the namespace enrolls running pods", enroll),
+    ("kubectl exec ... mesh-node maps", maps_cli),
+    (
+        "cross-node connection over HBONE, both identities",
+        cross_node_hbone,
+    ),
+    ("ClusterIP Service routed by the mesh", service_routed),
+    ("DaemonSet rolling update: no capture gap", rolling_update),
+    ("deleted pod leaves no map entries", deleted_pod),
+    ("unlabelling the namespace releases its pods", unlabel),
+];
+
+#[test]
+fn real_cluster() -> Result<()> {
+    common::require_root();
+    let prefix = unique_prefix('r');
+    let t0 = Instant::now();
+    let c = RealCluster::up(&prefix, 2).context("bringing up the real cluster")?;
+    eprintln!("[realnode] cluster {prefix} up in {:.1?}", t0.elapsed());
+    let mut cx = Ctx {
+        c,
+        ips: BTreeMap::new(),
+        containers: BTreeMap::new(),
+    };
+    for (name, step) in STEPS {
+        let t = Instant::now();
+        step(&mut cx).with_context(|| {
+            format!(
+                "step '{name}' (logs: {} and {})",
+                cx.c.node_logs(1).display(),
+                cx.c.node_logs(2).display()
+            )
+        })?;
+        eprintln!("[realnode] ok: {name} ({:.1?})", t.elapsed());
+    }
+    let t = Instant::now();
+    cx.c.down();
+    eprintln!("[realnode] torn down in {:.1?}", t.elapsed());
+    Ok(())
+}
+
+fn mesh_ready(cx: &mut Ctx) -> Result<()> {
+    cx.c.deploy_mesh()?;
+    // Each node's agent attached to its own kubelet's cgroup root, found below the cgroup2
+    // mount it discovered itself (hybrid here: /sys/fs/cgroup/unified).
+    for i in 1..=2 {
+        let pod = cx.c.node_pod(i)?;
+        let log =
+            cx.c.kubectl(&["logs", "-n", MESH_NS, &pod, "-c", "agent"])?;
+        let want = format!("cgroup=/sys/fs/cgroup/unified/{}", cx.c.node_name(i));
+        let root_ok = log.contains(&want) || {
+            // A pure v2 host: the mount is /sys/fs/cgroup itself.
+            log.contains(&format!("cgroup=/sys/fs/cgroup/{} ", cx.c.node_name(i)))
+        };
+        ensure!(root_ok, "node {i}: agent log has no '{want}':\n{log}");
+        let init =
+            cx.c.kubectl(&["logs", "-n", MESH_NS, &pod, "-c", "mount-bpffs"])?;
+        // Node 1 starts with a private bpffs, node 2 with none (kube-testenv.sh real-up).
+        let want = if i == 1 {
+            "made it shared"
+        } else {
+            "mounted one"
+        };
+        ensure!(init.contains(want), "node {i}: mount-bpffs said {init:?}");
+    }
+    Ok(())
+}
+
+fn workloads_yaml(c: &RealCluster) -> String {
+    let pod = |name: &str, node: usize, cmd: &str, probe: bool| {
+        let probe = if probe {
+            format!("\n    readinessProbe: {{tcpSocket: {{port: {ECHO_PORT}}}, periodSeconds: 1}}")
+        } else {
+            String::new()
+        };
+        format!(
+            r#"---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {name}, namespace: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: {name}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: main
+    image: {WORKLOAD_IMAGE}
+    imagePullPolicy: Never
+    command: {cmd}{probe}
+"#,
+            node = c.node_name(node)
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n{}{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: {ECHO}, namespace: {NS}}}
+spec:
+  clusterIP: {SERVICE_IP}
+  selector: {{app: {ECHO}}}
+  ports:
+  - {{name: tcp-echo, port: 80, targetPort: {ECHO_PORT}}}
+",
+        pod(CLIENT, 1, r#"[/bin/busybox, sleep, "100000"]"#, false),
+        pod(
+            ECHO,
+            2,
+            &format!(r#"[/usr/local/bin/testpod, serve, --port, "{ECHO_PORT}"]"#),
+            true
+        ),
+    )
+}
+
+fn pod_json(cx: &Ctx, pod: &str) -> Result<Value> {
+    cx.c.get_json(&["-n", NS, "pod", pod])
+}
+
+fn container_state(p: &Value) -> Result<(String, i64)> {
+    let s = &p["status"]["containerStatuses"][0];
+    Ok((
+        s["containerID"]
+            .as_str()
+            .context("no containerID")?
+            .to_string(),
+        s["restartCount"].as_i64().context("no restartCount")?,
+    ))
+}
+
+fn workloads(cx: &mut Ctx) -> Result<()> {
+    cx.c.apply(&workloads_yaml(&cx.c))?;
+    for pod in [CLIENT, ECHO] {
+        let (ip, state) = cx.c.wait_for(&format!("pod {NS}/{pod} Ready"), WAIT, || {
+            let p = pod_json(cx, pod)?;
+            let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            match (ready, p["status"]["podIP"].as_str()) {
+                (true, Some(ip)) => Ok(Some((ip.to_string(), container_state(&p)?))),
+                _ => Ok(None),
+            }
+        })?;
+        cx.ips.insert(pod.to_string(), ip);
+        cx.containers.insert(pod.to_string(), state);
+    }
+    // Not enrolled yet: no annotation, nothing in the maps.
+    for (i, pod) in [(1, CLIENT), (2, ECHO)] {
+        let p = pod_json(cx, pod)?;
+        ensure!(
+            p["metadata"]["annotations"]["sidenode.io/redirection"].is_null(),
+            "{pod} annotated before its namespace was labelled"
+        );
+        ensure!(
+            enrolled(&cx.c.maps_json(i)?, pod).is_none(),
+            "{pod} in node {i}'s maps before enrollment"
+        );
+    }
+    Ok(())
+}
+
+/// The `enrolled` entry of `pod` (namespace [`NS`]) in a `maps --json` view.
+fn enrolled<'a>(maps: &'a Value, pod: &str) -> Option<&'a Value> {
+    maps["enrolled"]
+        .as_array()?
+        .iter()
+        .find(|e| e["namespace"] == NS && e["pod"] == pod)
+}
+
+fn enroll(cx: &mut Ctx) -> Result<()> {
+    cx.c.kubectl(&["label", "namespace", NS, &format!("{LABEL}=enabled")])?;
+    for (i, pod) in [(1, CLIENT), (2, ECHO)] {
+        let ip = cx.ips[pod].clone();
+        cx.c.wait_for(&format!("{pod} enrolled on node {i}"), WAIT, || {
+            let p = pod_json(cx, pod)?;
+            let annotated = p["metadata"]["annotations"]["sidenode.io/redirection"] == "enabled";
+            let maps = cx.c.maps_json(i)?;
+            let in_maps = enrolled(&maps, pod).is_some_and(|e| e["ip"] == ip.as_str());
+            Ok((annotated && in_maps).then_some(()))
+        })?;
+        // Enrolled while running: the same container, never restarted.
+        let now = container_state(&pod_json(cx, pod)?)?;
+        ensure!(
+            now == cx.containers[pod],
+            "{pod}: container {:?} before enrollment, {now:?} after",
+            cx.containers[pod]
+        );
+    }
+    Ok(())
+}
+
+fn maps_cli(cx: &mut Ctx) -> Result<()> {
+    let pod = cx.c.node_pod(1)?;
+    let out = cx.c.exec(MESH_NS, &pod, "agent", &["mesh-node", "maps"])?;
+    ensure!(
+        out.contains("ENROLLED WORKLOADS (1)") && out.contains(CLIENT) && out.contains(NS),
+        "mesh-node maps on node 1:\n{out}"
+    );
+    Ok(())
+}
+
+/// `testpod dial` in the client pod: the report.
+fn dial(cx: &Ctx, to: &str, conns: usize) -> Result<DialReport> {
+    let out = cx.c.exec(
+        NS,
+        CLIENT,
+        "main",
+        &[
+            "/usr/local/bin/testpod",
+            "dial",
+            "--to",
+            to,
+            "--conns",
+            &conns.to_string(),
+            "--concurrency",
+            "1",
+        ],
+    )?;
+    let line = out.lines().last().context("testpod dial printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("testpod dial report {line:?}"))
+}
+
+fn dial_ok(cx: &Ctx, to: &str, conns: usize) -> Result<()> {
+    let r = dial(cx, to, conns)?;
+    let bad: Vec<_> = r.results.iter().filter(|d| !d.echo_ok).collect();
+    ensure!(
+        r.results.len() == conns && bad.is_empty(),
+        "dial {to}: {} of {conns} echoed; failures {bad:?}",
+        r.results.len() - bad.len()
+    );
+    Ok(())
+}
+
+/// Sum of the samples of `metric` whose labels include every `want` pair.
+fn metric_sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn principal(sa: &str) -> String {
+    format!("cluster.local/ns/{NS}/sa/{sa}")
+}
+
+fn hbone_labels<'a>(reporter: &'a str, client: &'a str, echo: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("reporter", reporter),
+        ("source_workload_namespace", NS),
+        ("source_principal", client),
+        ("destination_principal", echo),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+}
+
+/// Connections opened between client and echo over mTLS, as each proxy counts them.
+fn hbone_counts(cx: &Ctx, extra: &[(&str, &str)]) -> Result<(f64, f64)> {
+    let (client, echo) = (principal(CLIENT), principal(ECHO));
+    let mut src = hbone_labels("source", &client, &echo);
+    src.extend_from_slice(extra);
+    let mut dst = hbone_labels("destination", &client, &echo);
+    dst.extend_from_slice(extra);
+    let m = "istio_tcp_connections_opened_total";
+    Ok((
+        metric_sum(&cx.c.proxy_metrics(1)?, m, &src),
+        metric_sum(&cx.c.proxy_metrics(2)?, m, &dst),
+    ))
+}
+
+fn cross_node_hbone(cx: &mut Ctx) -> Result<()> {
+    let to = format!("{}:{ECHO_PORT}", cx.ips[ECHO]);
+    let captured0 = stat(&cx.c.maps_json(1)?, "captured")?;
+    dial_ok(cx, &to, 3)?;
+    let captured = stat(&cx.c.maps_json(1)?, "captured")? - captured0;
+    ensure!(captured == 3, "node 1 captured {captured} of 3 connections");
+    // Both proxies saw them as mTLS tunnels between the two pods' SPIFFE identities.
+    cx.c.wait_for(
+        "both proxies' metrics count 3 HBONE connections",
+        WAIT,
+        || {
+            let (src, dst) = hbone_counts(cx, &[])?;
+            if src > 3.0 || dst > 3.0 {
+                bail!("more connections counted than made: source {src}, destination {dst}");
+            }
+            Ok((src == 3.0 && dst == 3.0).then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+fn service_routed(cx: &mut Ctx) -> Result<()> {
+    let to = format!("{SERVICE_IP}:80");
+    dial_ok(cx, &to, 2)?;
+    let svc = format!("{ECHO}.{NS}.svc.cluster.local");
+    // The source proxy resolved the VIP (the Service is in its labels); the destination proxy
+    // counts every tunnel to echo (3 earlier + 2), naming echo's Service whatever was dialled.
+    cx.c.wait_for("2 connections to the Service counted", WAIT, || {
+        let (src, _) = hbone_counts(cx, &[("destination_service", &svc)])?;
+        let (_, dst) = hbone_counts(cx, &[])?;
+        Ok((src == 2.0 && dst == 5.0).then_some(()))
+    })?;
+    Ok(())
+}
+
+fn stat(maps: &Value, name: &str) -> Result<u64> {
+    maps["stats"][name]
+        .as_u64()
+        .with_context(|| format!("maps --json: no stats.{name} in {}", maps["stats"]))
+}
+
+/// A client connecting in a loop through `kubectl rollout restart` of the DaemonSet: every
+/// connection it attempted was captured (the kernel's `captured` counter on node 1, kept in
+/// the pinned maps across the agent's restart, grew by exactly the attempts).
+fn rolling_update(cx: &mut Ctx) -> Result<()> {
+    let captured0 = stat(&cx.c.maps_json(1)?, "captured")?;
+    let to = format!("{}:{ECHO_PORT}", cx.ips[ECHO]);
+    let script = format!(
+        "rm -f /loop-stop; while [ ! -e /loop-stop ]; do \
+         if /usr/local/bin/testpod dial --to {to} --conns 1 2>/dev/null | /bin/busybox grep -q '\"echo_ok\":true'; \
+         then echo ok; else echo fail; fi; /bin/busybox sleep 0.2; done"
+    );
+    let mut child =
+        cx.c.kubectl_command(&[
+            "exec",
+            "-n",
+            NS,
+            CLIENT,
+            "-c",
+            "main",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the client loop")?;
+    let rollout = (|| -> Result<()> {
+        // Let the loop get going before the rollout starts.
+        std::thread::sleep(Duration::from_secs(2));
+        cx.c.kubectl(&[
+            "rollout",
+            "restart",
+            "-n",
+            MESH_NS,
+            "daemonset/sidenode-node",
+        ])?;
+        cx.c.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            MESH_NS,
+            "daemonset/sidenode-node",
+            "--timeout",
+            "180s",
+        ])?;
+        cx.c.wait_mesh_ready(Duration::from_secs(120))?;
+        // A few more rounds after the rollout.
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(())
+    })();
+    // (The image has no /tmp: its root is the container's writable layer.)
+    let stop =
+        cx.c.exec(NS, CLIENT, "main", &["/bin/busybox", "touch", "/loop-stop"]);
+    if stop.is_err() {
+        let _ = child.kill();
+    }
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    let status = child.wait().context("waiting for the client loop")?;
+    rollout?;
+    stop?;
+    ensure!(status.success(), "client loop: {status}");
+    let ok = out.lines().filter(|l| *l == "ok").count() as u64;
+    let fail = out.lines().filter(|l| *l == "fail").count() as u64;
+    let captured = stat(&cx.c.maps_json(1)?, "captured")? - captured0;
+    eprintln!(
+        "[realnode] rolling update: {ok} connections echoed, {fail} failed, {captured} captured"
+    );
+    ensure!(ok + fail > 0, "the client loop made no connection");
+    ensure!(
+        captured == ok + fail,
+        "{} connections attempted during the rollout, {captured} captured: some escaped capture",
+        ok + fail
+    );
+    // The mesh carries traffic again after the rollout.
+    dial_ok(cx, &to, 2)?;
+    Ok(())
+}
+
+fn deleted_pod(cx: &mut Ctx) -> Result<()> {
+    cx.c.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        NS,
+        CLIENT,
+        "--grace-period=0",
+        "--force",
+        "--wait=true",
+    ])?;
+    let ip = cx.ips[CLIENT].clone();
+    cx.c.wait_for("no map entry of the deleted pod on node 1", WAIT, || {
+        let maps = cx.c.maps_json(1)?;
+        let left_enrolled = enrolled(&maps, CLIENT).is_some();
+        let left_orig = maps["orig_dst"].as_array().is_some_and(|a| {
+            a.iter().any(|e| {
+                e["pod"] == CLIENT
+                    || e["client"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with(&format!("{ip}:")))
+            })
+        });
+        Ok((!left_enrolled && !left_orig).then_some(()))
+    })?;
+    Ok(())
+}
+
+fn unlabel(cx: &mut Ctx) -> Result<()> {
+    cx.c.kubectl(&["label", "namespace", NS, &format!("{LABEL}-")])?;
+    cx.c.wait_for("echo released on node 2", WAIT, || {
+        let p = pod_json(cx, ECHO)?;
+        let annotated = !p["metadata"]["annotations"]["sidenode.io/redirection"].is_null();
+        let in_maps = enrolled(&cx.c.maps_json(2)?, ECHO).is_some();
+        Ok((!annotated && !in_maps).then_some(()))
+    })?;
+    let now = container_state(&pod_json(cx, ECHO)?)?;
+    ensure!(
+        now == cx.containers[ECHO],
+        "echo: container {:?} before, {now:?} after release",
+        cx.containers[ECHO]
+    );
+    Ok(())
+}
