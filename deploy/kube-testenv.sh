@@ -23,6 +23,9 @@
 # KTE_ADDRESS (default 127.0.0.1) is the address kube-apiserver binds and advertises (and its
 # serving certificate names): run `start` inside a test's network namespace with an address of
 # that namespace to let the namespace's other members reach it. etcd stays on 127.0.0.1.
+# Privileged containers are allowed (`--allow-privileged=true`, as kubeadm and every managed
+# cluster set it; the DaemonSet's mount-bpffs init container is privileged).
+# KTE_CERT_SANS adds subjectAltNames to the serving certificate (e.g. `IP:198.18.128.1`).
 # KTE_APISERVER_ARGS adds flags to kube-apiserver (word-split). Without --with-controller-manager
 # the ServiceAccount admission plugin is off (nothing would create the `default` ServiceAccount and
 # its token, so every Pod would be rejected); with it, admission is the default set.
@@ -380,6 +383,7 @@ cmd_start() {
         --service-cluster-ip-range="$cidr" \
         --endpoint-reconciler-type=none \
         --authorization-mode=RBAC \
+        --allow-privileged=true \
         --token-auth-file="$dir/tokens.csv" \
         --service-account-key-file="$dir/pki/sa.pub" \
         --service-account-signing-key-file="$dir/pki/sa.key" \
@@ -875,7 +879,7 @@ cmd_real_up() {
     log "kube-apiserver, controller-manager, scheduler in $fab on $REAL_NET.254"
     KTE_ADDRESS="$REAL_NET.254" KTE_CERT_SANS="IP:$REAL_API_SERVICE_IP" \
         KTE_SERVICE_CIDR="$REAL_SERVICES" \
-        KTE_APISERVER_ARGS="--endpoint-reconciler-type=lease --kubelet-preferred-address-types=InternalIP,Hostname --allow-privileged=true" \
+        KTE_APISERVER_ARGS="--endpoint-reconciler-type=lease --kubelet-preferred-address-types=InternalIP,Hostname" \
         nsenter --net="/var/run/netns/$fab" -- "$0" start "$RDIR/api" --with-controller-manager --with-scheduler
 
     for i in $(seq 1 "$nodes"); do

@@ -1,4 +1,5 @@
-//! `cargo xtask cluster up|down|status`: the simulated cluster of `sidenode_tests::cluster`.
+//! `cargo xtask cluster up|down|status`: the simulated cluster of `sidenode_tests::cluster`;
+//! with `--real`, the real two-node Kubernetes cluster of `sidenode_tests::realnode`.
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
@@ -31,11 +32,21 @@ pub enum ClusterCmd {
         /// Needs `deploy/kube-testenv.sh install` (run by `cargo xtask setup`).
         #[arg(long)]
         kube: bool,
+        /// Real nodes: kubelet + containerd + kube-proxy per node (`--nodes`, 1 to 9) in
+        /// namespaces of their own, kube-apiserver in `<prefix>-net`, images built from
+        /// target/debug, and the mesh applied through deploy/kubernetes/overlays/testenv
+        /// (without it with --no-agents). Needs `deploy/kube-testenv.sh install --node` (run
+        /// by `cargo xtask setup`). State in /var/tmp/sidenode-real-<prefix>.
+        #[arg(long, conflicts_with_all = ["kube", "mesh", "cert_ttl"])]
+        real: bool,
     },
     /// Kill everything, remove namespaces, cgroups, the bpffs mount and the state folder.
     Down {
         #[arg(long, default_value = "sn")]
         prefix: String,
+        /// The real cluster (`up --real`) with this prefix.
+        #[arg(long)]
+        real: bool,
     },
     /// Show nodes and pods.
     Status {
@@ -57,8 +68,12 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             mesh,
             cert_ttl,
             kube,
+            real,
         } => {
             let mesh_node = crate::mesh_node_bin();
+            if real {
+                return real_up(&prefix, nodes, &mesh_node, !no_agents);
+            }
             if !no_agents && !mesh_node.exists() {
                 bail!(
                     "{} not found: run `cargo xtask build` first (or use --no-agents)",
@@ -91,7 +106,15 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             );
             Ok(())
         }
-        ClusterCmd::Down { prefix } => {
+        ClusterCmd::Down { prefix, real: true } => {
+            sidenode_tests::realnode::down_leftover(&prefix);
+            println!("real cluster {prefix} is down");
+            Ok(())
+        }
+        ClusterCmd::Down {
+            prefix,
+            real: false,
+        } => {
             Cluster::down(&prefix);
             println!("cluster {prefix} is down");
             Ok(())
@@ -126,6 +149,32 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn real_up(prefix: &str, nodes: usize, mesh_node: &std::path::Path, mesh: bool) -> Result<()> {
+    use sidenode_tests::realnode::RealCluster;
+    let testpod = mesh_node.with_file_name("testpod");
+    for b in [mesh_node, testpod.as_path()] {
+        if !b.exists() {
+            bail!("{} not found: run `cargo xtask build` first", b.display());
+        }
+    }
+    let t = std::time::Instant::now();
+    let c = RealCluster::up_with(prefix, nodes, mesh_node, &testpod)?;
+    if mesh {
+        c.deploy_mesh()?;
+    }
+    println!("{}", c.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"])?);
+    println!(
+        "real cluster {prefix} up in {:.0?}: kubectl --kubeconfig {} (inside `nsenter --net={}`); \
+         nodes' logs in {}/n<i>/logs;\ntear down with `cargo xtask cluster down --real --prefix {prefix}`",
+        t.elapsed(),
+        c.kubeconfig.display(),
+        c.fabric_netns().display(),
+        c.dir.display()
+    );
+    c.detach();
+    Ok(())
 }
 
 fn print_table(c: &Cluster) {

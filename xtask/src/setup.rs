@@ -232,28 +232,38 @@ fn bpf_linker() -> Result<()> {
 /// (`sidenode_tests::kube`): `deploy/kube-testenv.sh install` installs its Debian packages and
 /// builds the apiserver from Debian's source package once, cached under
 /// `${SIDENODE_CACHE:-~/.cache/sidenode}/k8s-1.20.2/`. Idempotent; quiet when all is there.
+/// `deploy/kube-testenv.sh install --node`: etcd and kube-apiserver/controller-manager/scheduler
+/// for the Kubernetes tests, and for the real-node tests (tests/tests/realnode.rs) containerd,
+/// runc, the CNI plugins, buildah, busybox-static, conntrack, iptables (Debian, installed with a
+/// policy-rc.d that keeps containerd's service from starting) and kubelet, kube-proxy and the
+/// pause binary built from the cached Kubernetes source. A fast no-op when all is there.
 fn kube_testenv() -> Result<()> {
     let script = workspace_root().join("deploy/kube-testenv.sh");
     let cache = cache_dir().join("k8s-1.20.2");
-    let built = cache.join("bin/.complete").exists();
+    let built = cache.join("bin/.complete").exists() && cache.join("node-bin/.complete").exists();
     if !built {
         eprintln!(
-            "setup: kube-testenv: installing etcd and building kube-apiserver 1.20.2 for the \
-             Kubernetes tests (6 to 13 minutes the first time; cached in {})",
+            "setup: kube-testenv: installing etcd, containerd, runc, CNI plugins, buildah and \
+             building Kubernetes 1.20.2 (apiserver, controller-manager, scheduler, kubelet, \
+             kube-proxy) for the Kubernetes tests (6 to 15 minutes the first time; cached in {})",
             cache.display()
         );
-        return run_cmd(Command::new("bash").arg(&script).arg("install"));
+        return run_cmd(
+            Command::new("bash")
+                .arg(&script)
+                .args(["install", "--node"]),
+        );
     }
     // Cached: still checks its packages (a fast no-op); output only if something fails.
     let out = Command::new("bash")
         .arg(&script)
-        .arg("install")
+        .args(["install", "--node"])
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {} install", script.display()))?;
+        .with_context(|| format!("running {} install --node", script.display()))?;
     if !out.status.success() {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
-        bail!("{} install failed: {}", script.display(), out.status);
+        bail!("{} install --node failed: {}", script.display(), out.status);
     }
     Ok(())
 }
