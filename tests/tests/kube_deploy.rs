@@ -165,6 +165,33 @@ fn overlays_render_and_pass_server_dry_run() -> Result<()> {
             .filter_map(|c| c["name"].as_str())
             .collect();
         ensure!(names == ["agent", "proxy"], "containers {names:?}");
+        // The only privileged container: the init container that mounts/shares the host's
+        // bpffs from the host's mount namespace.
+        let inits = spec["initContainers"]
+            .as_array()
+            .context("initContainers")?;
+        ensure!(inits.len() == 1, "init containers {inits:?}");
+        let init = &inits[0];
+        ensure!(
+            init["name"] == "mount-bpffs",
+            "init container {}",
+            init["name"]
+        );
+        ensure!(
+            init["args"][0] == "mount-bpffs",
+            "mount-bpffs args {}",
+            init["args"]
+        );
+        ensure!(init["securityContext"]["privileged"] == true);
+        // No fixed cgroup root: found by the agent (pure v2 and hybrid hosts).
+        for c in containers {
+            let args = c["args"].as_array().context("args")?;
+            ensure!(
+                !args.iter().any(|a| a == "--cgroup-root"),
+                "{} has a fixed --cgroup-root",
+                c["name"]
+            );
+        }
         for c in containers {
             let sc = &c["securityContext"];
             ensure!(sc["privileged"] != true, "{} is privileged", c["name"]);
