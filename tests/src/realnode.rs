@@ -71,6 +71,51 @@ fn down_dir(dir: &Path) {
     }
 }
 
+/// The file in an environment's folder naming the process that owns it (a test; `detached`
+/// for `cargo xtask cluster up --real`).
+const OWNER: &str = "owner";
+
+/// Tears down every `/var/tmp/sidenode-real-*` environment whose owning test process is gone
+/// (a run killed before its drop guard could act). Environments of live tests and detached
+/// ones (`cargo xtask cluster up --real`) are left alone.
+pub fn sweep_orphans() {
+    let Ok(entries) = std::fs::read_dir("/var/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(prefix) = name.to_str().and_then(|n| n.strip_prefix("sidenode-real-")) else {
+            continue;
+        };
+        let dir = e.path();
+        let owner = std::fs::read_to_string(dir.join(OWNER)).unwrap_or_default();
+        let orphan = match owner.trim().parse::<u32>() {
+            Ok(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+            // No owner file: a real-up that died half-way, or one run by hand; only if its
+            // node processes are all gone too (real-down is safe on a live one, but not ours).
+            Err(_) => owner.trim() != "detached" && !any_node_alive(&dir),
+        };
+        if orphan {
+            eprintln!(
+                "realnode: removing the orphaned environment {prefix} ({})",
+                dir.display()
+            );
+            down_dir(&dir);
+        }
+    }
+}
+
+fn any_node_alive(dir: &Path) -> bool {
+    let Ok(nodes) = std::fs::read_to_string(dir.join("nodes")) else {
+        return false;
+    };
+    nodes.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    })
+}
+
 /// A running real cluster; torn down on drop.
 #[derive(Debug)]
 pub struct RealCluster {
@@ -99,6 +144,7 @@ impl RealCluster {
         mesh_node: &Path,
         testpod: &Path,
     ) -> Result<RealCluster> {
+        sweep_orphans();
         let dir = real_env_dir(prefix);
         down_dir(&dir);
         let c = RealCluster {
@@ -108,6 +154,9 @@ impl RealCluster {
             nodes,
             stopped: false,
         };
+        std::fs::create_dir_all(&c.dir)
+            .and_then(|()| std::fs::write(c.dir.join(OWNER), std::process::id().to_string()))
+            .with_context(|| format!("writing {}", c.dir.join(OWNER).display()))?;
         let script = crate::kube::testenv_script();
         let out = Command::new("bash")
             .arg(&script)
@@ -338,6 +387,9 @@ impl RealCluster {
     /// Leaves the cluster running past this handle (`cargo xtask cluster up --real`; `down`
     /// removes it with [`down_leftover`]).
     pub fn detach(mut self) {
+        if let Err(e) = std::fs::write(self.dir.join(OWNER), "detached") {
+            eprintln!("writing {}: {e}", self.dir.join(OWNER).display());
+        }
         self.stopped = true;
     }
 
@@ -348,6 +400,7 @@ impl RealCluster {
         }
         self.stopped = true;
         if std::env::var_os("SIDENODE_KEEP_REAL").is_some() {
+            let _ = std::fs::write(self.dir.join(OWNER), "detached");
             eprintln!(
                 "SIDENODE_KEEP_REAL set: leaving {} (tear down with `cargo xtask cluster down --real --prefix {}`)",
                 self.dir.display(),
