@@ -552,6 +552,10 @@ ensure_node_packages() {
         >/dev/null || rc=$?
     [[ $added_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d
     [[ $rc == 0 ]] || die "apt-get install ${missing[*]} failed (exit $rc)"
+    # Not at the next boot either (systemd hosts; best effort, quiet).
+    if [[ " ${missing[*]} " == *" containerd "* ]]; then
+        systemctl disable --now containerd >/dev/null 2>&1 || true
+    fi
 }
 
 node_binaries_ok() {
