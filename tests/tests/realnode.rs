@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use sidenode_tests::cluster::unique_prefix;
 use sidenode_tests::realnode::{MESH_NS, RealCluster, WORKLOAD_IMAGE};
-use sidenode_tests::workload::DialReport;
+use sidenode_tests::workload::{DialReport, mesh_node_path};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::Stdio;
@@ -61,7 +61,9 @@ fn real_cluster() -> Result<()> {
     common::require_root();
     let prefix = unique_prefix('r');
     let t0 = Instant::now();
-    let c = RealCluster::up(&prefix, 2).context("bringing up the real cluster")?;
+    // testpod as cargo built it for this test; mesh-node as the other e2e tests take it.
+    let c = RealCluster::up_with(&prefix, 2, &mesh_node_path(), &common::testpod())
+        .context("bringing up the real cluster")?;
     eprintln!("[realnode] cluster {prefix} up in {:.1?}", t0.elapsed());
     let mut cx = Ctx {
         c,
