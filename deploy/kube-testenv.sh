@@ -521,7 +521,9 @@ NODE_PACKAGES=(containerd runc containernetworking-plugins buildah busybox-stati
 HOST_MOUNTPOINTS=(/var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d
     /run/containerd)
 # Written outside any node (buildah's blob-info cache): removed by `real-down` when new.
-HOST_WRITTEN=(/var/lib/containers)
+# /opt/containerd: containerd's `opt` plugin, moved to the node's folder by its config; listed
+# in case a containerd of another version ignores that.
+HOST_WRITTEN=(/var/lib/containers /opt/containerd)
 SANDBOX_IMAGE=k8s.gcr.io/pause:3.2
 MESH_IMAGE=docker.io/sidenode/mesh-node:testenv
 WORKLOAD_IMAGE=docker.io/sidenode/testpod:testenv
@@ -791,6 +793,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   address = ""
 [metrics]
   address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  # default /opt/containerd, on the machine
+  path = "$nd/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$SANDBOX_IMAGE"
   # root here lacks CAP_SYS_RESOURCE: runc cannot lower a process' OOM score.
@@ -978,7 +983,10 @@ cmd_real_down() {
         local c
         tac "$RDIR/created" | while read -r c; do
             [[ -n $c && -e $c ]] || continue
-            if [[ $c == /var/lib/containers ]]; then rm -rf "$c"; else rmdir "$c" 2>/dev/null || log "left $c (not empty)"; fi
+            case $c in
+            /var/lib/containers | /opt/containerd) rm -rf "$c" ;;
+            *) rmdir "$c" 2>/dev/null || log "left $c (not empty)" ;;
+            esac
         done
     fi
     # Overlay snapshots hold read-only files and nothing is mounted any more: plain removal.
