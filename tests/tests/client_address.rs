@@ -37,10 +37,16 @@ fn rules(c: &Cluster, pod: &str, v6: bool) -> Result<String> {
 }
 
 fn fwmark_accept(c: &Cluster, pod: &str) -> Result<String> {
+    sysctl(c, pod, "ipv4/tcp_fwmark_accept")
+}
+
+/// A sysctl under /proc/sys/net as the pod's namespace has it.
+fn sysctl(c: &Cluster, pod: &str, name: &str) -> Result<String> {
     let ns = netns_of(c, pod)?;
     let out = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{ns}"))
-        .args(["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])
+        .arg("cat")
+        .arg(format!("/proc/sys/net/{name}"))
         .output()?;
     ensure!(out.status.success(), "sysctl in {ns}: {out:?}");
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -78,6 +84,10 @@ fn meshed_pods_see_their_clients_address() -> Result<()> {
         ensure!(rules(&c, pod, false)?.contains(RULE), "{pod}: no IPv4 rule");
         ensure!(rules(&c, pod, true)?.contains(RULE), "{pod}: no IPv6 rule");
         ensure!(fwmark_accept(&c, pod)? == "1", "{pod}: tcp_fwmark_accept");
+        ensure!(
+            sysctl(&c, pod, "ipv4/fwmark_reflect")? == "1",
+            "{pod}: fwmark_reflect"
+        );
     }
 
     let client4 = pod_ip(1, 1);
@@ -127,8 +137,8 @@ fn meshed_pods_see_their_clients_address() -> Result<()> {
         rules(&c, REMOTE, false)?
     );
     ensure!(
-        fwmark_accept(&c, REMOTE)? == "0",
-        "tcp_fwmark_accept not restored"
+        fwmark_accept(&c, REMOTE)? == "0" && sysctl(&c, REMOTE, "ipv6/fwmark_reflect")? == "0",
+        "sysctls not restored"
     );
     // Back in: set up again, and the client's address is seen again.
     c.set_pod_opt_out(REMOTE, false)?;

@@ -6,9 +6,11 @@
 //! they would leave through the pod's interface. Two kernel settings of the pod's namespace
 //! bring them back to the proxy's socket, no packet filter rules involved:
 //! - `net.ipv4.tcp_fwmark_accept = 1` (it covers IPv6 too): a connection accepted from a SYN
-//!   that carries a mark takes that mark, and so do its SYN-ACK and every later packet. The
-//!   proxy's socket carries [`orig_src_mark`]; packets from other namespaces arrive unmarked
-//!   (the kernel clears the mark when a packet crosses namespaces), so nothing else changes;
+//!   that carries a mark takes that mark, and so do its SYN-ACK and every later packet; and
+//!   `net.ipv4|ipv6.fwmark_reflect = 1`: the kernel's replies without a socket (the RST for a
+//!   closed port) take the mark of what they answer. The proxy's socket carries
+//!   [`orig_src_mark`]; packets from other namespaces arrive unmarked (the kernel clears the
+//!   mark when a packet crosses namespaces), so nothing else changes;
 //! - a policy rule `fwmark <that mark> lookup 1337` (IPv4 and IPv6) and, in table 1337, a
 //!   `local` default route through `lo`: the marked replies are delivered locally, to the
 //!   proxy's socket bound to the client's address.
@@ -35,7 +37,16 @@ pub const ROUTE_TABLE: u32 = 1337;
 pub const RULE_PRIORITY: u32 = 1337;
 /// `lo` is interface 1 in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
-const FWMARK_ACCEPT: &str = "ipv4/tcp_fwmark_accept";
+/// The sysctls set to 1 in the pod's namespace: accepted connections take the SYN's mark, and
+/// the kernel's own replies without a socket (the RST to a SYN for a closed port, ICMP
+/// errors) take the mark of the packet they answer, so a refused connection is refused to the
+/// proxy, not sent towards the client's real address. (The IPv6 one is missing when the pod
+/// has no IPv6: then it is skipped.)
+const SYSCTLS: [(&str, bool); 3] = [
+    ("ipv4/tcp_fwmark_accept", true),
+    ("ipv4/fwmark_reflect", true),
+    ("ipv6/fwmark_reflect", false),
+];
 
 /// Why a pod's namespace could not be set up for (or rid of) client addresses.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +76,8 @@ pub enum InPodError {
 /// What [`prepare`] found and did: [`release`] restores it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prepared {
-    /// `tcp_fwmark_accept` before (restored on release).
-    pub fwmark_accept_was: String,
+    /// The sysctls changed, with their values before (restored on release).
+    pub sysctls_were: Vec<(PathBuf, String)>,
     /// The IPv6 rule and route are there (false when the pod has no IPv6).
     pub ipv6: bool,
 }
@@ -131,20 +142,24 @@ pub fn transparent_socket(ns: &File, client: IpAddr) -> io::Result<socket2::Sock
 /// the DaemonSet mounts the host's at `/host/proc/sys/net`); it resolves to the namespace of
 /// the thread that opens it.
 pub fn prepare(path: &Path, proc_sys_net: &Path) -> Result<Prepared, InPodError> {
-    let sysctl = proc_sys_net.join(FWMARK_ACCEPT);
+    let proc_sys_net = proc_sys_net.to_path_buf();
     in_namespace(path, move || {
-        let was = std::fs::read_to_string(&sysctl)
-            .map_err(|source| InPodError::Sysctl {
+        let mut sysctls_were = Vec::new();
+        for (name, required) in SYSCTLS {
+            let sysctl = proc_sys_net.join(name);
+            let err = |source| InPodError::Sysctl {
                 path: sysctl.clone(),
                 source,
-            })?
-            .trim()
-            .to_string();
-        if was != "1" {
-            std::fs::write(&sysctl, "1").map_err(|source| InPodError::Sysctl {
-                path: sysctl.clone(),
-                source,
-            })?;
+            };
+            let was = match std::fs::read_to_string(&sysctl) {
+                Ok(v) => v.trim().to_string(),
+                Err(e) if !required && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(err(e)),
+            };
+            if was != "1" {
+                std::fs::write(&sysctl, "1").map_err(err)?;
+                sysctls_were.push((sysctl.clone(), was));
+            }
         }
         let ipv6 = netlink(|h| async move {
             add_rule_and_route(&h, false).await?;
@@ -152,16 +167,12 @@ pub fn prepare(path: &Path, proc_sys_net: &Path) -> Result<Prepared, InPodError>
             // has no IPv6 clients either.
             Ok(add_rule_and_route(&h, true).await.is_ok())
         })?;
-        Ok(Prepared {
-            fwmark_accept_was: was,
-            ipv6,
-        })
+        Ok(Prepared { sysctls_were, ipv6 })
     })
 }
 
 /// Undoes [`prepare`] in the namespace at `path` (a namespace already gone needs nothing).
-pub fn release(path: &Path, proc_sys_net: &Path, prepared: &Prepared) -> Result<(), InPodError> {
-    let sysctl = proc_sys_net.join(FWMARK_ACCEPT);
+pub fn release(path: &Path, prepared: &Prepared) -> Result<(), InPodError> {
     let prepared = prepared.clone();
     in_namespace(path, move || {
         netlink(|h| async move {
@@ -171,12 +182,10 @@ pub fn release(path: &Path, proc_sys_net: &Path, prepared: &Prepared) -> Result<
             }
             Ok(())
         })?;
-        if prepared.fwmark_accept_was != "1" {
-            std::fs::write(&sysctl, &prepared.fwmark_accept_was).map_err(|source| {
-                InPodError::Sysctl {
-                    path: sysctl.clone(),
-                    source,
-                }
+        for (sysctl, was) in &prepared.sysctls_were {
+            std::fs::write(sysctl, was).map_err(|source| InPodError::Sysctl {
+                path: sysctl.clone(),
+                source,
             })?;
         }
         Ok(())

@@ -81,14 +81,13 @@ impl Pods {
         let Some(ns) = self.by_uid.write().ok().and_then(|mut m| m.remove(uid)) else {
             return;
         };
-        let sys = self.proc_sys_net.clone();
         let uid = uid.to_string();
         let done = tokio::task::spawn_blocking(move || {
             // The namespace file is gone with the pod: nothing to undo.
             if !ns.path.exists() {
                 return Ok(());
             }
-            inpod::release(&ns.path, &sys, &ns.prepared)
+            inpod::release(&ns.path, &ns.prepared)
         })
         .await;
         match done {
