@@ -18,3 +18,20 @@ pub const PROXY_PORTS: [u16; 5] = [OUTBOUND, HBONE, ADMIN, METRICS, READINESS];
 /// `SO_MARK` the node proxy sets on every socket it opens; the capture program never rewrites a
 /// socket carrying it, so the proxy's own connections are not captured (Istio uses 1337 too).
 pub const PROXY_MARK: u32 = 0x539;
+
+/// Set, beside the proxy's mark, on the proxy's connection to a pod that keeps the client's
+/// address (made inside the pod's network namespace from the client's IP, `IP_TRANSPARENT`).
+/// Inside the pod, a policy rule sends packets with this whole mark to the local table, and
+/// `tcp_fwmark_accept` gives the pod's accepted socket the mark of the SYN: the pod's replies
+/// to the client's address come back to the proxy's socket instead of leaving the pod.
+pub const ORIG_SRC_BIT: u32 = 0x8000_0000;
+
+/// The mark of the proxy's connections that keep the client's address.
+pub const fn orig_src_mark(proxy_mark: u32) -> u32 {
+    proxy_mark | ORIG_SRC_BIT
+}
+
+/// Is `mark` one of the proxy's own (with or without the client's-address bit)?
+pub const fn is_proxy_mark(mark: u32, proxy_mark: u32) -> bool {
+    mark & !ORIG_SRC_BIT == proxy_mark
+}

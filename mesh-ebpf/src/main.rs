@@ -33,6 +33,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
+use mesh_common::ports::{is_proxy_mark, orig_src_mark};
 use mesh_common::{
     Addr, CONFIG_F_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
     MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG,
@@ -159,7 +160,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<(u64, &'static ProxyConfig)> {
     }
     let cfg = SN_CONFIG.get(0)?;
     // SAFETY: `sk` is the socket being connected; `mark` is readable.
-    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+    if !sk.is_null() && is_proxy_mark(unsafe { (*sk).mark }, cfg.proxy_mark) {
         bump(Stat::ProxyOwn);
         return None;
     }
@@ -379,7 +380,7 @@ fn to_local_pod(ctx: &SockOpsContext) -> bool {
     // (null unless a full socket).
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     // SAFETY: checked non-null; `mark` is readable through a `bpf_sock`.
-    if sk.is_null() || unsafe { (*sk).mark } != cfg.proxy_mark {
+    if sk.is_null() || !is_proxy_mark(unsafe { (*sk).mark }, cfg.proxy_mark) {
         return false;
     }
     remote_port(ctx.remote_port()) != mesh_common::ports::HBONE
@@ -607,10 +608,16 @@ fn strict_drop(ctx: &SkBuffContext) -> bool {
         return false;
     }
     // The inbound proxy (and the node's own processes, kubelet probes among them) connect
-    // from the node proxy's address.
+    // from the node proxy's address, or, keeping the client's address, from inside the pod
+    // with the proxy's client-address mark (a mark no pod process can set without
+    // CAP_NET_ADMIN, and which the kernel clears on packets that cross network namespaces).
     let Some(cfg) = SN_CONFIG.get(0) else {
         return true;
     };
+    // SAFETY: the kernel-provided `__sk_buff`; `mark` is readable in cgroup_skb programs.
+    if unsafe { (*ctx.skb.skb).mark } == orig_src_mark(cfg.proxy_mark) {
+        return false;
+    }
     let from_proxy = if src[2] == V4_MAPPED_WORD && src[0] == 0 && src[1] == 0 {
         cfg.proxy_ip4 != 0 && src[3] == cfg.proxy_ip4
     } else {

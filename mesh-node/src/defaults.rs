@@ -29,6 +29,10 @@ pub const HBONE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where pins go when `--bpffs` is not given.
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where the proxy writes pods' network sysctls (`--proc-sys-net`): the thread's namespace
+/// decides which namespace a write reaches. The DaemonSet mounts the host's at
+/// `/host/proc/sys/net` (a container's own `/proc/sys` is read-only).
+pub const PROC_SYS_NET: &str = "/proc/sys/net";
 /// Proxy runtime worker threads (see `mesh-node proxy --worker-threads`).
 pub const PROXY_WORKERS: usize = 1;
 /// How often the controller looks for changes from the Kubernetes API (a flag check; the

@@ -23,6 +23,23 @@ pub struct DialResult {
     pub elapsed_ms: u64,
 }
 
+impl DialResult {
+    /// The server's peer is not the client's own socket: a proxy connected on its behalf
+    /// (it may use the client's IP, never its port).
+    pub fn through_proxy(&self) -> bool {
+        matches!((&self.local, &self.server_peer), (Some(l), Some(p)) if l != p)
+    }
+
+    /// Delivered by the destination's node proxy, which keeps the client's address: the
+    /// server's peer is the client's IP with another port. (A proxy connecting from its own
+    /// address, or a direct connection, is not this.)
+    pub fn kept_client_address(&self) -> bool {
+        let ip = |a: &str| a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip());
+        self.through_proxy()
+            && matches!((&self.local, &self.server_peer), (Some(l), Some(p)) if ip(l).is_some() && ip(l) == ip(p))
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DialReport {
     pub results: Vec<DialResult>,
@@ -166,6 +183,8 @@ pub struct Session {
     pub hello: String,
     pub server_local: String,
     pub server_peer: String,
+    /// The client socket's own address (`client=`, added by `testpod session`).
+    pub client_local: String,
 }
 
 impl Session {
@@ -195,14 +214,26 @@ impl Session {
         };
         let (server_local, server_peer) =
             parse_hello(&hello).with_context(|| format!("bad HELLO line {hello:?}"))?;
+        let client_local = hello
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("client="))
+            .unwrap_or_default()
+            .to_string();
         Ok(Session {
             child,
             stdin,
             lines,
             hello,
+            client_local,
             server_local,
             server_peer,
         })
+    }
+
+    /// The server's peer is not the client's own socket: a proxy connected on its behalf
+    /// (it may use the client's IP, never its port).
+    pub fn through_proxy(&self) -> bool {
+        !self.client_local.is_empty() && self.server_peer != self.client_local
     }
 
     /// Send one line and return the echo (5 s timeout).

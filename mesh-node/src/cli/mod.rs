@@ -254,6 +254,15 @@ struct ProxyArgs {
     /// Percentage of new traces sampled (default 100); a request's own sampled flag is kept.
     #[arg(long, requires = "otlp_endpoint", value_parser = crate::telemetry::trace::parse_sampling)]
     trace_sampling: Option<f64>,
+    /// Connect to local meshed pods from the client pod's address (inside the pod's network
+    /// namespace, with a mark rule there), so applications see their real clients. `false`:
+    /// from the node's address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_client_address: bool,
+    /// Where /proc/sys/net is writable, for the pods' `tcp_fwmark_accept` (a container's own
+    /// /proc/sys is read-only: mount the host's there).
+    #[arg(long, default_value = defaults::PROC_SYS_NET)]
+    proc_sys_net: PathBuf,
 }
 
 pub fn main() -> Result<()> {
@@ -318,6 +327,8 @@ pub fn main() -> Result<()> {
                             .trace_sampling
                             .unwrap_or(crate::telemetry::trace::DEFAULT_SAMPLING_PERCENT),
                     }),
+                keep_client_address: p.keep_client_address,
+                proc_sys_net: p.proc_sys_net,
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))

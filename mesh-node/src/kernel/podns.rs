@@ -273,6 +273,30 @@ mod tests {
     }
 
     #[test]
+    fn systemd_driver_with_cri_o_and_containerd_scopes() {
+        // systemd driver: the pod slice holds the runtime's scopes. CRI-O puts `conmon`
+        // (a host-namespace process) in the pod's slice too; the finder skips processes in
+        // the host's namespace, so it is listed here but never taken.
+        let t = tempfile::tempdir().expect("test step");
+        let uid_ = UID.replace('-', "_");
+        let slice = t.path().join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice"
+        ));
+        for (scope, procs) in [
+            ("crio-conmon-0a1b.scope", "31\n"),
+            ("crio-0a1b.scope", "32\n"),
+            ("cri-containerd-2c3d.scope", "33\n"),
+        ] {
+            std::fs::create_dir_all(slice.join(scope)).expect("test step");
+            std::fs::write(slice.join(scope).join("cgroup.procs"), procs).expect("test step");
+        }
+        let found = pod_folders(t.path(), MAX_DEPTH);
+        assert_eq!(found.get(UID), Some(&slice));
+        // Folders in name order: cri-containerd-…, crio-0a1b…, crio-conmon-….
+        assert_eq!(pids_below(&slice, MAX_DEPTH), vec![33, 32, 31]);
+    }
+
+    #[test]
     fn errors_name_the_pod_and_the_folder() {
         let t = tempfile::tempdir().expect("test step");
         let mut f = PodNetnsFinder::with_host(t.path(), None);

@@ -122,14 +122,19 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
             });
         }
         prefetched = local;
+        let mut closed = Vec::new();
         open.retain(|uid, (spec, task)| {
             let keep = want.get(uid).is_some_and(|(s, _)| s == spec);
             if !keep {
                 task.abort();
                 info!(pod = %uid, "HBONE listener closed");
+                closed.push(uid.clone());
             }
             keep
         });
+        for uid in closed {
+            mesh.pods.close(&uid).await;
+        }
         for (uid, (spec, path)) in want {
             if open.contains_key(&uid) {
                 continue;
@@ -137,6 +142,12 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
             let addr = SocketAddr::new(spec.ip, mesh_common::ports::HBONE);
             match bind_in_netns(Path::new(&path), addr).and_then(TcpListener::from_std) {
                 Ok(l) => {
+                    // The last leg from the clients' addresses, set up before the first
+                    // accept: without it (a read-only /proc/sys, no CAP_NET_ADMIN) the pod is
+                    // served from the node's address.
+                    if let Err(e) = mesh.pods.open(&uid, &path).await {
+                        warn!(pod = %uid, error = %e, "the pod will see the node's address as its clients'");
+                    }
                     info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
                     let task = tokio::spawn(accept_loop(
                         l,
@@ -257,6 +268,7 @@ async fn accept_loop(
                     state: mesh.state.clone(),
                     tunnels: mesh.authz.clone(),
                     limiter: mesh.limiter.clone(),
+                    pods: mesh.pods.clone(),
                 });
                 server::serve(tls, conn).await;
             }

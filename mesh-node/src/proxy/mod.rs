@@ -17,6 +17,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod pod;
 pub mod ratelimit;
 pub mod route;
 pub mod socket;
@@ -65,6 +66,10 @@ pub struct ProxyConfig {
     pub retry_interval: Duration,
     /// Distributed tracing (`--otlp-endpoint`); `None`: off.
     pub tracing: Option<crate::telemetry::trace::Settings>,
+    /// Connect to local pods from the client's address (`--keep-client-address`).
+    pub keep_client_address: bool,
+    /// Where `/proc/sys/net` is writable (`--proc-sys-net`).
+    pub proc_sys_net: PathBuf,
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -79,6 +84,8 @@ pub struct Mesh {
     /// This node's name: a meshed destination on it is reached without a tunnel
     /// (`outbound::local`).
     pub node: String,
+    /// Local pods set up so the proxy connects to them from their clients' addresses.
+    pub pods: Arc<pod::Pods>,
 }
 
 /// What every connection handler shares.
@@ -200,6 +207,10 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         authz: Default::default(),
         limiter: Default::default(),
         node: cfg.node.clone(),
+        pods: Arc::new(pod::Pods::new(
+            cfg.keep_client_address,
+            cfg.proc_sys_net.clone(),
+        )),
     });
     tokio::spawn(certs.renew_forever());
     tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));

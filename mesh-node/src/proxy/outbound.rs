@@ -500,6 +500,7 @@ async fn local(
         state: mesh.state.clone(),
         tunnels: mesh.authz.clone(),
         limiter: mesh.limiter.clone(),
+        pods: mesh.pods.clone(),
     });
     let span = info_span!("inbound", src_identity = %src_id, target = %dst, client = %c.peer, local = true);
     match server::admit(&conn, dst, c.peer.ip(), &span).await {

@@ -371,6 +371,7 @@ fn dial(to: &[SocketAddr], conns: usize, concurrency: usize, hold_ms: u64) -> Re
 
 fn session(to: SocketAddr) -> Result<()> {
     let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).context("connect")?;
+    let client = s.local_addr().context("local_addr")?;
     let mut w = s.try_clone().context("clone")?;
     let mut rd = BufReader::new(s);
     let mut out = std::io::stdout();
@@ -379,7 +380,9 @@ fn session(to: SocketAddr) -> Result<()> {
     if hello.is_empty() {
         bail!("connection closed before HELLO");
     }
-    out.write_all(hello.as_bytes()).context("stdout")?;
+    // The server's line, and this end's own address (`client=`).
+    out.write_all(format!("{} client={client}\n", hello.trim_end()).as_bytes())
+        .context("stdout")?;
     out.flush().context("stdout")?;
     for line in std::io::stdin().lock().lines() {
         let line = line.context("reading stdin")?;

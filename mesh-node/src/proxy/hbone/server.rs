@@ -19,8 +19,8 @@ use super::{
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
 use crate::proxy::authz;
+use crate::proxy::pod;
 use crate::proxy::ratelimit;
-use crate::proxy::socket::connect_marked;
 use crate::state::{NodeState, StateRx};
 use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
 use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
@@ -39,6 +39,8 @@ pub struct Conn {
     pub tunnels: Arc<authz::registry::Registry>,
     /// `RateLimitPolicy` buckets of this node's workloads.
     pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
+    /// Pods connected to from their clients' addresses.
+    pub pods: Arc<crate::proxy::pod::Pods>,
 }
 
 pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
@@ -345,9 +347,15 @@ pub async fn admit(
             per_request || crate::telemetry::trace::per_request(&st, &conn.pod, target.port());
         (per_request, meta)
     };
-    let upstream = match connect_marked(target, conn.connect_timeout)
-        .instrument(span.clone())
-        .await
+    let upstream = match pod::connect(
+        &conn.pods,
+        &conn.pod,
+        target,
+        client_ip,
+        conn.connect_timeout,
+    )
+    .instrument(span.clone())
+    .await
     {
         Ok(s) => s,
         Err(e) => {

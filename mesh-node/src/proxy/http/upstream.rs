@@ -98,8 +98,15 @@ impl Key {
         Key {
             cluster: cluster.to_string(),
             endpoint,
+            // Per client address too: the destination sees it (as the `forwarded` client, or
+            // as the connection's source address), so a connection serves only its client.
             src: match route {
-                Route::Hbone { src_id, .. } | Route::Local { src_id, .. } => src_id.to_string(),
+                Route::Hbone {
+                    src_id, client_ip, ..
+                }
+                | Route::Local {
+                    src_id, client_ip, ..
+                } => format!("{src_id}@{client_ip}"),
                 Route::Direct => String::new(),
             },
             proto,
@@ -409,6 +416,7 @@ async fn dial(
                 state: mesh.state.clone(),
                 tunnels: mesh.authz.clone(),
                 limiter: mesh.limiter.clone(),
+                pods: mesh.pods.clone(),
             });
             let span = tracing::info_span!("inbound", src_identity = %src_id, target = %endpoint, local = true);
             let admitted = server::admit(&conn, endpoint, *client_ip, &span)
