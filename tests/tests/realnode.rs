@@ -50,6 +50,10 @@ const STEPS: &[(&str, Step)] = &[
         "cross-node connection over HBONE, both identities",
         cross_node_hbone,
     ),
+    (
+        "meshed destination sees the client pod's address",
+        client_address_kept,
+    ),
     ("ClusterIP Service routed by the mesh", service_routed),
     ("DaemonSet rolling update: no capture gap", rolling_update),
     ("deleted pod leaves no map entries", deleted_pod),
@@ -344,16 +348,34 @@ fn cross_node_hbone(cx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Issue 13 item 5 on real pods: echo (behind node 2's proxy) sees client's pod address as the
+/// peer of a meshed cross-node connection, not a node's.
+fn client_address_kept(cx: &mut Ctx) -> Result<()> {
+    let to = format!("{}:{ECHO_PORT}", cx.ips[ECHO]);
+    let r = dial(cx, &to, 1)?;
+    let d = r.results.first().context("no dial result")?;
+    ensure!(d.echo_ok, "dial {to}: {d:?}");
+    let peer = d.server_peer.as_deref().unwrap_or_default();
+    let want = format!("{}:", cx.ips[CLIENT]);
+    ensure!(
+        peer.starts_with(&want),
+        "echo saw the connection from {peer:?}, not from the client pod {}",
+        cx.ips[CLIENT]
+    );
+    Ok(())
+}
+
 fn service_routed(cx: &mut Ctx) -> Result<()> {
     let to = format!("{SERVICE_IP}:80");
     dial_ok(cx, &to, 2)?;
     let svc = format!("{ECHO}.{NS}.svc.cluster.local");
     // The source proxy resolved the VIP (the Service is in its labels); the destination proxy
-    // counts every tunnel to echo (3 earlier + 2), naming echo's Service whatever was dialled.
+    // counts every tunnel to echo (3 + 1 earlier, + 2), naming echo's Service whatever was
+    // dialled.
     cx.c.wait_for("2 connections to the Service counted", WAIT, || {
         let (src, _) = hbone_counts(cx, &[("destination_service", &svc)])?;
         let (_, dst) = hbone_counts(cx, &[])?;
-        Ok((src == 2.0 && dst == 5.0).then_some(()))
+        Ok((src == 2.0 && dst == 6.0).then_some(()))
     })?;
     Ok(())
 }
