@@ -43,6 +43,9 @@ pub struct Enroller {
     last: BTreeMap<ObjKey, Entry>,
     /// Problems already reported (reported again only after they were gone).
     reported: Vec<String>,
+    /// Network namespaces handed over by the CNI plugin (`agent::cni`), by pod: used before
+    /// the pod-UID search, so a pod enrolled at `ADD` keeps the same cookie in every reconcile.
+    cni_netns: HashMap<ObjKey, String>,
 }
 
 /// Counts of one reconcile, for logs and tests.
@@ -114,6 +117,7 @@ impl Enroller {
             pods: None,
             last: BTreeMap::new(),
             reported: Vec::new(),
+            cni_netns: HashMap::new(),
         }
     }
 
@@ -165,6 +169,16 @@ impl Enroller {
                     pod.origin, pod.key
                 )
             });
+        }
+        if let Some(path) = self.cni_netns.get(&pod.key).cloned() {
+            match self.cookie(Path::new(&path), used) {
+                Ok(c) => return Ok(c),
+                // Gone without a DEL (the runtime crashed): forget it, search by UID.
+                Err(e) => {
+                    warn!(pod = %pod.key, netns = %path, error = %e, "CNI network namespace gone");
+                    self.cni_netns.remove(&pod.key);
+                }
+            }
         }
         let Some(uid) = &pod.pod_uid else {
             return Err(format!(
@@ -220,6 +234,51 @@ impl Enroller {
         // Keep only the cookies of namespaces in use: a dead namespace's inode can come back.
         self.cookies = used;
         (want, problems)
+    }
+
+    /// Enrolls `pod` at once with the network namespace the CNI plugin handed over (CNI
+    /// `ADD`), and remembers that namespace for later reconciles. Returns the cookie.
+    pub fn enroll_now(
+        &mut self,
+        pod: &Candidate,
+        netns: &str,
+        maps: &mut NodeMaps,
+    ) -> Result<u64, String> {
+        let cookie = netns_cookie(Path::new(netns)).map_err(|e| e.to_string())?;
+        let workload = workload_of(pod);
+        maps.enrolled
+            .insert(cookie, workload, 0)
+            .map_err(|e| format!("writing SN_ENROLLED: {e}"))?;
+        self.cni_netns.insert(pod.key.clone(), netns.to_string());
+        self.last
+            .insert(pod.key.clone(), Entry { cookie, workload });
+        info!(pod = %pod.key, cookie, netns, ip = %pod.ip, "enrolled (CNI)");
+        Ok(cookie)
+    }
+
+    /// Removes `key`'s enrollment at once (CNI `DEL`). The next reconcile enrolls the pod
+    /// again only if its namespace can still be found (a pod whose sandbox is gone cannot).
+    pub fn release_now(&mut self, key: &ObjKey, maps: &mut NodeMaps) -> bool {
+        self.cni_netns.remove(key);
+        let Some(prev) = self.last.remove(key) else {
+            return false;
+        };
+        match maps.enrolled.remove(&prev.cookie) {
+            Ok(()) => {
+                info!(pod = %key, cookie = prev.cookie, "un-enrolled (CNI DEL)");
+                true
+            }
+            Err(e) => {
+                // Already gone (a reconcile removed it): nothing to do.
+                warn!(pod = %key, cookie = prev.cookie, error = %e, "removing an enrollment (CNI DEL)");
+                false
+            }
+        }
+    }
+
+    /// Is `key` enrolled (as of the last reconcile or CNI `ADD`)?
+    pub fn is_enrolled(&self, key: &ObjKey) -> bool {
+        self.last.contains_key(key)
     }
 
     /// Brings the kernel map in line with the snapshot.
