@@ -164,7 +164,10 @@ fn overlays_render_and_pass_server_dry_run() -> Result<()> {
             .iter()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        ensure!(names == ["agent", "proxy"], "containers {names:?}");
+        ensure!(
+            names == ["agent", "install-cni", "proxy"],
+            "containers {names:?}"
+        );
         for c in containers {
             let sc = &c["securityContext"];
             ensure!(sc["privileged"] != true, "{} is privileged", c["name"]);
