@@ -82,6 +82,18 @@ struct Run {
 
 /// One plugin run as a runtime makes it.
 fn run_plugin(command: &str, netns: &str, pod: &str, ns: &str, conf: &str) -> Result<Run> {
+    run_plugin_uid(command, netns, pod, ns, UID, conf)
+}
+
+/// As [`run_plugin`], with the pod's UID.
+fn run_plugin_uid(
+    command: &str,
+    netns: &str,
+    pod: &str,
+    ns: &str,
+    uid: &str,
+    conf: &str,
+) -> Result<Run> {
     let start = Instant::now();
     let mut child = Command::new(plugin_path())
         .env_clear()
@@ -92,7 +104,7 @@ fn run_plugin(command: &str, netns: &str, pod: &str, ns: &str, conf: &str) -> Re
         .env("CNI_PATH", "/nonexistent")
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID=sandbox-{pod};K8S_POD_UID={UID}"),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID=sandbox-{pod};K8S_POD_UID={uid}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -349,4 +361,88 @@ fn installer_round_trip_on_temp_dirs() -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Kubernetes mode (real kube-apiserver, controller reading it): the controller's state has a
+/// pod only once it has an address, after `ADD`; the agent reads the Pod and its Namespace
+/// from the API instead, enrolls at once, and keeps the enrollment until the state has the pod.
+#[test]
+fn kubernetes_mode_new_pod_enrolled_from_the_api_at_add() -> Result<()> {
+    let _turn = serial();
+    require_root();
+    let mut c = TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('c'),
+        nodes: 2,
+        pods: 2,
+        mesh_node: mesh_node_path(),
+        kube: true,
+        mesh: true,
+        cni: true,
+        ..Default::default()
+    })?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    let socket = c.cni_socket("node1");
+    let pod = c.add_pod("node1", "mesh", false)?;
+    let ip = c.pod(&pod)?.ip.clone();
+    let netns = netns_path(&c.pod(&pod)?.netns);
+    // The Pod as the scheduler left it: bound to node1, no status (no address yet).
+    let obj = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": "mesh", "labels": {"app": pod}},
+        "spec": {"nodeName": "node1", "serviceAccountName": "sa-node1-pod1",
+                 "containers": [{"name": "app", "image": "testpod"}]}
+    });
+    let file = c.state_dir.join("tmp").join("cni-pod.json");
+    std::fs::write(&file, obj.to_string())?;
+    c.kubectl(&["create", "-f", &file.to_string_lossy()])?;
+    let uid = c
+        .pod_uids()?
+        .get(&("mesh".to_string(), pod.clone()))
+        .cloned()
+        .context("no uid for the new pod")?;
+
+    let add = run_plugin_uid(
+        "ADD",
+        &netns,
+        &pod,
+        "mesh",
+        &uid,
+        &net_conf(&socket, "closed", &ip),
+    )?;
+    ensure!(add.ok, "ADD failed: {} {}", add.stdout, add.stderr);
+    ensure!(
+        add.stderr.contains("Enrolled"),
+        "ADD was not answered enrolled: {}",
+        add.stderr
+    );
+    eprintln!("ADD took {:?}", add.took);
+    let r = dial_one(&c, &pod, TARGET)?;
+    ensure!(
+        r.server_peer.as_deref().map(ip_of) == Some(c.node("node1")?.ip.as_str()),
+        "the pod's first connection was not captured: {r:?}"
+    );
+    // Still enrolled while the state has no address for the pod, and after it has one.
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        is_enrolled(&c, "mesh", &pod)?,
+        "the reconcile dropped the CNI enrollment"
+    );
+    c.set_pod_ready(&pod, "mesh", true)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        is_enrolled(&c, "mesh", &pod)?,
+        "not enrolled once the state has the pod"
+    );
+    expect_captured(&c, &pod, TARGET, true)?;
+    let del = run_plugin_uid(
+        "DEL",
+        &netns,
+        &pod,
+        "mesh",
+        &uid,
+        &net_conf(&socket, "closed", &ip),
+    )?;
+    ensure!(del.ok, "DEL: {}", del.stdout);
+    ensure!(!is_enrolled(&c, "mesh", &pod)?, "still enrolled after DEL");
+    Ok(())
 }

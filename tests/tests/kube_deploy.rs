@@ -265,6 +265,8 @@ fn rbac_grants_what_each_component_needs_and_no_more() -> Result<()> {
         (agent, &["patch", "pods", "-n", "default"], true),
         (agent, &["watch", "pods", "--all-namespaces"], true),
         (agent, &["get", "nodes"], true),
+        (agent, &["get", "namespaces"], true),
+        (agent, &["list", "namespaces"], false),
         (agent, &["list", "nodes"], false),
         (agent, &["get", "secrets", "-n", "sidenode-system"], false),
         (

@@ -8,6 +8,12 @@
 //! namespace path the plugin sent. A pod the state does not have yet (or has with another UID)
 //! is parked and looked at again after every reconcile, for up to `--cni-wait`; then the agent
 //! answers `unknown` and the reconcile stays the backstop.
+//!
+//! With a Kubernetes client (`--pod-status`), a parked pod is also looked up in the API: its
+//! Pod and Namespace, with the address from the CNI result, go through the same conversion and
+//! rule as the state's (`convert_json`, `Candidate::from_snapshot`). On Kubernetes the
+//! controller's state has a pod only once it has an address, after `ADD`, so this is what
+//! enrolls a new pod there; the enroller keeps such an enrollment until the state catches up.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::enroll::{Candidate, Enroller};
 use crate::cni::protocol::{self, Command, Outcome, Reply, Request};
 use crate::kernel::maps::NodeMaps;
-use crate::model::{ObjKey, Snapshot};
+use crate::model::{ObjKey, Origin, Snapshot};
 use crate::state::NodeState;
 
 /// `--cni-socket` / `--cni-wait`.
@@ -90,9 +96,19 @@ impl Known {
     }
 }
 
+/// A finished API lookup: container id → the candidate (meshed), `None` (not meshed), or why
+/// it could not be decided.
+type Lookup = (String, Result<Option<Candidate>, String>);
+
 /// The loop's handle on the socket: requests in, parked ones with their deadline.
 pub struct Front {
     rx: Option<mpsc::Receiver<Pending>>,
+    kube: Option<kube::Client>,
+    node: String,
+    lookups_tx: mpsc::Sender<Lookup>,
+    lookups_rx: mpsc::Receiver<Lookup>,
+    /// Container ids with a lookup in flight.
+    looking: std::collections::BTreeSet<String>,
     parked: Vec<(Pending, Instant)>,
     wait: Duration,
     tick: tokio::time::Interval,
@@ -103,16 +119,28 @@ pub struct Front {
 /// What woke the loop.
 pub enum Event {
     Request(Pending),
+    Lookup(Lookup),
     Tick,
 }
 
 impl Front {
-    /// Starts listening when `settings` is given; otherwise a front that never wakes.
-    pub fn start(settings: Option<&CniSettings>) -> Result<Front> {
+    /// Starts listening when `settings` is given; otherwise a front that never wakes. With
+    /// `kube`, pods the state does not have are looked up in the Kubernetes API.
+    pub async fn start(
+        settings: Option<&CniSettings>,
+        node: &str,
+        kube: Option<&super::status::StatusConfig>,
+    ) -> Result<Front> {
         let mut tick = tokio::time::interval(PARK_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (lookups_tx, lookups_rx) = mpsc::channel(256);
         let mut f = Front {
             rx: None,
+            kube: None,
+            node: node.to_string(),
+            lookups_tx,
+            lookups_rx,
+            looking: Default::default(),
             parked: Vec::new(),
             wait: Duration::ZERO,
             tick,
@@ -125,6 +153,14 @@ impl Front {
             info!(socket = %s.socket.display(), wait = ?s.wait, "CNI socket listening");
             f.rx = Some(rx);
             f.wait = s.wait;
+            if let Some(k) = kube {
+                match super::status::client(k).await {
+                    Ok(c) => f.kube = Some(c),
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "no Kubernetes client for CNI lookups; pods the state lacks are answered from the state only")
+                    }
+                }
+            }
         }
         Ok(f)
     }
@@ -140,6 +176,7 @@ impl Front {
                 Some(p) => Event::Request(p),
                 None => std::future::pending().await,
             },
+            Some(l) = self.lookups_rx.recv() => Event::Lookup(l),
             _ = self.tick.tick(), if parked => Event::Tick,
         }
     }
@@ -152,9 +189,51 @@ impl Front {
         enroller: &mut Enroller,
         maps: &mut NodeMaps,
     ) {
-        if let Event::Request(p) = ev {
-            let deadline = Instant::now() + self.wait;
-            self.parked.push((p, deadline));
+        match ev {
+            Event::Request(p) => {
+                let deadline = Instant::now() + self.wait;
+                self.parked.push((p, deadline));
+            }
+            Event::Lookup((id, res)) => {
+                self.looking.remove(&id);
+                if let Some(i) = self
+                    .parked
+                    .iter()
+                    .position(|(p, _)| p.req.container_id == id)
+                {
+                    let (p, deadline) = self.parked.swap_remove(i);
+                    let _span = info_span!("cni", pod = %format!("{}/{}", p.req.pod_namespace, p.req.pod_name), container = %id).entered();
+                    match res {
+                        Ok(Some(cand)) => {
+                            self.containers.insert(id, cand.key.clone());
+                            let reply = match enroller.enroll_now(&cand, &p.req.netns, maps) {
+                                Ok(cookie) => Reply::new(
+                                    Outcome::Enrolled,
+                                    format!(
+                                        "netns cookie {cookie} (pod read from the Kubernetes API)"
+                                    ),
+                                ),
+                                Err(e) => {
+                                    Reply::new(Outcome::Error, format!("{}: {e}", p.req.netns))
+                                }
+                            };
+                            answer(p, reply);
+                        }
+                        Ok(None) => answer(
+                            p,
+                            Reply::new(
+                                Outcome::NotMeshed,
+                                "not in the mesh (from the Kubernetes API)",
+                            ),
+                        ),
+                        Err(e) => {
+                            warn!(error = %e, "Kubernetes lookup for a CNI request");
+                            self.parked.push((p, deadline));
+                        }
+                    }
+                }
+            }
+            Event::Tick => {}
         }
         self.recheck(known, enroller, maps);
     }
@@ -179,7 +258,24 @@ impl Front {
                     );
                     answer(p, Reply::new(Outcome::Unknown, msg));
                 }
-                None => self.parked.push((p, deadline)),
+                None => {
+                    if let Some(client) = &self.kube
+                        && p.req.command == Command::Add
+                        && self.looking.insert(p.req.container_id.clone())
+                    {
+                        let (client, req, node, tx) = (
+                            client.clone(),
+                            p.req.clone(),
+                            self.node.clone(),
+                            self.lookups_tx.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let res = lookup(client, &req, &node).await;
+                            let _ = tx.send((req.container_id.clone(), res)).await;
+                        });
+                    }
+                    self.parked.push((p, deadline));
+                }
             }
         }
     }
@@ -249,6 +345,61 @@ impl Front {
             }
         }
     }
+}
+
+/// The pod of `req` as the reconcile would see it, from the Kubernetes API: its Pod and
+/// Namespace with the address the network plugin gave it (the API does not have it yet), through
+/// the same conversion and rule as every source. `Ok(None)`: not meshed (or not this node's).
+async fn lookup(
+    client: kube::Client,
+    req: &Request,
+    node: &str,
+) -> Result<Option<Candidate>, String> {
+    use k8s_openapi::api::core::v1::{Namespace as KNamespace, Pod as KPod};
+    use kube::api::Api;
+    let pods: Api<KPod> = Api::namespaced(client.clone(), &req.pod_namespace);
+    let pod = pods
+        .get(&req.pod_name)
+        .await
+        .map_err(|e| format!("getting Pod {}/{}: {e}", req.pod_namespace, req.pod_name))?;
+    let namespaces: Api<KNamespace> = Api::all(client);
+    let ns = namespaces
+        .get(&req.pod_namespace)
+        .await
+        .map_err(|e| format!("getting Namespace {}: {e}", req.pod_namespace))?;
+    let mut pv = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
+    let uid = pv["metadata"]["uid"].as_str().unwrap_or_default();
+    if !req.pod_uid.is_empty() && uid != req.pod_uid {
+        return Err(format!(
+            "the API's pod {}/{} has uid {uid}, not {}",
+            req.pod_namespace, req.pod_name, req.pod_uid
+        ));
+    }
+    let Some(first) = req.ips.first() else {
+        return Err("no address in the CNI result".into());
+    };
+    pv["status"]["podIP"] = serde_json::Value::String(first.clone());
+    pv["status"]["podIPs"] = req
+        .ips
+        .iter()
+        .map(|ip| serde_json::json!({ "ip": ip }))
+        .collect();
+    let nv = serde_json::to_value(&ns).map_err(|e| e.to_string())?;
+    let mut snap = Snapshot::default();
+    for (kind, v) in [("Namespace", &nv), ("Pod", &pv)] {
+        let origin = Origin::kubernetes(format!("Kubernetes API (CNI ADD {})", req.container_id));
+        match crate::config::parse::convert_json(kind, v, origin) {
+            Some(Ok(o)) => snap.insert(o),
+            Some(Err(e)) => {
+                return Err(format!(
+                    "{kind} {}/{}: {e}",
+                    req.pod_namespace, req.pod_name
+                ));
+            }
+            None => return Err(format!("{kind}: not convertible")),
+        }
+    }
+    Ok(Candidate::from_snapshot(&snap, node).into_iter().next())
 }
 
 fn answer(p: Pending, reply: Reply) {

@@ -46,7 +46,14 @@ pub struct Enroller {
     /// Network namespaces handed over by the CNI plugin (`agent::cni`), by pod: used before
     /// the pod-UID search, so a pod enrolled at `ADD` keeps the same cookie in every reconcile.
     cni_netns: HashMap<ObjKey, String>,
+    /// When each CNI enrollment was made: until `CNI_GRACE` has passed, it is kept even if the
+    /// state does not list the pod yet (on Kubernetes, the state has a pod only once the
+    /// kubelet reported its address, after the CNI `ADD`).
+    cni_since: HashMap<ObjKey, std::time::Instant>,
 }
+
+/// How long a CNI enrollment of a pod the state does not list yet is kept.
+pub const CNI_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Counts of one reconcile, for logs and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -118,6 +125,7 @@ impl Enroller {
             last: BTreeMap::new(),
             reported: Vec::new(),
             cni_netns: HashMap::new(),
+            cni_since: HashMap::new(),
         }
     }
 
@@ -231,6 +239,15 @@ impl Enroller {
                 }
             }
         }
+        // CNI enrollments of pods the state does not list yet stay for a while.
+        self.cni_since.retain(|_, t| t.elapsed() < CNI_GRACE);
+        for key in self.cni_since.keys() {
+            if !want.contains_key(key)
+                && let Some(prev) = self.last.get(key)
+            {
+                want.insert(key.clone(), *prev);
+            }
+        }
         // Keep only the cookies of namespaces in use: a dead namespace's inode can come back.
         self.cookies = used;
         (want, problems)
@@ -250,6 +267,8 @@ impl Enroller {
             .insert(cookie, workload, 0)
             .map_err(|e| format!("writing SN_ENROLLED: {e}"))?;
         self.cni_netns.insert(pod.key.clone(), netns.to_string());
+        self.cni_since
+            .insert(pod.key.clone(), std::time::Instant::now());
         self.last
             .insert(pod.key.clone(), Entry { cookie, workload });
         info!(pod = %pod.key, cookie, netns, ip = %pod.ip, "enrolled (CNI)");
@@ -260,6 +279,7 @@ impl Enroller {
     /// again only if its namespace can still be found (a pod whose sandbox is gone cannot).
     pub fn release_now(&mut self, key: &ObjKey, maps: &mut NodeMaps) -> bool {
         self.cni_netns.remove(key);
+        self.cni_since.remove(key);
         let Some(prev) = self.last.remove(key) else {
             return false;
         };

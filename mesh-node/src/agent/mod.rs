@@ -85,7 +85,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .clone()
         .map(|s| status::spawn(s, cfg.node.clone()));
     // The CNI plugin's requests are answered inside this loop (it owns the enroller and maps).
-    let mut cni_front = cni::Front::start(cfg.cni.as_ref())?;
+    let mut cni_front =
+        cni::Front::start(cfg.cni.as_ref(), &cfg.node, cfg.pod_status.as_ref()).await?;
     let mut known = cni::Known::default();
     match &cfg.source {
         Source::Files(dir) => {
