@@ -357,6 +357,29 @@ fn installer_round_trip_on_temp_dirs() -> Result<()> {
             "not restored: {back}"
         );
         ensure!(!bin.join("sidenode-cni").exists(), "binary left");
+        // `mesh-node uninstall --cni-conf-dir` does the same (here with an empty pin folder).
+        run(&install)?;
+        let pins = dir.join("bpffs");
+        let p = pins.to_string_lossy();
+        run(&[
+            "uninstall",
+            "--bpffs",
+            &p,
+            "--cni-conf-dir",
+            &c,
+            "--cni-bin-dir",
+            &b,
+        ])?;
+        let back: Value =
+            serde_json::from_str(&std::fs::read_to_string(conf.join("10-bridge.conf"))?)?;
+        ensure!(
+            back == serde_json::from_str::<Value>(bridge)?,
+            "not restored by uninstall: {back}"
+        );
+        ensure!(
+            !bin.join("sidenode-cni").exists() && !conf.join("10-bridge.conflist").exists(),
+            "left after uninstall"
+        );
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);

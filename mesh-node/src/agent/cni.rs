@@ -191,6 +191,23 @@ impl Front {
     ) {
         match ev {
             Event::Request(p) => {
+                if p.req.command == Command::Del {
+                    // An ADD of the same sandbox still waiting (state or API): it is gone now.
+                    let id = p.req.container_id.clone();
+                    let (gone, keep) = std::mem::take(&mut self.parked)
+                        .into_iter()
+                        .partition(|(q, _)| q.req.container_id == id);
+                    self.parked = keep;
+                    for (q, _) in gone {
+                        answer(
+                            q,
+                            Reply::new(
+                                Outcome::Error,
+                                "the sandbox was deleted (CNI DEL) before it could be enrolled",
+                            ),
+                        );
+                    }
+                }
                 let deadline = Instant::now() + self.wait;
                 self.parked.push((p, deadline));
             }
