@@ -469,3 +469,123 @@ fn kubernetes_mode_new_pod_enrolled_from_the_api_at_add() -> Result<()> {
     ensure!(!is_enrolled(&c, "mesh", &pod)?, "still enrolled after DEL");
     Ok(())
 }
+
+/// Chained after Debian's real `bridge` + `host-local` plugins (containernetworking-plugins),
+/// as a runtime chains them: the bridge plugin runs in node 1's namespace (the test's own) and
+/// wires a fresh pod namespace to a bridge there; its result is the `prevResult` of
+/// `sidenode-cni`. The pod's subnet is not routed back from node 2, so the pod's first
+/// connection only works if it was captured (the node proxy connects from the node's address).
+#[test]
+fn chained_after_the_real_bridge_plugin() -> Result<()> {
+    let bridge = Path::new("/usr/lib/cni/bridge");
+    if !bridge.exists() {
+        eprintln!(
+            "skipped: {} not installed (containernetworking-plugins)",
+            bridge.display()
+        );
+        return Ok(());
+    }
+    let _turn = serial();
+    let c = cni_cluster()?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    let socket = c.cni_socket("node1");
+    let p = &c.opts.prefix;
+    let pod_ns = format!("{p}-brpod");
+    let sh = |args: &[&str]| -> Result<()> {
+        let out = Command::new(args[0]).args(&args[1..]).output()?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    sh(&["ip", "netns", "add", &pod_ns])?;
+    let netns = netns_path(&pod_ns);
+    let node_ns = netns_path(&c.node("node1")?.netns);
+    let ipam_dir = c.state_dir.join("tmp").join("ipam");
+    let bridge_conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "sn-bridge", "type": "bridge", "bridge": "snbr0",
+        "isGateway": true,
+        "ipam": {"type": "host-local", "dataDir": ipam_dir,
+                 "ranges": [[{"subnet": "10.251.0.0/24"}]],
+                 "routes": [{"dst": "0.0.0.0/0"}]}
+    });
+    let container = format!("sandbox-{p}-br");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={node_ns}"))
+        .arg("--")
+        .arg(bridge)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", &container)
+        .env("CNI_NETNS", &netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("bridge stdin")?
+        .write_all(bridge_conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "bridge ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let prev: Value = serde_json::from_slice(&out.stdout).context("bridge result")?;
+    let ip = prev["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("bridge result has no address")?
+        .to_string();
+
+    // The Pod object (written now: the agent's wait covers the state catching up).
+    let pod = "node1-br";
+    c.write_config_file("cni-br.yaml", &pod_yaml(pod, "mesh", &ip))?;
+    let mut conf: Value = serde_json::from_str(&net_conf(&socket, "closed", &ip))?;
+    conf["prevResult"] = prev.clone();
+    let add = run_plugin("ADD", &netns, pod, "mesh", &conf.to_string())?;
+    ensure!(add.ok, "ADD: {} {}", add.stdout, add.stderr);
+    let result: Value = serde_json::from_str(add.stdout.trim())?;
+    ensure!(
+        result["ips"] == prev["ips"] && result["interfaces"] == prev["interfaces"],
+        "prevResult not passed through: {result}"
+    );
+
+    // The pod's process: joins a cgroup below node 1's, enters the namespace, connects.
+    let cg = c.node_cgroup("node1").join("podbr");
+    std::fs::create_dir_all(&cg)?;
+    let script = format!(
+        "echo $$ > {} && exec nsenter --net={netns} -- {} dial --to {TARGET} --conns 1 --concurrency 1 --hold-ms 0",
+        cg.join("cgroup.procs").display(),
+        testpod().display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| {
+            format!(
+                "no dial report: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let report: sidenode_tests::workload::DialReport = serde_json::from_str(line)?;
+    let r = report.results.first().context("empty dial report")?;
+    ensure!(
+        r.echo_ok && r.server_peer.as_deref().map(ip_of) == Some(c.node("node1")?.ip.as_str()),
+        "the bridge pod's first connection was not captured: {r:?}"
+    );
+    eprintln!("bridge pod {ip}: {r:?}; ADD: {}", add.stderr.trim());
+    let del = run_plugin("DEL", &netns, pod, "mesh", &conf.to_string())?;
+    ensure!(del.ok, "DEL: {}", del.stdout);
+    ensure!(!is_enrolled(&c, "mesh", pod)?, "still enrolled after DEL");
+    Ok(())
+}
