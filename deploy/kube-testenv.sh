@@ -519,7 +519,7 @@ NODE_PACKAGES=(containerd runc containernetworking-plugins buildah busybox-stati
 # but the mount points have to exist on the machine: the ones that did not exist before
 # `real-up` are listed in DIR/created and removed by `real-down`.
 HOST_MOUNTPOINTS=(/var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d
-    /run/containerd)
+    /opt/cni/bin /run/containerd)
 # Written outside any node (buildah's blob-info cache): removed by `real-down` when new.
 # /opt/containerd: containerd's `opt` plugin, moved to the node's folder by its config; listed
 # in case a containerd of another version ignores that.
@@ -714,7 +714,7 @@ if [[ \$(( $i % 2 )) == 1 ]]; then
     mount -t bpf bpf /sys/fs/bpf
     mount --make-private /sys/fs/bpf
 fi
-for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d /run/containerd /run/netns; do
+for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d /opt/cni/bin /run/containerd /run/netns; do
     d="\$ND/host\$p"
     mkdir -p "\$d"
     mount --bind "\$d" "\$p"
@@ -752,7 +752,7 @@ $NODE_BIN/kubelet \\
     --fail-swap-on=false \\
     --hostname-override=$name --node-ip=$ip --address=$ip \\
     --read-only-port=0 --healthz-bind-address=127.0.0.1 \\
-    --network-plugin=cni --cni-conf-dir=/etc/cni/net.d --cni-bin-dir=/usr/lib/cni \\
+    --network-plugin=cni --cni-conf-dir=/etc/cni/net.d --cni-bin-dir=/opt/cni/bin \\
     --root-dir=/var/lib/kubelet --cert-dir="\$ND/kubelet-pki" \\
     --volume-plugin-dir="\$ND/volume-plugins" \\
     --cluster-domain=cluster.local \\
@@ -804,7 +804,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "/opt/cni/bin"
     conf_dir = "/etc/cni/net.d"
 EOF
 }
@@ -855,9 +855,20 @@ cmd_real_up() {
     objcopy --strip-debug "$mesh_bin" "$mesh_stripped"
     objcopy --strip-debug "$testpod_bin" "$tp_stripped"
     printf 'hosts: files dns\n' >"$RDIR/images/nsswitch.conf"
+    # The CNI plugin (sidenode-cni) goes next to mesh-node, as in deploy/Dockerfile: the
+    # DaemonSet's install-cni copies it from there into the node's CNI bin dir.
+    local cni_bin extra=()
+    cni_bin="$(dirname "$mesh_bin")/sidenode-cni"
+    if [[ -x $cni_bin ]]; then
+        objcopy --strip-debug "$cni_bin" "$RDIR/images/sidenode-cni"
+        extra+=("$RDIR/images/sidenode-cni=/usr/local/bin/sidenode-cni")
+    else
+        log "WARNING: no $cni_bin: the mesh-node image has no CNI plugin"
+    fi
     build_image "$MESH_IMAGE" "$RDIR/images/mesh-node.tar" '["/usr/local/bin/mesh-node"]' \
         "$mesh_stripped=/usr/local/bin/mesh-node" /etc/ssl/certs/ca-certificates.crt \
-        "$RDIR/images/nsswitch.conf=/etc/nsswitch.conf"
+        "$RDIR/images/nsswitch.conf=/etc/nsswitch.conf" "${extra[@]}"
+    rm -f "$RDIR/images/sidenode-cni"
     build_image "$WORKLOAD_IMAGE" "$RDIR/images/testpod.tar" '["/bin/sh"]' \
         "$tp_stripped=/usr/local/bin/testpod" /bin/busybox=/bin/busybox \
         "$RDIR/images/nsswitch.conf=/etc/nsswitch.conf"
@@ -910,6 +921,10 @@ cmd_real_up() {
   ]
 }
 EOF
+        # The node's /opt/cni/bin (where the DaemonSet's install-cni adds sidenode-cni): Debian's
+        # plugins linked in.
+        mkdir -p "$nd/host/opt/cni/bin"
+        for b in /usr/lib/cni/*; do ln -sf "$b" "$nd/host/opt/cni/bin/"; done
         write_containerd_config "$nd"
         write_node_init "$nd" "$ns" "$REAL_NET.$i" "$i"
         # PID 1 of a PID namespace of its own: killing it ends every process of the node.

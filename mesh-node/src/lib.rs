@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod defaults;

@@ -71,6 +71,9 @@ pub struct ClusterOpts {
     /// and present projected service-account tokens. See `cluster/kube.rs`.
     #[serde(default)]
     pub kube: bool,
+    /// Agents answer the CNI plugin on `<state>/cni/<node>.sock` (`--cni-socket`).
+    #[serde(default)]
+    pub cni: bool,
 }
 
 impl Default for ClusterOpts {
@@ -86,6 +89,7 @@ impl Default for ClusterOpts {
             agent_args: Vec::new(),
             proxy_args: Vec::new(),
             kube: false,
+            cni: false,
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Cluster {
     namespaces: BTreeMap<String, bool>,
     opt_out: BTreeSet<String>,
     extra_pods: Vec<PodObject>,
+    /// Pods added by [`Cluster::add_pod`] whose Pod object the test writes itself.
+    no_object: BTreeSet<String>,
     /// Kubernetes mode: the apiserver (stopped on drop).
     kube: Option<crate::kube::KubeEnv>,
 }
@@ -238,6 +244,7 @@ impl Cluster {
             namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
             opt_out: BTreeSet::new(),
             extra_pods: Vec::new(),
+            no_object: BTreeSet::new(),
             kube: None,
         };
         if c.opts.kube {
@@ -338,6 +345,7 @@ impl Cluster {
             namespaces: [(MESH_NS.to_string(), true), (PLAIN_NS.to_string(), false)].into(),
             opt_out: BTreeSet::new(),
             extra_pods: Vec::new(),
+            no_object: BTreeSet::new(),
             // The apiserver keeps running; this handle does not own it (`down` stops it).
             kube: None,
         })
@@ -609,7 +617,7 @@ impl Cluster {
             .status
             .pods
             .iter()
-            .filter(|p| p.node == node)
+            .filter(|p| p.node == node && !self.no_object.contains(&p.name))
             .map(|p| PodObject {
                 name: p.name.clone(),
                 namespace: p.namespace.clone(),
@@ -627,6 +635,42 @@ impl Cluster {
             .collect();
         out.extend(self.extra_pods.iter().filter(|p| p.node == node).cloned());
         out
+    }
+
+    /// `<state>/cni/<node>.sock`: the node agent's CNI socket ([`ClusterOpts::cni`]).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.state_dir.join("cni").join(format!("{node}.sock"))
+    }
+
+    /// A new pod on `node` (the next index): its netns, veth and address as for the others,
+    /// and a cgroup folder. With `write_object` its Pod object goes into `<node>.yaml` (with the
+    /// netns annotation); without, the test writes the object itself (e.g. without the
+    /// annotation, so only the CNI plugin can tell the agent where the pod is). Returns its
+    /// name. Removed with the cluster (prefix).
+    pub fn add_pod(&mut self, node: &str, namespace: &str, write_object: bool) -> Result<String> {
+        let i = self.node_index(node)?;
+        let node_ns = self.node(node)?.netns.clone();
+        let j = self.status.pods.iter().filter(|p| p.node == node).count() + 1;
+        let name = format!("{node}-pod{j}");
+        let pod = PodStatus {
+            name: name.clone(),
+            namespace: namespace.into(),
+            node: node.into(),
+            netns: format!("{}-n{i}p{j}", self.opts.prefix),
+            ip: pod_ip(i, j),
+            cgroup: self.cgroup_root.join(node).join(format!("pod{j}")),
+            ip6: pod_ip6(i, j),
+        };
+        net::setup_pod(&node_ns, &pod.netns, i, j)?;
+        std::fs::create_dir_all(&pod.cgroup)
+            .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+        self.status.pods.push(pod);
+        if !write_object {
+            self.no_object.insert(name.clone());
+        }
+        self.save()?;
+        self.write_node_pods(node)?;
+        Ok(name)
     }
 
     /// Rewrite `<node>.yaml` from [`Cluster::pod_objects`].

@@ -164,7 +164,10 @@ fn overlays_render_and_pass_server_dry_run() -> Result<()> {
             .iter()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        ensure!(names == ["agent", "proxy"], "containers {names:?}");
+        ensure!(
+            names == ["agent", "install-cni", "proxy"],
+            "containers {names:?}"
+        );
         // The only privileged container: the init container that mounts/shares the host's
         // bpffs from the host's mount namespace.
         let inits = spec["initContainers"]
@@ -289,6 +292,8 @@ fn rbac_grants_what_each_component_needs_and_no_more() -> Result<()> {
         (agent, &["patch", "pods", "-n", "default"], true),
         (agent, &["watch", "pods", "--all-namespaces"], true),
         (agent, &["get", "nodes"], true),
+        (agent, &["get", "namespaces"], true),
+        (agent, &["list", "namespaces"], false),
         (agent, &["list", "nodes"], false),
         (agent, &["get", "secrets", "-n", "sidenode-system"], false),
         (

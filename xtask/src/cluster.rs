@@ -91,6 +91,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 agent_args: Vec::new(),
                 proxy_args: Vec::new(),
                 kube,
+                cni: false,
             })?;
             if kube {
                 c.detach_kube();

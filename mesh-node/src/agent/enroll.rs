@@ -43,7 +43,17 @@ pub struct Enroller {
     last: BTreeMap<ObjKey, Entry>,
     /// Problems already reported (reported again only after they were gone).
     reported: Vec<String>,
+    /// Network namespaces handed over by the CNI plugin (`agent::cni`), by pod: used before
+    /// the pod-UID search, so a pod enrolled at `ADD` keeps the same cookie in every reconcile.
+    cni_netns: HashMap<ObjKey, String>,
+    /// When each CNI enrollment was made: until `CNI_GRACE` has passed, it is kept even if the
+    /// state does not list the pod yet (on Kubernetes, the state has a pod only once the
+    /// kubelet reported its address, after the CNI `ADD`).
+    cni_since: HashMap<ObjKey, std::time::Instant>,
 }
+
+/// How long a CNI enrollment of a pod the state does not list yet is kept.
+pub const CNI_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Counts of one reconcile, for logs and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -114,6 +124,8 @@ impl Enroller {
             pods: None,
             last: BTreeMap::new(),
             reported: Vec::new(),
+            cni_netns: HashMap::new(),
+            cni_since: HashMap::new(),
         }
     }
 
@@ -166,6 +178,16 @@ impl Enroller {
                 )
             });
         }
+        if let Some(path) = self.cni_netns.get(&pod.key).cloned() {
+            match self.cookie(Path::new(&path), used) {
+                Ok(c) => return Ok(c),
+                // Gone without a DEL (the runtime crashed): forget it, search by UID.
+                Err(e) => {
+                    warn!(pod = %pod.key, netns = %path, error = %e, "CNI network namespace gone");
+                    self.cni_netns.remove(&pod.key);
+                }
+            }
+        }
         let Some(uid) = &pod.pod_uid else {
             return Err(format!(
                 "{}: Pod {}: no {NETNS_ANNOTATION} annotation and no metadata.uid: cannot find its network namespace",
@@ -217,9 +239,66 @@ impl Enroller {
                 }
             }
         }
+        // CNI enrollments of pods the state does not list yet stay for a while.
+        self.cni_since.retain(|_, t| t.elapsed() < CNI_GRACE);
+        for key in self.cni_since.keys() {
+            if !want.contains_key(key)
+                && let Some(prev) = self.last.get(key)
+            {
+                want.insert(key.clone(), *prev);
+            }
+        }
         // Keep only the cookies of namespaces in use: a dead namespace's inode can come back.
         self.cookies = used;
         (want, problems)
+    }
+
+    /// Enrolls `pod` at once with the network namespace the CNI plugin handed over (CNI
+    /// `ADD`), and remembers that namespace for later reconciles. Returns the cookie.
+    pub fn enroll_now(
+        &mut self,
+        pod: &Candidate,
+        netns: &str,
+        maps: &mut NodeMaps,
+    ) -> Result<u64, String> {
+        let cookie = netns_cookie(Path::new(netns)).map_err(|e| e.to_string())?;
+        let workload = workload_of(pod);
+        maps.enrolled
+            .insert(cookie, workload, 0)
+            .map_err(|e| format!("writing SN_ENROLLED: {e}"))?;
+        self.cni_netns.insert(pod.key.clone(), netns.to_string());
+        self.cni_since
+            .insert(pod.key.clone(), std::time::Instant::now());
+        self.last
+            .insert(pod.key.clone(), Entry { cookie, workload });
+        info!(pod = %pod.key, cookie, netns, ip = %pod.ip, "enrolled (CNI)");
+        Ok(cookie)
+    }
+
+    /// Removes `key`'s enrollment at once (CNI `DEL`). The next reconcile enrolls the pod
+    /// again only if its namespace can still be found (a pod whose sandbox is gone cannot).
+    pub fn release_now(&mut self, key: &ObjKey, maps: &mut NodeMaps) -> bool {
+        self.cni_netns.remove(key);
+        self.cni_since.remove(key);
+        let Some(prev) = self.last.remove(key) else {
+            return false;
+        };
+        match maps.enrolled.remove(&prev.cookie) {
+            Ok(()) => {
+                info!(pod = %key, cookie = prev.cookie, "un-enrolled (CNI DEL)");
+                true
+            }
+            Err(e) => {
+                // Already gone (a reconcile removed it): nothing to do.
+                warn!(pod = %key, cookie = prev.cookie, error = %e, "removing an enrollment (CNI DEL)");
+                false
+            }
+        }
+    }
+
+    /// Is `key` enrolled (as of the last reconcile or CNI `ADD`)?
+    pub fn is_enrolled(&self, key: &ObjKey) -> bool {
+        self.last.contains_key(key)
     }
 
     /// Brings the kernel map in line with the snapshot.

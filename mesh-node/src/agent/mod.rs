@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cni;
 pub mod enroll;
 pub mod peer_auth;
 pub mod status;
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     pub retry_interval: Duration,
     /// Annotate enrolled pods (`--pod-status`).
     pub pod_status: Option<status::StatusConfig>,
+    /// Answer the CNI plugin on a unix socket (`--cni-socket`, docs/cni.md).
+    pub cni: Option<cni::CniSettings>,
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -81,11 +84,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .pod_status
         .clone()
         .map(|s| status::spawn(s, cfg.node.clone()));
+    // The CNI plugin's requests are answered inside this loop (it owns the enroller and maps).
+    let mut cni_front =
+        cni::Front::start(cfg.cni.as_ref(), &cfg.node, cfg.pod_status.as_ref()).await?;
+    let mut known = cni::Known::default();
     match &cfg.source {
         Source::Files(dir) => {
             let mut source = FileSource::new(dir);
             let mut enroller = new_enroller();
-            sync(&mut source, &mut enroller, &mut maps, true, status.as_ref());
+            if let Some(k) = sync(&mut source, &mut enroller, &mut maps, true, status.as_ref()) {
+                known = k;
+            }
             info!(node = %cfg.node, install = ?how, config = %dir.display(), "agent ready");
             let mut tick = tokio::time::interval(cfg.scan_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -94,6 +103,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    ev = cni_front.next() => {
+                        cni_front.serve(ev, &known, &mut enroller, &mut maps);
+                        continue;
+                    }
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
                 }
@@ -106,13 +119,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if full || retry {
                     last_try = Instant::now();
                 }
-                sync(
+                if let Some(k) = sync(
                     &mut source,
                     &mut enroller,
                     &mut maps,
                     full || retry,
                     status.as_ref(),
-                );
+                ) {
+                    known = k;
+                }
+                cni_front.recheck(&known, &mut enroller, &mut maps);
             }
         }
         Source::Controller(settings) => {
@@ -131,6 +147,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     changed = rx.changed() => if changed.is_err() { break },
                     _ = tick.tick() => {}
                     _ = retry.tick(), if unresolved => {}
+                    ev = cni_front.next() => {
+                        cni_front.serve(ev, &known, &mut enroller, &mut maps);
+                        continue;
+                    }
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
                 }
@@ -147,6 +167,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 let candidates = candidates_from_state(&st, &cfg.node);
                 let out = enroller.reconcile(&candidates, &mut maps);
+                known = cni::Known::from_state(&st, &cfg.node, &candidates);
+                cni_front.recheck(&known, &mut enroller, &mut maps);
                 let pa = peer_auth::sync_kernel(
                     &peer_auth::targets_from_state(&st, &cfg.node),
                     &mut maps,
@@ -214,20 +236,21 @@ fn report_status(
     tx.send_replace(enrolled);
 }
 
-/// Re-reads what changed, and reconciles the kernel when something did (or `force`).
+/// Re-reads what changed, and reconciles the kernel when something did (or `force`); then
+/// returns this node's pods as the CNI front sees them.
 fn sync(
     source: &mut FileSource,
     enroller: &mut Enroller,
     maps: &mut NodeMaps,
     force: bool,
     status: Option<&watch::Sender<status::Enrolled>>,
-) {
+) -> Option<cni::Known> {
     let scan = source.scan();
     for e in &scan.new_errors {
         error!("config error: {e}; keeping the last good state");
     }
     if !(scan.changed || force) {
-        return;
+        return None;
     }
     let (snap, dups) = source.snapshot();
     for d in dups {
@@ -249,6 +272,11 @@ fn sync(
             "enrollment updated"
         );
     }
+    Some(cni::Known::from_snapshot(
+        &snap,
+        enroller.node(),
+        &candidates,
+    ))
 }
 
 fn log_peer_auth(out: &peer_auth::StrictOutcome) {

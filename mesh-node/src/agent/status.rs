@@ -74,7 +74,7 @@ pub fn plan(want: &Enrolled, done: &Enrolled) -> Vec<(ObjKey, String, bool)> {
     out
 }
 
-async fn client(cfg: &StatusConfig) -> Result<kube::Client> {
+pub(crate) async fn client(cfg: &StatusConfig) -> Result<kube::Client> {
     let config = match &cfg.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)

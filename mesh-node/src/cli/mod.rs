@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cni;
 pub mod config;
 pub mod maps;
 pub mod state;
@@ -58,11 +59,22 @@ enum Cmd {
         #[arg(long, default_value = "/proc/1/ns/mnt")]
         mount_ns: PathBuf,
     },
-    /// Remove every sidenode pin from a bpffs (detaches the capture programs).
+    /// Remove every sidenode pin from a bpffs (detaches the capture programs); with
+    /// `--cni-conf-dir`, also the CNI plugin (as `mesh-node cni uninstall`).
     Uninstall {
         #[arg(long, default_value = defaults::BPFFS)]
         bpffs: PathBuf,
+        /// Also remove the CNI plugin's entry from this CNI configuration folder (e.g.
+        /// /etc/cni/net.d) ...
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
+        /// ... and its binary from this one (e.g. /opt/cni/bin).
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
     },
+    /// Install or remove the CNI plugin in this node's CNI configuration (docs/cni.md).
+    #[command(subcommand)]
+    Cni(cni::CniCmd),
 }
 
 #[derive(Args)]
@@ -79,7 +91,7 @@ struct AgentArgs {
     /// /proc/self/mountinfo (/sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
     /// ones); a relative PATH is taken below that mount. Pods' network namespaces are found
     /// below it by pod UID (kubelet's `pod<uid>` folders).
-    #[arg(long)]
+    #[arg(long, env = "SIDENODE_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Annotate every enrolled pod with `sidenode.io/redirection: enabled` (removed when
     /// un-enrolled), through the Kubernetes API.
@@ -113,6 +125,14 @@ struct AgentArgs {
     /// blocking `recv()` can return EAGAIN and a bulk `write()` ENOMEM (docs/performance.md).
     #[arg(long)]
     splice: bool,
+    /// Answer the CNI plugin (`sidenode-cni`) on this unix socket, enrolling pods while their
+    /// sandbox is created (docs/cni.md). Off without it.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+    /// How long a CNI request for a pod the agent's state does not have yet waits for it
+    /// before the answer is `unknown` (keep it below the plugin's `timeoutMs`).
+    #[arg(long, default_value = "2000ms", value_parser = parse_duration_ms, requires = "cni_socket")]
+    cni_wait: std::time::Duration,
 }
 
 /// How to reach the controller (all three together).
@@ -190,6 +210,17 @@ struct ControllerCmdArgs {
     node_tokens: Option<PathBuf>,
 }
 
+/// A duration with `ms` as well as the units of [`parse_duration`].
+fn parse_duration_ms(s: &str) -> Result<std::time::Duration, String> {
+    match s.strip_suffix("ms") {
+        Some(n) => n
+            .parse::<u64>()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| format!("`{s}`: expected a number with ms, s, m or h")),
+        None => parse_duration(s),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
@@ -241,7 +272,7 @@ struct ProxyArgs {
     outbound_port: u16,
     /// cgroup v2 folder below which local pods' network namespaces are found by pod UID (the
     /// agent's `--cgroup-root`: default the cgroup2 mount, a relative PATH below it).
-    #[arg(long)]
+    #[arg(long, env = "SIDENODE_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Istio's root namespace: its `AuthorizationPolicy`, `PeerAuthentication` and
     /// `RateLimitPolicy` objects apply to the whole mesh.
@@ -291,6 +322,10 @@ pub fn main() -> Result<()> {
                 retry_interval: defaults::RETRY_INTERVAL,
                 pod_status: a.pod_status.then_some(crate::agent::status::StatusConfig {
                     kubeconfig: a.kubeconfig,
+                }),
+                cni: a.cni_socket.map(|socket| crate::agent::cni::CniSettings {
+                    socket,
+                    wait: a.cni_wait,
                 }),
             };
             runtime(None)?.block_on(crate::agent::run(cfg))
@@ -378,10 +413,18 @@ pub fn main() -> Result<()> {
             println!("{}: {done}", bpffs.display());
             Ok(())
         }
-        Cmd::Uninstall { bpffs } => {
+        Cmd::Uninstall {
+            bpffs,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
             crate::kernel::load::uninstall(&crate::kernel::Pins::new(bpffs))?;
+            if let Some(conf_dir) = cni_conf_dir {
+                cni::uninstall(&conf_dir, cni_bin_dir.as_deref())?;
+            }
             Ok(())
         }
+        Cmd::Cni(c) => cni::run(c),
     }
 }
 

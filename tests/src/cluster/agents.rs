@@ -59,6 +59,9 @@ impl Cluster {
                 cmd.arg("--config").arg(&self.status.config_dir);
             }
             cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
+            if self.opts.cni {
+                cmd.arg("--cni-socket").arg(self.cni_socket(node));
+            }
             cmd.args(&self.opts.agent_args);
             if self.opts.kube {
                 cmd.arg("--pod-status")
