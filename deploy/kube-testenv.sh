@@ -519,7 +519,7 @@ NODE_PACKAGES=(containerd runc containernetworking-plugins buildah busybox-stati
 # but the mount points have to exist on the machine: the ones that did not exist before
 # `real-up` are listed in DIR/created and removed by `real-down`.
 HOST_MOUNTPOINTS=(/var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d
-    /opt/cni/bin /run/containerd)
+    /opt/cni/bin /run/containerd /run/sidenode)
 # Written outside any node (buildah's blob-info cache): removed by `real-down` when new.
 # /opt/containerd: containerd's `opt` plugin, moved to the node's folder by its config; listed
 # in case a containerd of another version ignores that.
@@ -714,7 +714,8 @@ if [[ \$(( $i % 2 )) == 1 ]]; then
     mount -t bpf bpf /sys/fs/bpf
     mount --make-private /sys/fs/bpf
 fi
-for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d /opt/cni/bin /run/containerd /run/netns; do
+# /run/sidenode: the agent's CNI socket (DaemonSet hostPath /var/run/sidenode), one per node.
+for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /etc/cni/net.d /opt/cni/bin /run/containerd /run/netns /run/sidenode; do
     d="\$ND/host\$p"
     mkdir -p "\$d"
     mount --bind "\$d" "\$p"

@@ -54,6 +54,10 @@ const STEPS: &[(&str, Step)] = &[
         "meshed destination sees the client pod's address",
         client_address_kept,
     ),
+    (
+        "a pod's first connection is captured (CNI plugin)",
+        first_connect_captured,
+    ),
     ("ClusterIP Service routed by the mesh", service_routed),
     ("DaemonSet rolling update: no capture gap", rolling_update),
     ("deleted pod leaves no map entries", deleted_pod),
@@ -358,10 +362,75 @@ fn client_address_kept(cx: &mut Ctx) -> Result<()> {
     let peer = d.server_peer.as_deref().unwrap_or_default();
     let want = format!("{}:", cx.ips[CLIENT]);
     ensure!(
-        peer.starts_with(&want),
-        "echo saw the connection from {peer:?}, not from the client pod {}",
+        peer.starts_with(&want) && d.kept_client_address(),
+        "echo saw the connection from {peer:?}, not from the client pod {} through the mesh: {d:?}",
         cx.ips[CLIENT]
     );
+    Ok(())
+}
+
+/// A pod of the enrolled namespace whose very first action is to connect: the CNI plugin
+/// (chained into each node's bridge configuration by the DaemonSet's `install-cni`) enrolls
+/// it during `ADD`, before its container starts, so that connection is captured too.
+fn first_connect_captured(cx: &mut Ctx) -> Result<()> {
+    const POD: &str = "first";
+    let to = format!("{}:{ECHO_PORT}", cx.ips[ECHO]);
+    cx.c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {POD}, namespace: {NS}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: {CLIENT}
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: main
+    image: {WORKLOAD_IMAGE}
+    imagePullPolicy: Never
+    command: [/usr/local/bin/testpod, dial, --to, "{to}", --conns, "1", --concurrency, "1"]
+"#,
+        node = cx.c.node_name(1)
+    ))?;
+    let phase =
+        cx.c.wait_for(&format!("pod {NS}/{POD} finished"), WAIT, || {
+            let p = pod_json(cx, POD)?;
+            Ok(match p["status"]["phase"].as_str() {
+                Some(ph @ ("Succeeded" | "Failed")) => Some(ph.to_string()),
+                _ => None,
+            })
+        })?;
+    let log = cx.c.kubectl(&["logs", "-n", NS, POD])?;
+    let line = log.lines().last().context("the pod printed nothing")?;
+    let r: DialReport =
+        serde_json::from_str(line).with_context(|| format!("dial report {line:?}"))?;
+    let d = r.results.first().context("no dial result")?;
+    // Captured: a proxy, not the pod's own socket, connected to echo. (Not yet through HBONE:
+    // the controller learns of the pod only once it has an address, after ADD, so node 1's
+    // proxy has no identity for it yet and carries this first connection as it carries an
+    // unknown source; see docs/cni.md, "What is left".)
+    ensure!(
+        phase == "Succeeded" && d.echo_ok && d.through_proxy(),
+        "the pod's first connection was not captured (phase {phase}): {d:?}"
+    );
+    // The agent learned of it from the plugin, not from a later scan.
+    let agent =
+        cx.c.kubectl(&["logs", "-n", MESH_NS, &cx.c.node_pod(1)?, "-c", "agent"])?;
+    ensure!(
+        agent.lines().any(|l| l.contains("CNI answer")
+            && l.contains(&format!("{NS}/{POD}"))
+            && l.contains("Enrolled")),
+        "no CNI enrollment of {NS}/{POD} in node 1's agent log:\n{agent}"
+    );
+    cx.c.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        NS,
+        POD,
+        "--grace-period=0",
+        "--force",
+    ])?;
     Ok(())
 }
 

@@ -384,6 +384,19 @@ async fn lookup(
         .get(&req.pod_namespace)
         .await
         .map_err(|e| format!("getting Namespace {}: {e}", req.pod_namespace))?;
+    // A request for another node's pod means the plugin reached the wrong agent (a CNI socket
+    // shared between nodes): say so rather than answer "not meshed".
+    if let Some(other) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .filter(|n| !n.is_empty() && *n != node)
+    {
+        return Err(format!(
+            "pod {}/{} is on node {other}, this agent serves node {node} (is the CNI socket shared between nodes?)",
+            req.pod_namespace, req.pod_name
+        ));
+    }
     let mut pv = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
     let uid = pv["metadata"]["uid"].as_str().unwrap_or_default();
     if !req.pod_uid.is_empty() && uid != req.pod_uid {
