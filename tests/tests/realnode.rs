@@ -406,9 +406,8 @@ spec:
         serde_json::from_str(line).with_context(|| format!("dial report {line:?}"))?;
     let d = r.results.first().context("no dial result")?;
     // Captured: a proxy, not the pod's own socket, connected to echo. (Not yet through HBONE:
-    // the controller learns of the pod only once it has an address, after ADD, so node 1's
-    // proxy has no identity for it yet and carries this first connection as it carries an
-    // unknown source; see docs/cni.md, "What is left".)
+    // echo sees node 1's proxy address for this first connection; docs/cni.md, "What is
+    // left".)
     ensure!(
         phase == "Succeeded" && d.echo_ok && d.through_proxy(),
         "the pod's first connection was not captured (phase {phase}): {d:?}"
