@@ -405,13 +405,36 @@ spec:
     let r: DialReport =
         serde_json::from_str(line).with_context(|| format!("dial report {line:?}"))?;
     let d = r.results.first().context("no dial result")?;
-    // Captured: a proxy, not the pod's own socket, connected to echo. (Not yet through HBONE:
-    // echo sees node 1's proxy address for this first connection; docs/cni.md, "What is
-    // left".)
+    // Captured: a proxy, not the pod's own socket, connected to echo.
     ensure!(
         phase == "Succeeded" && d.echo_ok && d.through_proxy(),
         "the pod's first connection was not captured (phase {phase}): {d:?}"
     );
+    // And carried as a mutual-TLS HBONE tunnel with the pod's identity: node 2's proxy logged
+    // it as such, the client being the new pod's address. (Echo may see node 1's address for
+    // it: node 2 trusts a forwarded client address only once its state has that pod, about a
+    // second after ADD; docs/cni.md, "What is left".)
+    let local = d.local.as_deref().context("no local address")?;
+    let first_ip = local.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(local);
+    let want = [
+        "direction=\"inbound\"".to_string(),
+        "transport=\"hbone\"".to_string(),
+        "security=\"mutual_tls\"".to_string(),
+        format!("client={first_ip}}}"),
+        format!("src.identity=spiffe://{}", principal(CLIENT)),
+    ];
+    cx.c.wait_for(
+        "node 2's proxy logs the tunnel of the first connection",
+        WAIT,
+        || {
+            let log =
+                cx.c.kubectl(&["logs", "-n", MESH_NS, &cx.c.node_pod(2)?, "-c", "proxy"])?;
+            Ok(log
+                .lines()
+                .any(|l| want.iter().all(|w| l.contains(w.as_str())))
+                .then_some(()))
+        },
+    )?;
     // The agent learned of it from the plugin, not from a later scan.
     let agent =
         cx.c.kubectl(&["logs", "-n", MESH_NS, &cx.c.node_pod(1)?, "-c", "agent"])?;
