@@ -158,32 +158,12 @@ impl KubeEnv {
     /// `kubectl --kubeconfig <kubeconfig> <args>`: its stdout, or an error naming the command
     /// with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .command(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running kubectl")?;
-        finish(args, out)
+        run_kubectl(self.command(args), args)
     }
 
     /// [`KubeEnv::kubectl`] with `stdin` piped in (for `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        let mut pipe = child.stdin.take().context("kubectl stdin")?;
-        let input = stdin.to_owned();
-        // A writer thread: kubectl may answer before reading all of a large input.
-        let writer = std::thread::spawn(move || {
-            let _ = pipe.write_all(input.as_bytes());
-        });
-        let out = child.wait_with_output().context("waiting for kubectl")?;
-        let _ = writer.join();
-        finish(args, out)
+        run_kubectl_stdin(self.command(args), args, stdin)
     }
 
     /// `kubectl apply --server-side --force-conflicts -f -` of a YAML stream.
@@ -283,6 +263,35 @@ impl Drop for KubeEnv {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs a prepared kubectl command (`args` name it in errors): its stdout, or an error naming
+/// the command with its stderr. Shared by [`KubeEnv`] and `realnode::RealCluster`.
+pub fn run_kubectl(mut cmd: Command, args: &[&str]) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("running kubectl")?;
+    finish(args, out)
+}
+
+/// [`run_kubectl`] with `stdin` piped in (for `apply -f -`).
+pub fn run_kubectl_stdin(mut cmd: Command, args: &[&str], stdin: &str) -> Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running kubectl")?;
+    let mut pipe = child.stdin.take().context("kubectl stdin")?;
+    let input = stdin.to_owned();
+    // A writer thread: kubectl may answer before reading all of a large input.
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().context("waiting for kubectl")?;
+    let _ = writer.join();
+    finish(args, out)
 }
 
 fn finish(args: &[&str], out: std::process::Output) -> Result<String> {

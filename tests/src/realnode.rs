@@ -20,7 +20,6 @@
 //! to create are removed.
 
 use anyhow::{Context, Result, bail};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -233,31 +232,12 @@ impl RealCluster {
 
     /// kubectl's stdout, or an error naming the command with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .kubectl_command(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running kubectl")?;
-        finish(args, out)
+        crate::kube::run_kubectl(self.kubectl_command(args), args)
     }
 
     /// [`RealCluster::kubectl`] with `stdin` (for `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
-        let mut child = self
-            .kubectl_command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        let mut pipe = child.stdin.take().context("kubectl stdin")?;
-        let input = stdin.to_owned();
-        let writer = std::thread::spawn(move || {
-            let _ = pipe.write_all(input.as_bytes());
-        });
-        let out = child.wait_with_output().context("waiting for kubectl")?;
-        let _ = writer.join();
-        finish(args, out)
+        crate::kube::run_kubectl_stdin(self.kubectl_command(args), args, stdin)
     }
 
     /// `kubectl apply -f -` of a YAML stream.
@@ -416,16 +396,4 @@ impl Drop for RealCluster {
     fn drop(&mut self) {
         self.down();
     }
-}
-
-fn finish(args: &[&str], out: std::process::Output) -> Result<String> {
-    if out.status.success() {
-        return String::from_utf8(out.stdout).context("kubectl output is not UTF-8");
-    }
-    bail!(
-        "kubectl {}: {}: {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
 }
