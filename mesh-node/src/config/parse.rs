@@ -471,6 +471,7 @@ fn read_istio(
         IstioKind::RateLimitPolicy => {
             typed(reader, line).map(|(k, s)| (k, IstioSpec::RateLimitPolicy(s)))?
         }
+        IstioKind::Gateway => typed(reader, line).map(|(k, s)| (k, IstioSpec::Gateway(s)))?,
     };
     spec.validate()
         .map_err(|(field, message)| ObjError::field(line, &field, message))?;

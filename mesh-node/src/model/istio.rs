@@ -30,15 +30,19 @@ pub enum IstioKind {
     PeerAuthentication,
     /// `sidenode.io/v1alpha1`, not Istio's; see `model::ratelimit`.
     RateLimitPolicy,
+    /// `networking.istio.io` `Gateway`: the listeners of an ingress gateway (`super::gateway`).
+    /// A Gateway API `Gateway` of sidenode's class travels in this form too.
+    Gateway,
 }
 
 impl IstioKind {
-    pub const ALL: [IstioKind; 5] = [
+    pub const ALL: [IstioKind; 6] = [
         IstioKind::VirtualService,
         IstioKind::DestinationRule,
         IstioKind::AuthorizationPolicy,
         IstioKind::PeerAuthentication,
         IstioKind::RateLimitPolicy,
+        IstioKind::Gateway,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl IstioKind {
             IstioKind::AuthorizationPolicy => "AuthorizationPolicy",
             IstioKind::PeerAuthentication => "PeerAuthentication",
             IstioKind::RateLimitPolicy => "RateLimitPolicy",
+            IstioKind::Gateway => "Gateway",
         }
     }
 
@@ -57,7 +62,9 @@ impl IstioKind {
 
     pub fn group(self) -> &'static str {
         match self {
-            IstioKind::VirtualService | IstioKind::DestinationRule => NETWORKING_GROUP,
+            IstioKind::VirtualService | IstioKind::DestinationRule | IstioKind::Gateway => {
+                NETWORKING_GROUP
+            }
             IstioKind::AuthorizationPolicy | IstioKind::PeerAuthentication => SECURITY_GROUP,
             IstioKind::RateLimitPolicy => SIDENODE_GROUP,
         }
@@ -79,6 +86,7 @@ impl IstioKind {
             IstioKind::AuthorizationPolicy => "authorizationpolicies",
             IstioKind::PeerAuthentication => "peerauthentications",
             IstioKind::RateLimitPolicy => "ratelimitpolicies",
+            IstioKind::Gateway => "gateways",
         }
     }
 }
@@ -99,6 +107,7 @@ pub enum IstioSpec {
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
     RateLimitPolicy(super::ratelimit::RateLimitPolicySpec),
+    Gateway(super::gateway::GatewaySpec),
 }
 
 impl IstioSpec {
@@ -109,6 +118,7 @@ impl IstioSpec {
             IstioSpec::AuthorizationPolicy(_) => IstioKind::AuthorizationPolicy,
             IstioSpec::PeerAuthentication(_) => IstioKind::PeerAuthentication,
             IstioSpec::RateLimitPolicy(_) => IstioKind::RateLimitPolicy,
+            IstioSpec::Gateway(_) => IstioKind::Gateway,
         }
     }
 
@@ -120,11 +130,15 @@ impl IstioSpec {
             IstioSpec::AuthorizationPolicy(ap) => ap.validate(),
             IstioSpec::PeerAuthentication(pa) => pa.validate(),
             IstioSpec::RateLimitPolicy(rl) => rl.validate(),
+            IstioSpec::Gateway(gw) => gw.validate(),
         }
     }
 }
 
-fn bad<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, (String, String)> {
+pub(super) fn bad<T>(
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> Result<T, (String, String)> {
     Err((field.into(), message.into()))
 }
 
@@ -158,7 +172,7 @@ fn check_duration(field: String, d: &Option<String>) -> Result<(), (String, Stri
     }
 }
 
-fn check_port(field: String, p: Option<u32>) -> Result<(), (String, String)> {
+pub(super) fn check_port(field: String, p: Option<u32>) -> Result<(), (String, String)> {
     match p {
         Some(p) if p == 0 || p > 65535 => bad(field, format!("{p} is not a port (1-65535)")),
         _ => Ok(()),
@@ -199,8 +213,45 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
+    /// TLS routes by SNI, without terminating: a gateway's `PASSTHROUGH` servers.
+    #[serde(default)]
+    pub tls: Vec<TlsRoute>,
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+impl VirtualServiceSpec {
+    /// Bound to the mesh's proxies (no `gateways`, or `mesh` among them)?
+    pub fn applies_to_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == "mesh")
+    }
+
+    /// Bound to the gateway `gateway` (`namespace/name`); `gateways` entries without a
+    /// namespace name one in the VirtualService's own namespace (`vs_namespace`).
+    pub fn applies_to_gateway(&self, vs_namespace: &str, gateway: &super::ObjKey) -> bool {
+        self.gateways.iter().any(|g| match g.split_once('/') {
+            Some((ns, name)) => ns == gateway.namespace && name == gateway.name,
+            None => vs_namespace == gateway.namespace && g == &gateway.name,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub r#match: Vec<TlsMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    /// Server names (`*.example.com` allowed); required.
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u32>,
 }
 
 impl VirtualServiceSpec {
@@ -230,7 +281,10 @@ impl VirtualServiceSpec {
         }
         for (i, r) in self.http.iter().enumerate() {
             let f = format!("spec.http[{i}]");
-            if r.route.is_empty() && r.fault.as_ref().and_then(|x| x.abort.as_ref()).is_none() {
+            if r.route.is_empty()
+                && r.redirect.is_none()
+                && r.fault.as_ref().and_then(|x| x.abort.as_ref()).is_none()
+            {
                 return bad(format!("{f}.route"), "at least one destination is required");
             }
             let w: Vec<_> = r.route.iter().map(|d| d.weight).collect();
@@ -339,6 +393,53 @@ pub struct HttpRoute {
     pub timeout: Option<String>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFault>,
+    /// Answer with a redirect instead of routing (no `route` then).
+    pub redirect: Option<HttpRedirect>,
+    /// Rewrite the path prefix and/or the authority before forwarding.
+    pub rewrite: Option<HttpRewrite>,
+    /// Headers set, added or removed on the request and the response.
+    pub headers: Option<Headers>,
+}
+
+/// `redirect`: a `301` (or `redirectCode`) to the same request with these parts replaced.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    /// Replaces the path (the whole path; with a `prefix` match, Istio replaces the matched
+    /// prefix: see `uri_prefix`).
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    /// `http` or `https`.
+    pub scheme: Option<String>,
+    pub port: Option<u32>,
+    pub redirect_code: Option<u16>,
+}
+
+/// `rewrite`: `uri` replaces the matched path prefix (or the whole path on an exact match);
+/// `authority` replaces `Host`/`:authority`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod gateway;
 pub mod istio;
 pub mod ratelimit;
 

@@ -411,7 +411,7 @@ fn virtual_service_for<'s>(
             IstioSpec::VirtualService(vs) => Some((&o.key, vs)),
             _ => None,
         })
-        .filter(|(_, vs)| vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh"))
+        .filter(|(_, vs)| vs.applies_to_mesh())
         .filter(|(k, vs)| exported_to(&vs.export_to, &k.namespace, client_ns))
         .filter(|(k, vs)| {
             vs.hosts.iter().any(|h| {
