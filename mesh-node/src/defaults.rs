@@ -48,3 +48,22 @@ pub const TOKEN_AUDIENCE: &str = "sidenode";
 pub const LEADER_LEASE: &str = "sidenode-controller";
 /// Where the controller keeps its CA files (on Kubernetes, copied from the CA Secret).
 pub const CONTROLLER_STATE_DIR: &str = "/var/run/sidenode-controller";
+
+/// The gateway's ServiceAccount (`mesh-node gateway --service-account`).
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "sidenode-gateway";
+/// Pod labels an Istio `Gateway.spec.selector` is matched against (`--labels`).
+pub const GATEWAY_LABELS: &str = "istio=ingressgateway";
+/// The Gateway API class the gateway serves (`--class`).
+pub const GATEWAY_CLASS: &str = "sidenode";
+/// Open client connections per gateway (`--max-connections`).
+pub const GATEWAY_MAX_CONNECTIONS: usize = 10_000;
+/// From accept to the end of the TLS handshake (`--handshake-timeout`).
+pub const GATEWAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// To receive a request's headers (`--header-timeout`; Envoy's `request_headers_timeout` is
+/// off by default, which lets a slowloris client hold a connection forever).
+pub const GATEWAY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client connection without a request in flight is closed after this long
+/// (`--idle-timeout`; Envoy's `idle_timeout`: 1 h).
+pub const GATEWAY_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Request headers, bytes (`--max-header-bytes`; Envoy: 60 KiB).
+pub const GATEWAY_MAX_HEADER_BYTES: usize = 60 * 1024;

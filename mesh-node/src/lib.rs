@@ -17,6 +17,7 @@ pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod defaults;
+pub mod gateway;
 pub mod identity;
 pub mod kernel;
 pub mod model;

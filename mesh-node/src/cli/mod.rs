@@ -40,6 +40,8 @@ enum Cmd {
     Proxy(ProxyArgs),
     /// Controller: configuration source, state stream and certificate authority.
     Controller(ControllerCmdArgs),
+    /// Ingress gateway: HTTP and HTTPS from outside into the mesh (docs/gateway.md).
+    Gateway(GatewayArgs),
     /// Show the kernel's maps: enrolled workloads, original destinations, counters.
     Maps(maps::MapsArgs),
     /// Show what the controller serves a node: workloads, services, Istio objects, settings.
@@ -157,6 +159,88 @@ impl ControllerArgs {
             token_file: self.token_file.clone()?,
         })
     }
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+    /// The gateway pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The gateway pod's name.
+    #[arg(long, env = "POD_NAME")]
+    pod: String,
+    /// Its ServiceAccount: the identity it presents to meshed backends.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = defaults::GATEWAY_SERVICE_ACCOUNT)]
+    service_account: String,
+    /// Its labels (`k=v,k=v`), which an Istio `Gateway.spec.selector` must match.
+    #[arg(long, env = "SIDENODE_GATEWAY_LABELS", default_value = defaults::GATEWAY_LABELS, value_parser = parse_labels)]
+    labels: crate::model::Labels,
+    /// The Gateway API class it serves (a `GatewayClass` with controllerName
+    /// `sidenode.io/gateway-controller`).
+    #[arg(long, default_value = defaults::GATEWAY_CLASS)]
+    class: String,
+    /// Address the listeners bind, on the ports the served Gateways declare.
+    #[arg(long, default_value = "0.0.0.0")]
+    listen_address: IpAddr,
+    /// A folder of YAML holding `kubernetes.io/tls` Secrets (standalone); without it the
+    /// Secrets are read from the Kubernetes API.
+    #[arg(long)]
+    secrets_dir: Option<PathBuf>,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics: std::net::SocketAddr,
+    /// Admin API address (loopback only unless --admin-allow-remote).
+    #[arg(long, default_value_t = defaults::ADMIN_ADDR)]
+    admin: std::net::SocketAddr,
+    #[arg(long)]
+    admin_allow_remote: bool,
+    /// Open client connections; past it new ones are closed at once.
+    #[arg(long, default_value_t = defaults::GATEWAY_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds from accept to the end of the TLS handshake.
+    #[arg(long, default_value_t = defaults::GATEWAY_HANDSHAKE_TIMEOUT.as_secs_f64())]
+    handshake_timeout: f64,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, default_value_t = defaults::GATEWAY_HEADER_TIMEOUT.as_secs_f64())]
+    header_timeout: f64,
+    /// Seconds a client connection may stay without a request in flight.
+    #[arg(long, default_value_t = defaults::GATEWAY_IDLE_TIMEOUT.as_secs_f64())]
+    idle_timeout: f64,
+    /// Largest request header block, in bytes.
+    #[arg(long, default_value_t = defaults::GATEWAY_MAX_HEADER_BYTES)]
+    max_header_bytes: usize,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = defaults::PROXY_WORKERS)]
+    worker_threads: usize,
+    /// Istio's root namespace (mesh-wide policies).
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Export trace spans with OTLP/gRPC to this collector (`http://HOST:PORT`).
+    #[arg(long, value_parser = crate::telemetry::trace::parse_endpoint)]
+    otlp_endpoint: Option<String>,
+}
+
+/// `k=v,k=v` → labels.
+fn parse_labels(s: &str) -> Result<crate::model::Labels, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("`{kv}` is not key=value"))
+        })
+        .collect()
+}
+
+/// Seconds (a flag) → a duration; refused unless positive and finite.
+fn seconds(flag: &str, s: f64) -> Result<std::time::Duration> {
+    if !s.is_finite() || s <= 0.0 {
+        anyhow::bail!("--{flag}: {s} is not a positive number of seconds");
+    }
+    Ok(std::time::Duration::from_secs_f64(s))
 }
 
 #[derive(Args)]
@@ -367,6 +451,45 @@ pub fn main() -> Result<()> {
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
+        }
+        Cmd::Gateway(g) => {
+            let Some(controller) = g.controller.settings() else {
+                anyhow::bail!("the gateway needs --controller, --controller-ca and --token-file");
+            };
+            let cfg = crate::gateway::GatewayConfig {
+                controller,
+                namespace: g.namespace,
+                pod: g.pod,
+                service_account: g.service_account,
+                labels: g.labels,
+                class: g.class,
+                listen: g.listen_address,
+                secrets: match g.secrets_dir {
+                    Some(d) => crate::gateway::secrets::SecretSource::Dir(d),
+                    None => crate::gateway::secrets::SecretSource::Kubernetes,
+                },
+                metrics_addr: Some(g.metrics),
+                admin: Some(crate::admin::Settings {
+                    addr: g.admin,
+                    allow_remote: g.admin_allow_remote,
+                }),
+                connect_timeout: defaults::CONNECT_TIMEOUT,
+                limits: crate::gateway::EdgeLimits {
+                    max_connections: g.max_connections,
+                    handshake_timeout: seconds("handshake-timeout", g.handshake_timeout)?,
+                    header_timeout: seconds("header-timeout", g.header_timeout)?,
+                    idle_timeout: seconds("idle-timeout", g.idle_timeout)?,
+                    max_header_bytes: g.max_header_bytes,
+                },
+                tracing: g
+                    .otlp_endpoint
+                    .map(|endpoint| crate::telemetry::trace::Settings {
+                        endpoint,
+                        sampling_percent: crate::telemetry::trace::DEFAULT_SAMPLING_PERCENT,
+                    }),
+            };
+            crate::policy::set_root_namespace(&g.root_namespace);
+            runtime(Some(g.worker_threads))?.block_on(crate::gateway::run(cfg))
         }
         Cmd::Controller(c) => {
             let source = match c.config {

@@ -90,7 +90,8 @@ pub struct Mesh {
 
 /// What every connection handler shares.
 pub struct Shared {
-    pub maps: ProxyMaps,
+    /// The kernel's maps (`None` in the gateway, which captures nothing).
+    pub maps: Option<ProxyMaps>,
     /// The outbound listeners' addresses (a destination equal to one would loop).
     pub listens: Vec<SocketAddr>,
     pub connect_timeout: Duration,
@@ -137,7 +138,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         });
     }
     let shared = Arc::new(Shared {
-        maps,
+        maps: Some(maps),
         listens: listens.clone(),
         connect_timeout: cfg.connect_timeout,
         mesh,

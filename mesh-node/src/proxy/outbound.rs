@@ -44,6 +44,46 @@ pub async fn handle(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     forward(inbound, peer, shared).instrument(span).await
 }
 
+/// A connection accepted elsewhere and already routed to a service endpoint (the gateway's
+/// TLS passthrough): carried from `src` exactly as a captured connection to `vip` would be
+/// (connection limits, other endpoints on connect failure, HBONE or direct, telemetry).
+pub async fn carry_routed(
+    inbound: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    src: Option<Workload>,
+    routed: Routed,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let Some(mesh) = shared.mesh.clone() else {
+        reset(inbound);
+        return;
+    };
+    let st = mesh.state.borrow().clone();
+    let src_workload = src
+        .map(|w| format!("{}/{}", name_str(&w.namespace), name_str(&w.name)))
+        .unwrap_or_else(|| "unknown".into());
+    let _ = inbound.set_nodelay(true);
+    let ctx = Ctx {
+        peer,
+        src,
+        src_workload: &src_workload,
+        mesh: Some((&st, &mesh)),
+        shared: &shared,
+        trace: crate::telemetry::trace::outbound_connection(peer, vip, || false),
+    };
+    let span = info_span!(
+        "outbound",
+        src = %peer,
+        service = field::Empty,
+        endpoint = field::Empty
+    );
+    to_service(inbound, vip, routed, &ctx, started)
+        .instrument(span)
+        .await
+}
+
 /// What opening an upstream connection needs besides the destination.
 struct Ctx<'a> {
     peer: SocketAddr,
@@ -87,7 +127,12 @@ struct Failure {
 
 async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
-    let Some(orig) = shared.maps.orig_dst(peer) else {
+    let Some(maps) = &shared.maps else {
+        warn!("no kernel maps to read the original destination from; closing");
+        reset(inbound);
+        return;
+    };
+    let Some(orig) = maps.orig_dst(peer) else {
         // Never guess: a connection without a recorded destination goes nowhere.
         warn!("no original destination recorded for this connection; closing it");
         reset(inbound);
@@ -99,7 +144,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         reset(inbound);
         return;
     }
-    let src = shared.maps.workload(orig.netns_cookie);
+    let src = maps.workload(orig.netns_cookie);
     let src_workload = src
         .map(|w| format!("{}/{}", name_str(&w.namespace), name_str(&w.name)))
         .unwrap_or_else(|| "unknown".into());

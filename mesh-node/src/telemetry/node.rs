@@ -104,21 +104,17 @@ impl Collector for NodeCollector {
         let mut out = Vec::new();
         let capture = IntCounterVec::new(opts(CAPTURE.0, CAPTURE.1), &["event"])
             .unwrap_or_else(|_| unreachable!("static metric definition"));
-        for (event, n) in crate::kernel::maps::read_stats(&self.shared.maps.stats) {
+        let Some(maps) = &self.shared.maps else {
+            return out;
+        };
+        for (event, n) in crate::kernel::maps::read_stats(&maps.stats) {
             capture.with_label_values(&[event]).inc_by(n);
         }
         out.extend(capture.collect());
 
         let enrolled = IntGauge::with_opts(opts(ENROLLED.0, ENROLLED.1))
             .unwrap_or_else(|_| unreachable!("static metric definition"));
-        enrolled.set(
-            self.shared
-                .maps
-                .enrolled
-                .keys()
-                .filter(Result::is_ok)
-                .count() as i64,
-        );
+        enrolled.set(maps.enrolled.keys().filter(Result::is_ok).count() as i64);
         out.extend(enrolled.collect());
 
         let open = IntGaugeVec::new(opts(OPEN.0, OPEN.1), &["reporter"])

@@ -29,7 +29,8 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::route::Outcome as HealthOutcome;
 use super::route::http::{
-    AttemptFailure, HttpDecision, Plan, RequestInfo, RoutePolicy, pick_endpoint, select,
+    AttemptFailure, GatewayPort, HttpDecision, Plan, RequestInfo, RoutePolicy, pick_endpoint,
+    select, select_gateway,
 };
 use super::route::{Decision, Routed, Source};
 use super::{Mesh, Shared};
@@ -47,13 +48,24 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 pub const RETRY_BUFFER: usize = 64 * 1024;
 
 /// One client connection: where it was going and who opened it.
-struct Conn {
-    peer: SocketAddr,
-    /// The original destination (service VIP and port).
-    dst: SocketAddr,
-    src: Option<mesh_common::Workload>,
-    mesh: Arc<Mesh>,
-    shared: Arc<Shared>,
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// The original destination (service VIP and port); a gateway's own listening address.
+    pub dst: SocketAddr,
+    pub src: Option<mesh_common::Workload>,
+    pub mesh: Arc<Mesh>,
+    pub shared: Arc<Shared>,
+    /// Set on a gateway's connections: requests are routed by the VirtualServices bound to
+    /// the Gateways of this port, and get the edge's headers (`x-forwarded-*`,
+    /// `x-request-id`).
+    pub gateway: Option<GatewayConn>,
+}
+
+/// What routing needs of a gateway's connection.
+pub struct GatewayConn {
+    pub port: Arc<GatewayPort>,
+    /// `http` or `https`: what the client spoke (`x-forwarded-proto`, redirects).
+    pub scheme: &'static str,
 }
 
 /// Serves one captured client connection to an HTTP service port until it closes.
@@ -71,6 +83,7 @@ pub async fn serve(
         src,
         mesh,
         shared,
+        gateway: None,
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
@@ -81,6 +94,11 @@ pub async fn serve(
         debug!(error = %e, "HTTP client connection ended");
     }
     debug!(vip = %dst, "HTTP client connection closed");
+}
+
+/// Routes and answers one request of `conn` (a captured client's or a gateway's).
+pub async fn handle_request(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
+    handle(req, conn).await
 }
 
 /// What became of one request (for the log line and the metric).
@@ -99,6 +117,9 @@ struct Outcome {
 
 async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     let started = Instant::now();
+    if let Some(gw) = &conn.gateway {
+        edge_headers(req.headers_mut(), conn.peer, gw.scheme);
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -153,6 +174,25 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         )
     });
     resp
+}
+
+/// What an edge proxy sets on a request from outside, as Envoy does with
+/// `use_remote_address`: the client's address appended to `x-forwarded-for`,
+/// `x-forwarded-proto` set to what the client spoke, and a fresh `x-request-id` (an external
+/// client's is not trusted).
+fn edge_headers(h: &mut HeaderMap, peer: SocketAddr, scheme: &'static str) {
+    let ip = peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+        h.insert("x-request-id", v);
+    }
 }
 
 /// A gRPC request (`content-type: application/grpc…`, gRPC-Web included).
@@ -434,6 +474,50 @@ impl Head {
         }
     }
 
+    /// A route's `rewrite` and `headers.request`.
+    fn rewrite(&mut self, policy: &RoutePolicy) {
+        if let Some(rw) = &policy.rewrite {
+            if let Some(uri) = &rw.uri {
+                let (path, query) = match self.path.as_str().split_once('?') {
+                    Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                    None => (self.path.as_str().to_string(), None),
+                };
+                let new_path = match policy.matched_prefix.as_deref() {
+                    Some(prefix) if path.starts_with(prefix) => {
+                        let rest = &path[prefix.len()..];
+                        // `/api` + `/v1` rewritten to `/`: `/v1`, not `//v1`.
+                        if uri.ends_with('/') && rest.starts_with('/') {
+                            format!("{uri}{}", &rest[1..])
+                        } else {
+                            format!("{uri}{rest}")
+                        }
+                    }
+                    _ => uri.clone(),
+                };
+                let new_path = if new_path.is_empty() {
+                    "/".into()
+                } else {
+                    new_path
+                };
+                let full = match query {
+                    Some(q) => format!("{new_path}?{q}"),
+                    None => new_path,
+                };
+                if let Ok(pq) = full.parse() {
+                    self.path = pq;
+                }
+            }
+            if let Some(a) = &rw.authority
+                && let Ok(v) = HeaderValue::from_str(a)
+            {
+                self.headers.insert(header::HOST, v);
+            }
+        }
+        if let Some(ops) = policy.headers.as_ref().and_then(|h| h.request.as_ref()) {
+            apply_header_ops(&mut self.headers, ops);
+        }
+    }
+
     fn request(&self, body: Body, proto: Proto) -> Request<Body> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
@@ -496,9 +580,26 @@ async fn route_request(
         path,
         headers: req.headers(),
     };
-    let decision = select(&st, &mut fastrand::Rng::new(), &source, conn.dst, &info);
+    let mut rng = fastrand::Rng::new();
+    let decision = match &conn.gateway {
+        None => select(&st, &mut rng, &source, conn.dst, &info),
+        Some(gw) => select_gateway(&st, &mut rng, &source, &gw.port, &request_host(&req), &info),
+    };
     let (plan, policy) = match decision {
         HttpDecision::Forward { plan, policy } => (plan, policy),
+        HttpDecision::UnknownHost => {
+            debug!(host = %request_host(&req), "no gateway server for this host");
+            return local(StatusCode::NOT_FOUND, "");
+        }
+        HttpDecision::Redirect {
+            service,
+            redirect,
+            policy,
+        } => {
+            out.service = service;
+            let scheme = conn.gateway.as_ref().map_or("http", |g| g.scheme);
+            return redirect_response(&req, scheme, &redirect, policy.matched_prefix.as_deref());
+        }
         HttpDecision::NotService => {
             warn!(vip = %conn.dst, "the service of this connection is gone");
             return local(StatusCode::SERVICE_UNAVAILABLE, "no service\n");
@@ -538,7 +639,8 @@ async fn route_request(
         req.headers(),
     );
     let (parts, body) = req.into_parts();
-    let head = Head::new(&parts, conn.dst);
+    let mut head = Head::new(&parts, conn.dst);
+    head.rewrite(&policy);
     let body = match ReqBody::read(body).await {
         Ok(b) => b,
         Err(e) => {
@@ -546,7 +648,117 @@ async fn route_request(
             return local(StatusCode::BAD_REQUEST, "bad request body\n");
         }
     };
-    forward(&st, &source, &plan, &policy, head, body, proto, conn, out).await
+    let mut resp = forward(&st, &source, &plan, &policy, head, body, proto, conn, out).await;
+    if let Some(ops) = policy.headers.as_ref().and_then(|h| h.response.as_ref()) {
+        apply_header_ops(resp.headers_mut(), ops);
+    }
+    resp
+}
+
+/// The request's host name: `:authority` or `Host`, without the port, lower case.
+pub fn request_host<B>(req: &Request<B>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| strip_port(h).to_string())
+        })
+        .unwrap_or_default();
+    raw.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `host:port` → `host` (IPv6 `[::1]:80` → `[::1]`).
+fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_once(']').map_or(h, |(a, _)| &h[..a.len() + 1]);
+    }
+    h.rsplit_once(':')
+        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(h, |(a, _)| a)
+}
+
+/// A route's `redirect`: the request's URL with the parts it names replaced, `301` unless
+/// `redirectCode` says otherwise (Envoy's `redirect` action).
+pub fn redirect_response<B>(
+    req: &Request<B>,
+    scheme: &str,
+    r: &crate::model::istio::HttpRedirect,
+    _matched_prefix: Option<&str>,
+) -> Response<Body> {
+    let host_header = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let mut authority = r.authority.clone().unwrap_or(host_header);
+    if r.scheme.is_some() || r.port.is_some() {
+        authority = strip_port(&authority).to_string();
+    }
+    if let Some(p) = r.port {
+        let default = (scheme == "https" && p == 443) || (scheme == "http" && p == 80);
+        if !default {
+            authority = format!("{authority}:{p}");
+        }
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let path = match &r.uri {
+        Some(u) if u.contains('?') => u.clone(),
+        Some(u) => match pq.split_once('?') {
+            Some((_, q)) => format!("{u}?{q}"),
+            None => u.clone(),
+        },
+        None => pq,
+    };
+    let code = r
+        .redirect_code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut resp = local(code, "");
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{authority}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A route's `headers.request` / `headers.response` operations: `set` replaces, `add` appends,
+/// `remove` drops. Invalid names or values were refused by validation; any left are skipped.
+pub fn apply_header_ops(h: &mut HeaderMap, ops: &crate::model::istio::HeaderOperations) {
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.append(k, v);
+        }
+    }
+    for k in &ops.remove {
+        if let Ok(k) = HeaderName::from_bytes(k.as_bytes()) {
+            h.remove(k);
+        }
+    }
 }
 
 /// An attempt's failure (no usable response).

@@ -9,8 +9,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::model::ObjKey;
+use crate::model::gateway::host_matches;
 use crate::model::istio::{
-    HttpFault, HttpMatchRequest, HttpRetry, HttpRoute, StringMatch, parse_duration,
+    Headers, HttpFault, HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute,
+    IstioSpec, StringMatch, VirtualServiceSpec, parse_duration,
 };
 use crate::proto;
 use crate::proxy::hbone::Refusal;
@@ -72,6 +75,11 @@ pub struct RoutePolicy {
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
     pub fault: Option<HttpFault>,
+    pub rewrite: Option<HttpRewrite>,
+    pub headers: Option<Headers>,
+    /// The `uri.prefix` of the match that selected the route (what `rewrite.uri` and
+    /// `redirect.uri` replace).
+    pub matched_prefix: Option<String>,
 }
 
 /// What to do with one HTTP request to a service VIP.
@@ -88,6 +96,14 @@ pub enum HttpDecision {
         service: String,
         reason: Refusal,
         why: String,
+    },
+    /// A gateway received a request for a host none of its servers on that port serves: 404.
+    UnknownHost,
+    /// A route answering with a redirect (`redirect`).
+    Redirect {
+        service: String,
+        redirect: HttpRedirect,
+        policy: RoutePolicy,
     },
     /// A route whose only action is a fault (`abort`) and no destination.
     FaultOnly {
@@ -139,21 +155,135 @@ pub fn select(
     if vs.http.is_empty() {
         return plain(RoutePolicy::default());
     }
-    let Some((ri, r)) = vs.http.iter().enumerate().find(|(_, r)| {
-        r.r#match.is_empty()
-            || r.r#match
+    route_in(
+        st,
+        rng,
+        src,
+        &svc.uid,
+        vs_key,
+        vs,
+        orig_dst.port(),
+        Some(orig_dst.port()),
+        req,
+    )
+}
+
+/// The gateway servers of one listening port: which Gateway (`namespace/name`) serves which
+/// hosts there (`model::gateway::Server::hosts`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GatewayPort {
+    pub port: u16,
+    pub servers: Vec<(ObjKey, Vec<String>)>,
+}
+
+impl GatewayPort {
+    /// The Gateways serving `host` (no port, lower case) on this port.
+    pub fn gateways_for(&self, host: &str) -> Vec<&ObjKey> {
+        let mut out: Vec<&ObjKey> = self
+            .servers
+            .iter()
+            .filter(|(_, hosts)| hosts.iter().any(|h| host_matches(h, host)))
+            .map(|(k, _)| k)
+            .collect();
+        out.dedup();
+        out
+    }
+}
+
+/// The route and destination of a request that reached a gateway on `gw.port` for `host`:
+/// the VirtualService bound to one of the Gateways serving that host (`gateways`), with a host
+/// matching the request's, then its `http` routes as for the mesh ([`select`]).
+/// `UnknownHost` when no server of the port serves the host, `NoMatch` when no route does.
+pub fn select_gateway(
+    st: &NodeState,
+    rng: &mut fastrand::Rng,
+    src: &Source<'_>,
+    gw: &GatewayPort,
+    host: &str,
+    req: &RequestInfo<'_>,
+) -> HttpDecision {
+    let gateways = gw.gateways_for(host);
+    if gateways.is_empty() {
+        return HttpDecision::UnknownHost;
+    }
+    let mut found: Vec<(&ObjKey, &VirtualServiceSpec)> = st
+        .configs
+        .values()
+        .filter_map(|o| match &o.spec {
+            IstioSpec::VirtualService(vs) => Some((&o.key, vs)),
+            _ => None,
+        })
+        .filter(|(k, vs)| {
+            gateways
                 .iter()
-                .any(|m| request_matches(m, src, orig_dst, req))
+                .any(|g| vs.applies_to_gateway(&k.namespace, g))
+        })
+        .filter(|(_, vs)| vs.hosts.iter().any(|h| host_matches(h, host)))
+        .collect();
+    // The most specific host first (an exact name before a wildcard), then by name.
+    found.sort_by_key(|(k, vs)| {
+        let exact = vs.hosts.iter().any(|h| h.eq_ignore_ascii_case(host));
+        (!exact, (*k).clone())
+    });
+    let Some((vs_key, vs)) = found.into_iter().find(|(_, vs)| !vs.http.is_empty()) else {
+        return HttpDecision::NoMatch {
+            service: String::new(),
+            vs: String::new(),
+        };
+    };
+    route_in(st, rng, src, "", vs_key, vs, gw.port, None, req)
+}
+
+/// The first `http` route of `vs` that matches the request, and its weighted destination.
+/// `port` is the port the request came to (for `match.port`); `default_port` the destination
+/// port when the route names none (the mesh: the VIP's port; a gateway: the service's port
+/// when it has only one).
+#[allow(clippy::too_many_arguments)]
+fn route_in(
+    st: &NodeState,
+    rng: &mut fastrand::Rng,
+    src: &Source<'_>,
+    service: &str,
+    vs_key: &ObjKey,
+    vs: &VirtualServiceSpec,
+    port: u16,
+    default_port: Option<u16>,
+    req: &RequestInfo<'_>,
+) -> HttpDecision {
+    let refuse = |why: String| HttpDecision::Refuse {
+        service: service.to_string(),
+        reason: Refusal::NoRoute,
+        why,
+    };
+    let at = SocketAddr::from(([0, 0, 0, 0], port));
+    let Some((ri, r, m)) = vs.http.iter().enumerate().find_map(|(i, r)| {
+        if r.r#match.is_empty() {
+            return Some((i, r, None));
+        }
+        r.r#match
+            .iter()
+            .find(|m| request_matches(m, src, at, req))
+            .map(|m| (i, r, Some(m)))
     }) else {
         return HttpDecision::NoMatch {
-            service: svc.uid.clone(),
+            service: service.to_string(),
             vs: vs_key.to_string(),
         };
     };
-    let policy = route_policy(r);
+    let mut policy = route_policy(r);
+    policy.matched_prefix = m
+        .and_then(|m| m.uri.as_ref())
+        .and_then(|u| u.prefix.clone());
+    if let Some(redirect) = &r.redirect {
+        return HttpDecision::Redirect {
+            service: service.to_string(),
+            redirect: redirect.clone(),
+            policy,
+        };
+    }
     if r.route.is_empty() {
         return HttpDecision::FaultOnly {
-            service: svc.uid.clone(),
+            service: service.to_string(),
             policy,
         };
     }
@@ -176,6 +306,8 @@ pub fn select(
     let Some(dsvc) = service::service_for_host(st, &d.host, &vs_key.namespace) else {
         return refuse(format!("{field}.host `{}` names no known service", d.host));
     };
+    let default_port =
+        default_port.or_else(|| (dsvc.ports.len() == 1).then(|| dsvc.ports[0].port as u16));
     let port = match d.port.as_ref().and_then(|p| p.number) {
         Some(n) => match u16::try_from(n) {
             Ok(p) if service::service_port(dsvc, p).is_some() => p,
@@ -186,14 +318,21 @@ pub fn select(
                 ));
             }
         },
-        None if service::service_port(dsvc, orig_dst.port()).is_some() => orig_dst.port(),
-        None => {
-            return refuse(format!(
-                "{field}: service {} has no port {} (set port.number)",
-                dsvc.uid,
-                orig_dst.port()
-            ));
-        }
+        None => match default_port {
+            Some(p) if service::service_port(dsvc, p).is_some() => p,
+            Some(p) => {
+                return refuse(format!(
+                    "{field}: service {} has no port {p} (set port.number)",
+                    dsvc.uid
+                ));
+            }
+            None => {
+                return refuse(format!(
+                    "{field}: service {} has several ports (set port.number)",
+                    dsvc.uid
+                ));
+            }
+        },
     };
     if let Some(name) = &d.subset {
         let known = destination_rule_for(st, dsvc, &vs_key.namespace, src.namespace)
@@ -282,6 +421,9 @@ fn route_policy(r: &HttpRoute) -> RoutePolicy {
             .filter(|d| !d.is_zero()),
         retry: RetryPolicy::from_istio(r.retries.as_ref()),
         fault: r.fault.clone(),
+        rewrite: r.rewrite.clone(),
+        headers: r.headers.clone(),
+        matched_prefix: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod limits;
 pub mod policy;
 pub mod service;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
