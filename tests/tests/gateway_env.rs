@@ -1,10 +1,11 @@
 //! The simulated cluster's ingress-gateway environment (`ClusterOpts::gateway`, `cargo xtask
-//! cluster up --mesh --gateway`) without the gateway itself: a stand-in `mesh-node` (a shell
-//! script printing its readiness line) shows how `mesh-node gateway` is started; testpod, curl
-//! and openssl show the wiring: outside reaches the gateway's own addresses and nothing else,
-//! the gateway reaches pods on every node and they answer it, the gateway does not forward, the
-//! Pod object and the TLS Secret helpers are what the controller and gateway read, and
-//! everything is removed afterwards. Needs root, not mesh-node.
+//! cluster up --mesh --gateway`). First without the gateway itself: a stand-in `mesh-node` (a
+//! shell script printing its readiness line) shows how `mesh-node gateway` is started; testpod,
+//! curl and openssl show the wiring: outside reaches the gateway's own addresses and nothing
+//! else, the gateway reaches pods on every node and they answer it, the gateway does not
+//! forward, the Pod object and the TLS Secret helpers are what the controller and gateway read,
+//! and everything is removed afterwards (root, no mesh-node needed). Then one smoke test with
+//! the real `mesh-node gateway` (built mesh-node needed).
 //! Run: `cargo test -p sidenode-tests --test gateway_env`.
 
 mod common;
@@ -290,6 +291,98 @@ fn gateway_and_outside_namespaces_are_wired_and_removed() -> Result<()> {
     ensure!(
         !sidenode_tests::cluster::pid_alive(gw_pid),
         "gateway pid {gw_pid} still alive"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// With the real `mesh-node gateway` (`common::gateway_cluster`): an Istio Gateway with an
+/// HTTPS server whose certificate is a Secret written by `Cluster::write_tls_secret`, and a
+/// VirtualService to a Service of a meshed pod on node 2, serve a client in the outside
+/// namespace (HTTP/2 over TLS, trusting the test CA); the backend sees the gateway's cluster
+/// address, and node 2's proxy counts a mutual-TLS tunnel from the gateway's identity.
+#[test]
+fn real_gateway_serves_outside_clients_over_https() -> Result<()> {
+    let c = gateway_cluster(1, &[])?;
+    let _web = HttpServer::start(&c, "node2-pod1", "web", &[])?;
+    let ca = TestCa::new("gateway e2e CA")?;
+    let pair = ca.server_cert(&["shop.example.com"])?;
+    c.write_tls_secret("istio-ingress", "shop-cert", &pair)?;
+    c.write_config_file(
+        "shop.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.20
+  selector: {app: node2-pod1}
+  ports:
+  - {name: http, port: 80, targetPort: 9080}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: istio-ingress}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["shop.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: mesh}
+spec:
+  hosts: ["shop.example.com"]
+  gateways: ["istio-ingress/shop"]
+  http:
+  - route:
+    - destination: {host: web.mesh.svc.cluster.local, port: {number: 80}}
+"#,
+    )?;
+    let dir = std::env::temp_dir().join(format!("sidenode-gw-{}", c.opts.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let ca_pem = dir.join("ca.pem");
+    ca.write_cert(&ca_pem)?;
+    let ca_arg = ca_pem.display().to_string();
+    let gw_ip = c.gateway()?.ip.clone();
+    let resolve = format!("shop.example.com:443:{gw_ip}");
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        match c.curl_outside(&[
+            "-i",
+            "--cacert",
+            &ca_arg,
+            "--resolve",
+            &resolve,
+            "https://shop.example.com/hello",
+        ]) {
+            Ok(out) => {
+                last = out;
+                Ok(last.starts_with("HTTP/2 200"))
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                Ok(false)
+            }
+        }
+    })?;
+    ensure!(ok, "no answer through the gateway: {last}");
+    ensure!(last.ends_with("web"), "{last}");
+    ensure!(
+        last.contains(&format!("x-testpod-peer: {GATEWAY_CLUSTER_IP}:")),
+        "{last}"
+    );
+    let metrics = proxy_metrics(&c, "node2")?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains(
+                    "source_principal=\"cluster.local/ns/istio-ingress/sa/sidenode-gateway\""
+                )),
+        "node 2 counted no mutual-TLS tunnel from the gateway"
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
