@@ -369,3 +369,113 @@ async fn follow_plans(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto;
+    use serde_json::json;
+
+    fn state(configs: Vec<(&str, &str, serde_json::Value)>) -> NodeState {
+        NodeState::default().apply(proto::StateUpdate {
+            version: 1,
+            snapshot: true,
+            configs: configs
+                .into_iter()
+                .map(|(ns, name, spec)| proto::Config {
+                    uid: format!("Gateway/{ns}/{name}"),
+                    kind: "Gateway".into(),
+                    namespace: ns.into(),
+                    name: name.into(),
+                    spec_json: json!({"kind": "Gateway", "spec": spec}).to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn plans_follow_the_gateways_that_select_this_gateway() {
+        let st = state(vec![
+            (
+                "edge",
+                "istio",
+                json!({"selector": {"istio": "ingressgateway"}, "servers": [
+                    {"port": {"number": 80, "protocol": "HTTP"}, "hosts": ["*"],
+                     "tls": {"httpsRedirect": true}},
+                    {"port": {"number": 443, "protocol": "HTTPS"}, "hosts": ["a.example"],
+                     "tls": {"mode": "SIMPLE", "credentialName": "a"}},
+                    {"port": {"number": 443, "protocol": "HTTPS"}, "hosts": ["b.example"],
+                     "tls": {"mode": "SIMPLE", "credentialName": "b", "minProtocolVersion": "TLSV1_3"}},
+                    // Plain HTTP on a TLS port: skipped.
+                    {"port": {"number": 443, "protocol": "HTTP"}, "hosts": ["c.example"]}]}),
+            ),
+            (
+                "apps",
+                "api",
+                json!({"gatewayClassName": "sidenode", "servers": [
+                    {"port": {"number": 8443, "protocol": "TLS"}, "hosts": ["db.example"],
+                     "tls": {"mode": "PASSTHROUGH"}},
+                    {"port": {"number": 443, "protocol": "HTTPS"}, "hosts": ["api.example"],
+                     "tls": {"mode": "SIMPLE", "credentialName": "certs/api"}}]}),
+            ),
+            (
+                "edge",
+                "other",
+                json!({"selector": {"istio": "eastwest"}, "servers": [
+                    {"port": {"number": 15443, "protocol": "TLS"}, "hosts": ["*"],
+                     "tls": {"mode": "PASSTHROUGH"}}]}),
+            ),
+        ]);
+        let p = plan(
+            &st,
+            &labels(&[("istio", "ingressgateway"), ("app", "gw")]),
+            "sidenode",
+        );
+        assert_eq!(p.keys().copied().collect::<Vec<_>>(), vec![80, 443, 8443]);
+        assert!(!p[&80].is_tls());
+        assert_eq!(
+            p[&80].server_for("any.example").map(|s| &s.kind),
+            Some(&ServerKind::Http {
+                https_redirect: true
+            })
+        );
+        let https = &p[&443];
+        assert!(https.is_tls());
+        assert_eq!(https.servers.len(), 3, "{:?}", https.servers);
+        let key = |ns: &str, n: &str| ObjKey {
+            namespace: ns.into(),
+            name: n.into(),
+        };
+        assert_eq!(
+            https.server_for("b.example").map(|s| &s.kind),
+            Some(&ServerKind::Terminate {
+                secret: key("edge", "b"),
+                tls13_only: true
+            })
+        );
+        // A converted Gateway API Gateway names its Secret's namespace.
+        assert_eq!(
+            https.server_for("api.example").map(|s| &s.kind),
+            Some(&ServerKind::Terminate {
+                secret: key("certs", "api"),
+                tls13_only: false
+            })
+        );
+        assert!(https.server_for("c.example").is_none());
+        assert_eq!(
+            p[&8443].server_for("db.example").map(|s| &s.kind),
+            Some(&ServerKind::Passthrough)
+        );
+        // Passthrough servers take no HTTP routes.
+        assert!(p[&8443].routes.servers.is_empty());
+        // Another class, other labels: nothing.
+        assert!(plan(&st, &labels(&[("app", "x")]), "other").is_empty());
+    }
+}

@@ -335,3 +335,90 @@ async fn watch_kubernetes(tx: watch::Sender<Arc<Secrets>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(not_after_days: i64) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".into()]).expect("params");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(10);
+        params.not_after = now + time::Duration::days(not_after_days);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn key() -> ObjKey {
+        ObjKey {
+            namespace: "edge".into(),
+            name: "a".into(),
+        }
+    }
+
+    #[test]
+    fn bad_secrets_name_the_field_and_keep_the_last_good() {
+        let now = SystemTime::now();
+        let (crt, k) = pair(30);
+        assert!(certified_key(&key(), "t", crt.as_bytes(), k.as_bytes(), now).is_ok());
+        let (old, old_key) = pair(-1);
+        let e = certified_key(&key(), "t", old.as_bytes(), old_key.as_bytes(), now)
+            .expect_err("expired")
+            .to_string();
+        assert!(
+            e.contains("Secret edge/a") && e.contains("tls.crt") && e.contains("expired"),
+            "{e}"
+        );
+        let e = certified_key(&key(), "t", b"garbage", k.as_bytes(), now)
+            .expect_err("garbage")
+            .to_string();
+        assert!(e.contains("tls.crt"), "{e}");
+        let (_, other_key) = pair(30);
+        let e = certified_key(&key(), "t", crt.as_bytes(), other_key.as_bytes(), now)
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            e.contains("tls.key") && e.contains("does not belong"),
+            "{e}"
+        );
+
+        let mut keeper = Keeper::default();
+        let entry = |c: &str, k: &str| {
+            (
+                key(),
+                "t".to_string(),
+                c.as_bytes().to_vec(),
+                k.as_bytes().to_vec(),
+            )
+        };
+        assert!(keeper.apply(vec![entry(&crt, &k)]));
+        let good = keeper.good.get(&key()).cloned().expect("good");
+        // Broken: the last good one stays.
+        assert!(!keeper.apply(vec![entry("garbage", &k)]));
+        assert!(Arc::ptr_eq(&keeper.good[&key()], &good));
+        // Deleted: gone.
+        assert!(keeper.apply(vec![]));
+        assert!(keeper.good.is_empty());
+    }
+
+    #[test]
+    fn folder_secrets_are_read_from_data_or_string_data() {
+        let (crt, k) = pair(30);
+        let dir = tempfile::tempdir().expect("dir");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        std::fs::write(
+            dir.path().join("s.yaml"),
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: edge}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: a, namespace: edge}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: opaque, namespace: edge}}\ntype: Opaque\nstringData: {{x: y}}\n",
+                b64(&crt),
+                b64(&k)
+            ),
+        )
+        .expect("write");
+        let got = read_dir(dir.path());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, key());
+        assert_eq!(got[0].2, crt.as_bytes());
+    }
+}

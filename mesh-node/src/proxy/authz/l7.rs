@@ -124,6 +124,19 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
     resp
 }
 
+/// The answer to a request over a `RateLimitPolicy` limit: `429` with `retry-after` (Envoy's
+/// local rate limit).
+pub fn rate_limited(l: &crate::proxy::ratelimit::Limited) -> Response<Body> {
+    let mut r = local(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(l.retry_after.as_secs_f64().ceil() as u64),
+    );
+    r.headers_mut()
+        .insert("x-sidenode-ratelimited", HeaderValue::from_static("true"));
+    r
+}
+
 async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
     let (decision, limited) = {
         let st = t.state.borrow().clone();
@@ -174,14 +187,7 @@ async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Re
             limit = %l.entry,
             "request over the rate limit"
         );
-        let mut r = local(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
-        r.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(l.retry_after.as_secs_f64().ceil() as u64),
-        );
-        r.headers_mut()
-            .insert("x-sidenode-ratelimited", HeaderValue::from_static("true"));
-        return r;
+        return rate_limited(&l);
     }
     match forward(req, t, up).await {
         Ok(resp) => resp,

@@ -563,6 +563,25 @@ async fn route_request(
     out: &mut Outcome,
 ) -> Response<Body> {
     let st = conn.mesh.state.borrow().clone();
+    // A gateway's `RateLimitPolicy` (one selecting the gateway's pod) before routing, as
+    // Envoy's local rate limit filter.
+    if let (Some(_), Some(w)) = (&conn.gateway, &conn.src) {
+        let pod = format!("{}/{}", name_str(&w.namespace), name_str(&w.name));
+        let http = crate::proxy::authz::HttpRequest {
+            method: req.method().as_str(),
+            path,
+            host: crate::telemetry::request::authority(&req),
+            headers: req.headers(),
+        };
+        if let Err(l) = conn
+            .mesh
+            .limiter
+            .check_request(&st, &pod, conn.dst.port(), &http)
+        {
+            info!(policy = %l.policy, limit = %l.entry, "request over the gateway's rate limit");
+            return crate::proxy::authz::l7::rate_limited(&l);
+        }
+    }
     let (src_ns, src_name) = conn
         .src
         .as_ref()
@@ -1188,6 +1207,80 @@ mod tests {
             );
             assert_eq!(got.to_bytes(), Bytes::from_static(b"abc"));
         }
+    }
+
+    #[test]
+    fn rewrites_replace_the_matched_prefix_and_redirects_keep_the_query() {
+        use crate::model::istio::{HeaderOperations, Headers, HttpRedirect, HttpRewrite};
+        let req = Request::builder()
+            .uri("/v2/items?id=7")
+            .header("host", "shop.example:8443")
+            .header("x-drop", "1")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let mut head = Head::new(&parts, SocketAddr::from(([198, 18, 0, 1], 80)));
+        let policy = RoutePolicy {
+            rewrite: Some(HttpRewrite {
+                uri: Some("/".into()),
+                authority: Some("reviews".into()),
+            }),
+            headers: Some(Headers {
+                request: Some(HeaderOperations {
+                    set: [("x-env".to_string(), "prod".to_string())].into(),
+                    add: Default::default(),
+                    remove: vec!["x-drop".into()],
+                }),
+                response: None,
+            }),
+            matched_prefix: Some("/v2/".into()),
+            ..Default::default()
+        };
+        head.rewrite(&policy);
+        assert_eq!(head.path.as_str(), "/items?id=7");
+        assert_eq!(head.headers[header::HOST], "reviews");
+        assert_eq!(head.headers["x-env"], "prod");
+        assert!(!head.headers.contains_key("x-drop"));
+
+        let req = Request::builder()
+            .uri("/old?id=7")
+            .header("host", "shop.example:8080")
+            .body(())
+            .expect("request");
+        let to_https = HttpRedirect {
+            scheme: Some("https".into()),
+            ..Default::default()
+        };
+        let r = redirect_response(&req, "http", &to_https, None);
+        assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            r.headers()[header::LOCATION],
+            "https://shop.example/old?id=7"
+        );
+        let moved = HttpRedirect {
+            uri: Some("/new".into()),
+            port: Some(8443),
+            redirect_code: Some(308),
+            ..Default::default()
+        };
+        let r = redirect_response(&req, "https", &moved, None);
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            r.headers()[header::LOCATION],
+            "https://shop.example:8443/new?id=7"
+        );
+    }
+
+    #[test]
+    fn edge_headers_are_set_as_envoy_sets_them() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("x-request-id", HeaderValue::from_static("forged"));
+        edge_headers(&mut h, SocketAddr::from(([192, 0, 2, 1], 5555)), "https");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_ne!(h["x-request-id"], "forged");
+        assert_eq!(h["x-request-id"].len(), 36);
     }
 
     #[test]

@@ -624,3 +624,149 @@ fn resilience_merged_per_subset_and_ejected_endpoints_skipped() {
     // Ejections are per endpoint set: r1 is not ejected in subset v1.
     assert_eq!(r.endpoint.workload, "shop/r1");
 }
+
+/// Gateway `edge/gw` on port 443 for `*.shop.example`, and a VirtualService bound to it.
+fn gateway_state() -> NodeState {
+    base(vec![
+        config(
+            "Gateway",
+            "edge",
+            "gw",
+            json!({"selector": {"istio": "ingressgateway"}, "servers": [
+                {"port": {"number": 443, "protocol": "HTTPS"}, "hosts": ["*.shop.example"],
+                 "tls": {"mode": "SIMPLE", "credentialName": "shop-cert"}},
+                {"port": {"number": 8443, "protocol": "TLS"}, "hosts": ["db.shop.example"],
+                 "tls": {"mode": "PASSTHROUGH"}}]}),
+        ),
+        config(
+            "VirtualService",
+            "edge",
+            "shop",
+            json!({"hosts": ["www.shop.example"], "gateways": ["gw"], "http": [
+                {"match": [{"uri": {"prefix": "/v2/"}}], "rewrite": {"uri": "/"},
+                 "route": [{"destination": {"host": "reviews.shop.svc.cluster.local"}}]},
+                {"match": [{"uri": {"exact": "/old"}}], "redirect": {"uri": "/new", "redirectCode": 302}},
+                {"route": [{"destination": {"host": "reviews.shop.svc.cluster.local", "port": {"number": 80}}}]}],
+              "tls": [{"match": [{"sniHosts": ["db.shop.example"]}],
+                       "route": [{"destination": {"host": "reviews.shop.svc.cluster.local"}}]}]}),
+        ),
+        // Bound to the mesh only: never seen by the gateway.
+        config(
+            "VirtualService",
+            "edge",
+            "mesh-only",
+            json!({"hosts": ["www.shop.example"], "http": [
+                {"route": [{"destination": {"host": "nowhere"}}]}]}),
+        ),
+    ])
+}
+
+#[test]
+fn gateway_requests_route_by_host_and_path() {
+    use super::http as rh;
+    use rh::RequestInfo;
+    let st = gateway_state();
+    let mut rng = fastrand::Rng::with_seed(1);
+    let src = Source {
+        namespace: "edge",
+        labels: None,
+    };
+    let gw = rh::GatewayPort {
+        port: 443,
+        servers: vec![(
+            crate::model::ObjKey {
+                namespace: "edge".into(),
+                name: "gw".into(),
+            },
+            vec!["*.shop.example".into()],
+        )],
+    };
+    let h = ::http::HeaderMap::new();
+    let req = |path: &'static str| RequestInfo {
+        method: "GET",
+        path,
+        headers: &h,
+    };
+    // The service's only port when the route names none; the rewrite and the matched prefix.
+    match rh::select_gateway(&st, &mut rng, &src, &gw, "www.shop.example", &req("/v2/x")) {
+        rh::HttpDecision::Forward { plan, policy } => {
+            assert_eq!(plan.service, "shop/reviews");
+            assert_eq!(plan.port, 80);
+            assert_eq!(policy.matched_prefix.as_deref(), Some("/v2/"));
+            assert_eq!(policy.rewrite.and_then(|r| r.uri).as_deref(), Some("/"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match rh::select_gateway(&st, &mut rng, &src, &gw, "www.shop.example", &req("/old")) {
+        rh::HttpDecision::Redirect { redirect, .. } => {
+            assert_eq!(redirect.uri.as_deref(), Some("/new"));
+            assert_eq!(redirect.redirect_code, Some(302));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A host the port serves but no VirtualService names: no route (404).
+    assert!(matches!(
+        rh::select_gateway(&st, &mut rng, &src, &gw, "api.shop.example", &req("/")),
+        rh::HttpDecision::NoMatch { .. }
+    ));
+    // A host no server of the port serves: unknown (404 too, before any route).
+    assert_eq!(
+        rh::select_gateway(&st, &mut rng, &src, &gw, "evil.example", &req("/")),
+        rh::HttpDecision::UnknownHost
+    );
+    // The mesh does not see the gateway's VirtualService (`gateways` without `mesh`).
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+    let client = Source {
+        namespace: "shop",
+        labels: None,
+    };
+    match rh::select(&st, &mut rng, &client, vip, &req("/v2/x")) {
+        rh::HttpDecision::Forward { plan, .. } => assert_eq!(plan.vs, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn gateway_tls_routes_by_server_name() {
+    let st = gateway_state();
+    let mut rng = fastrand::Rng::with_seed(1);
+    let src = Source {
+        namespace: "edge",
+        labels: None,
+    };
+    let gw = crate::model::ObjKey {
+        namespace: "edge".into(),
+        name: "gw".into(),
+    };
+    let lb = Balancer::default();
+    match tls::select_tls(
+        &st,
+        &lb,
+        None,
+        &mut rng,
+        &src,
+        &[&gw],
+        8443,
+        "db.shop.example",
+    ) {
+        Decision::Endpoint(r) => {
+            assert_eq!(r.service, "shop/reviews");
+            assert_eq!(r.endpoint.addr.port(), 9080);
+            assert_eq!(r.route.as_deref(), Some("edge/shop"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        tls::select_tls(
+            &st,
+            &lb,
+            None,
+            &mut rng,
+            &src,
+            &[&gw],
+            8443,
+            "x.shop.example"
+        ),
+        Decision::NotService
+    );
+}
