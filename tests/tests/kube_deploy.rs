@@ -12,11 +12,12 @@ use std::path::PathBuf;
 
 const OVERLAYS: [&str; 3] = ["default", "istio-crds-present", "ha"];
 
-const ISTIO_CRDS: [&str; 4] = [
+const ISTIO_CRDS: [&str; 5] = [
     "virtualservices.networking.istio.io",
     "destinationrules.networking.istio.io",
     "authorizationpolicies.security.istio.io",
     "peerauthentications.security.istio.io",
+    "gateways.networking.istio.io",
 ];
 const OUR_CRD: &str = "meshconfigs.sidenode.io";
 const RATE_LIMIT_CRD: &str = "ratelimitpolicies.sidenode.io";
@@ -401,6 +402,19 @@ spec:
   portLevelMtls:
     "8080": {mode: PERMISSIVE}
 ---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+    - port: {number: 443, name: https, protocol: HTTPS}
+      hosts: [shop.example.com]
+      tls: {mode: SIMPLE, credentialName: shop-cert, minProtocolVersion: TLSV1_2}
+    - port: {number: 80, name: http, protocol: HTTP}
+      hosts: ["*"]
+      tls: {httpsRedirect: true}
+---
 apiVersion: sidenode.io/v1alpha1
 kind: MeshConfig
 metadata: {name: default}
@@ -412,6 +426,34 @@ spec:
 
 /// (what, object, substrings the refusal must contain).
 const INVALID: &[(&str, &str, &[&str])] = &[
+    (
+        "gateway TLS mode unknown",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bad-gw, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+    - port: {number: 443, name: https, protocol: HTTPS}
+      hosts: [shop.example.com]
+      tls: {mode: SOMETIMES, credentialName: shop-cert}
+"#,
+        &["spec.servers.tls.mode", "SOMETIMES"],
+    ),
+    (
+        "gateway port out of range",
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: bad-gw2, namespace: default}
+spec:
+  servers:
+    - port: {number: 0, name: http, protocol: HTTP}
+      hosts: ["*"]
+"#,
+        &["spec.servers.port.number", "greater than or equal to 1"],
+    ),
     (
         "weight as a word",
         r#"
@@ -603,6 +645,7 @@ fn crds_are_established_and_serve_every_version() -> Result<()> {
         (ISTIO_CRDS[1], "v1 v1beta1 v1alpha3"),
         (ISTIO_CRDS[2], "v1 v1beta1"),
         (ISTIO_CRDS[3], "v1 v1beta1"),
+        (ISTIO_CRDS[4], "v1 v1beta1 v1alpha3"),
         (OUR_CRD, "v1alpha1"),
         (RATE_LIMIT_CRD, "v1alpha1"),
     ] {
@@ -1238,6 +1281,21 @@ fn gateway_component_applies_and_gateway_api_crds_are_accepted() -> Result<()> {
             ctl,
             vec!["update", &tlsroutes, status, "-n", "default"],
             true,
+        ),
+        (
+            ctl,
+            vec!["watch", "gateways.networking.istio.io", "-A"],
+            true,
+        ),
+        (
+            ctl,
+            vec!["list", "gateways.networking.istio.io", "-A"],
+            true,
+        ),
+        (
+            ctl,
+            vec!["update", "gateways.networking.istio.io", "-n", "default"],
+            false,
         ),
         (ctl, vec!["update", &gateways, "-n", "default"], false),
         (ctl, vec!["delete", &httproutes, "-n", "default"], false),

@@ -318,6 +318,68 @@ PEER_AUTHENTICATION = obj(
 )
 
 
+TLS_VERSIONS = ["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"]
+
+GATEWAY = obj(
+    {
+        "selector": string_map(
+            "Labels of the gateway pods that serve this Gateway (all must match); sidenode's "
+            "gateway has istio: ingressgateway."
+        ),
+        "servers": arr(
+            obj(
+                {
+                    "port": obj(
+                        {
+                            "number": port(),
+                            "protocol": string(
+                                "HTTP, HTTPS, HTTP2 or TLS (sidenode's gateway serves these)."
+                            ),
+                            "name": string("Port name."),
+                            "targetPort": port(),
+                        },
+                        required=["number"],
+                    ),
+                    "hosts": strings(
+                        "Host names served: `*`, `*.example.com`, `example.com`, optionally "
+                        "prefixed with `namespace/`."
+                    ),
+                    "tls": obj(
+                        {
+                            "httpsRedirect": {
+                                "type": "boolean",
+                                "description": "On an HTTP server: 301 every request to https.",
+                            },
+                            "mode": string(
+                                "SIMPLE terminates TLS; PASSTHROUGH routes by SNI.",
+                                enum=[
+                                    "PASSTHROUGH",
+                                    "SIMPLE",
+                                    "MUTUAL",
+                                    "AUTO_PASSTHROUGH",
+                                    "ISTIO_MUTUAL",
+                                    "OPTIONAL_MUTUAL",
+                                ],
+                            ),
+                            "credentialName": string(
+                                "The kubernetes.io/tls Secret (tls.crt, tls.key) in the "
+                                "Gateway's namespace."
+                            ),
+                            "minProtocolVersion": string("Lowest TLS version.", enum=TLS_VERSIONS),
+                            "maxProtocolVersion": string("Highest TLS version.", enum=TLS_VERSIONS),
+                        }
+                    ),
+                    "name": string("Server name."),
+                },
+                required=["port"],
+            ),
+            "The listeners.",
+        ),
+    },
+    desc="The listeners of an ingress gateway: https://istio.io/latest/docs/reference/config/networking/gateway/",
+)
+
+
 def crd(group, kind, plural, versions, spec_schema, short_names, categories, columns):
     schema = {
         "openAPIV3Schema": {
@@ -386,6 +448,16 @@ CRDS = {
         ["dr"],
         ["istio-io", "networking-istio-io"],
         [{"name": "Host", "type": "string", "jsonPath": ".spec.host"}],
+    ),
+    "gateways.networking.istio.io.yaml": crd(
+        "networking.istio.io",
+        "Gateway",
+        "gateways",
+        ["v1", "v1beta1", "v1alpha3"],
+        GATEWAY,
+        ["gw"],
+        ["istio-io", "networking-istio-io"],
+        [],
     ),
     "authorizationpolicies.security.istio.io.yaml": crd(
         "security.istio.io",
