@@ -300,10 +300,11 @@ fn gateway_and_outside_namespaces_are_wired_and_removed() -> Result<()> {
 /// HTTPS server whose certificate is a Secret written by `Cluster::write_tls_secret`, and a
 /// VirtualService to a Service of a meshed pod on node 2, serve a client in the outside
 /// namespace (HTTP/2 over TLS, trusting the test CA); the backend sees the gateway's cluster
-/// address, and node 2's proxy counts a mutual-TLS tunnel from the gateway's identity.
+/// address, the gateway serves again after `restart_process`, and node 2's proxy counts a
+/// mutual-TLS tunnel from the gateway's identity.
 #[test]
 fn real_gateway_serves_outside_clients_over_https() -> Result<()> {
-    let c = gateway_cluster(1, &[])?;
+    let mut c = gateway_cluster(1, &[])?;
     let _web = HttpServer::start(&c, "node2-pod1", "web", &[])?;
     let ca = TestCa::new("gateway e2e CA")?;
     let pair = ca.server_cert(&["shop.example.com"])?;
@@ -373,6 +374,20 @@ spec:
         last.contains(&format!("x-testpod-peer: {GATEWAY_CLUSTER_IP}:")),
         "{last}"
     );
+    // The process API: a restarted gateway serves again (same Gateway, Secret, certificate
+    // from the controller).
+    c.restart_process(GATEWAY, GATEWAY)?;
+    let again = wait_until(Duration::from_secs(15), || {
+        Ok(c.curl_outside(&[
+            "--cacert",
+            &ca_arg,
+            "--resolve",
+            &resolve,
+            "https://shop.example.com/again",
+        ])
+        .is_ok_and(|body| body == "web"))
+    })?;
+    ensure!(again, "no answer after the gateway's restart");
     let metrics = proxy_metrics(&c, "node2")?;
     ensure!(
         metrics
