@@ -15,15 +15,23 @@
 //! Everything is found again by prefix, so [`Cluster::down`] cleans up after a crash too.
 
 mod agents;
+pub mod gateway;
 mod kube;
 mod net;
 mod procs;
 mod yaml;
 
 pub use agents::CONTROLLER;
+pub use gateway::{
+    GATEWAY, GATEWAY_LABELS, GATEWAY_NAMESPACE, GATEWAY_POD, GATEWAY_READY, GATEWAY_SA,
+    GatewayStatus, OutsideStatus,
+};
 pub use kube::{AGENT_SA, SYSTEM_NS, TOKEN_AUDIENCE};
 
-pub use net::{CONTROLLER_IP, CONTROLLER_PORT, netns_path, node_ip, node_ip6, pod_ip, pod_ip6};
+pub use net::{
+    CONTROLLER_IP, CONTROLLER_PORT, GATEWAY_CLUSTER_IP, GATEWAY_OUTSIDE_IP, OUTSIDE_IP, netns_path,
+    node_ip, node_ip6, pod_ip, pod_ip6,
+};
 pub use procs::{cgroup2_mount, pid_alive};
 pub use yaml::{MODE_LABEL, NETNS_ANNOTATION, PodObject, namespaces_yaml, nodes_yaml, pods_yaml};
 
@@ -74,6 +82,13 @@ pub struct ClusterOpts {
     /// Agents answer the CNI plugin on `<state>/cni/<node>.sock` (`--cni-socket`).
     #[serde(default)]
     pub cni: bool,
+    /// The ingress gateway and the outside namespace (mesh mode, not Kubernetes mode); see
+    /// [`gateway`]. With `start_agents`, `mesh-node gateway` is started too.
+    #[serde(default)]
+    pub gateway: bool,
+    /// Extra arguments for `mesh-node gateway`.
+    #[serde(default)]
+    pub gateway_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -90,6 +105,8 @@ impl Default for ClusterOpts {
             proxy_args: Vec::new(),
             kube: false,
             cni: false,
+            gateway: false,
+            gateway_args: Vec::new(),
         }
     }
 }
@@ -122,6 +139,12 @@ pub struct Status {
     pub config_dir: PathBuf,
     /// Node i's pins are under `<bpffs>/node<i>`.
     pub bpffs: PathBuf,
+    /// The ingress gateway ([`ClusterOpts::gateway`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+    /// The outside namespace, which reaches only the gateway ([`ClusterOpts::gateway`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside: Option<OutsideStatus>,
 }
 
 /// `cluster.json`: the status plus what is needed to manage and tear down.
@@ -175,6 +198,12 @@ impl Cluster {
         if !(1..=250).contains(&opts.nodes) || !(1..=250).contains(&opts.pods) {
             bail!("nodes and pods must be 1..=250");
         }
+        if opts.gateway && (!opts.mesh || opts.kube) {
+            bail!(
+                "the gateway needs mesh mode without Kubernetes mode (ClusterOpts::mesh, not kube)"
+            );
+        }
+
         let sd = state_dir(&opts.prefix);
         let taken = net::list_netns()?
             .iter()
@@ -233,6 +262,8 @@ impl Cluster {
             pods,
             config_dir: state_dir.join("config"),
             bpffs: state_dir.join("bpffs"),
+            gateway: None,
+            outside: None,
         };
         let mut c = Cluster {
             opts,
@@ -293,6 +324,13 @@ impl Cluster {
         if c.opts.kube {
             c.start_pause_processes()?;
         }
+        if c.opts.gateway {
+            let (gw, out) = c.gateway_status();
+            c.status.gateway = Some(gw);
+            c.status.outside = Some(out);
+            c.save()?;
+            c.setup_gateway()?;
+        }
         c.write_namespaces()?;
         for node in c.node_names() {
             c.write_node_pods(&node)?;
@@ -323,6 +361,10 @@ impl Cluster {
         for node in self.node_names() {
             self.wait_for_log(&node, "agent", "agent ready", READY_TIMEOUT)?;
             self.wait_for_log(&node, "proxy", "proxy ready", READY_TIMEOUT)?;
+        }
+        if self.opts.gateway {
+            self.start_gateway()?;
+            self.wait_for_log(GATEWAY, GATEWAY, GATEWAY_READY, READY_TIMEOUT)?;
         }
         Ok(())
     }
@@ -486,10 +528,13 @@ impl Cluster {
     }
 
     /// `logs/<node>-<kind>.log`; the controller's (kind `"controller"`) is
-    /// `logs/controller.log`.
+    /// `logs/controller.log`, the gateway's (kind `"gateway"`) `logs/gateway.log`.
     pub fn log_path(&self, node: &str, kind: &str) -> PathBuf {
         if kind == "controller" {
             return self.controller_log_path();
+        }
+        if kind == GATEWAY {
+            return self.gateway_log_path();
         }
         self.state_dir
             .join("logs")
@@ -652,6 +697,9 @@ impl Cluster {
         let node_ns = self.node(node)?.netns.clone();
         let j = self.status.pods.iter().filter(|p| p.node == node).count() + 1;
         let name = format!("{node}-pod{j}");
+        if self.opts.gateway && pod_ip(i, j) == GATEWAY_CLUSTER_IP {
+            bail!("{node} cannot have a pod {j}: {GATEWAY_CLUSTER_IP} is the gateway's");
+        }
         let pod = PodStatus {
             name: name.clone(),
             namespace: namespace.into(),

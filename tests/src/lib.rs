@@ -1,7 +1,9 @@
 //! sidenode's end-to-end test support: the simulated cluster ([`cluster`]) used by
 //! `cargo xtask cluster` and the e2e tests, and helpers to run the `testpod` workload in pods
-//! ([`workload`]), and a real kube-apiserver for the Kubernetes tests ([`kube`]).
+//! ([`workload`]), a real kube-apiserver for the Kubernetes tests ([`kube`]), and test
+//! certificates for the ingress gateway ([`tls`]).
 pub mod cluster;
 pub mod kube;
 pub mod realnode;
+pub mod tls;
 pub mod workload;

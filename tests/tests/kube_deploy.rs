@@ -825,3 +825,459 @@ fn schemas_accept_valid_objects_and_refuse_invalid_ones_by_field() -> Result<()>
     );
     Ok(())
 }
+
+// ---- the ingress gateway: components/gateway, components/gateway-api-crds, overlays/gateway* --
+
+/// The Gateway API CRDs of components/gateway-api-crds: (name, served versions, storage).
+const GATEWAY_API_CRDS: [(&str, &[&str], &str); 5] = [
+    (
+        "gatewayclasses.gateway.networking.k8s.io",
+        &["v1", "v1beta1"],
+        "v1",
+    ),
+    (
+        "gateways.gateway.networking.k8s.io",
+        &["v1", "v1beta1"],
+        "v1",
+    ),
+    (
+        "httproutes.gateway.networking.k8s.io",
+        &["v1", "v1beta1"],
+        "v1",
+    ),
+    (
+        "referencegrants.gateway.networking.k8s.io",
+        &["v1beta1"],
+        "v1beta1",
+    ),
+    (
+        "tlsroutes.gateway.networking.k8s.io",
+        &["v1alpha2"],
+        "v1alpha2",
+    ),
+];
+
+/// Split a rendered YAML stream into documents.
+fn documents(yaml: &str) -> Vec<String> {
+    yaml.split("\n---\n")
+        .map(|d| d.trim_start_matches("---\n").to_string())
+        .filter(|d| d.lines().any(|l| l.starts_with("kind:")))
+        .collect()
+}
+
+fn is_crd(doc: &str) -> bool {
+    doc.lines().any(|l| l == "kind: CustomResourceDefinition")
+}
+
+/// What the 1.20 test server cannot take of Gateway API's CRDs, removed (test only): the CEL
+/// rules (`x-kubernetes-validations`, Kubernetes 1.23+; 1.20 refuses them as unknown fields on
+/// apply) and `default: ""` on strings (which 1.20 reads as a null default and refuses).
+fn for_kube_1_20(crd: &str) -> String {
+    let mut out = Vec::new();
+    let mut skip_deeper_than: Option<usize> = None;
+    for line in crd.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let t = line.trim_start();
+        if let Some(k) = skip_deeper_than {
+            if indent > k || (indent == k && t.starts_with("- ")) {
+                continue;
+            }
+            skip_deeper_than = None;
+        }
+        if t.starts_with("x-kubernetes-validations:") {
+            skip_deeper_than = Some(indent);
+            continue;
+        }
+        if t == "default: \"\"" {
+            continue;
+        }
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
+/// Installs the Gateway API CRDs (adapted to 1.20 by [`for_kube_1_20`]) and waits until each
+/// is Established.
+fn install_gateway_api_crds(kube: &KubeEnv) -> Result<()> {
+    let rendered = kube.kubectl(&["kustomize", &kube_dir("overlays/gateway")])?;
+    let crds: Vec<String> = documents(&rendered)
+        .into_iter()
+        .filter(|d| is_crd(d))
+        .collect();
+    ensure!(crds.len() == 5, "{} CRDs in overlays/gateway", crds.len());
+    for crd in &crds {
+        // The committed files are upstream's: CEL rules and all.
+        ensure!(
+            crd.contains("gateway.networking.k8s.io/bundle-version: v1.3.0"),
+            "not Gateway API v1.3.0: {}",
+            crd.lines().take(12).collect::<Vec<_>>().join("\n")
+        );
+        kube.kubectl_stdin(
+            &["apply", "--server-side", "--validate=false", "-f", "-"],
+            &for_kube_1_20(crd),
+        )?;
+    }
+    for (crd, _, _) in GATEWAY_API_CRDS {
+        kube.wait_for(
+            &format!("CRD {crd} Established"),
+            std::time::Duration::from_secs(30),
+            || {
+                let s = kube.kubectl(&[
+                    "get",
+                    "crd",
+                    crd,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ])?;
+                Ok((s.trim() == "True").then_some(()))
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The non-CRD objects of an overlay, as one YAML stream.
+fn without_crds(kube: &KubeEnv, overlay: &str) -> Result<(String, usize)> {
+    let rendered = kube.kubectl(&["kustomize", &kube_dir(overlay)])?;
+    let docs: Vec<String> = documents(&rendered)
+        .into_iter()
+        .filter(|d| !is_crd(d))
+        .collect();
+    Ok((docs.join("\n---\n"), docs.len()))
+}
+
+const GATEWAY_API_VALID: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: istio-ingress}
+spec:
+  gatewayClassName: sidenode
+  listeners:
+    - name: https
+      protocol: HTTPS
+      port: 443
+      hostname: "*.shop.example.com"
+      tls:
+        mode: Terminate
+        certificateRefs:
+          - {kind: Secret, name: shop-cert}
+      allowedRoutes:
+        namespaces: {from: All}
+    - name: passthrough
+      protocol: TLS
+      port: 8443
+      tls: {mode: Passthrough}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: default}
+spec:
+  parentRefs:
+    - {name: web, namespace: istio-ingress, sectionName: https}
+  hostnames: [www.shop.example.com]
+  rules:
+    - matches:
+        - path: {type: PathPrefix, value: /api}
+          headers:
+            - {name: x-canary, value: "yes"}
+      backendRefs:
+        - {name: api, port: 8080, weight: 90}
+        - {name: api-canary, port: 8080, weight: 10}
+    - filters:
+        - type: RequestRedirect
+          requestRedirect: {scheme: https, statusCode: 301}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: db, namespace: default}
+spec:
+  parentRefs:
+    - {name: web, namespace: istio-ingress, sectionName: passthrough}
+  hostnames: [db.shop.example.com]
+  rules:
+    - backendRefs:
+        - {name: db, port: 5432}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: imports-for-routes, namespace: default}
+spec:
+  from:
+    - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: istio-ingress}
+  to:
+    # (The usual `{group: "", kind: Secret}` cannot be checked here: 1.20 reads the empty
+    # string as null and refuses it.)
+    - {group: multicluster.x-k8s.io, kind: ServiceImport}
+"#;
+
+#[test]
+fn gateway_component_applies_and_gateway_api_crds_are_accepted() -> Result<()> {
+    let kube = start()?;
+    install_crds(&kube)?;
+    install_gateway_api_crds(&kube)?;
+    for (crd, versions, storage) in GATEWAY_API_CRDS {
+        let v = json(&kube.kubectl(&["get", "crd", crd, "-o", "json"])?)?;
+        let served: Vec<&str> = v["spec"]["versions"]
+            .as_array()
+            .context("versions")?
+            .iter()
+            .filter(|x| x["served"] == true)
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        ensure!(served == versions, "{crd} serves {served:?}");
+        ensure!(
+            v["status"]["storedVersions"][0] == storage,
+            "{crd} stores {}",
+            v["status"]["storedVersions"]
+        );
+    }
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &kube_dir("base/namespace.yaml"),
+    ])?;
+    kube.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        &kube_dir("overlays/default"),
+    ])?;
+
+    for overlay in ["overlays/gateway", "overlays/gateway-nodeport"] {
+        let (yaml, docs) = without_crds(&kube, overlay)?;
+        // The namespace first (namespaced objects are checked against it), then a dry run of
+        // everything.
+        if overlay == "overlays/gateway" {
+            kube.kubectl(&[
+                "apply",
+                "--server-side",
+                "-f",
+                &kube_dir("overlays/gateway/namespace.yaml"),
+            ])?;
+        }
+        let out = kube
+            .kubectl_stdin(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--dry-run=server",
+                    "-f",
+                    "-",
+                    "-o",
+                    "json",
+                ],
+                &yaml,
+            )
+            .with_context(|| format!("server dry run of {overlay}"))?;
+        let v = json(&out)?;
+        let objs = items(&v);
+        ensure!(
+            objs.len() == docs,
+            "{overlay}: {docs} objects rendered, {} accepted",
+            objs.len()
+        );
+        let ns = |o: &Value| {
+            o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        };
+
+        let dep = find(&objs, "Deployment", "sidenode-gateway")?;
+        ensure!(ns(dep) == "istio-ingress", "deployment in {}", ns(dep));
+        let spec = &dep["spec"]["template"]["spec"];
+        ensure!(spec["serviceAccountName"] == "sidenode-gateway");
+        ensure!(spec["hostNetwork"] != true, "the gateway is a plain pod");
+        ensure!(spec["securityContext"]["runAsNonRoot"] == true);
+        ensure!(
+            spec["securityContext"]["sysctls"][0]["name"] == "net.ipv4.ip_unprivileged_port_start"
+                && spec["securityContext"]["sysctls"][0]["value"] == "0",
+            "sysctls {}",
+            spec["securityContext"]["sysctls"]
+        );
+        let labels = &dep["spec"]["template"]["metadata"]["labels"];
+        ensure!(labels["istio"] == "ingressgateway" && labels["app"] == "sidenode-gateway");
+        let c = &spec["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .context("args")?
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        ensure!(
+            args[..]
+                == [
+                    "gateway",
+                    "--controller",
+                    "sidenode-controller.sidenode-system.svc:15012",
+                    "--controller-ca",
+                    "/var/run/sidenode/ca/root-cert.pem",
+                    "--token-file",
+                    "/var/run/secrets/sidenode/token",
+                ],
+            "args {args:?}"
+        );
+        let env = |name: &str| -> Value {
+            c["env"]
+                .as_array()
+                .and_then(|e| e.iter().find(|x| x["name"] == name))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        ensure!(env("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace");
+        ensure!(env("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name");
+        ensure!(
+            env("SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"]
+                == "spec.serviceAccountName"
+        );
+        ensure!(
+            env("SIDENODE_GATEWAY_LABELS")["value"] == "istio=ingressgateway,app=sidenode-gateway"
+        );
+        ensure!(c["securityContext"]["capabilities"]["drop"][0] == "ALL");
+        ensure!(c["securityContext"]["allowPrivilegeEscalation"] == false);
+        ensure!(c["readinessProbe"]["tcpSocket"]["port"] == "metrics");
+        let token = spec["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == "sidenode-token"))
+            .context("sidenode-token volume")?;
+        ensure!(
+            token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "sidenode",
+            "{token}"
+        );
+
+        let svc = find(&objs, "Service", "sidenode-gateway")?;
+        ensure!(ns(svc) == "istio-ingress");
+        let ports: Vec<i64> = svc["spec"]["ports"]
+            .as_array()
+            .context("ports")?
+            .iter()
+            .filter_map(|p| p["port"].as_i64())
+            .collect();
+        ensure!(ports == [80, 443], "service ports {ports:?}");
+        if overlay == "overlays/gateway" {
+            ensure!(
+                svc["spec"]["type"] == "LoadBalancer",
+                "{}",
+                svc["spec"]["type"]
+            );
+        } else {
+            ensure!(svc["spec"]["type"] == "NodePort", "{}", svc["spec"]["type"]);
+            ensure!(svc["spec"]["ports"][0]["nodePort"] == 30080);
+            ensure!(svc["spec"]["ports"][1]["nodePort"] == 30443);
+        }
+        let class = find(&objs, "GatewayClass", "sidenode")?;
+        ensure!(
+            ns(class).is_empty(),
+            "GatewayClass got namespace {}",
+            ns(class)
+        );
+        ensure!(class["spec"]["controllerName"] == "sidenode.io/gateway-controller");
+        let crb = find(&objs, "ClusterRoleBinding", "sidenode-gateway")?;
+        ensure!(
+            crb["subjects"][0]["namespace"] == "istio-ingress",
+            "subjects {}",
+            crb["subjects"]
+        );
+        let crb = find(&objs, "ClusterRoleBinding", "sidenode-controller-gateway")?;
+        ensure!(crb["subjects"][0]["namespace"] == "sidenode-system");
+    }
+
+    // For real, then the RBAC in force.
+    let (yaml, _) = without_crds(&kube, "overlays/gateway")?;
+    kube.kubectl_stdin(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        &yaml,
+    )?;
+    let can = |who: &str, args: &[&str]| -> Result<bool> {
+        let who = format!("--as=system:serviceaccount:{who}");
+        let mut a = vec!["auth", "can-i", who.as_str()];
+        a.extend_from_slice(args);
+        match kube.kubectl(&a) {
+            Ok(s) => Ok(s.trim() == "yes"),
+            Err(e) if format!("{e:#}").contains("exit status: 1") => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    let gw = "istio-ingress:sidenode-gateway";
+    let ctl = "sidenode-system:sidenode-controller";
+    let g = "gateway.networking.k8s.io";
+    let gateways = format!("gateways.{g}");
+    let classes = format!("gatewayclasses.{g}");
+    let httproutes = format!("httproutes.{g}");
+    let tlsroutes = format!("tlsroutes.{g}");
+    let grants = format!("referencegrants.{g}");
+    let status = "--subresource=status";
+    let expect: &[(&str, Vec<&str>, bool)] = &[
+        (gw, vec!["get", "secrets", "-n", "default"], true),
+        (gw, vec!["watch", "secrets", "--all-namespaces"], true),
+        (gw, vec!["list", "secrets", "-n", "istio-ingress"], true),
+        (gw, vec!["create", "secrets", "-n", "istio-ingress"], false),
+        (gw, vec!["update", "secrets", "-n", "default"], false),
+        (gw, vec!["list", "pods", "-n", "default"], false),
+        (gw, vec!["list", &gateways, "-A"], false),
+        (ctl, vec!["watch", &gateways, "-A"], true),
+        (ctl, vec!["list", &classes], true),
+        (ctl, vec!["list", &httproutes, "-A"], true),
+        (ctl, vec!["watch", &tlsroutes, "-A"], true),
+        (ctl, vec!["list", &grants, "-A"], true),
+        (
+            ctl,
+            vec!["update", &gateways, status, "-n", "default"],
+            true,
+        ),
+        (ctl, vec!["patch", &classes, status], true),
+        (
+            ctl,
+            vec!["update", &httproutes, status, "-n", "default"],
+            true,
+        ),
+        (
+            ctl,
+            vec!["update", &tlsroutes, status, "-n", "default"],
+            true,
+        ),
+        (ctl, vec!["update", &gateways, "-n", "default"], false),
+        (ctl, vec!["delete", &httproutes, "-n", "default"], false),
+        (ctl, vec!["update", &grants, status, "-n", "default"], false),
+        (ctl, vec!["get", "secrets", "-n", "istio-ingress"], false),
+    ];
+    let mut wrong = Vec::new();
+    for (sa, args, want) in expect {
+        if can(sa, args)? != *want {
+            wrong.push(format!("{sa} {}: expected {want}", args.join(" ")));
+        }
+    }
+    ensure!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+
+    // The schemas accept the objects the docs use, and refuse a wrong one by field.
+    kube.kubectl_stdin(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        GATEWAY_API_VALID,
+    )
+    .context("valid Gateway API objects")?;
+    let bad = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bad, namespace: istio-ingress}
+spec:
+  gatewayClassName: sidenode
+  listeners:
+    - {name: http, protocol: HTTP, port: 70000}
+"#;
+    let err = kube
+        .kubectl_stdin(
+            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+            bad,
+        )
+        .err()
+        .context("a listener on port 70000 was accepted")?;
+    let msg = format!("{err:#}");
+    ensure!(
+        msg.contains("spec.listeners") && msg.contains("port"),
+        "{msg}"
+    );
+    Ok(())
+}

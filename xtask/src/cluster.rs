@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts};
+use sidenode_tests::cluster::{CONTROLLER, Cluster, ClusterOpts, GATEWAY};
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
@@ -39,6 +39,12 @@ pub enum ClusterCmd {
         /// by `cargo xtask setup`). State in /var/tmp/sidenode-real-<prefix>.
         #[arg(long, conflicts_with_all = ["kube", "mesh", "cert_ttl"])]
         real: bool,
+        /// Ingress gateway (needs --mesh, not --kube): `mesh-node gateway` in `<prefix>-gw`
+        /// (198.19.1.254, as the pod istio-ingress/sidenode-gateway of node 1; log
+        /// logs/gateway.log) and an `<prefix>-out` namespace (203.0.113.2) that reaches only
+        /// the gateway (203.0.113.1). Gateway objects and TLS Secrets go in the config folder.
+        #[arg(long, requires = "mesh", conflicts_with_all = ["kube", "real"])]
+        gateway: bool,
     },
     /// Kill everything, remove namespaces, cgroups, the bpffs mount and the state folder.
     Down {
@@ -69,6 +75,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             cert_ttl,
             kube,
             real,
+            gateway,
         } => {
             let mesh_node = crate::mesh_node_bin();
             if real {
@@ -92,6 +99,8 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 proxy_args: Vec::new(),
                 kube,
                 cni: false,
+                gateway,
+                gateway_args: Vec::new(),
             })?;
             if kube {
                 c.detach_kube();
@@ -133,6 +142,14 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                         "dead"
                     };
                     println!("controller: pid {pid} {state}");
+                }
+                if let Some(pid) = c.pid(GATEWAY, GATEWAY) {
+                    let state = if c.is_alive(GATEWAY, GATEWAY) {
+                        "running"
+                    } else {
+                        "dead"
+                    };
+                    println!("gateway: pid {pid} {state}");
                 }
                 for node in c.node_names() {
                     for kind in ["agent", "proxy"] {
@@ -213,6 +230,22 @@ fn print_table(c: &Cluster) {
             c.controller_state_dir().display(),
             c.tokens_dir().display(),
             c.controller_log_path().display()
+        );
+    }
+    if let (Some(gw), Some(out)) = (&st.gateway, &st.outside) {
+        println!(
+            "gateway: netns {} ({} for outside clients, {} in the cluster; http {}, https {}; pod {}; log {})",
+            gw.netns,
+            gw.ip,
+            gw.cluster_ip,
+            gw.http_port,
+            gw.https_port,
+            gw.pod,
+            c.gateway_log_path().display()
+        );
+        println!(
+            "outside: netns {} ({}), e.g. `nsenter --net=/var/run/netns/{} curl http://{}/`",
+            out.netns, out.ip, out.netns, gw.ip
         );
     }
 }

@@ -2,9 +2,10 @@
 //! mesh mode the cluster's `mesh-node controller`.
 //!
 //! Every method taking `(node, kind)` also accepts the controller as node `"controller"`, kind
-//! `"controller"` (see [`CONTROLLER`]).
+//! `"controller"` (see [`CONTROLLER`]), and the ingress gateway as node `"gateway"`, kind
+//! `"gateway"` (see [`GATEWAY`](super::GATEWAY)).
 
-use super::{Cluster, READY_TIMEOUT, netns_path, node_ip, pid_alive, procs};
+use super::{Cluster, GATEWAY, READY_TIMEOUT, netns_path, node_ip, pid_alive, procs};
 use anyhow::{Context, Result, bail};
 use std::fs::OpenOptions;
 use std::process::{Command, Stdio};
@@ -14,22 +15,24 @@ use std::time::Duration;
 pub const CONTROLLER: &str = "controller";
 
 fn check_kind(node: &str, kind: &str) -> Result<()> {
-    if kind == CONTROLLER {
-        if node != CONTROLLER {
-            bail!("the controller is addressed as node \"controller\", not {node:?}");
+    if kind == CONTROLLER || kind == GATEWAY {
+        if node != kind {
+            bail!("the {kind} is addressed as node {kind:?}, not {node:?}");
         }
         return Ok(());
     }
     if kind != "agent" && kind != "proxy" {
-        bail!("process kind must be \"agent\", \"proxy\" or \"controller\", not {kind:?}");
+        bail!(
+            "process kind must be \"agent\", \"proxy\", \"controller\" or \"gateway\", not {kind:?}"
+        );
     }
     Ok(())
 }
 
 /// The key of a process in `pids`: `<node>-<kind>`, or `controller`.
 fn key(node: &str, kind: &str) -> String {
-    if kind == CONTROLLER {
-        CONTROLLER.to_string()
+    if kind == CONTROLLER || kind == GATEWAY {
+        kind.to_string()
     } else {
         format!("{node}-{kind}")
     }
@@ -43,6 +46,9 @@ impl Cluster {
         check_kind(node, kind)?;
         if kind == CONTROLLER {
             return self.start_controller();
+        }
+        if kind == GATEWAY {
+            return self.start_gateway();
         }
         let i = self.node_index(node)?;
         let netns = self.node(node)?.netns.clone();
@@ -146,7 +152,7 @@ impl Cluster {
         self.restart_process(CONTROLLER, CONTROLLER)
     }
 
-    fn spawn_logged(&mut self, node: &str, kind: &str, mut cmd: Command) -> Result<()> {
+    pub(super) fn spawn_logged(&mut self, node: &str, kind: &str, mut cmd: Command) -> Result<()> {
         let log_path = self.log_path(node, kind);
         let log = OpenOptions::new()
             .create(true)

@@ -241,11 +241,18 @@ pub fn setup_node(net_ns: &str, node_ns: &str, i: usize, nodes: usize) -> Result
 pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> {
     add_netns(pod_ns)?;
     let node_if = format!("p{j}");
-    let ip_addr = pod_ip(i, j);
+    attach_to_node(node_ns, pod_ns, &node_if, &pod_ip(i, j))?;
+    setup_pod6(node_ns, pod_ns, &node_if, i, j)
+}
+
+/// The IPv4 wiring of a pod-like namespace `pod_ns` (which exists) to its node: a veth with
+/// `node_if` in the node (proxy ARP, a /32 route to `ip_addr`) and `eth0` in `pod_ns` (`ip_addr`
+/// /32, a link route to 169.254.1.1 and a default route via it).
+fn attach_to_node(node_ns: &str, pod_ns: &str, node_if: &str, ip_addr: &str) -> Result<()> {
     ip_ns(
         node_ns,
         &[
-            "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns,
+            "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns,
         ],
     )?;
     sysctl_ns(node_ns, &format!("net.ipv4.conf.{node_if}.proxy_arp"), "1")?;
@@ -254,7 +261,7 @@ pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> 
         &format!("net.ipv4.neigh.{node_if}.proxy_delay"),
         "0",
     )?;
-    ip_ns(node_ns, &["link", "set", &node_if, "up"])?;
+    ip_ns(node_ns, &["link", "set", node_if, "up"])?;
     ip_ns(
         node_ns,
         &[
@@ -262,7 +269,7 @@ pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> 
             "add",
             &format!("{ip_addr}/32"),
             "dev",
-            &node_if,
+            node_if,
             "scope",
             "link",
         ],
@@ -295,6 +302,62 @@ pub fn setup_pod(node_ns: &str, pod_ns: &str, i: usize, j: usize) -> Result<()> 
             "dev",
             "eth0",
         ],
+    )
+}
+
+/// The gateway's address on the cluster network: in node 1's pod range, wired like a pod of
+/// node 1 (other nodes and the fabric route 198.19.1.0/24 to node 1).
+pub const GATEWAY_CLUSTER_IP: &str = "198.19.1.254";
+/// The gateway's address on the link to the outside namespace (TEST-NET-3, only inside the
+/// namespaces): what outside clients connect to.
+pub const GATEWAY_OUTSIDE_IP: &str = "203.0.113.1";
+/// The outside namespace's address.
+pub const OUTSIDE_IP: &str = "203.0.113.2";
+
+/// The gateway's namespace `gw_ns`, wired like a pod of node 1 (`gw0` in the node, `eth0` =
+/// [`GATEWAY_CLUSTER_IP`]), and the `outside` namespace `out_ns`, linked only to the gateway:
+/// `out0` in the gateway ([`GATEWAY_OUTSIDE_IP`]/30) to `eth0` in outside ([`OUTSIDE_IP`]/30,
+/// default route via the gateway). The gateway does not forward (`net.ipv4.ip_forward=0`,
+/// written explicitly), so outside reaches the gateway's own addresses and nothing else; no
+/// node has a route to 203.0.113.0/30.
+pub fn setup_gateway(node_ns: &str, gw_ns: &str, out_ns: &str) -> Result<()> {
+    add_netns(gw_ns)?;
+    sysctl_ns(gw_ns, "net.ipv4.ip_forward", "0")?;
+    sysctl_ns(gw_ns, "net.ipv6.conf.all.forwarding", "0")?;
+    attach_to_node(node_ns, gw_ns, "gw0", GATEWAY_CLUSTER_IP)?;
+    add_netns(out_ns)?;
+    ip_ns(
+        gw_ns,
+        &[
+            "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", out_ns,
+        ],
     )?;
-    setup_pod6(node_ns, pod_ns, &node_if, i, j)
+    ip_ns(
+        gw_ns,
+        &[
+            "addr",
+            "add",
+            &format!("{GATEWAY_OUTSIDE_IP}/30"),
+            "dev",
+            "out0",
+        ],
+    )?;
+    ip_ns(gw_ns, &["link", "set", "out0", "up"])?;
+    ip_ns(
+        out_ns,
+        &["addr", "add", &format!("{OUTSIDE_IP}/30"), "dev", "eth0"],
+    )?;
+    ip_ns(out_ns, &["link", "set", "eth0", "up"])?;
+    ip_ns(
+        out_ns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            GATEWAY_OUTSIDE_IP,
+            "dev",
+            "eth0",
+        ],
+    )
 }

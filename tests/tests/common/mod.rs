@@ -287,6 +287,19 @@ pub fn mesh_cluster_with_agent_args(pods: usize, agent_args: &[&str]) -> Result<
     })
 }
 
+/// A mesh-mode cluster with the ingress gateway (`mesh-node gateway` in its own namespace,
+/// ready) and the outside namespace (`Cluster::curl_outside`, `Cluster::run_outside`);
+/// `gateway_args` go to the gateway. Gateway objects and TLS Secrets
+/// (`Cluster::write_tls_secret`, `sidenode_tests::tls::TestCa`) are written into the config
+/// folder with `Cluster::write_config_file` and take effect live.
+pub fn gateway_cluster(pods: usize, gateway_args: &[&str]) -> Result<TestCluster> {
+    up('w', pods, |o| {
+        o.mesh = true;
+        o.gateway = true;
+        o.gateway_args = gateway_args.iter().map(|a| a.to_string()).collect();
+    })
+}
+
 /// Wait (10 s) until the pod's node proxy has opened the pod's HBONE listener.
 pub fn wait_hbone_listener(c: &Cluster, pod: &str) -> Result<()> {
     let p = c.pod(pod)?;
