@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod gateway;
 pub mod grpc;
 pub mod k8s;
 pub mod tokens;
