@@ -36,6 +36,20 @@ impl std::fmt::Display for ObjId {
     }
 }
 
+/// The kind a Gateway API `Gateway` is known by in errors and stores (an Istio `Gateway` is
+/// plain `Gateway`).
+pub const API_GATEWAY_KIND: &str = "Gateway.gateway.networking.k8s.io";
+
+/// The kind a document of `kind` and `api_version` is known by: a `Gateway` of the Gateway
+/// API is told apart from Istio's.
+pub fn kind_id(kind: &str, api_version: &str) -> String {
+    if kind == "Gateway" && crate::model::gatewayapi::is_gateway_api(api_version) {
+        API_GATEWAY_KIND.to_string()
+    } else {
+        kind.to_string()
+    }
+}
+
 impl Object {
     pub fn id(&self) -> ObjId {
         match self {
@@ -68,6 +82,26 @@ impl Object {
                 kind: "HTTPRoute".into(),
                 namespace: r.key.namespace.clone(),
                 name: r.key.name.clone(),
+            },
+            Object::TlsRoute(r) => ObjId {
+                kind: "TLSRoute".into(),
+                namespace: r.key.namespace.clone(),
+                name: r.key.name.clone(),
+            },
+            Object::GatewayClass(c) => ObjId {
+                kind: "GatewayClass".into(),
+                namespace: String::new(),
+                name: c.name.clone(),
+            },
+            Object::ApiGateway(g) => ObjId {
+                kind: API_GATEWAY_KIND.into(),
+                namespace: g.key.namespace.clone(),
+                name: g.key.name.clone(),
+            },
+            Object::ReferenceGrant(g) => ObjId {
+                kind: "ReferenceGrant".into(),
+                namespace: g.key.namespace.clone(),
+                name: g.key.name.clone(),
             },
             Object::MeshConfig(m) => ObjId {
                 kind: "MeshConfig".into(),
@@ -171,7 +205,7 @@ pub fn parse_file(path: &Path, text: &str) -> FileParse {
             line: start,
         };
         let reader = YamlDoc { doc: &doc, start };
-        let Some(parsed) = convert(&head.kind, &reader, origin) else {
+        let Some(parsed) = convert(&head.kind, &head.api_version, &reader, origin) else {
             // Kinds the mesh does not read (Deployments, ConfigMaps, ...) are not errors.
             continue;
         };
@@ -191,6 +225,7 @@ pub fn parse_file(path: &Path, text: &str) -> FileParse {
 /// errors even when the rest of it is wrong.
 struct Head {
     kind: String,
+    api_version: String,
     name: String,
     namespace: String,
 }
@@ -198,6 +233,11 @@ struct Head {
 impl Head {
     fn of(v: &serde_yaml::Value) -> Option<Head> {
         let kind = v.get("kind")?.as_str()?.to_string();
+        let api_version = v
+            .get("apiVersion")
+            .and_then(|a| a.as_str())
+            .unwrap_or("")
+            .to_string();
         let meta = v.get("metadata");
         let s = |k: &str| {
             meta.and_then(|m| m.get(k))
@@ -206,20 +246,23 @@ impl Head {
         };
         Some(Head {
             kind,
+            api_version,
             name: s("name").unwrap_or_else(|| "<unnamed>".into()),
             namespace: s("namespace").unwrap_or_else(|| "default".into()),
         })
     }
     fn id(&self) -> ObjId {
-        let cluster_scoped =
-            self.kind == "Namespace" || self.kind == "Node" || self.kind == "MeshConfig";
+        let cluster_scoped = matches!(
+            self.kind.as_str(),
+            "Namespace" | "Node" | "MeshConfig" | "GatewayClass"
+        );
         let namespace = if cluster_scoped {
             String::new()
         } else {
             self.namespace.clone()
         };
         ObjId {
-            kind: self.kind.clone(),
+            kind: kind_id(&self.kind, &self.api_version),
             namespace,
             name: self.name.clone(),
         }
@@ -303,7 +346,11 @@ pub fn convert_json(
     value: &serde_json::Value,
     origin: Origin,
 ) -> Option<Result<Object, String>> {
-    convert(kind, &JsonObject(value), origin).map(|r| {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or("");
+    convert(kind, api_version, &JsonObject(value), origin).map(|r| {
         r.map_err(|e| match e.field {
             Some(f) => format!("{f}: {}", e.message),
             None => e.message,
@@ -311,13 +358,17 @@ pub fn convert_json(
     })
 }
 
-/// The model object for a document of `kind`; `None` for kinds the mesh does not read. The one
-/// conversion every source (file, Kubernetes) goes through.
+/// The model object for a document of `kind` (and `api_version`, which tells the two
+/// `Gateway` kinds apart); `None` for kinds the mesh does not read. The one conversion every
+/// source (file, Kubernetes) goes through.
 pub(crate) fn convert(
     kind: &str,
+    api_version: &str,
     reader: &impl TypedReader,
     origin: Origin,
 ) -> Option<Result<Object, ObjError>> {
+    use crate::model::gatewayapi::is_gateway_api;
+    let gateway_api = is_gateway_api(api_version);
     Some(match kind {
         "Namespace" => reader
             .read::<RawNamespace>()
@@ -336,32 +387,116 @@ pub(crate) fn convert(
         "MeshConfig" => reader
             .read::<RawMeshConfig>()
             .and_then(|r| r.into_model(origin)),
-        "HTTPRoute" => {
-            let r = match reader.read::<httproute::RawHttpRoute>() {
-                Ok(r) => r,
-                Err(e) => return Some(Err(e)),
-            };
-            let line = origin.line;
-            let key = match r.metadata.key(line) {
-                Ok(k) => k,
-                Err(e) => return Some(Err(e)),
-            };
-            match r.into_virtual_service(line, &key.namespace) {
-                Ok(None) => return None,
-                Ok(Some(vs)) => {
-                    let spec = IstioSpec::VirtualService(vs);
-                    spec.validate()
-                        .map(|()| Object::HttpRoute(IstioObject { key, spec, origin }))
-                        .map_err(|(field, message)| ObjError::field(line, &field, message))
-                }
-                Err(e) => Err(e),
+        // TLS material is the gateway's to read; it never goes through the controller.
+        "Secret" => return None,
+        "HTTPRoute" => return read_http_route(reader, origin),
+        "TLSRoute" => match reader
+            .read::<gatewayapi::RawTlsRoute>()
+            .and_then(|r| r.into_model(origin))
+        {
+            Ok(None) => return None,
+            Ok(Some(r)) => Ok(Object::TlsRoute(r)),
+            Err(e) => Err(e),
+        },
+        "GatewayClass" => reader
+            .read::<gatewayapi::RawGatewayClass>()
+            .and_then(|r| r.into_model(origin))
+            .map(Object::GatewayClass),
+        "ReferenceGrant" => reader
+            .read::<gatewayapi::RawReferenceGrant>()
+            .and_then(|r| r.into_model(origin))
+            .map(Object::ReferenceGrant),
+        "Gateway" if gateway_api => reader
+            .read::<gatewayapi::RawGateway>()
+            .and_then(|r| r.into_model(origin))
+            .map(Object::ApiGateway),
+        "Gateway" => {
+            // Istio's (`networking.istio.io/v1`, `v1beta1`, `v1alpha3`; hand-written files
+            // may leave `apiVersion` out). Another group's Gateway is not the mesh's.
+            let group = api_version.split_once('/').map_or("", |(g, _)| g);
+            if !api_version.is_empty() && group != crate::model::istio::NETWORKING_GROUP {
+                return None;
             }
+            read_istio(IstioKind::Gateway, reader, origin).and_then(|o| {
+                check_istio_gateway(&o)?;
+                Ok(o)
+            })
         }
         other => {
             let kind = IstioKind::parse(other)?;
             read_istio(kind, reader, origin)
         }
     })
+}
+
+/// What only an Istio `Gateway` may not do: `credentialName` is a Secret of its own namespace
+/// (the `namespace/name` form is a converted Gateway API Gateway's, checked by grants).
+fn check_istio_gateway(o: &Object) -> Result<(), ObjError> {
+    let Object::Istio(IstioObject {
+        spec: IstioSpec::Gateway(gw),
+        origin,
+        ..
+    }) = o
+    else {
+        return Ok(());
+    };
+    for (i, s) in gw.servers.iter().enumerate() {
+        if let Some(c) = s.tls.as_ref().and_then(|t| t.credential_name.as_deref())
+            && c.contains('/')
+        {
+            return Err(ObjError::field(
+                origin.line,
+                &format!("spec.servers[{i}].tls.credentialName"),
+                format!(
+                    "`{c}`: an Istio Gateway's Secret is in its own namespace (a name without `/`)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An HTTPRoute: its Service parents' VirtualService and/or its Gateway parents' route;
+/// `None` when it has neither kind of parent.
+fn read_http_route(reader: &impl TypedReader, origin: Origin) -> Option<Result<Object, ObjError>> {
+    let r = match reader.read::<httproute::RawHttpRoute>() {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e)),
+    };
+    let line = origin.line;
+    let key = match r.metadata.key(line) {
+        Ok(k) => k,
+        Err(e) => return Some(Err(e)),
+    };
+    let result = (|| {
+        let mesh = match r.mesh_virtual_service(line, &key.namespace)? {
+            None => None,
+            Some(vs) => {
+                let spec = IstioSpec::VirtualService(vs);
+                spec.validate()
+                    .map_err(|(field, message)| ObjError::field(line, &field, message))?;
+                Some(IstioObject {
+                    key: key.clone(),
+                    spec,
+                    origin: origin.clone(),
+                })
+            }
+        };
+        let gateway = r.gateway_route(&origin, &key)?;
+        if let Some(g) = &gateway {
+            IstioSpec::VirtualService(g.spec.clone())
+                .validate()
+                .map_err(|(field, message)| ObjError::field(line, &field, message))?;
+        }
+        Ok((mesh, gateway))
+    })();
+    match result {
+        Ok((None, None)) => None,
+        Ok((mesh, gateway)) => Some(Ok(Object::HttpRoute(Box::new(
+            crate::model::gatewayapi::HttpRouteObject { key, mesh, gateway },
+        )))),
+        Err(e) => Some(Err(e)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -482,6 +617,7 @@ fn read_istio(
 #[serde(rename_all = "camelCase")]
 struct RawMeta {
     name: Option<String>,
+    generation: Option<i64>,
     uid: Option<String>,
     namespace: Option<String>,
     labels: Option<BTreeMap<String, String>>,
@@ -723,7 +859,11 @@ impl RawNode {
     }
 }
 
+mod gatewayapi;
 mod httproute;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod gateway_tests;

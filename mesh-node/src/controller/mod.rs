@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod gateway;
 pub mod grpc;
 pub mod k8s;
 pub mod tokens;
@@ -228,24 +229,28 @@ pub async fn run(cfg: ControllerConfig) -> Result<()> {
     served.with_context(|| format!("serving gRPC on {}", cfg.listen))
 }
 
-/// While this replica leads: keep the root certificate published in every namespace.
+/// While this replica leads: keep the root certificate published in every namespace and the
+/// Gateway API status written.
 async fn leader_work(
     client: ::kube::Client,
     src: KubeSource,
     root_pem: String,
     mut leader: watch::Receiver<bool>,
 ) {
-    let mut publisher = k8s::publish::Publisher::new(client);
+    let mut publisher = k8s::publish::Publisher::new(client.clone());
+    let mut status = k8s::status::StatusWriter::new(client);
     loop {
         if *leader.borrow_and_update() {
             let snap = src.snapshot();
             publisher.sync(snap.namespaces.keys(), &root_pem).await;
+            status.sync(&gateway::resolve(&snap)).await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 r = leader.changed() => if r.is_err() { return },
             }
         } else {
             publisher.reset();
+            status.reset();
             if leader.changed().await.is_err() {
                 return;
             }

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::model::gatewayapi::RouteKind;
+use crate::model::istio::IstioObject;
 use crate::model::{Snapshot, TargetPort};
 use crate::proto;
 
@@ -20,6 +22,27 @@ pub struct View {
     pub trust_domain: String,
     /// When this version was built (Unix ms), sent with every update for the nodes' lag.
     pub built_unix_ms: u64,
+}
+
+/// A config for the stream: uid `<prefix>/<ns>/<name>`, the tagged JSON of a validated spec.
+fn config(prefix: &str, kind: &str, o: &IstioObject) -> Option<(String, proto::Config)> {
+    let uid = format!("{prefix}/{}", o.key);
+    // The tagged JSON (`{"kind":…,"spec":…}`) of a validated spec.
+    let spec_json = match serde_json::to_string(&o.spec) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(object = %uid, error = %e, "cannot encode; not served");
+            return None;
+        }
+    };
+    let c = proto::Config {
+        uid: uid.clone(),
+        kind: kind.to_string(),
+        namespace: o.key.namespace.clone(),
+        name: o.key.name.clone(),
+        spec_json,
+    };
+    Some((uid, c))
 }
 
 /// Now, in Unix milliseconds.
@@ -102,32 +125,41 @@ impl View {
                 (n.name.clone(), node)
             })
             .collect();
-        let http_routes = snap.http_routes.values().map(|o| ("HTTPRoute", o));
-        let configs = snap
+        let http_routes = snap
+            .http_routes
+            .values()
+            .map(|o| ("HTTPRoute", "HTTPRoute", o));
+        let mut configs: BTreeMap<String, proto::Config> = snap
             .istio
             .values()
-            .map(|o| (o.spec.kind().as_str(), o))
+            .map(|o| (o.spec.kind().as_str(), o.spec.kind().as_str(), o))
             .chain(http_routes)
-            .filter_map(|(kind, o)| {
-                let uid = format!("{kind}/{}", o.key);
-                // The tagged JSON (`{"kind":…,"spec":…}`) of a validated spec.
-                let spec_json = match serde_json::to_string(&o.spec) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        tracing::error!(object = %uid, error = %e, "cannot encode; not served");
-                        return None;
-                    }
-                };
-                let c = proto::Config {
-                    uid: uid.clone(),
-                    kind: kind.to_string(),
-                    namespace: o.key.namespace.clone(),
-                    name: o.key.name.clone(),
-                    spec_json,
-                };
-                Some((uid, c))
-            })
+            .filter_map(|(prefix, kind, o)| config(prefix, kind, o))
             .collect();
+        // The Gateway API, resolved: sidenode's Gateways in the Istio form (an Istio Gateway
+        // of the same name keeps its key), the routes bound to them as VirtualServices.
+        let gw = super::gateway::resolve(snap);
+        for o in &gw.gateways {
+            if let Some((uid, c)) = config("Gateway", "Gateway", o) {
+                if configs.contains_key(&uid) {
+                    tracing::warn!(
+                        gateway = %o.key,
+                        "an Istio Gateway and a Gateway API Gateway share this name; the Istio one is served"
+                    );
+                    continue;
+                }
+                configs.insert(uid, c);
+            }
+        }
+        for (kind, o) in &gw.routes {
+            let prefix = match kind {
+                RouteKind::Http => "GatewayHTTPRoute",
+                RouteKind::Tls => "GatewayTLSRoute",
+            };
+            if let Some((uid, c)) = config(prefix, kind.as_str(), o) {
+                configs.insert(uid, c);
+            }
+        }
         let mc = snap.mesh_config();
         let settings = proto::MeshSettings {
             exclude_ports: mc

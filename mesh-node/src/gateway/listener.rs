@@ -49,7 +49,8 @@ pub async fn accept_loop(listener: TcpListener, port: u16, gw: Arc<Gateway>) {
         let gw = gw.clone();
         let configs = configs.clone();
         let span = info_span!("gateway", client = %peer, port);
-        tokio::spawn(
+        let tracker = gw.tracker.clone();
+        tracker.spawn(
             async move {
                 handle(stream, peer, port, gw, configs).await;
                 drop(permit);
@@ -277,8 +278,13 @@ async fn serve_http<IO>(
     let idle = limits.idle_timeout;
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(idle));
     let mut closing = false;
+    let drain = gw.drain.clone();
     loop {
         tokio::select! {
+            _ = drain.cancelled(), if !closing => {
+                conn_fut.as_mut().graceful_shutdown();
+                closing = true;
+            }
             r = conn_fut.as_mut() => {
                 if let Err(e) = r {
                     debug!(error = %e, "client connection ended");

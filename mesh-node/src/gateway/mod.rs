@@ -216,6 +216,10 @@ pub struct Gateway {
     pub plans: watch::Receiver<Arc<Plans>>,
     pub secrets: watch::Receiver<Arc<secrets::Secrets>>,
     pub conns: Arc<tokio::sync::Semaphore>,
+    /// Every open client connection (drained on SIGTERM).
+    pub tracker: tokio_util::task::TaskTracker,
+    /// Cancelled on SIGTERM: HTTP connections finish their requests and close.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 pub async fn run(cfg: GatewayConfig) -> Result<()> {
@@ -284,6 +288,8 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
     let (plans_tx, plans) = watch::channel(Arc::new(Plans::new()));
     let gw = Arc::new(Gateway {
         conns: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections)),
+        tracker: tokio_util::task::TaskTracker::new(),
+        drain: Default::default(),
         cfg,
         shared,
         mesh,
@@ -316,10 +322,38 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // Stop accepting (the listeners close with the task that owns them), then let open
+    // connections finish, for a bounded time.
     admin.set_draining();
     follow.abort();
+    let _ = follow.await;
+    gw.tracker.close();
+    gw.drain.cancel();
+    info!(open = gw.tracker.len(), "gateway draining");
+    if tokio::time::timeout(crate::defaults::DRAIN_TIMEOUT, gw.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = gw.tracker.len(),
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
     crate::telemetry::trace::shutdown().await;
     Ok(())
+}
+
+/// The accept loops by port; dropped (the gateway stops), every one stops and its listening
+/// socket closes.
+#[derive(Default)]
+struct Listeners(BTreeMap<u16, tokio::task::JoinHandle<()>>);
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
 }
 
 /// Recomputes the plans on every state change and opens/closes listeners to match.
@@ -328,7 +362,7 @@ async fn follow_plans(
     mut state: crate::state::StateRx,
     tx: watch::Sender<Arc<Plans>>,
 ) {
-    let mut open: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut open = Listeners::default();
     loop {
         let st = state.borrow_and_update().clone();
         let plans = plan(&st, &gw.cfg.labels, &gw.cfg.class);
@@ -336,7 +370,7 @@ async fn follow_plans(
             info!(ports = ?plans.keys().collect::<Vec<_>>(), "gateway listeners");
             tx.send_replace(Arc::new(plans.clone()));
         }
-        open.retain(|port, task| {
+        open.0.retain(|port, task| {
             let keep = plans.contains_key(port) && !task.is_finished();
             if !keep {
                 info!(port, "closing listener");
@@ -345,14 +379,14 @@ async fn follow_plans(
             keep
         });
         for port in plans.keys() {
-            if open.contains_key(port) {
+            if open.0.contains_key(port) {
                 continue;
             }
             let addr = SocketAddr::new(gw.cfg.listen, *port);
             match listener::bind(addr) {
                 Ok(l) => {
                     info!(%addr, "listening");
-                    open.insert(
+                    open.0.insert(
                         *port,
                         tokio::spawn(listener::accept_loop(l, *port, gw.clone())),
                     );
@@ -361,7 +395,7 @@ async fn follow_plans(
             }
         }
         // Retry failed binds now and then, else wait for the next state.
-        let retry = plans.keys().any(|p| !open.contains_key(p));
+        let retry = plans.keys().any(|p| !open.0.contains_key(p));
         if retry {
             let _ = tokio::time::timeout(Duration::from_secs(2), state.changed()).await;
         } else if state.changed().await.is_err() {

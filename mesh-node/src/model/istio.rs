@@ -74,6 +74,7 @@ impl IstioKind {
     pub fn versions(self) -> &'static [&'static str] {
         match self {
             IstioKind::RateLimitPolicy => &SIDENODE_VERSIONS,
+            IstioKind::Gateway => &["v1", "v1beta1", "v1alpha3"],
             _ => &VERSIONS,
         }
     }
@@ -279,6 +280,41 @@ impl VirtualServiceSpec {
                 check_port(format!("{f}.match[{j}].port"), m.port)?;
             }
         }
+        for (i, r) in self.tls.iter().enumerate() {
+            let f = format!("spec.tls[{i}]");
+            if r.r#match.is_empty() {
+                return bad(
+                    format!("{f}.match"),
+                    "at least one match (sniHosts) is required",
+                );
+            }
+            for (j, m) in r.r#match.iter().enumerate() {
+                if m.sni_hosts.is_empty() {
+                    return bad(
+                        format!("{f}.match[{j}].sniHosts"),
+                        "at least one server name is required",
+                    );
+                }
+                for (k, h) in m.sni_hosts.iter().enumerate() {
+                    if h.is_empty() || h.contains('/') || h.contains(':') {
+                        return bad(
+                            format!("{f}.match[{j}].sniHosts[{k}]"),
+                            format!("`{h}` is not a server name"),
+                        );
+                    }
+                }
+                check_port(format!("{f}.match[{j}].port"), m.port)?;
+            }
+            if r.route.is_empty() {
+                return bad(format!("{f}.route"), "at least one destination is required");
+            }
+            let w: Vec<_> = r.route.iter().map(|d| d.weight).collect();
+            check_weights(&format!("{f}.route"), &w)?;
+            for (j, d) in r.route.iter().enumerate() {
+                d.destination
+                    .validate(format!("{f}.route[{j}].destination"))?;
+            }
+        }
         for (i, r) in self.http.iter().enumerate() {
             let f = format!("spec.http[{i}]");
             if r.route.is_empty()
@@ -306,6 +342,7 @@ impl VirtualServiceSpec {
                 }
             }
             check_duration(format!("{f}.timeout"), &r.timeout)?;
+            r.validate_gateway_fields(&f)?;
             if let Some(rt) = &r.retries {
                 check_duration(format!("{f}.retries.perTryTimeout"), &rt.per_try_timeout)?;
                 if rt.attempts < 0 {
@@ -399,6 +436,107 @@ pub struct HttpRoute {
     pub rewrite: Option<HttpRewrite>,
     /// Headers set, added or removed on the request and the response.
     pub headers: Option<Headers>,
+}
+
+impl HttpRoute {
+    /// `redirect`, `rewrite` and `headers` (the route's field path is `f`).
+    fn validate_gateway_fields(&self, f: &str) -> Result<(), (String, String)> {
+        if let Some(rd) = &self.redirect {
+            if !self.route.is_empty() {
+                return bad(
+                    format!("{f}.redirect"),
+                    "a route answers with a redirect or forwards to `route`, not both",
+                );
+            }
+            if self.rewrite.is_some() {
+                return bad(
+                    format!("{f}.rewrite"),
+                    "a redirect is not forwarded: `rewrite` cannot go with `redirect`",
+                );
+            }
+            if let Some(c) = rd.redirect_code
+                && !matches!(c, 301 | 302 | 303 | 307 | 308)
+            {
+                return bad(
+                    format!("{f}.redirect.redirectCode"),
+                    format!("{c} is not a redirect status (301, 302, 303, 307 or 308)"),
+                );
+            }
+            if let Some(sc) = &rd.scheme
+                && !matches!(sc.as_str(), "http" | "https")
+            {
+                return bad(
+                    format!("{f}.redirect.scheme"),
+                    format!("`{sc}` is not http or https"),
+                );
+            }
+            check_port(format!("{f}.redirect.port"), rd.port)?;
+            if let Some(u) = &rd.uri
+                && !u.starts_with('/')
+            {
+                return bad(format!("{f}.redirect.uri"), format!("`{u}` is not a path"));
+            }
+            if let Some(a) = &rd.authority
+                && (a.is_empty() || a.contains('/'))
+            {
+                return bad(
+                    format!("{f}.redirect.authority"),
+                    format!("`{a}` is not a host name"),
+                );
+            }
+        }
+        if let Some(rw) = &self.rewrite {
+            if let Some(u) = &rw.uri
+                && !u.starts_with('/')
+            {
+                return bad(format!("{f}.rewrite.uri"), format!("`{u}` is not a path"));
+            }
+            if let Some(a) = &rw.authority
+                && (a.is_empty() || a.contains('/'))
+            {
+                return bad(
+                    format!("{f}.rewrite.authority"),
+                    format!("`{a}` is not a host name"),
+                );
+            }
+        }
+        if let Some(h) = &self.headers {
+            for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+                let Some(ops) = ops else { continue };
+                let hf = format!("{f}.headers.{side}");
+                for (op, names) in [
+                    ("set", ops.set.keys().collect::<Vec<_>>()),
+                    ("add", ops.add.keys().collect()),
+                    ("remove", ops.remove.iter().collect()),
+                ] {
+                    for n in names {
+                        if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                            return bad(
+                                format!("{hf}.{op}"),
+                                format!("`{n}` is not a valid header name"),
+                            );
+                        }
+                        if n.starts_with(':') || n.eq_ignore_ascii_case("host") {
+                            return bad(
+                                format!("{hf}.{op}"),
+                                format!(
+                                    "`{n}` cannot be changed this way (use `rewrite.authority`)"
+                                ),
+                            );
+                        }
+                    }
+                }
+                for (op, values) in [("set", &ops.set), ("add", &ops.add)] {
+                    for (n, v) in values {
+                        if http::HeaderValue::from_str(v).is_err() {
+                            return bad(format!("{hf}.{op}.{n}"), "not a valid header value");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `redirect`: a `301` (or `redirectCode`) to the same request with these parts replaced.

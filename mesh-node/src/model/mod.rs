@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gateway;
+pub mod gatewayapi;
 pub mod istio;
 pub mod ratelimit;
 
@@ -170,8 +171,15 @@ pub enum Object {
     Node(Node),
     ServiceAccount(ServiceAccount),
     Istio(istio::IstioObject),
-    /// A Gateway API HTTPRoute attached to Services, as the VirtualService it means.
-    HttpRoute(istio::IstioObject),
+    /// A Gateway API HTTPRoute: the VirtualService it means for its Service parents and/or
+    /// for its Gateway parents.
+    HttpRoute(Box<gatewayapi::HttpRouteObject>),
+    /// A Gateway API TLSRoute attached to Gateways.
+    TlsRoute(gatewayapi::GatewayRoute),
+    GatewayClass(gatewayapi::GatewayClass),
+    /// A Gateway API `Gateway` (an Istio one is an [`Object::Istio`]).
+    ApiGateway(gatewayapi::ApiGateway),
+    ReferenceGrant(gatewayapi::ReferenceGrant),
     MeshConfig(MeshConfig),
 }
 
@@ -185,7 +193,13 @@ pub struct Snapshot {
     pub service_accounts: BTreeMap<ObjKey, ServiceAccount>,
     pub istio: BTreeMap<(istio::IstioKind, ObjKey), istio::IstioObject>,
     pub mesh_configs: BTreeMap<String, MeshConfig>,
+    /// HTTPRoutes attached to Services (GAMMA), as VirtualServices.
     pub http_routes: BTreeMap<ObjKey, istio::IstioObject>,
+    /// HTTPRoutes and TLSRoutes attached to Gateways (resolved by the controller).
+    pub gateway_routes: BTreeMap<(gatewayapi::RouteKind, ObjKey), gatewayapi::GatewayRoute>,
+    pub gateway_classes: BTreeMap<String, gatewayapi::GatewayClass>,
+    pub api_gateways: BTreeMap<ObjKey, gatewayapi::ApiGateway>,
+    pub reference_grants: BTreeMap<ObjKey, gatewayapi::ReferenceGrant>,
 }
 
 impl Snapshot {
@@ -211,7 +225,25 @@ impl Snapshot {
                 self.istio.insert((o.spec.kind(), o.key.clone()), o);
             }
             Object::HttpRoute(r) => {
-                self.http_routes.insert(r.key.clone(), r);
+                let r = *r;
+                if let Some(m) = r.mesh {
+                    self.http_routes.insert(r.key.clone(), m);
+                }
+                if let Some(g) = r.gateway {
+                    self.gateway_routes.insert((g.kind, g.key.clone()), g);
+                }
+            }
+            Object::TlsRoute(r) => {
+                self.gateway_routes.insert((r.kind, r.key.clone()), r);
+            }
+            Object::GatewayClass(c) => {
+                self.gateway_classes.insert(c.name.clone(), c);
+            }
+            Object::ApiGateway(g) => {
+                self.api_gateways.insert(g.key.clone(), g);
+            }
+            Object::ReferenceGrant(g) => {
+                self.reference_grants.insert(g.key.clone(), g);
             }
             Object::MeshConfig(m) => {
                 self.mesh_configs.insert(m.name.clone(), m);

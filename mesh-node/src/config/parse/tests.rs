@@ -152,9 +152,13 @@ fn an_httproute_on_a_service_reads_as_a_virtual_service() {
     let p = parse(HTTP_ROUTE);
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     // The route attached to a Gateway is not the mesh's.
-    assert_eq!(p.objects.len(), 1);
+    assert_eq!(p.objects.len(), 2);
     let Object::HttpRoute(r) = &p.objects[0] else {
         panic!("an HTTPRoute object")
+    };
+    assert!(r.gateway.is_none());
+    let Some(r) = &r.mesh else {
+        panic!("the mesh's route")
     };
     let IstioSpec::VirtualService(vs) = &r.spec else {
         panic!("read as a VirtualService")
@@ -177,6 +181,18 @@ fn an_httproute_on_a_service_reads_as_a_virtual_service() {
     assert_eq!(weights, [Some(80), Some(20)]);
     assert_eq!(second.timeout.as_deref(), Some("2s"));
     assert_eq!(second.r#match[0].port, Some(80));
+}
+
+#[test]
+fn an_httproute_on_a_gateway_is_not_the_mesh_s() {
+    let p = parse(HTTP_ROUTE);
+    let Object::HttpRoute(r) = &p.objects[1] else {
+        panic!("an HTTPRoute object")
+    };
+    assert!(r.mesh.is_none());
+    let g = r.gateway.as_ref().expect("the gateway's route");
+    assert_eq!(g.spec.gateways, ["mesh/my-gateway"]);
+    assert_eq!(g.spec.hosts, ["*"]);
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! The controller on Kubernetes: the API as configuration source (`source`), node
 //! authentication by TokenReview (`auth`), leader election on a Lease (`leader`), the shared CA
-//! in a Secret (`ca_secret`) and the leader's publishing of the root certificate (`publish`).
+//! in a Secret (`ca_secret`), the leader's publishing of the root certificate (`publish`) and
+//! its Gateway API status write-back (`status`).
 
 pub mod auth;
 pub mod ca_secret;
 pub mod leader;
 pub mod publish;
 pub mod source;
+pub mod status;
 
 use std::path::Path;
 

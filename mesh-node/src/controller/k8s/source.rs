@@ -22,8 +22,9 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 use crate::config::ConfigError;
-use crate::config::parse::{JsonObject, ObjId, convert};
+use crate::config::parse::{API_GATEWAY_KIND, JsonObject, ObjId, convert};
 use crate::config::watch::Scan;
+use crate::model::gatewayapi;
 use crate::model::istio::IstioKind;
 use crate::model::{Object, Origin, Snapshot};
 
@@ -83,12 +84,32 @@ impl KubeSource {
             let gvk = GroupVersionKind::gvk("sidenode.io", "v1alpha1", "MeshConfig");
             s.watch_crd(c, "MeshConfig", "meshconfigs", &[gvk]).await
         });
-        let (c, s) = (client, src.clone());
-        tokio::spawn(async move {
-            let versions = ["v1", "v1beta1"]
-                .map(|v| GroupVersionKind::gvk("gateway.networking.k8s.io", v, "HTTPRoute"));
-            s.watch_crd(c, "HTTPRoute", "httproutes", &versions).await
-        });
+        // The Gateway API kinds: (the label objects are stored under, kind, plural, versions).
+        let gateway_api: [(&'static str, &str, &str, &[&str]); 5] = [
+            ("HTTPRoute", "HTTPRoute", "httproutes", &["v1", "v1beta1"]),
+            ("TLSRoute", "TLSRoute", "tlsroutes", &["v1alpha2"]),
+            (
+                "GatewayClass",
+                "GatewayClass",
+                "gatewayclasses",
+                &["v1", "v1beta1"],
+            ),
+            (API_GATEWAY_KIND, "Gateway", "gateways", &["v1", "v1beta1"]),
+            (
+                "ReferenceGrant",
+                "ReferenceGrant",
+                "referencegrants",
+                &["v1", "v1beta1"],
+            ),
+        ];
+        for (label, kind, plural, versions) in gateway_api {
+            let (c, s) = (client.clone(), src.clone());
+            let versions: Vec<GroupVersionKind> = versions
+                .iter()
+                .map(|v| GroupVersionKind::gvk(gatewayapi::GROUP, v, kind))
+                .collect();
+            tokio::spawn(async move { s.watch_crd(c, label, plural, &versions).await });
+        }
         src
     }
 
@@ -153,6 +174,8 @@ impl KubeSource {
         }
     }
 
+    /// Watches the objects of `ar`, stored under the label `kind` (the kind, or for a Gateway
+    /// API `Gateway` [`API_GATEWAY_KIND`]).
     async fn watch(&self, client: Client, ar: ApiResource, kind: &'static str) {
         let api: Api<DynamicObject> = Api::all_with(client, &ar);
         let mut stream = watcher(api, watcher::Config::default())
@@ -167,11 +190,11 @@ impl KubeSource {
                 Ok(Event::InitDone) => {
                     let objs = initial.take().unwrap_or_default();
                     info!(kind, objects = objs.len(), "initial list");
-                    self.replace_kind(kind, objs);
+                    self.replace_kind(kind, &ar, objs);
                 }
                 Ok(Event::Apply(o)) => {
                     let mut st = lock(&self.store);
-                    upsert(&mut st, kind, &o);
+                    upsert(&mut st, kind, &ar, &o);
                 }
                 Ok(Event::Delete(o)) => {
                     let mut st = lock(&self.store);
@@ -193,7 +216,7 @@ impl KubeSource {
     }
 
     /// A (re)list: objects of `kind` not in it are gone.
-    fn replace_kind(&self, kind: &str, objs: Vec<DynamicObject>) {
+    fn replace_kind(&self, kind: &str, ar: &ApiResource, objs: Vec<DynamicObject>) {
         let mut st = lock(&self.store);
         let listed: BTreeSet<ObjId> = objs.iter().map(|o| id_of(kind, o)).collect();
         let before = st.objects.len();
@@ -205,7 +228,7 @@ impl KubeSource {
             st.changed = true;
         }
         for o in &objs {
-            upsert(&mut st, kind, o);
+            upsert(&mut st, kind, ar, o);
         }
         st.synced.insert(kind.to_string());
         st.changed = true;
@@ -228,7 +251,7 @@ fn pod_in_state(v: &serde_json::Value) -> bool {
     has_ip && phase != "Succeeded" && phase != "Failed"
 }
 
-fn upsert(st: &mut Store, kind: &str, o: &DynamicObject) {
+fn upsert(st: &mut Store, kind: &str, ar: &ApiResource, o: &DynamicObject) {
     let id = id_of(kind, o);
     let value = match serde_json::to_value(o) {
         Ok(v) => v,
@@ -245,7 +268,7 @@ fn upsert(st: &mut Store, kind: &str, o: &DynamicObject) {
         return;
     }
     let origin = Origin::kubernetes(format!("kubernetes {id}"));
-    match convert(kind, &JsonObject(&value), origin) {
+    match convert(&ar.kind, &ar.api_version, &JsonObject(&value), origin) {
         // Not (or no longer) the mesh's, e.g. an HTTPRoute now attached only to a Gateway.
         None => {
             st.errors.remove(&id);
@@ -285,6 +308,63 @@ mod tests {
         serde_json::from_value(v).expect("dynamic object")
     }
 
+    fn vs_resource() -> ApiResource {
+        let gvk = GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService");
+        ApiResource::from_gvk_with_plural(&gvk, "virtualservices")
+    }
+
+    #[test]
+    fn the_two_gateway_kinds_are_told_apart_by_their_group() {
+        let mut st = Store::default();
+        let istio = dyn_obj(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+            "metadata": {"name": "web", "namespace": "edge"},
+            "spec": {"selector": {"istio": "ingressgateway"},
+                     "servers": [{"port": {"number": 80, "protocol": "HTTP"}, "hosts": ["*"]}]}
+        }));
+        let gvk = GroupVersionKind::gvk("networking.istio.io", "v1", "Gateway");
+        upsert(
+            &mut st,
+            "Gateway",
+            &ApiResource::from_gvk_with_plural(&gvk, "gateways"),
+            &istio,
+        );
+        let api = dyn_obj(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "web", "namespace": "edge", "generation": 3},
+            "spec": {"gatewayClassName": "sidenode",
+                     "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}
+        }));
+        let gvk = GroupVersionKind::gvk(gatewayapi::GROUP, "v1", "Gateway");
+        upsert(
+            &mut st,
+            API_GATEWAY_KIND,
+            &ApiResource::from_gvk_with_plural(&gvk, "gateways"),
+            &api,
+        );
+        assert!(st.new_errors.is_empty(), "{:?}", st.new_errors);
+        assert_eq!(st.objects.len(), 2);
+        let snap = {
+            let mut s = Snapshot::default();
+            for o in st.objects.values() {
+                s.insert(o.clone());
+            }
+            s
+        };
+        assert_eq!(snap.istio.len(), 1);
+        let gw = snap
+            .api_gateways
+            .values()
+            .next()
+            .expect("the Gateway API one");
+        assert_eq!(gw.class_name, "sidenode");
+        assert_eq!(gw.generation, 3);
+        // Every object is stored under the id it reports.
+        for (id, o) in &st.objects {
+            assert_eq!(&o.id(), id);
+        }
+    }
+
     #[test]
     fn invalid_update_keeps_the_last_good_version() {
         let mut st = Store::default();
@@ -293,14 +373,15 @@ mod tests {
             "metadata": {"name": "r", "namespace": "mesh"},
             "spec": {"hosts": ["reviews"], "tcp": [{"route": [{"destination": {"host": "reviews"}}]}]}
         }));
-        upsert(&mut st, "VirtualService", &good);
+        let ar = vs_resource();
+        upsert(&mut st, "VirtualService", &ar, &good);
         assert_eq!(st.objects.len(), 1);
         let bad = dyn_obj(serde_json::json!({
             "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": "r", "namespace": "mesh"},
             "spec": {"hosts": ["reviews"], "tcp": [{"route": [{"destination": {"host": "reviews"}, "weight": "eighty"}]}]}
         }));
-        upsert(&mut st, "VirtualService", &bad);
+        upsert(&mut st, "VirtualService", &ar, &bad);
         assert_eq!(st.objects.len(), 1, "last good version stays");
         let e = &st.new_errors[0];
         assert_eq!(e.object.as_deref(), Some("VirtualService mesh/r"));
@@ -315,7 +396,8 @@ mod tests {
             "metadata": {"name": "p", "namespace": "mesh", "uid": "u1"},
             "spec": {"nodeName": "n1"}, "status": {"phase": "Pending"}
         }));
-        upsert(&mut st, "Pod", &pending);
+        let ar = ApiResource::erase::<Pod>(&());
+        upsert(&mut st, "Pod", &ar, &pending);
         assert!(st.objects.is_empty());
         assert!(st.new_errors.is_empty(), "pending is not an error");
         let running = dyn_obj(serde_json::json!({
@@ -325,7 +407,7 @@ mod tests {
             "status": {"phase": "Running", "podIP": "198.19.1.2",
                        "conditions": [{"type": "Ready", "status": "False"}]}
         }));
-        upsert(&mut st, "Pod", &running);
+        upsert(&mut st, "Pod", &ar, &running);
         let Some(Object::Pod(p)) = st.objects.values().next() else {
             panic!("pod expected")
         };
