@@ -198,10 +198,8 @@ impl Cluster {
         if !(1..=250).contains(&opts.nodes) || !(1..=250).contains(&opts.pods) {
             bail!("nodes and pods must be 1..=250");
         }
-        if opts.gateway && (!opts.mesh || opts.kube) {
-            bail!(
-                "the gateway needs mesh mode without Kubernetes mode (ClusterOpts::mesh, not kube)"
-            );
+        if opts.gateway && !(opts.mesh || opts.kube) {
+            bail!("the gateway needs mesh or Kubernetes mode (ClusterOpts::mesh or kube)");
         }
 
         let sd = state_dir(&opts.prefix);
@@ -305,6 +303,12 @@ impl Cluster {
             c.write_tokens()?;
             c.write_config_file("nodes.yaml", &yaml::nodes_yaml(n))?;
         }
+        if c.opts.gateway {
+            let (gw, out) = c.gateway_status();
+            c.status.gateway = Some(gw);
+            c.status.outside = Some(out);
+            c.save()?;
+        }
         if c.opts.kube {
             c.setup_kube()?;
         }
@@ -325,10 +329,6 @@ impl Cluster {
             c.start_pause_processes()?;
         }
         if c.opts.gateway {
-            let (gw, out) = c.gateway_status();
-            c.status.gateway = Some(gw);
-            c.status.outside = Some(out);
-            c.save()?;
             c.setup_gateway()?;
         }
         c.write_namespaces()?;

@@ -402,3 +402,96 @@ spec:
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Kubernetes mode (`ClusterOpts::kube`): the gateway's Pod and ServiceAccount are API objects
+/// and it presents a token of its own ServiceAccount bound to its Pod, as the Deployment does;
+/// the controller takes that token as the workload's and signs its certificate; an Istio
+/// Gateway and VirtualService applied with kubectl serve an outside client over HTTPS.
+#[test]
+fn kube_mode_gateway_uses_its_own_bound_token() -> Result<()> {
+    require_root();
+    let mut c = TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('g'),
+        nodes: 2,
+        pods: 1,
+        mesh_node: sidenode_tests::workload::mesh_node_path(),
+        kube: true,
+        mesh: true,
+        gateway: true,
+        ..Default::default()
+    })?;
+    let line = c.wait_for_log(
+        "controller",
+        "controller",
+        "identity=spiffe://cluster.local/ns/istio-ingress/sa/sidenode-gateway",
+        Duration::from_secs(10),
+    )?;
+    ensure!(line.contains("signed"), "{line}");
+    c.kube()?.install_crds()?;
+    let _web = HttpServer::start(&c, "node2-pod1", "web", &[])?;
+    let ca = TestCa::new("gateway kube CA")?;
+    c.write_tls_secret(
+        "istio-ingress",
+        "shop-cert",
+        &ca.server_cert(&["shop.example.com"])?,
+    )?;
+    c.kube()?.apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.20
+  selector: {app: node2-pod1}
+  ports:
+  - {name: http, port: 80, targetPort: 9080, protocol: TCP}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: istio-ingress}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["shop.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: mesh}
+spec:
+  hosts: ["shop.example.com"]
+  gateways: ["istio-ingress/shop"]
+  http:
+  - route:
+    - destination: {host: web.mesh.svc.cluster.local, port: {number: 80}}
+"#,
+    )?;
+    let dir = std::env::temp_dir().join(format!("sidenode-gw-{}", c.opts.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let ca_pem = dir.join("ca.pem");
+    ca.write_cert(&ca_pem)?;
+    let ca_arg = ca_pem.display().to_string();
+    let resolve = format!("shop.example.com:443:{}", c.gateway()?.ip);
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        match c.curl_outside(&[
+            "--cacert",
+            &ca_arg,
+            "--resolve",
+            &resolve,
+            "https://shop.example.com/kube",
+        ]) {
+            Ok(out) => {
+                last = out;
+                Ok(last == "web")
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                Ok(false)
+            }
+        }
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(ok, "no answer through the gateway: {last}");
+    Ok(())
+}

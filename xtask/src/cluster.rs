@@ -39,11 +39,12 @@ pub enum ClusterCmd {
         /// by `cargo xtask setup`). State in /var/tmp/sidenode-real-<prefix>.
         #[arg(long, conflicts_with_all = ["kube", "mesh", "cert_ttl"])]
         real: bool,
-        /// Ingress gateway (needs --mesh, not --kube): `mesh-node gateway` in `<prefix>-gw`
+        /// Ingress gateway (needs --mesh or --kube): `mesh-node gateway` in `<prefix>-gw`
         /// (198.19.1.254, as the pod istio-ingress/sidenode-gateway of node 1; log
         /// logs/gateway.log) and an `<prefix>-out` namespace (203.0.113.2) that reaches only
-        /// the gateway (203.0.113.1). Gateway objects and TLS Secrets go in the config folder.
-        #[arg(long, requires = "mesh", conflicts_with_all = ["kube", "real"])]
+        /// the gateway (203.0.113.1). Gateway objects go in the config folder (with --kube:
+        /// the API server), TLS Secrets in the config folder.
+        #[arg(long, conflicts_with = "real")]
         gateway: bool,
     },
     /// Kill everything, remove namespaces, cgroups, the bpffs mount and the state folder.

@@ -6,6 +6,12 @@
 //! ([`GATEWAY_OUTSIDE_IP`] ↔ [`OUTSIDE_IP`], no forwarding in the gateway). See
 //! docs/gateway.md, "Simulated cluster".
 //!
+//! In Kubernetes mode ([`ClusterOpts::kube`](super::ClusterOpts)) the Namespace,
+//! ServiceAccount and Pod are API objects instead (the Pod's status patched Running and Ready
+//! with its address, as for the other pods), and the gateway presents a token of its own
+//! ServiceAccount bound to its Pod (`tokens/gateway`), as the Deployment of
+//! `deploy/kubernetes/components/gateway` does; Secrets still come from the config folder.
+//!
 //! In the `(node, kind)` process API the gateway is node `"gateway"`, kind `"gateway"` (see
 //! [`GATEWAY`]); its log is `logs/gateway.log`.
 
@@ -151,10 +157,24 @@ impl Cluster {
         net::setup_gateway(&node_ns, &self.gateway_netns(), &self.outside_netns())?;
         let cg = self.gateway_cgroup();
         std::fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        if self.opts.kube {
+            // The objects are in the API server (`setup_kube`).
+            return Ok(());
+        }
         self.write_config_file(
             GATEWAY_CONFIG_FILE,
             &gateway_objects_yaml(&self.gateway_netns()),
         )
+    }
+
+    /// The token the gateway presents to the controller: node 1's token (standalone), or in
+    /// Kubernetes mode `tokens/gateway`, a token of its own ServiceAccount bound to its Pod.
+    pub fn gateway_token_path(&self) -> std::path::PathBuf {
+        if self.opts.kube {
+            self.tokens_dir().join(GATEWAY)
+        } else {
+            self.token_path(GATEWAY_NODE)
+        }
     }
 
     /// `<cgroup root>/gateway`: the gateway process' cgroup (outside every node's subtree, so
@@ -170,8 +190,9 @@ impl Cluster {
 
     /// Start `mesh-node gateway` in the gateway's namespace (through `nsenter --net`, as the
     /// node processes: `ip netns exec` would also remount /sys in a mount namespace of its
-    /// own), as the pod `istio-ingress/sidenode-gateway` with node 1's token, reading TLS
-    /// Secrets from the config folder. Does not wait for [`GATEWAY_READY`].
+    /// own), as the pod `istio-ingress/sidenode-gateway` with [`Cluster::gateway_token_path`],
+    /// reading TLS Secrets from the config folder (in Kubernetes mode too). Does not wait for
+    /// [`GATEWAY_READY`].
     pub fn start_gateway(&mut self) -> Result<()> {
         if !self.opts.gateway {
             bail!("this cluster has no gateway (ClusterOpts::gateway)");
@@ -187,7 +208,7 @@ impl Cluster {
             .arg("--controller-ca")
             .arg(self.controller_ca())
             .arg("--token-file")
-            .arg(self.token_path(GATEWAY_NODE))
+            .arg(self.gateway_token_path())
             .args(["--namespace", GATEWAY_NAMESPACE])
             .args(["--pod", GATEWAY_POD])
             .args(["--service-account", GATEWAY_SA])

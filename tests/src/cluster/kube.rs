@@ -11,7 +11,8 @@
 //! and holds a `sleep infinity` "pause" process in the pod's netns, so the agent can find the
 //! pod's network namespace from its UID alone.
 
-use super::{Cluster, net, netns_path};
+use super::gateway::GATEWAY_NODE;
+use super::{Cluster, GATEWAY_NAMESPACE, GATEWAY_POD, GATEWAY_SA, net, netns_path};
 use crate::kube::KubeEnv;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -86,6 +87,9 @@ impl Cluster {
                 items.push(self.pod_json(&p.name)?);
             }
         }
+        if self.opts.gateway {
+            items.extend(gateway_objects());
+        }
         self.kube()?.apply(&list(items))?;
 
         // Status, as the kubelet would write it.
@@ -103,6 +107,15 @@ impl Cluster {
             .collect();
         for (name, ns) in &pods {
             self.set_pod_ready(name, ns, true)?;
+        }
+        if self.opts.gateway {
+            let ip = self.gateway()?.cluster_ip.clone();
+            let node = self.node_index(GATEWAY_NODE)?;
+            let st = json!({"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "hostIP": net::node_ip(node),
+                "conditions": [{"type": "Ready", "status": "True"}]}});
+            self.patch_status("pod", Some(GATEWAY_NAMESPACE), GATEWAY_POD, &st)?;
         }
 
         // UIDs → kubelet-style cgroup folders.
@@ -137,6 +150,26 @@ impl Cluster {
                 "2h",
             ])?;
             write_secret(&self.token_path(&node), token.trim())?;
+        }
+        // The gateway presents a token of its own ServiceAccount, bound to its Pod (as the
+        // Deployment's projected token).
+        if self.opts.gateway {
+            let token = self.kubectl(&[
+                "create",
+                "token",
+                GATEWAY_SA,
+                "-n",
+                GATEWAY_NAMESPACE,
+                "--audience",
+                TOKEN_AUDIENCE,
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                GATEWAY_POD,
+                "--duration",
+                "2h",
+            ])?;
+            write_secret(&self.gateway_token_path(), token.trim())?;
         }
         self.save()
     }
@@ -273,6 +306,22 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The gateway's Namespace (not enrolled), ServiceAccount and Pod (node 1, its labels).
+fn gateway_objects() -> Vec<Value> {
+    vec![
+        namespace_json(GATEWAY_NAMESPACE, false),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": GATEWAY_SA, "namespace": GATEWAY_NAMESPACE}}),
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": GATEWAY_POD, "namespace": GATEWAY_NAMESPACE,
+                         "labels": super::gateway::gateway_labels()},
+            "spec": {"nodeName": GATEWAY_NODE, "serviceAccountName": GATEWAY_SA,
+                     "containers": [{"name": "gateway", "image": "sidenode/mesh-node"}]}
+        }),
+    ]
 }
 
 fn agent_pod(node: &str) -> String {
