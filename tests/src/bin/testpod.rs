@@ -19,7 +19,9 @@
 //! - `http-serve --port P --name NAME [--fail-first N --fail-status S] [--delay-ms D]`: an
 //!   HTTP/1.1 server (keep-alive) answering every request with the body `NAME` (`NAME fail`
 //!   for the first N requests, with status S), the peer in `x-testpod-peer`, the request's
-//!   `traceparent` (when it has one) in `x-testpod-traceparent`, after D ms.
+//!   `traceparent` (when it has one) in `x-testpod-traceparent`, its `x-forwarded-for`,
+//!   `x-forwarded-proto`, `x-request-id` and `host` in `x-testpod-xff`, `-xfp`, `-request-id`,
+//!   `-host`, after D ms.
 //! - `h2-serve --port P --name NAME [--delay-ms D]`: an HTTP/2-only server (h2c, prior
 //!   knowledge) answering every request with the body `NAME <version>` (`NAME HTTP/2.0`) and
 //!   the trailer `grpc-status: 0`, after D ms.
@@ -728,10 +730,21 @@ fn http_serve(
                     let close = head
                         .header("connection")
                         .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-                    let traceparent = head
+                    let mut traceparent = head
                         .header("traceparent")
                         .map(|v| format!("x-testpod-traceparent: {v}\r\n"))
                         .unwrap_or_default();
+                    // What a proxy in front set (the gateway's edge headers, a rewrite).
+                    for (h, echo) in [
+                        ("x-forwarded-for", "x-testpod-xff"),
+                        ("x-forwarded-proto", "x-testpod-xfp"),
+                        ("x-request-id", "x-testpod-request-id"),
+                        ("host", "x-testpod-host"),
+                    ] {
+                        if let Some(v) = head.header(h) {
+                            traceparent.push_str(&format!("{echo}: {v}\r\n"));
+                        }
+                    }
                     let resp = format!(
                         "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-testpod-peer: {peer}\r\nx-testpod-request: {}\r\n{traceparent}{}\r\n{body}",
                         body.len(),

@@ -855,7 +855,7 @@ async fn forward(
                 Err(AttemptError::Send(SendError::Reset(_)) | AttemptError::Timeout) => {
                     Some(HealthOutcome::GatewayError)
                 }
-                Err(AttemptError::Send(SendError::Overflow(_))) => None,
+                Err(AttemptError::Send(SendError::Overflow(_) | SendError::Denied(_))) => None,
                 Err(AttemptError::Refused(_)) => Some(HealthOutcome::ConnectFailure),
             };
             if let Some(outcome) = outcome {
@@ -903,6 +903,12 @@ async fn forward(
             }
             // `http1MaxPendingRequests` (waiting for a connection under `maxConnections`).
             Err(AttemptError::Send(SendError::Overflow(e))) => return overflow(ep, &e),
+            // The destination's AuthorizationPolicy: its answer, as a sidecar's RBAC filter
+            // gives it; never retried.
+            Err(AttemptError::Send(SendError::Denied(e))) => {
+                info!(endpoint = %ep, error = %e, "denied by the destination's authorization policy");
+                Failed::Final(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
+            }
             Err(AttemptError::Refused(resp)) => Failed::Final(resp),
         };
         match failed {

@@ -170,6 +170,9 @@ pub enum SendError {
     /// (`http1MaxPendingRequests` reached, or waited too long).
     #[error("{0}")]
     Overflow(Overflow),
+    /// The destination's authorization policy refused the tunnel (`401`/`403`).
+    #[error("denied: {0}")]
+    Denied(String),
 }
 
 impl Pool {
@@ -457,6 +460,9 @@ async fn dial(
             let io = open(&mesh.pool, req, connect_timeout)
                 .await
                 .map_err(|e| match e {
+                    TunnelError::Status(
+                        http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN,
+                    ) => SendError::Denied(format!("HBONE to {endpoint}: {e}")),
                     // Refused by the far side (e.g. 503: the pod is unreachable).
                     TunnelError::Status(_)
                     | TunnelError::Connect { .. }
