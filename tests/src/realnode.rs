@@ -38,7 +38,8 @@ pub fn real_env_dir(prefix: &str) -> PathBuf {
     PathBuf::from(format!("/var/tmp/sidenode-real-{prefix}"))
 }
 
-fn repo_path(rel: &str) -> PathBuf {
+/// A path of the repository (`rel` from its root).
+pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 

@@ -62,6 +62,10 @@ const STEPS: &[(&str, Step)] = &[
     ("DaemonSet rolling update: no capture gap", rolling_update),
     ("deleted pod leaves no map entries", deleted_pod),
     ("unlabelling the namespace releases its pods", unlabel),
+    (
+        "ingress gateway Deployment: HTTPS with an API Secret, over HBONE",
+        ingress_gateway,
+    ),
 ];
 
 #[test]
@@ -604,5 +608,155 @@ fn unlabel(cx: &mut Ctx) -> Result<()> {
         "echo: container {:?} before, {now:?} after release",
         cx.containers[ECHO]
     );
+    Ok(())
+}
+
+/// The gateway's overlay for this environment (no Gateway API CRDs on 1.20, ports > 1024).
+const GATEWAY_OVERLAY: &str = "deploy/kubernetes/overlays/testenv-gateway";
+const GATEWAY_NS: &str = "istio-ingress";
+const EDGE_NS: &str = "edge-apps";
+
+/// The gateway as users install it (`components/gateway`): its pod authenticates to the
+/// controller with its own bound token, reads its certificate from a Secret through the API,
+/// serves an Istio Gateway + VirtualService from the API, and reaches a meshed pod on node 2
+/// over HBONE with its own identity.
+fn ingress_gateway(cx: &mut Ctx) -> Result<()> {
+    let web = format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {EDGE_NS}, labels: {{{LABEL}: enabled}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: {EDGE_NS}, labels: {{app: web}}}}
+spec:
+  nodeName: {node2}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: main
+    image: {WORKLOAD_IMAGE}
+    imagePullPolicy: Never
+    command: [/usr/local/bin/testpod, http-serve, --port, "9080", --name, web]
+    readinessProbe: {{tcpSocket: {{port: 9080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {EDGE_NS}}}
+spec:
+  clusterIP: 198.18.130.11
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, targetPort: 9080}}
+"#,
+        node2 = cx.c.node_name(2)
+    );
+    cx.c.apply(&web)?;
+    let overlay = sidenode_tests::realnode::repo_path(GATEWAY_OVERLAY);
+    cx.c.kubectl(&["apply", "-k", &overlay.to_string_lossy()])?;
+    let gw_ip = cx.c.wait_for("the gateway pod Ready", WAIT, || {
+        let pods = cx.c.get_json(&[
+            "-n",
+            GATEWAY_NS,
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=sidenode-gateway",
+        ])?;
+        let ready = |p: &Value| {
+            p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        };
+        Ok(pods["items"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| ready(p)))
+            .and_then(|p| p["status"]["podIP"].as_str())
+            .map(str::to_string))
+    })?;
+    let ca = sidenode_tests::tls::TestCa::new("realnode gateway CA")?;
+    let pair = ca.server_cert(&["web.example.com"])?;
+    let dir = std::env::temp_dir().join(format!("sidenode-realgw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ca_file = dir.join("ca.pem");
+    ca.write_cert(&ca_file)?;
+    cx.c.apply(&format!(
+        "{}---\n{}",
+        sidenode_tests::tls::tls_secret_yaml(GATEWAY_NS, "web-cert", &pair),
+        format_args!(
+            r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: {GATEWAY_NS}}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8443, name: https, protocol: HTTPS}}
+    hosts: ["web.example.com"]
+    tls: {{mode: SIMPLE, credentialName: web-cert}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: {EDGE_NS}}}
+spec:
+  hosts: ["web.example.com"]
+  gateways: ["{GATEWAY_NS}/web"]
+  http:
+  - route:
+    - destination: {{host: web.{EDGE_NS}.svc.cluster.local}}
+"#
+        )
+    ))?;
+    let resolve = format!("web.example.com:8443:{gw_ip}");
+    let ca_arg = ca_file.display().to_string();
+    let mut last = String::new();
+    let served = cx.c.wait_for("HTTPS through the gateway", WAIT, || {
+        let out =
+            cx.c.node_command(1, "curl")
+                .args([
+                    "-sS",
+                    "-i",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                    &ca_arg,
+                    "--resolve",
+                    &resolve,
+                    "https://web.example.com:8443/hello",
+                ])
+                .output()?;
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success() && last.starts_with("HTTP/2 200")).then(|| last.clone()))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = served.with_context(|| {
+        let logs =
+            cx.c.kubectl(&[
+                "logs",
+                "-n",
+                GATEWAY_NS,
+                "deploy/sidenode-gateway",
+                "--tail",
+                "30",
+            ])
+            .unwrap_or_default();
+        format!("last answer: {last}\ngateway log:\n{logs}")
+    })?;
+    ensure!(out.ends_with("web"), "{out}");
+    ensure!(out.contains(&format!("x-testpod-peer: {gw_ip}:")), "{out}");
+    // Node 2's proxy took the tunnel from the gateway's identity, with mutual TLS.
+    let principal = format!("cluster.local/ns/{GATEWAY_NS}/sa/sidenode-gateway");
+    let n = metric_sum(
+        &cx.c.proxy_metrics(2)?,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &principal),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    ensure!(n >= 1.0, "node 2 counted no tunnel from {principal}");
     Ok(())
 }

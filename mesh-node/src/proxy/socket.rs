@@ -1,10 +1,21 @@
-//! Sockets the proxy opens: always marked, so the capture programs never take them.
+//! Sockets the proxy opens: marked, so the capture programs never take them. The gateway runs
+//! in a pod of its own that nothing captures, without `CAP_NET_ADMIN` (needed for `SO_MARK`):
+//! it turns the marking off for its process ([`unmarked_process`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mesh_common::ports::PROXY_MARK;
 use tokio::net::{TcpSocket, TcpStream};
+
+static UNMARKED: AtomicBool = AtomicBool::new(false);
+
+/// This process's sockets are not marked: it runs where no capture program is attached (the
+/// gateway's own pod) and may lack the privilege to mark.
+pub fn unmarked_process() {
+    UNMARKED.store(true, Ordering::Relaxed);
+}
 
 /// Dials `dst` from a socket carrying the proxy's mark (no capture loop), with a deadline.
 pub async fn connect_marked(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -12,7 +23,9 @@ pub async fn connect_marked(dst: SocketAddr, timeout: Duration) -> std::io::Resu
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    socket2::SockRef::from(&sock).set_mark(PROXY_MARK)?;
+    if !UNMARKED.load(Ordering::Relaxed) {
+        socket2::SockRef::from(&sock).set_mark(PROXY_MARK)?;
+    }
     sock.set_nodelay(true)?;
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
         Ok(r) => r,
