@@ -9,6 +9,8 @@
 
 #[path = "../../fuzz/checks/config_yaml.rs"]
 mod config_yaml;
+#[path = "../../fuzz/checks/forwarded.rs"]
+mod forwarded;
 #[path = "../../fuzz/checks/hbone_request.rs"]
 mod hbone_request;
 #[path = "../../fuzz/checks/http_route_match.rs"]
@@ -188,6 +190,11 @@ fn istio_json() {
 #[test]
 fn hbone_request() {
     exercise("hbone_request", hbone_request::run);
+}
+
+#[test]
+fn forwarded() {
+    exercise("forwarded", forwarded::run);
 }
 
 #[test]

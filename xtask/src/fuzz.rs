@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "config_yaml",
     "istio_json",
     "hbone_request",
+    "forwarded",
     "http_route_match",
     "state_update",
     "spiffe_san",

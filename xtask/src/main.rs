@@ -65,7 +65,8 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only this target (config_yaml, istio_json, hbone_request, http_route_match).
+        /// Only this target (config_yaml, istio_json,
+        /// hbone_request, forwarded, http_route_match, state_update, spiffe_san).
         #[arg(long)]
         target: Option<String>,
         /// cargo-fuzz sanitizer: address, leak, memory, thread or none.

@@ -104,3 +104,110 @@ mod tests {
         }
     }
 }
+
+/// The client address of a `Forwarded` header (RFC 7239): the `for=` parameter of its first
+/// element — the one the originating proxy wrote — in any of the forms senders use: a bare
+/// IPv4 address, a quoted one with a port (`for="10.0.0.1:8080"`, what ztunnel sends), a quoted
+/// bracketed IPv6 address with or without a port (`for="[2001:db8::1]:443"`), the parameter
+/// name in any case, other parameters (`;proto=`, `;by=`) and further elements ignored.
+/// `unknown` and obfuscated identifiers (`_hidden`) give no address.
+pub fn forwarded_for(header: &str) -> Option<IpAddr> {
+    let element = split_unquoted(header, ',').into_iter().next()?;
+    for pair in split_unquoted(element, ';') {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("for") {
+            continue;
+        }
+        let value = unquote(value.trim())?;
+        return node_ip(&value);
+    }
+    None
+}
+
+/// `s` split at `sep` outside quoted strings.
+fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+    let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                out.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// A token, or a quoted-string with its quotes and escapes removed; `None` when a quote is
+/// not closed.
+fn unquote(v: &str) -> Option<String> {
+    let Some(inner) = v.strip_prefix('"') else {
+        return Some(v.to_string());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.push(chars.next()?);
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+/// RFC 7239 `node`: `IPv4[:port]` or `[IPv6][:port]` (a bare IPv6 address is accepted too,
+/// as some senders write it).
+fn node_ip(node: &str) -> Option<IpAddr> {
+    if let Some(rest) = node.strip_prefix('[') {
+        let (ip, _) = rest.split_once(']')?;
+        return ip.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let (ip, port) = node.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::forwarded_for;
+
+    #[test]
+    fn every_form_senders_use() {
+        let v4 = Some("10.0.0.1".parse().expect("ip"));
+        let v6 = Some("2001:db8::1".parse().expect("ip"));
+        for (h, want) in [
+            ("for=10.0.0.1", v4),
+            ("for=\"10.0.0.1:8080\"", v4),
+            ("For=\"10.0.0.1\"", v4),
+            ("for=10.0.0.1:8080", v4),
+            ("for=\"[2001:db8::1]\"", v6),
+            ("for=\"[2001:db8::1]:443\"", v6),
+            ("for=2001:db8::1", v6),
+            ("proto=https;for=10.0.0.1;by=10.0.0.9", v4),
+            ("for=10.0.0.1, for=\"[2001:db8::1]:443\"", v4),
+            ("for=\"10.0.0.1:8080\";proto=http, for=192.0.2.60", v4),
+            ("by=\"a,b\";for=10.0.0.1", v4),
+            ("for=unknown", None),
+            ("for=_hidden", None),
+            ("for=\"10.0.0.1", None),
+            ("for=\"[2001:db8::1\"", None),
+            ("for=10.0.0.1:99999", None),
+            ("proto=https", None),
+            ("", None),
+        ] {
+            assert_eq!(forwarded_for(h), want, "{h}");
+        }
+    }
+}

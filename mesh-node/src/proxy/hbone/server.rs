@@ -88,18 +88,12 @@ where
     }
 }
 
-/// The address of a `forwarded: for=` value (quotes already removed; IPv6 in brackets).
-fn forwarded_ip(v: &str) -> Option<IpAddr> {
-    let v = v.split([';', ',']).next()?.trim();
-    v.trim_start_matches('[').trim_end_matches(']').parse().ok()
-}
-
 /// The client address a `forwarded: for=` value claims, believed only when it is an address
 /// of a workload with the caller's proven identity (a node proxy speaks for its own pods; a
 /// header naming someone else's address must not buy that address's policy or telemetry).
 /// `None`: the tunnel's own peer address stands.
 fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, v: &str) -> Option<IpAddr> {
-    let ip = forwarded_ip(v)?;
+    let ip = super::request::forwarded_for(v)?;
     let w = st.workload_by_ip(ip)?;
     (st.identity_of(w) == *caller).then_some(ip)
 }
@@ -195,9 +189,7 @@ async fn handle(
         .headers()
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("for="))
         .unwrap_or("")
-        .trim_matches('"')
         .to_string();
     let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
     let client_ip = trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, &client)
