@@ -21,16 +21,6 @@ use super::{Gateway, PortPlan, ServerKind};
 use crate::proxy::http::{self as proxy_http, Body, Conn, GatewayConn};
 use crate::proxy::route::{self, Decision, Source};
 
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(4096)
-}
-
 pub async fn accept_loop(listener: TcpListener, port: u16, gw: Arc<Gateway>) {
     let configs = Arc::new(super::tls::Configs::default());
     loop {
@@ -332,7 +322,7 @@ async fn respond(
                 scheme: Some("https".into()),
                 ..Default::default()
             };
-            let resp = proxy_http::redirect_response(&req, "http", &r, None);
+            let resp = proxy_http::redirect_response(&req, "http", &r);
             debug!(host, status = %StatusCode::MOVED_PERMANENTLY, "redirected to https");
             return resp;
         }

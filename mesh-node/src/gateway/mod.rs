@@ -26,7 +26,6 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::identity::manager::CertManager;
 use crate::model::gateway::{Protocol, TlsMode};
 use crate::model::istio::IstioSpec;
 use crate::model::{Labels, ObjKey};
@@ -240,19 +239,7 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
             }
         });
     }
-    let conn = crate::state::client::channel(&cfg.controller)?;
-    let certs = CertManager::new(crate::state::client::cert_client(&conn));
-    let (tx, state) = watch::channel(Arc::new(NodeState::default()));
-    tokio::spawn(crate::state::client::follow(conn, tx));
-    {
-        let mut first = state.clone();
-        if tokio::time::timeout(Duration::from_secs(10), first.wait_for(|s| s.version > 0))
-            .await
-            .is_err()
-        {
-            warn!("no state from the controller yet; starting anyway");
-        }
-    }
+    let (state, certs) = crate::proxy::follow_controller(&cfg.controller).await?;
     let mesh = Arc::new(Mesh {
         state: state.clone(),
         certs: certs.clone(),
@@ -385,7 +372,7 @@ async fn follow_plans(
                 continue;
             }
             let addr = SocketAddr::new(gw.cfg.listen, *port);
-            match listener::bind(addr) {
+            match crate::proxy::bind(addr) {
                 Ok(l) => {
                     info!(%addr, "listening");
                     open.0.insert(

@@ -543,8 +543,8 @@ impl HttpRoute {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRedirect {
-    /// Replaces the path (the whole path; with a `prefix` match, Istio replaces the matched
-    /// prefix: see `uri_prefix`).
+    /// Replaces the whole path, whatever the match (Istio's `HTTPRedirect.uri`); the query
+    /// string is kept unless `uri` has one.
     pub uri: Option<String>,
     pub authority: Option<String>,
     /// `http` or `https`.

@@ -190,17 +190,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
 /// Connects to the controller, follows its state, and starts certificates and inbound
 /// listeners. Waits (bounded) for the first state so the first connections are meshed.
 async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mesh>> {
-    let conn = crate::state::client::channel(c)?;
-    let certs = CertManager::new(crate::state::client::cert_client(&conn));
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::state::NodeState::default()));
-    tokio::spawn(crate::state::client::follow(conn, tx));
-    let mut first = rx.clone();
-    if tokio::time::timeout(Duration::from_secs(10), first.wait_for(|s| s.version > 0))
-        .await
-        .is_err()
-    {
-        warn!("no state from the controller yet; starting anyway");
-    }
+    let (rx, certs) = follow_controller(c).await?;
     let mesh = Arc::new(Mesh {
         state: rx,
         certs: certs.clone(),
@@ -231,6 +221,25 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
     Ok(mesh)
 }
 
+/// Connects to the controller: its state, followed from now on, and the certificate service.
+/// Waits (bounded) for the first state.
+pub(crate) async fn follow_controller(
+    c: &ControllerSettings,
+) -> Result<(crate::state::StateRx, Arc<CertManager>)> {
+    let conn = crate::state::client::channel(c)?;
+    let certs = CertManager::new(crate::state::client::cert_client(&conn));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::state::NodeState::default()));
+    tokio::spawn(crate::state::client::follow(conn, tx));
+    let mut first = rx.clone();
+    if tokio::time::timeout(Duration::from_secs(10), first.wait_for(|s| s.version > 0))
+        .await
+        .is_err()
+    {
+        warn!("no state from the controller yet; starting anyway");
+    }
+    Ok((rx, certs))
+}
+
 /// Accepts captured connections until told to stop; each is a task of `tracker`.
 async fn accept_loop(
     listener: TcpListener,
@@ -255,7 +264,8 @@ async fn accept_loop(
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket on `addr` (`SO_REUSEADDR`, backlog 4096).
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,

@@ -610,14 +610,10 @@ async fn route_request(
             debug!(host = %request_host(&req), "no gateway server for this host");
             return local(StatusCode::NOT_FOUND, "");
         }
-        HttpDecision::Redirect {
-            service,
-            redirect,
-            policy,
-        } => {
+        HttpDecision::Redirect { service, redirect } => {
             out.service = service;
             let scheme = conn.gateway.as_ref().map_or("http", |g| g.scheme);
-            return redirect_response(&req, scheme, &redirect, policy.matched_prefix.as_deref());
+            return redirect_response(&req, scheme, &redirect);
         }
         HttpDecision::NotService => {
             warn!(vip = %conn.dst, "the service of this connection is gone");
@@ -706,7 +702,6 @@ pub fn redirect_response<B>(
     req: &Request<B>,
     scheme: &str,
     r: &crate::model::istio::HttpRedirect,
-    _matched_prefix: Option<&str>,
 ) -> Response<Body> {
     let host_header = req
         .uri()
@@ -1257,7 +1252,7 @@ mod tests {
             scheme: Some("https".into()),
             ..Default::default()
         };
-        let r = redirect_response(&req, "http", &to_https, None);
+        let r = redirect_response(&req, "http", &to_https);
         assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
         assert_eq!(
             r.headers()[header::LOCATION],
@@ -1269,7 +1264,7 @@ mod tests {
             redirect_code: Some(308),
             ..Default::default()
         };
-        let r = redirect_response(&req, "https", &moved, None);
+        let r = redirect_response(&req, "https", &moved);
         assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
         assert_eq!(
             r.headers()[header::LOCATION],

@@ -13,7 +13,7 @@ use crate::model::ObjKey;
 use crate::model::gateway::host_matches;
 use crate::model::istio::{
     Headers, HttpFault, HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute,
-    IstioSpec, StringMatch, VirtualServiceSpec, parse_duration,
+    StringMatch, VirtualServiceSpec, parse_duration,
 };
 use crate::proto;
 use crate::proxy::hbone::Refusal;
@@ -103,7 +103,6 @@ pub enum HttpDecision {
     Redirect {
         service: String,
         redirect: HttpRedirect,
-        policy: RoutePolicy,
     },
     /// A route whose only action is a fault (`abort`) and no destination.
     FaultOnly {
@@ -206,20 +205,11 @@ pub fn select_gateway(
     if gateways.is_empty() {
         return HttpDecision::UnknownHost;
     }
-    let mut found: Vec<(&ObjKey, &VirtualServiceSpec)> = st
-        .configs
-        .values()
-        .filter_map(|o| match &o.spec {
-            IstioSpec::VirtualService(vs) => Some((&o.key, vs)),
-            _ => None,
-        })
-        .filter(|(k, vs)| {
-            gateways
-                .iter()
-                .any(|g| vs.applies_to_gateway(&k.namespace, g))
-        })
-        .filter(|(_, vs)| vs.hosts.iter().any(|h| host_matches(h, host)))
-        .collect();
+    let mut found: Vec<(&ObjKey, &VirtualServiceSpec)> =
+        super::gateway_virtual_services(st, &gateways)
+            .into_iter()
+            .filter(|(_, vs)| vs.hosts.iter().any(|h| host_matches(h, host)))
+            .collect();
     // The most specific host first (an exact name before a wildcard), then by name.
     found.sort_by_key(|(k, vs)| {
         let exact = vs.hosts.iter().any(|h| h.eq_ignore_ascii_case(host));
@@ -278,7 +268,6 @@ fn route_in(
         return HttpDecision::Redirect {
             service: service.to_string(),
             redirect: redirect.clone(),
-            policy,
         };
     }
     if r.route.is_empty() {

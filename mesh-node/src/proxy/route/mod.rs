@@ -430,6 +430,28 @@ fn virtual_service_for<'s>(
     found.into_iter().next()
 }
 
+/// The VirtualServices bound to one of `gateways` (`gateways: [ns/name]`), by name.
+pub(crate) fn gateway_virtual_services<'s>(
+    st: &'s NodeState,
+    gateways: &[&ObjKey],
+) -> Vec<(&'s ObjKey, &'s VirtualServiceSpec)> {
+    let mut found: Vec<(&ObjKey, &VirtualServiceSpec)> = st
+        .configs
+        .values()
+        .filter_map(|o| match &o.spec {
+            IstioSpec::VirtualService(vs) => Some((&o.key, vs)),
+            _ => None,
+        })
+        .filter(|(k, vs)| {
+            gateways
+                .iter()
+                .any(|g| vs.applies_to_gateway(&k.namespace, g))
+        })
+        .collect();
+    found.sort_by_key(|(k, _)| (*k).clone());
+    found
+}
+
 /// The DestinationRule for `svc`: in namespace `ctx_ns` (the routing VirtualService's, or the
 /// client's) first, else in the service's own namespace; exported to `client_ns`.
 fn destination_rule_for<'s>(

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use crate::model::ObjKey;
 use crate::model::gateway::host_matches;
-use crate::model::istio::{IstioSpec, VirtualServiceSpec};
 use crate::proxy::hbone::Refusal;
 use crate::state::NodeState;
 
@@ -27,20 +26,7 @@ pub fn select_tls(
     port: u16,
     sni: &str,
 ) -> Decision {
-    let mut found: Vec<(&ObjKey, &VirtualServiceSpec)> = st
-        .configs
-        .values()
-        .filter_map(|o| match &o.spec {
-            IstioSpec::VirtualService(vs) => Some((&o.key, vs)),
-            _ => None,
-        })
-        .filter(|(k, vs)| {
-            gateways
-                .iter()
-                .any(|g| vs.applies_to_gateway(&k.namespace, g))
-        })
-        .collect();
-    found.sort_by_key(|(k, _)| (*k).clone());
+    let found = super::gateway_virtual_services(st, gateways);
     for (vs_key, vs) in found {
         for (ri, r) in vs.tls.iter().enumerate() {
             let hit = r.r#match.iter().any(|m| {
