@@ -679,7 +679,9 @@ spec:
 }
 
 /// The Gateway API kinds the status test needs, as minimal CRDs (any fields, a status
-/// subresource): the 1.20 test API server is older than the Gateway API's own CRDs' CEL rules.
+/// subresource). The 1.20 test API server refuses the Gateway API v1.3.0 CRDs themselves
+/// (checked: `x-kubernetes-validations` is not in its schema, and `default: ""` on
+/// `certificateRefs[].group` is rejected as "null").
 const GATEWAY_API_TEST_CRDS: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
