@@ -565,7 +565,7 @@ fn state_with_token(kube: &KubeEnv, port: u16, ca: &Path, token: &str) -> Result
 }
 
 #[test]
-fn the_controller_accepts_only_tokens_that_prove_a_node() -> Result<()> {
+fn the_controller_accepts_only_tokens_that_prove_a_node_or_a_workload() -> Result<()> {
     let _turn = serial();
     require_root();
     let kube = KubeEnv::start(&unique_prefix('a'))?;
@@ -634,12 +634,26 @@ spec:
         &token("sidenode-agent", true, "sidenode")?,
     );
     ensure!(good.is_ok(), "a bound agent token was refused: {good:?}");
+    // Another service account's token, bound to its pod: that one workload (the ingress
+    // gateway's case). It may read the state; certificates only for its own identity (the
+    // controller's unit tests: `grpc::tests`).
+    let workload = state_with_token(&kube, 25014, &ca, &token("intruder", true, "sidenode")?);
+    ensure!(
+        workload.is_ok(),
+        "a bound workload token was refused: {workload:?}"
+    );
+    ensure!(
+        ctl.log()
+            .contains("pod sidenode-system/intruder-n1 (service account intruder, node n1)"),
+        "the workload caller is not logged as itself:\n{}",
+        ctl.log()
+    );
     // Everything else is refused, with the reason.
     for (what, tok, reason) in [
         (
-            "another service account's token (bound to its pod on the node)",
-            token("intruder", true, "sidenode")?,
-            "not to the agent's service account",
+            "another service account's token bound to no pod",
+            token("intruder", false, "sidenode")?,
+            "not bound to a pod",
         ),
         (
             "a token bound to no pod",
@@ -661,5 +675,266 @@ spec:
             ),
         }
     }
+    Ok(())
+}
+
+/// The Gateway API kinds the status test needs, as minimal CRDs (any fields, a status
+/// subresource). The 1.20 test API server refuses the Gateway API v1.3.0 CRDs themselves
+/// (checked: `x-kubernetes-validations` is not in its schema, and `default: ""` on
+/// `certificateRefs[].group` is rejected as "null").
+const GATEWAY_API_TEST_CRDS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gatewayclasses.gateway.networking.k8s.io
+  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Cluster
+  names: {kind: GatewayClass, plural: gatewayclasses, singular: gatewayclass, listKind: GatewayClassList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gateways.gateway.networking.k8s.io
+  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {kind: Gateway, plural: gateways, singular: gateway, listKind: GatewayList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: httproutes.gateway.networking.k8s.io
+  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {kind: HTTPRoute, plural: httproutes, singular: httproute, listKind: HTTPRouteList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: referencegrants.gateway.networking.k8s.io
+  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {kind: ReferenceGrant, plural: referencegrants, singular: referencegrant, listKind: ReferenceGrantList}
+  versions:
+  - name: v1beta1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#;
+
+/// `kubectl get <what> -o jsonpath=<path>`, trimmed ("" when absent).
+fn jsonpath(kube: &KubeEnv, what: &[&str], path: &str) -> Result<String> {
+    let mut args = vec!["get"];
+    args.extend(what);
+    let p = format!("jsonpath={path}");
+    args.extend(["-o", &p]);
+    Ok(kube.kubectl(&args)?.trim().to_string())
+}
+
+#[test]
+fn the_leader_writes_gateway_api_status() -> Result<()> {
+    let _turn = serial();
+    require_root();
+    let kube = KubeEnv::start(&unique_prefix('g'))?;
+    kube.apply(GATEWAY_API_TEST_CRDS)?;
+    for crd in [
+        "gatewayclasses",
+        "gateways",
+        "httproutes",
+        "referencegrants",
+    ] {
+        let name = format!("{crd}.gateway.networking.k8s.io");
+        kube.wait_for(&format!("CRD {name}"), Duration::from_secs(30), || {
+            let s = jsonpath(
+                &kube,
+                &["crd", &name],
+                "{.status.conditions[?(@.type==\"Established\")].status}",
+            )?;
+            Ok((s == "True").then_some(()))
+        })?;
+    }
+    kube.apply(&format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {SYSTEM_NS}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: edge}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: certs}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: shop}}
+spec: {{ports: [{{port: 80, protocol: TCP}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: sidenode}}
+spec: {{controllerName: sidenode.io/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: theirs}}
+spec: {{controllerName: example.com/theirs}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: edge}}
+spec:
+  gatewayClassName: sidenode
+  listeners:
+  - {{name: http, port: 80, protocol: HTTP}}
+  - name: https
+    port: 443
+    protocol: HTTPS
+    tls: {{certificateRefs: [{{name: shared-cert, namespace: certs}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: shop, namespace: shop}}
+spec:
+  parentRefs: [{{name: web, namespace: edge}}]
+  rules:
+  - backendRefs: [{{name: shop, port: 80}}, {{name: gone, port: 80}}]
+"#
+    ))?;
+    let ctl = Replica::start(&kube, "ctl", 25015)?;
+    let wait = |what: &str, obj: &[&str], path: &str, want: &str| -> Result<()> {
+        kube.wait_for(what, Duration::from_secs(20), || {
+            Ok((jsonpath(&kube, obj, path)? == want).then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "{}\n{}",
+                jsonpath(&kube, obj, "{.status}").unwrap_or_default(),
+                ctl.log()
+            )
+        })
+    };
+    let cond = |t: &str, field: &str| format!("{{.status.conditions[?(@.type==\"{t}\")].{field}}}");
+    wait(
+        "GatewayClass sidenode Accepted",
+        &["gatewayclass", "sidenode"],
+        &cond("Accepted", "status"),
+        "True",
+    )?;
+    ensure!(
+        jsonpath(&kube, &["gatewayclass", "theirs"], "{.status}")?.is_empty(),
+        "another controller's class got a status"
+    );
+    let gw = ["gateway", "web", "-n", "edge"];
+    wait(
+        "Gateway Programmed",
+        &gw,
+        &cond("Programmed", "status"),
+        "True",
+    )?;
+    let listener = |name: &str, t: &str, field: &str| {
+        format!(
+            "{{.status.listeners[?(@.name==\"{name}\")].conditions[?(@.type==\"{t}\")].{field}}}"
+        )
+    };
+    wait(
+        "listener https RefNotPermitted",
+        &gw,
+        &listener("https", "ResolvedRefs", "reason"),
+        "RefNotPermitted",
+    )?;
+    ensure!(jsonpath(&kube, &gw, &listener("http", "Programmed", "status"))? == "True");
+    ensure!(
+        jsonpath(
+            &kube,
+            &gw,
+            "{.status.listeners[?(@.name==\"http\")].attachedRoutes}"
+        )? == "1"
+    );
+    let route = ["httproute", "shop", "-n", "shop"];
+    let parent = |t: &str, field: &str| {
+        format!("{{.status.parents[0].conditions[?(@.type==\"{t}\")].{field}}}")
+    };
+    wait(
+        "route Accepted",
+        &route,
+        &parent("Accepted", "status"),
+        "True",
+    )?;
+    wait(
+        "route BackendNotFound",
+        &route,
+        &parent("ResolvedRefs", "reason"),
+        "BackendNotFound",
+    )?;
+    ensure!(
+        jsonpath(&kube, &route, "{.status.parents[0].controllerName}")?
+            == "sidenode.io/gateway-controller"
+    );
+    let since = jsonpath(&kube, &gw, &cond("Programmed", "lastTransitionTime"))?;
+    let version = jsonpath(&kube, &gw, "{.metadata.resourceVersion}")?;
+
+    // A ReferenceGrant in the Secret's namespace: the listener's reference resolves.
+    kube.apply(
+        r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: gateways, namespace: certs}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: edge}]
+  to: [{group: "", kind: Secret}]
+"#,
+    )?;
+    wait(
+        "listener https ResolvedRefs",
+        &gw,
+        &listener("https", "ResolvedRefs", "status"),
+        "True",
+    )?;
+    ensure!(
+        jsonpath(&kube, &gw, &cond("Programmed", "lastTransitionTime"))? == since,
+        "an unchanged condition got a new lastTransitionTime"
+    );
+    ensure!(
+        jsonpath(&kube, &gw, "{.metadata.resourceVersion}")? != version,
+        "the status was not rewritten"
+    );
+    // Nothing changes from here on: nothing is written.
+    let settled = jsonpath(&kube, &gw, "{.metadata.resourceVersion}")?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        jsonpath(&kube, &gw, "{.metadata.resourceVersion}")? == settled,
+        "the status is rewritten without a change:\n{}",
+        ctl.log()
+    );
     Ok(())
 }

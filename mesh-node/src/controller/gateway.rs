@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::model::gateway::{
-    CONTROLLER_NAME, GatewaySpec, Protocol, Server, ServerPort, ServerTls, TlsMode,
+    CONTROLLER_NAME, GatewaySpec, Protocol, Server, ServerPort, ServerTls, TlsMode, host_matches,
 };
 use crate::model::gatewayapi::{ApiGateway, GROUP, GatewayRoute, Listener, RouteKind, route_of};
 use crate::model::istio::{
@@ -329,6 +329,12 @@ pub fn resolve(snap: &Snapshot) -> Resolution {
                 .copied()
                 .filter(|l| listener_takes(l) == *kind)
                 .collect();
+            let hosts = &r.spec.hosts;
+            let matching: Vec<&Listener> = taking
+                .iter()
+                .copied()
+                .filter(|l| hostnames_intersect(l.hostname.as_deref(), hosts))
+                .collect();
             let accepted = if named.is_empty() {
                 cond(
                     "Accepted",
@@ -346,10 +352,17 @@ pub fn resolve(snap: &Snapshot) -> Resolution {
                     "NotAllowedByListeners",
                     format!("no listener of the Gateway takes {}s", kind.as_str()),
                 )
+            } else if matching.is_empty() {
+                cond(
+                    "Accepted",
+                    false,
+                    "NoMatchingListenerHostname",
+                    "no listener's hostname matches the route's hostnames",
+                )
             } else {
                 if let Some(st) = out.gateway_status.get_mut(&p.gateway) {
                     for ls in &mut st.listeners {
-                        if taking.iter().any(|l| l.name == ls.name) {
+                        if matching.iter().any(|l| l.name == ls.name) {
                             ls.attached_routes += 1;
                         }
                     }
@@ -393,6 +406,16 @@ pub fn resolve(snap: &Snapshot) -> Resolution {
         ));
     }
     out
+}
+
+/// Does a listener (`hostname`, none = any) take a route with these hosts (`*` = any)?
+fn hostnames_intersect(listener: Option<&str>, route: &[String]) -> bool {
+    let Some(l) = listener else { return true };
+    route.iter().any(|h| {
+        let h = h.to_ascii_lowercase();
+        let l = l.to_ascii_lowercase();
+        h == "*" || host_matches(&l, &h) || host_matches(&h, &l)
+    })
 }
 
 /// The backends of a route checked: which are invalid, and the `ResolvedRefs` condition.

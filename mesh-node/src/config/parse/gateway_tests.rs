@@ -465,3 +465,21 @@ fn virtual_service_gateway_fields_are_validated() {
     ));
     assert!(matches!(ok, Object::Istio(_)));
 }
+
+#[test]
+fn a_failed_document_is_known_by_the_id_of_its_good_version() {
+    // The folder keeps the last good version of the object a bad document names: the two ids
+    // must agree, for both Gateway kinds and the cluster-scoped class.
+    let good = parse(API_GATEWAY);
+    let bad = parse(&API_GATEWAY.replace("port: 443", "port: 0").replace(
+        "spec: {controllerName: sidenode.io/gateway-controller}",
+        "spec: {}",
+    ));
+    assert_eq!(bad.failed.len(), 2, "{:?}", bad.errors);
+    assert_eq!(bad.failed[0], good.objects[0].id());
+    assert_eq!(bad.failed[1], good.objects[1].id());
+    let istio = parse(ISTIO_GATEWAY);
+    let istio_bad = parse(&ISTIO_GATEWAY.replace("web-cert", "a/b"));
+    assert_eq!(istio_bad.failed[0], istio.objects[0].id());
+    assert_ne!(istio.objects[0].id(), good.objects[1].id());
+}

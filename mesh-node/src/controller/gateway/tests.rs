@@ -420,3 +420,51 @@ fn the_view_carries_converted_gateways_and_routes() {
     assert!(!vs.applies_to_mesh());
     assert!(v.configs.contains_key("GatewayTLSRoute/shop/db"));
 }
+
+#[test]
+fn a_route_whose_hostnames_no_listener_takes_is_not_accepted() {
+    assert!(hostnames_intersect(None, &["a.example.com".into()]));
+    assert!(hostnames_intersect(Some("shop.example.com"), &["*".into()]));
+    assert!(hostnames_intersect(
+        Some("*.example.com"),
+        &["shop.example.com".into()]
+    ));
+    assert!(hostnames_intersect(
+        Some("shop.example.com"),
+        &["*.example.com".into()]
+    ));
+    assert!(!hostnames_intersect(
+        Some("shop.example.com"),
+        &["db.example.com".into()]
+    ));
+    // The route names the https listener (shop.example.com) but serves another host.
+    let text = BASE
+        .replace(
+            "parentRefs: [{name: web, namespace: edge}, {name: theirs, namespace: edge}]",
+            "parentRefs: [{name: web, namespace: edge, sectionName: https}]",
+        )
+        .replace(
+            "hostnames: [shop.example.com]\n  rules:\n  - backendRefs:",
+            "hostnames: [other.example.org]\n  rules:\n  - backendRefs:",
+        );
+    let r = resolve(&snapshot(&text));
+    let key = (
+        RouteKind::Http,
+        ObjKey {
+            namespace: "shop".into(),
+            name: "shop".into(),
+        },
+    );
+    let p = &r.route_status[&key].parents[0];
+    assert!(
+        has(
+            &p.conditions,
+            "Accepted",
+            false,
+            "NoMatchingListenerHostname"
+        ),
+        "{:?}",
+        p.conditions
+    );
+    assert!(!r.routes.iter().any(|(k, _)| *k == RouteKind::Http));
+}

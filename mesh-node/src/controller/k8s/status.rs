@@ -111,6 +111,7 @@ impl StatusWriter {
         for t in gone {
             want.insert(t, Desired::RouteGone);
         }
+        debug!(objects = want.len(), "gateway status sync");
         let known: BTreeSet<Target> = want.keys().cloned().collect();
         self.written.retain(|t, _| known.contains(t));
         for (target, desired) in want {
@@ -118,15 +119,18 @@ impl StatusWriter {
                 continue;
             }
             match self.write(&target, &desired).await {
-                Ok(()) => {
+                Ok(true) => {
                     self.written.insert(target, desired);
                 }
+                // Not found (yet: a new CRD's resource can 404 for a moment): next round.
+                Ok(false) => {}
                 Err(e) => warn!(object = %target, error = %e, "writing status; trying again"),
             }
         }
     }
 
-    async fn write(&self, target: &Target, desired: &Desired) -> Result<(), kube::Error> {
+    /// Writes the status if needed; `Ok(false)` when the object is not found.
+    async fn write(&self, target: &Target, desired: &Desired) -> Result<bool, kube::Error> {
         let (kind, plural, versions) = target.kind();
         let (ns, name) = target.namespace_name();
         let mut last = None;
@@ -150,7 +154,7 @@ impl StatusWriter {
             let status = new_status(desired, &current, &now);
             if status == current {
                 debug!(object = %target, "status already up to date");
-                return Ok(());
+                return Ok(true);
             }
             let patch = json!({
                 "metadata": {"resourceVersion": obj.metadata.resource_version},
@@ -159,13 +163,16 @@ impl StatusWriter {
             api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
             info!(object = %target, "status written");
-            return Ok(());
+            return Ok(true);
         }
-        match (desired, last) {
+        match last {
             // The object is gone (or its CRD): nothing to write.
-            (_, Some(kube::Error::Api(e))) if e.code == 404 => Ok(()),
-            (_, Some(e)) => Err(e),
-            _ => Ok(()),
+            Some(kube::Error::Api(e)) if e.code == 404 => {
+                debug!(object = %target, "not found; no status written");
+                Ok(false)
+            }
+            Some(e) => Err(e),
+            None => Ok(false),
         }
     }
 }
