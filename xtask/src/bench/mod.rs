@@ -20,6 +20,7 @@
 //! `target/bench/latest.json`.
 
 mod envoy;
+mod gateway;
 mod measure;
 mod report;
 mod util;
@@ -240,6 +241,11 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::workspace_root().join("target"))
+}
+
+/// `cargo xtask bench --gateway`: see [`gateway`].
+pub fn run_gateway(rounds: usize, quick: bool) -> Result<()> {
+    gateway::run(rounds, quick)
 }
 
 pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {
