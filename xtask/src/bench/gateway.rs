@@ -155,8 +155,14 @@ struct Sample {
     non_2xx: u64,
     gw_cpu_s: f64,
     hop_cpu_s: f64,
+    /// The backend server's CPU seconds over the run (to show it is not the bottleneck).
+    backend_cpu_s: f64,
     gw_rss_kb: u64,
     gw_hwm_kb: u64,
+    /// Requests in flight (clients × streams) / requests per second: the mean time a request
+    /// takes end to end (Little's law); for new connections it includes connect + handshake,
+    /// which h2load's per-request times leave out.
+    mean_ms: f64,
     tls: Value,
 }
 
@@ -172,6 +178,7 @@ impl Sample {
             "requests_per_s": nan_null(self.rps),
             "p50_ms": nan_null(self.p50_ms),
             "p99_ms": nan_null(self.p99_ms),
+            "mean_in_flight_over_rps_ms": nan_null(self.mean_ms),
             "requests": self.requests,
             "failed": self.failed,
             "non_2xx": self.non_2xx,
@@ -179,6 +186,8 @@ impl Sample {
             "gateway_cpu_us_per_request": nan_null(self.gw_cpu_us_per_req()),
             "hop_cpu_seconds": self.hop_cpu_s,
             "hop_cpu_us_per_request": nan_null(self.hop_cpu_us_per_req()),
+            "backend_cpu_seconds": self.backend_cpu_s,
+            "backend_cpu_us_per_request": nan_null(per_req(self.backend_cpu_s, self.rps, self.requests)),
             "gateway_rss_kb": self.gw_rss_kb,
             "gateway_hwm_kb": self.gw_hwm_kb,
             "tls": self.tls,
@@ -431,7 +440,7 @@ fn bench(
                         format!("round {r}, {} {} {}", g.name(), l.name(), cpu.name())
                     })?;
                     println!(
-                        "round {r}/{} {:<8} {:<11} {:<8} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  gw cpu {:>6.1} µs/req  {} cpu {:>6.1} µs/req  rss {:>5.1} MB{}",
+                        "round {r}/{} {:<8} {:<11} {:<8} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  gw cpu {:>6.1} µs/req  {} cpu {:>6.1} µs/req  backend cpu {:>5.1} µs/req  rss {:>5.1} MB{}",
                         p.rounds,
                         cpu.name(),
                         l.name(),
@@ -442,6 +451,7 @@ fn bench(
                         s.gw_cpu_us_per_req(),
                         g.hop_name(),
                         s.hop_cpu_us_per_req(),
+                        per_req(s.backend_cpu_s, s.rps, s.requests),
                         s.gw_rss_kb as f64 * 1024.0 / 1e6,
                         if s.failed + s.non_2xx > 0 {
                             format!("  FAILED {} non-2xx {}", s.failed, s.non_2xx)
@@ -479,9 +489,11 @@ fn bench(
                         "requests_per_s": nan_null(med(k(g), |s| s.rps)),
                         "p50_ms": nan_null(med(k(g), |s| s.p50_ms)),
                         "p99_ms": nan_null(med(k(g), |s| s.p99_ms)),
+                        "mean_in_flight_over_rps_ms": nan_null(med(k(g), |s| s.mean_ms)),
                         "gateway_cpu_seconds": nan_null(med(k(g), |s| s.gw_cpu_s)),
                         "gateway_cpu_us_per_request": nan_null(med(k(g), Sample::gw_cpu_us_per_req)),
                         "hop_cpu_us_per_request": nan_null(med(k(g), Sample::hop_cpu_us_per_req)),
+                        "backend_cpu_us_per_request": nan_null(med(k(g), |s| per_req(s.backend_cpu_s, s.rps, s.requests))),
                         "gateway_rss_kb": nan_null(med(k(g), |s| s.gw_rss_kb as f64)),
                     }),
                 );
@@ -548,6 +560,7 @@ fn bench(
     }
     text.push_str(&format!(
         "pinned: h2load, the gateway, the proxy on the backend's node (node2's proxy / the Envoy sidecar) and the backend all on CPU {PIN_CPU}; unpinned: no affinity.\n\
+         latency: h2load's per-request time from sending the request to the end of the response; for h1-new-conn it leaves out connect + TLS handshake (their cost is in req/s; JSON: mean_in_flight_over_rps_ms includes them).\n\
          gw CPU: utime+stime of the gateway process over the run (warm-up included) / requests in the timed part; hop: the same for node2's proxy (sidenode) or the Envoy sidecar (envoy).\n"
     ));
     let mut mrows = Vec::new();
@@ -635,7 +648,7 @@ fn bench(
             "envoy": format!("h2load → TLS (BoringSSL) Envoy gateway {GW_POD}:{ENVOY_PORT} → mTLS 1.3 → Envoy sidecar {BACKEND_POD}:{SIDECAR_PORT} (tcp_proxy) → 127.0.0.1:{BACKEND_PORT}"),
         },
         "method": {
-            "latency": "h2load --log-file: every request of the timed part (after the warm-up), nearest-rank p50/p99 of its time to the end of the response",
+            "latency": "h2load --log-file: every request of the timed part (after the warm-up), nearest-rank p50/p99 of its time from being sent to the end of the response (for h1-new-conn the TCP connect and TLS handshake come before and are NOT included: see mean_in_flight_over_rps_ms, which includes them)",
             "requests_per_s": "h2load's req/s over the timed part (-D)",
             "gateway_cpu": "utime+stime from /proc/<pid>/stat of the gateway before and after the h2load run (warm-up included), divided by the requests of the timed part",
             "rss": "VmRSS/VmHWM of the gateway after each run; idle = before any traffic",
@@ -952,10 +965,12 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
     }
     cmd.arg(format!("https://{HOST}:{}/", g.port()));
     let (gw, hop) = (e.gw_pid(g), e.hop_pid(g));
+    let b0 = cpu_seconds(e.backend_pid, e.clk_tck)?;
     let cpu0 = (cpu_seconds(gw, e.clk_tck)?, cpu_seconds(hop, e.clk_tck)?);
     let timeout = Duration::from_secs(u64::from(e.p.secs + e.p.warmup_secs) + 60);
     let o = output(cmd, timeout, "h2load")?;
     let cpu1 = (cpu_seconds(gw, e.clk_tck)?, cpu_seconds(hop, e.clk_tck)?);
+    let b1 = cpu_seconds(e.backend_pid, e.clk_tck)?;
     if !o.ok {
         bail!("h2load failed ({}): {} {}", o.status, o.stdout, o.stderr);
     }
@@ -1006,8 +1021,10 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
         non_2xx,
         gw_cpu_s: cpu1.0 - cpu0.0,
         hop_cpu_s: cpu1.1 - cpu0.1,
+        backend_cpu_s: b1 - b0,
         gw_rss_kb: m.map_or(0, |m| m.rss_kb),
         gw_hwm_kb: m.map_or(0, |m| m.hwm_kb),
+        mean_ms: f64::from(clients * streams) / rps * 1000.0,
         tls,
     })
 }
