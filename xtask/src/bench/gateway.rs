@@ -142,6 +142,8 @@ struct Params {
     quick: bool,
     secs: u32,
     warmup_secs: u32,
+    /// Requests (= connections) per `h1-new-conn` run.
+    new_conns: u32,
 }
 
 /// One h2load run.
@@ -151,6 +153,11 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     requests: u64,
+    /// Requests including the warm-up's (estimated at the timed part's rate), what the CPU
+    /// time is divided by.
+    requests_all: u64,
+    /// TCP connections the backend pod accepted during the run (its netns' PassiveOpens).
+    backend_conns: u64,
     failed: u64,
     non_2xx: u64,
     gw_cpu_s: f64,
@@ -168,10 +175,18 @@ struct Sample {
 
 impl Sample {
     fn gw_cpu_us_per_req(&self) -> f64 {
-        per_req(self.gw_cpu_s, self.rps, self.requests)
+        per_req(self.gw_cpu_s, self.rps, self.requests_all)
     }
     fn hop_cpu_us_per_req(&self) -> f64 {
-        per_req(self.hop_cpu_s, self.rps, self.requests)
+        per_req(self.hop_cpu_s, self.rps, self.requests_all)
+    }
+    /// TCP connections the backend accepted per request (1 = a new one for every request).
+    fn backend_conns_per_req(&self) -> f64 {
+        if self.requests_all == 0 {
+            f64::NAN
+        } else {
+            self.backend_conns as f64 / self.requests_all as f64
+        }
     }
     fn json(&self) -> Value {
         json!({
@@ -180,6 +195,9 @@ impl Sample {
             "p99_ms": nan_null(self.p99_ms),
             "mean_in_flight_over_rps_ms": nan_null(self.mean_ms),
             "requests": self.requests,
+            "requests_with_warmup": self.requests_all,
+            "backend_tcp_accepts": self.backend_conns,
+            "backend_tcp_accepts_per_request": nan_null(self.backend_conns_per_req()),
             "failed": self.failed,
             "non_2xx": self.non_2xx,
             "gateway_cpu_seconds": self.gw_cpu_s,
@@ -187,7 +205,7 @@ impl Sample {
             "hop_cpu_seconds": self.hop_cpu_s,
             "hop_cpu_us_per_request": nan_null(self.hop_cpu_us_per_req()),
             "backend_cpu_seconds": self.backend_cpu_s,
-            "backend_cpu_us_per_request": nan_null(per_req(self.backend_cpu_s, self.rps, self.requests)),
+            "backend_cpu_us_per_request": nan_null(per_req(self.backend_cpu_s, self.rps, self.requests_all)),
             "gateway_rss_kb": self.gw_rss_kb,
             "gateway_hwm_kb": self.gw_hwm_kb,
             "tls": self.tls,
@@ -246,6 +264,7 @@ pub fn run(rounds: usize, quick: bool) -> Result<()> {
         quick,
         secs: if quick { 3 } else { 8 },
         warmup_secs: 1,
+        new_conns: if quick { 2_000 } else { 8_000 },
     };
     let release = target_dir().join("release");
     let mesh_node = release.join("mesh-node");
@@ -440,7 +459,7 @@ fn bench(
                         format!("round {r}, {} {} {}", g.name(), l.name(), cpu.name())
                     })?;
                     println!(
-                        "round {r}/{} {:<8} {:<11} {:<8} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  gw cpu {:>6.1} µs/req  {} cpu {:>6.1} µs/req  backend cpu {:>5.1} µs/req  rss {:>5.1} MB{}",
+                        "round {r}/{} {:<8} {:<11} {:<8} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  gw cpu {:>6.1} µs/req  {} cpu {:>6.1} µs/req  backend cpu {:>5.1} µs/req, {:.2} conns/req  rss {:>5.1} MB{}",
                         p.rounds,
                         cpu.name(),
                         l.name(),
@@ -451,7 +470,8 @@ fn bench(
                         s.gw_cpu_us_per_req(),
                         g.hop_name(),
                         s.hop_cpu_us_per_req(),
-                        per_req(s.backend_cpu_s, s.rps, s.requests),
+                        per_req(s.backend_cpu_s, s.rps, s.requests_all),
+                        s.backend_conns_per_req(),
                         s.gw_rss_kb as f64 * 1024.0 / 1e6,
                         if s.failed + s.non_2xx > 0 {
                             format!("  FAILED {} non-2xx {}", s.failed, s.non_2xx)
@@ -493,7 +513,8 @@ fn bench(
                         "gateway_cpu_seconds": nan_null(med(k(g), |s| s.gw_cpu_s)),
                         "gateway_cpu_us_per_request": nan_null(med(k(g), Sample::gw_cpu_us_per_req)),
                         "hop_cpu_us_per_request": nan_null(med(k(g), Sample::hop_cpu_us_per_req)),
-                        "backend_cpu_us_per_request": nan_null(med(k(g), |s| per_req(s.backend_cpu_s, s.rps, s.requests))),
+                        "backend_cpu_us_per_request": nan_null(med(k(g), |s| per_req(s.backend_cpu_s, s.rps, s.requests_all))),
+                        "backend_tcp_accepts_per_request": nan_null(med(k(g), Sample::backend_conns_per_req)),
                         "gateway_rss_kb": nan_null(med(k(g), |s| s.gw_rss_kb as f64)),
                     }),
                 );
@@ -561,7 +582,7 @@ fn bench(
     text.push_str(&format!(
         "pinned: h2load, the gateway, the proxy on the backend's node (node2's proxy / the Envoy sidecar) and the backend all on CPU {PIN_CPU}; unpinned: no affinity.\n\
          latency: h2load's per-request time from sending the request to the end of the response; for h1-new-conn it leaves out connect + TLS handshake (their cost is in req/s; JSON: mean_in_flight_over_rps_ms includes them).\n\
-         gw CPU: utime+stime of the gateway process over the run (warm-up included) / requests in the timed part; hop: the same for node2's proxy (sidenode) or the Envoy sidecar (envoy).\n"
+         gw CPU: utime+stime of the gateway process over the run / the run's requests (warm-up included); hop: the same for node2's proxy (sidenode) or the Envoy sidecar (envoy).\n"
     ));
     let mut mrows = Vec::new();
     for name in mem_after.keys() {
@@ -634,6 +655,7 @@ fn bench(
             "quick": p.quick,
             "seconds_per_run": p.secs,
             "warmup_seconds": p.warmup_secs,
+            "new_conn_requests_per_run": p.new_conns,
             "pinned_cpu": PIN_CPU,
             "loads": loads,
             "load_generator": "h2load (nghttp2) -t 1 in node1-pod3, --connect-to the gateway pod, SNI and :authority bench.example.com",
@@ -650,7 +672,8 @@ fn bench(
         "method": {
             "latency": "h2load --log-file: every request of the timed part (after the warm-up), nearest-rank p50/p99 of its time from being sent to the end of the response (for h1-new-conn the TCP connect and TLS handshake come before and are NOT included: see mean_in_flight_over_rps_ms, which includes them)",
             "requests_per_s": "h2load's req/s over the timed part (-D)",
-            "gateway_cpu": "utime+stime from /proc/<pid>/stat of the gateway before and after the h2load run (warm-up included), divided by the requests of the timed part",
+            "gateway_cpu": "utime+stime from /proc/<pid>/stat of the gateway before and after the h2load run, divided by the run's requests including the warm-up's (h2load does not count those: estimated as req/s × warm-up seconds)",
+            "backend_tcp_accepts": "Tcp PassiveOpens of the backend pod's netns before and after the run",
             "rss": "VmRSS/VmHWM of the gateway after each run; idle = before any traffic",
             "pinned": "taskset -a -p of the gateway, the hop proxy and the backend, h2load under taskset -c",
         },
@@ -893,7 +916,7 @@ fn sanity(e: &Env) -> Result<Value> {
         }
         for v in ["-tls1_2", "-tls1_3"] {
             let mut cmd = e.c.pod_command(CLIENT_POD, "openssl")?;
-            cmd.args(["s_client", "-brief", v, "-alpn", "h2,http/1.1"])
+            cmd.args(["s_client", v, "-alpn", "h2,http/1.1"])
                 .args(["-connect", &format!("{}:{port}", e.gw_ip)])
                 .args(["-servername", HOST]);
             let o = output(cmd, Duration::from_secs(20), "openssl s_client")?;
@@ -903,10 +926,16 @@ fn sanity(e: &Env) -> Result<Value> {
                     .find_map(|l| l.trim().strip_prefix(k))
                     .map(|v| v.trim().to_string())
             };
-            let proto = field("Protocol version:");
-            let cipher = field("Ciphersuite:");
+            // "New, TLSv1.3, Cipher is TLS_AES_256_GCM_SHA384"
+            let new = field("New,").unwrap_or_default();
+            let mut parts = new.split(',').map(str::trim);
+            let proto = parts.next().map(str::to_string);
+            let cipher = parts
+                .next()
+                .and_then(|c| c.strip_prefix("Cipher is"))
+                .map(|c| c.trim().to_string());
             let alpn = field("ALPN protocol:");
-            let sig = field("Signature type:");
+            let sig = field("Peer signature type:");
             println!(
                 "check {:<8} openssl s_client {v}: {proto:?} {cipher:?} ALPN {alpn:?} signature {sig:?}",
                 g.name()
@@ -950,27 +979,33 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
         "-m",
         &streams.to_string(),
     ])
-    .args(["-D", &e.p.secs.to_string()])
-    .args(["--warm-up-time", &e.p.warmup_secs.to_string()])
     .args(["--connect-to", &format!("{}:{}", e.gw_ip, g.port())])
     .arg(format!("--log-file={}", log.display()));
     match l {
-        Load::H2 => {}
-        Load::H1 => {
-            cmd.arg("--h1");
+        Load::H2 | Load::H1 => {
+            cmd.args(["-D", &e.p.secs.to_string()])
+                .args(["--warm-up-time", &e.p.warmup_secs.to_string()]);
+            if l == Load::H1 {
+                cmd.arg("--h1");
+            }
         }
         Load::H1Close => {
-            cmd.args(["--h1", "-H", "connection: close"]);
+            // A number of requests, not a duration: h2load 1.52 with -D and reconnecting
+            // clients does not print its summary (it hangs once the clients stop).
+            cmd.args(["--h1", "-H", "connection: close"])
+                .args(["-n", &e.p.new_conns.to_string()]);
         }
     }
     cmd.arg(format!("https://{HOST}:{}/", g.port()));
     let (gw, hop) = (e.gw_pid(g), e.hop_pid(g));
+    let opens0 = passive_opens(e.c, BACKEND_POD)?;
     let b0 = cpu_seconds(e.backend_pid, e.clk_tck)?;
     let cpu0 = (cpu_seconds(gw, e.clk_tck)?, cpu_seconds(hop, e.clk_tck)?);
     let timeout = Duration::from_secs(u64::from(e.p.secs + e.p.warmup_secs) + 60);
     let o = output(cmd, timeout, "h2load")?;
     let cpu1 = (cpu_seconds(gw, e.clk_tck)?, cpu_seconds(hop, e.clk_tck)?);
     let b1 = cpu_seconds(e.backend_pid, e.clk_tck)?;
+    let opens1 = passive_opens(e.c, BACKEND_POD)?;
     if !o.ok {
         bail!("h2load failed ({}): {} {}", o.status, o.stdout, o.stderr);
     }
@@ -1009,7 +1044,14 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
         "server_temp_key": field("Server Temp Key:"),
         "alpn": field("Application protocol:"),
     });
-    let (p50_ms, p99_ms) = latencies(&log, e.p.warmup_secs)?;
+    let (p50_ms, p99_ms, logged) = latencies(&log)?;
+    // The CPU time covers the warm-up too (-D runs), whose requests h2load does not count:
+    // estimated at the timed part's rate.
+    let warmup_reqs = if l == Load::H1Close {
+        0
+    } else {
+        (rps * f64::from(e.p.warmup_secs)).round() as u64
+    };
     let _ = std::fs::remove_file(&log);
     let m = Mem::read(gw);
     Ok(Sample {
@@ -1017,6 +1059,8 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
         p50_ms,
         p99_ms,
         requests: done,
+        requests_all: done.max(logged) + warmup_reqs,
+        backend_conns: opens1.saturating_sub(opens0),
         failed,
         non_2xx,
         gw_cpu_s: cpu1.0 - cpu0.0,
@@ -1029,9 +1073,9 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
     })
 }
 
-/// p50 and p99 (ms) of the requests in h2load's log (start µs, status, duration µs) that
-/// started after the warm-up.
-fn latencies(log: &Path, warmup_secs: u32) -> Result<(f64, f64)> {
+/// p50 and p99 (ms) of the requests in h2load's log (start µs, status, duration µs; h2load
+/// logs only the timed part, not the warm-up), and how many it holds.
+fn latencies(log: &Path) -> Result<(f64, f64, u64)> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     let rows: Vec<(u64, f64)> = text
@@ -1044,17 +1088,25 @@ fn latencies(log: &Path, warmup_secs: u32) -> Result<(f64, f64)> {
             Some((start, dur))
         })
         .collect();
-    let first = rows.iter().map(|r| r.0).min().unwrap_or(0);
-    let cut = first + u64::from(warmup_secs) * 1_000_000;
-    let mut v: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.0 >= cut)
-        .map(|r| r.1 / 1000.0)
-        .collect();
-    if v.is_empty() {
-        v = rows.iter().map(|r| r.1 / 1000.0).collect();
-    }
-    Ok((percentile(&v, 50), percentile(&v, 99)))
+    let v: Vec<f64> = rows.iter().map(|r| r.1 / 1000.0).collect();
+    Ok((percentile(&v, 50), percentile(&v, 99), rows.len() as u64))
+}
+
+/// `Tcp: PassiveOpens` of the pod's netns (/proc/net/snmp read from inside it).
+fn passive_opens(c: &Cluster, pod: &str) -> Result<u64> {
+    let mut cmd = c.pod_command(pod, "cat")?;
+    cmd.arg("/proc/net/snmp");
+    let out = checked(cmd, Duration::from_secs(10), "cat /proc/net/snmp")?.stdout;
+    let tcp: Vec<&str> = out.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (Some(names), Some(values)) = (tcp.first(), tcp.get(1)) else {
+        bail!("/proc/net/snmp in {pod}: no Tcp lines");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "PassiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("/proc/net/snmp in {pod}: no Tcp PassiveOpens"))
 }
 
 /// RSS of both gateways, the Envoy sidecar and node2's proxy.
