@@ -1009,41 +1009,16 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
     if !o.ok {
         bail!("h2load failed ({}): {} {}", o.status, o.stdout, o.stderr);
     }
-    let text = o.stdout;
-    let line = |prefix: &str| text.lines().find(|l| l.trim_start().starts_with(prefix));
-    // finished in 8.00s, 12345.67 req/s, 1.23MB/s
-    let rps = line("finished in")
-        .and_then(|l| l.split(',').nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| format!("h2load printed no req/s: {text}"))?;
-    // requests: N total, N started, N done, N succeeded, F failed, E errored, T timeout
-    let counts = |l: Option<&str>| -> Vec<(String, u64)> {
-        l.and_then(|l| l.split_once(':'))
-            .map(|(_, v)| {
-                v.split(',')
-                    .filter_map(|x| {
-                        let mut it = x.split_whitespace();
-                        let n = it.next()?.parse::<u64>().ok()?;
-                        Some((it.next()?.to_string(), n))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let req = counts(line("requests:"));
-    let get = |v: &[(String, u64)], k: &str| v.iter().find(|(n, _)| n == k).map_or(0, |x| x.1);
-    let status = counts(line("status codes:"));
-    let done = get(&req, "done");
-    let failed = get(&req, "failed") + get(&req, "errored") + get(&req, "timeout");
-    let non_2xx = get(&status, "3xx") + get(&status, "4xx") + get(&status, "5xx");
-    let field = |k: &str| line(k).map(|l| l.trim()[k.len()..].trim().to_string());
-    let tls = json!({
-        "protocol": field("TLS Protocol:"),
-        "cipher": field("Cipher:"),
-        "server_temp_key": field("Server Temp Key:"),
-        "alpn": field("Application protocol:"),
-    });
+    let H2load {
+        rps,
+        done,
+        failed,
+        non_2xx,
+        tls,
+    } = parse_h2load(&o.stdout)?;
+    if done == 0 {
+        bail!("h2load completed no request: {}", o.stdout);
+    }
     let (p50_ms, p99_ms, logged) = latencies(&log)?;
     // The CPU time covers the warm-up too (-D runs), whose requests h2load does not count:
     // estimated at the timed part's rate.
@@ -1073,11 +1048,67 @@ fn measure(e: &Env, g: Gw, l: Load, cpu: Cpu) -> Result<Sample> {
     })
 }
 
+/// What h2load's summary says.
+#[derive(Debug, PartialEq)]
+struct H2load {
+    rps: f64,
+    done: u64,
+    /// failed + errored + timeout.
+    failed: u64,
+    /// 3xx + 4xx + 5xx.
+    non_2xx: u64,
+    tls: Value,
+}
+
+fn parse_h2load(text: &str) -> Result<H2load> {
+    let line = |prefix: &str| text.lines().find(|l| l.trim_start().starts_with(prefix));
+    // finished in 8.00s, 12345.67 req/s, 1.23MB/s
+    let rps = line("finished in")
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("h2load printed no req/s: {text}"))?;
+    // requests: N total, N started, N done, N succeeded, F failed, E errored, T timeout
+    let counts = |l: Option<&str>| -> Vec<(String, u64)> {
+        l.and_then(|l| l.split_once(':'))
+            .map(|(_, v)| {
+                v.split(',')
+                    .filter_map(|x| {
+                        let mut it = x.split_whitespace();
+                        let n = it.next()?.parse::<u64>().ok()?;
+                        Some((it.next()?.to_string(), n))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let req = counts(line("requests:"));
+    let get = |v: &[(String, u64)], k: &str| v.iter().find(|(n, _)| n == k).map_or(0, |x| x.1);
+    let status = counts(line("status codes:"));
+    let field = |k: &str| line(k).map(|l| l.trim()[k.len()..].trim().to_string());
+    Ok(H2load {
+        rps,
+        done: get(&req, "done"),
+        failed: get(&req, "failed") + get(&req, "errored") + get(&req, "timeout"),
+        non_2xx: get(&status, "3xx") + get(&status, "4xx") + get(&status, "5xx"),
+        tls: json!({
+            "protocol": field("TLS Protocol:"),
+            "cipher": field("Cipher:"),
+            "server_temp_key": field("Server Temp Key:"),
+            "alpn": field("Application protocol:"),
+        }),
+    })
+}
+
 /// p50 and p99 (ms) of the requests in h2load's log (start µs, status, duration µs; h2load
 /// logs only the timed part, not the warm-up), and how many it holds.
 fn latencies(log: &Path) -> Result<(f64, f64, u64)> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    Ok(log_latencies(&text))
+}
+
+fn log_latencies(text: &str) -> (f64, f64, u64) {
     let rows: Vec<(u64, f64)> = text
         .lines()
         .filter_map(|l| {
@@ -1089,7 +1120,7 @@ fn latencies(log: &Path) -> Result<(f64, f64, u64)> {
         })
         .collect();
     let v: Vec<f64> = rows.iter().map(|r| r.1 / 1000.0).collect();
-    Ok((percentile(&v, 50), percentile(&v, 99), rows.len() as u64))
+    (percentile(&v, 50), percentile(&v, 99), rows.len() as u64)
 }
 
 /// `Tcp: PassiveOpens` of the pod's netns (/proc/net/snmp read from inside it).
@@ -1120,4 +1151,42 @@ fn memory(e: &Env) -> std::collections::BTreeMap<String, Mem> {
     .into_iter()
     .filter_map(|(n, pid)| Some((n.to_string(), Mem::read(pid)?)))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUMMARY: &str = "\
+starting benchmark...
+TLS Protocol: TLSv1.3
+Cipher: TLS_AES_128_GCM_SHA256
+Server Temp Key: X25519 253 bits
+Application protocol: h2
+
+finished in 8.00s, 5430.38 req/s, 1.2MB/s
+requests: 43443 total, 43507 started, 43443 done, 43440 succeeded, 3 failed, 2 errored, 1 timeout
+status codes: 43437 2xx, 0 3xx, 3 4xx, 0 5xx
+";
+
+    #[test]
+    fn h2load_summary() {
+        let h = parse_h2load(SUMMARY).expect("parses");
+        assert_eq!(h.rps, 5430.38);
+        assert_eq!(h.done, 43443);
+        assert_eq!(h.failed, 6);
+        assert_eq!(h.non_2xx, 3);
+        assert_eq!(h.tls["cipher"], "TLS_AES_128_GCM_SHA256");
+        assert_eq!(h.tls["alpn"], "h2");
+        assert!(parse_h2load("nothing").is_err());
+    }
+
+    #[test]
+    fn h2load_log_percentiles() {
+        let log: String = (1..=100)
+            .map(|i| format!("{}\t200\t{}\n", 1_000_000 + i, i * 1000))
+            .collect();
+        let (p50, p99, n) = log_latencies(&log);
+        assert_eq!((p50, p99, n), (50.0, 99.0, 100));
+    }
 }

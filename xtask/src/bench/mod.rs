@@ -18,6 +18,9 @@
 //! drained before each. The memory of every agent, proxy and Envoy idle and after the load.
 //! Prints a table of medians and the targets of issue 12, and writes every value to
 //! `target/bench/latest.json`.
+//!
+//! `cargo xtask bench --gateway` is another bench: HTTPS through the sidenode gateway against an
+//! Envoy gateway; see [`gateway`] and docs/performance.md ("Gateway").
 
 mod envoy;
 mod gateway;
