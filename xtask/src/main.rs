@@ -58,6 +58,10 @@ enum Cmd {
         /// goes to target/bench/latest-splice.json.
         #[arg(long)]
         splice: bool,
+        /// Instead: HTTPS through the sidenode gateway vs an Envoy gateway (same certificate,
+        /// TLS settings and backend); JSON to target/bench/gateway.json.
+        #[arg(long, conflicts_with = "splice")]
+        gateway: bool,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -99,10 +103,14 @@ fn main() -> Result<()> {
             quick,
             no_build,
             splice,
+            gateway,
         } => {
             if !no_build {
                 setup::run()?;
                 build(true)?;
+            }
+            if gateway {
+                return bench::run_gateway(rounds, quick);
             }
             bench::run(rounds, quick, splice)
         }

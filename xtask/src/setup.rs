@@ -28,6 +28,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // tests/tests/prometheus.rs scrapes the node proxies with a real Prometheus (2.42 in
     // Debian 12; it also brings `promtool`). Installed without starting its service (below).
     "prometheus",
+    // `cargo xtask bench --gateway`'s HTTPS load generator (h2load).
+    "nghttp2-client",
 ];
 
 /// Packages whose maintainer scripts start and enable a system service on install; the

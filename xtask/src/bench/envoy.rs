@@ -26,13 +26,13 @@ pub const A_ECHO_PORT: u16 = 18080;
 /// … and iperf3's.
 pub const A_IPERF_PORT: u16 = 15201;
 /// Envoy B on the server pod's IP (mTLS), in front of the echo server …
-const B_ECHO_PORT: u16 = 18443;
+pub const B_ECHO_PORT: u16 = 18443;
 /// … and iperf3.
 const B_IPERF_PORT: u16 = 15443;
 /// Worker threads per Envoy (the node proxy's default is one too).
 pub const CONCURRENCY: u32 = 1;
 
-const SERVER_SAN: &str = "server.bench.sidenode.invalid";
+pub const SERVER_SAN: &str = "server.bench.sidenode.invalid";
 const CLIENT_SAN: &str = "client.bench.sidenode.invalid";
 
 pub struct EnvoyPair {
@@ -210,7 +210,7 @@ fn tcp_proxy(name: &str) -> Value {
     })
 }
 
-fn socket_address(ip: &str, port: u16) -> Value {
+pub fn socket_address(ip: &str, port: u16) -> Value {
     json!({"socket_address": {"address": ip, "port_value": port}})
 }
 
@@ -236,7 +236,7 @@ fn a_listener(name: &str, port: u16) -> Value {
 }
 
 /// Envoy A → Envoy B: TLS 1.3 with A's client certificate; B's SAN checked.
-fn a_cluster(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
+pub fn a_cluster(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
     let mut c = static_cluster(name, server_ip, port);
     c["transport_socket"] = json!({
         "name": "envoy.transport_sockets.tls",
@@ -250,7 +250,7 @@ fn a_cluster(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
 }
 
 /// Envoy B: TLS 1.3 on the pod IP, client certificate required (A's SAN checked).
-fn b_listener(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
+pub fn b_listener(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
     json!({
         "name": name,
         "address": socket_address(server_ip, port),
@@ -269,13 +269,13 @@ fn b_listener(name: &str, server_ip: &str, port: u16, dir: &Path) -> Value {
 }
 
 /// Envoy B → the server in its pod, plaintext on 127.0.0.1.
-fn local_cluster(name: &str, port: u16) -> Value {
+pub fn local_cluster(name: &str, port: u16) -> Value {
     static_cluster(name, "127.0.0.1", port)
 }
 
 /// A throwaway CA and one ECDSA P-256 leaf per side (`server.pem`/`.key`,
 /// `client.pem`/`.key`, `ca.pem`), valid for a day.
-fn certs(dir: &Path) -> Result<()> {
+pub fn certs(dir: &Path) -> Result<()> {
     let t = Duration::from_secs(30);
     let ossl = |args: &[&str]| -> Result<()> {
         let mut cmd = Command::new("openssl");

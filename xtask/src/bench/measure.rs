@@ -252,13 +252,13 @@ fn drain_time_wait(e: &Env, path: Route) -> Result<Drained> {
 
 /// The processes of a path pinned to `PIN_CPU` (every thread: `taskset -a -p`); back on
 /// every online CPU when dropped.
-struct Pinned {
+pub struct Pinned {
     pids: Vec<u32>,
     all: String,
 }
 
 impl Pinned {
-    fn new(pids: Vec<u32>, all: &str) -> Result<Pinned> {
+    pub fn new(pids: Vec<u32>, all: &str) -> Result<Pinned> {
         let mut p = Pinned {
             pids: Vec::new(),
             all: all.to_string(),

@@ -18,8 +18,12 @@
 //! drained before each. The memory of every agent, proxy and Envoy idle and after the load.
 //! Prints a table of medians and the targets of issue 12, and writes every value to
 //! `target/bench/latest.json`.
+//!
+//! `cargo xtask bench --gateway` is another bench: HTTPS through the sidenode gateway against an
+//! Envoy gateway; see [`gateway`] and docs/performance.md ("Gateway").
 
 mod envoy;
+mod gateway;
 mod measure;
 mod report;
 mod util;
@@ -240,6 +244,11 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::workspace_root().join("target"))
+}
+
+/// `cargo xtask bench --gateway`: see [`gateway`].
+pub fn run_gateway(rounds: usize, quick: bool) -> Result<()> {
+    gateway::run(rounds, quick)
 }
 
 pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {

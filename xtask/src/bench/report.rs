@@ -112,7 +112,7 @@ fn fmt_val(v: f64, kind: Kind) -> String {
     }
 }
 
-fn table(header: &[String], rows: &[Vec<String>]) -> String {
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
     let cols = header.len();
     let width = |i: usize| {
         rows.iter()
