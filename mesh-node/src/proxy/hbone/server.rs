@@ -88,14 +88,13 @@ where
     }
 }
 
-/// The client address a `forwarded: for=` value claims, believed only when it is an address
-/// of a workload with the caller's proven identity (a node proxy speaks for its own pods; a
-/// header naming someone else's address must not buy that address's policy or telemetry).
-/// `None`: the tunnel's own peer address stands.
-fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, v: &str) -> Option<IpAddr> {
-    let ip = super::request::forwarded_for(v)?;
-    let w = st.workload_by_ip(ip)?;
-    (st.identity_of(w) == *caller).then_some(ip)
+/// Is the client address a `forwarded: for=` value claims believable? Only when it is an
+/// address of a workload with the caller's proven identity (a node proxy speaks for its own
+/// pods; a header naming someone else's address must not buy that address's policy or
+/// telemetry). Otherwise the tunnel's own peer address stands.
+fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, ip: IpAddr) -> bool {
+    st.workload_by_ip(ip)
+        .is_some_and(|w| st.identity_of(w) == *caller)
 }
 
 /// The telemetry of a tunnel to `target` (destination reporter): the caller's workload from
@@ -185,14 +184,17 @@ async fn handle(
             return status(&mut respond, why.status());
         }
     };
-    let client = req
+    let forwarded = req
         .headers()
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .unwrap_or("");
+    // The address the header claims (shown in the span whether or not it is believed).
+    let claimed = super::request::forwarded_for(forwarded);
+    let client = claimed.map(|ip| ip.to_string()).unwrap_or_default();
     let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
-    let client_ip = trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, &client)
+    let client_ip = claimed
+        .filter(|ip| trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
         .unwrap_or(conn.peer.ip());
     let admitted = match admit(&conn, target, client_ip, &span).await {
         Ok(a) => a,
