@@ -181,25 +181,9 @@ impl KubeEnv {
         &self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut() -> Result<Option<T>>,
+        f: impl FnMut() -> Result<Option<T>>,
     ) -> Result<T> {
-        let start = Instant::now();
-        loop {
-            let last = match f() {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => None,
-                Err(e) => Some(e),
-            };
-            if start.elapsed() >= timeout {
-                return Err(match last {
-                    Some(e) => {
-                        e.context(format!("waiting for {what}: timed out after {timeout:?}"))
-                    }
-                    None => anyhow::anyhow!("waiting for {what}: not there after {timeout:?}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(what, timeout, Duration::from_millis(100), f)
     }
 
     /// Applies every CRD of `deploy/kubernetes/crds` (server-side) and waits until each is
@@ -267,6 +251,31 @@ impl Drop for KubeEnv {
 
 /// Runs a prepared kubectl command (`args` name it in errors): its stdout, or an error naming
 /// the command with its stderr. Shared by [`KubeEnv`] and `realnode::RealCluster`.
+/// Calls `f` every `interval` until it returns `Ok(Some(v))`, or fails after `timeout` with
+/// the last error (or "not there") explained by `what`. The clusters' `wait_for`.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        let last = match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        if start.elapsed() >= timeout {
+            return Err(match last {
+                Some(e) => e.context(format!("waiting for {what}: timed out after {timeout:?}")),
+                None => anyhow::anyhow!("waiting for {what}: not there after {timeout:?}"),
+            });
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 pub fn run_kubectl(mut cmd: Command, args: &[&str]) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())

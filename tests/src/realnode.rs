@@ -22,7 +22,7 @@
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Images the environment builds (`deploy/kube-testenv.sh real-up`).
 pub const MESH_IMAGE: &str = "docker.io/sidenode/mesh-node:testenv";
@@ -267,25 +267,9 @@ impl RealCluster {
         &self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut() -> Result<Option<T>>,
+        f: impl FnMut() -> Result<Option<T>>,
     ) -> Result<T> {
-        let start = Instant::now();
-        loop {
-            let last = match f() {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => None,
-                Err(e) => Some(e),
-            };
-            if start.elapsed() >= timeout {
-                return Err(match last {
-                    Some(e) => {
-                        e.context(format!("waiting for {what}: timed out after {timeout:?}"))
-                    }
-                    None => anyhow::anyhow!("waiting for {what}: not there after {timeout:?}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        crate::kube::poll(what, timeout, Duration::from_millis(200), f)
     }
 
     /// Applies [`OVERLAY`] and waits until the controller Deployment and the node DaemonSet

@@ -672,18 +672,9 @@ async fn route_request(
 
 /// The request's host name: `:authority` or `Host`, without the port, lower case.
 pub fn request_host<B>(req: &Request<B>) -> String {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| strip_port(h).to_string())
-        })
-        .unwrap_or_default();
-    raw.trim_end_matches('.').to_ascii_lowercase()
+    strip_port(crate::telemetry::request::authority(req))
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
 }
 
 /// `host:port` → `host` (IPv6 `[::1]:80` → `[::1]`).
@@ -703,19 +694,11 @@ pub fn redirect_response<B>(
     scheme: &str,
     r: &crate::model::istio::HttpRedirect,
 ) -> Response<Body> {
-    let host_header = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
     let scheme = r.scheme.as_deref().unwrap_or(scheme);
-    let mut authority = r.authority.clone().unwrap_or(host_header);
+    let mut authority = r
+        .authority
+        .clone()
+        .unwrap_or_else(|| crate::telemetry::request::authority(req).to_string());
     if r.scheme.is_some() || r.port.is_some() {
         authority = strip_port(&authority).to_string();
     }
