@@ -2,7 +2,10 @@
 //! sees the client pod's IP (IPv4 and IPv6, across nodes through HBONE and on the same node) as
 //! its peer, with a port of the proxy's; the pod's namespace carries the mark rule and
 //! `tcp_fwmark_accept` only while it is meshed; STRICT mTLS still admits these connections; and
-//! `--keep-client-address=false` brings back the node's address. Mesh mode, file config.
+//! `--keep-client-address=false` brings back the node's address. The tunnels themselves leave
+//! from the source pod's address (`--tunnel-from-pod`, ztunnel's in-pod mode): the
+//! destination's HBONE listener sees the client pod as the TCP peer; `false` brings back the
+//! node's address there too. Mesh mode, file config.
 //! Run as root: `cargo test -p sidenode-tests --test client_address`.
 
 mod common;
@@ -50,6 +53,28 @@ fn sysctl(c: &Cluster, pod: &str, name: &str) -> Result<String> {
         .output()?;
     ensure!(out.status.success(), "sysctl in {ns}: {out:?}");
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The peers of the established connections to the pod's HBONE listener (`podIP:15008`), as
+/// the kernel of the pod's namespace has them.
+fn tunnel_peers(c: &Cluster, pod: &str) -> Result<Vec<std::net::IpAddr>> {
+    let ns = netns_of(c, pod)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "ss", "-Htn", "state", "established"])
+        .arg("( sport = :15008 )")
+        .output()?;
+    ensure!(out.status.success(), "ss in {ns}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Columns: Recv-Q Send-Q Local Peer.
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .map(|peer| {
+            let a: std::net::SocketAddr = peer
+                .parse()
+                .with_context(|| format!("peer {peer:?} in {text}"))?;
+            Ok(a.ip().to_canonical())
+        })
+        .collect()
 }
 
 /// One connection from the client to `target`; the server's peer must be the client's IP
@@ -115,6 +140,14 @@ fn meshed_pods_see_their_clients_address() -> Result<()> {
             "{r:?}"
         );
     }
+
+    // The tunnel itself came from the client pod's address (dialled inside its namespace),
+    // not from node 1's: the destination's listener has it as the TCP peer.
+    let peers = tunnel_peers(&c, REMOTE)?;
+    ensure!(
+        !peers.is_empty() && peers.iter().all(|p| p.to_string() == client4),
+        "tunnels to {REMOTE} came from {peers:?}, not from the client pod {client4}"
+    );
 
     // The proxy's logs still name the original client address and the tunnel.
     wait_log_all(
@@ -197,9 +230,12 @@ fn strict_mtls_admits_the_proxys_connection_from_the_clients_address() -> Result
 }
 
 #[test]
-fn keep_client_address_off_connects_from_the_node() -> Result<()> {
+fn keep_client_address_and_tunnel_from_pod_off_use_the_nodes_address() -> Result<()> {
     let _g = serial();
-    let c = mesh_cluster_with_proxy_args(2, &["--keep-client-address=false"])?;
+    let c = mesh_cluster_with_proxy_args(
+        2,
+        &["--keep-client-address=false", "--tunnel-from-pod=false"],
+    )?;
     let _remote = Server::start(&c, &testpod(), REMOTE, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", CLIENT)?;
     wait_enrolled(&c, "node2", "mesh", REMOTE)?;
@@ -207,6 +243,12 @@ fn keep_client_address_off_connects_from_the_node() -> Result<()> {
     let r = dial_one(&c, CLIENT, &format!("{}:8080", pod_ip(2, 1)))?;
     let peer = r.server_peer.as_deref().context("no server peer")?;
     ensure!(ip_of(peer) != pod_ip(1, 1), "client address kept: {r:?}");
+    // The tunnel came from node 1's address, not the client pod's.
+    let peers = tunnel_peers(&c, REMOTE)?;
+    ensure!(
+        !peers.is_empty() && peers.iter().all(|p| p.to_string() != pod_ip(1, 1)),
+        "with --tunnel-from-pod=false the tunnels to {REMOTE} came from {peers:?}"
+    );
     ensure!(
         !rules(&c, REMOTE, false)?.contains(RULE),
         "rule set up although off"

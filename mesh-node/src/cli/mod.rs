@@ -374,6 +374,11 @@ struct ProxyArgs {
     /// from the node's address.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     keep_client_address: bool,
+    /// Dial HBONE tunnels from inside the source pod's network namespace, so the destination
+    /// (sidenode or ztunnel) sees the source pod's address on the tunnel, as with ztunnel's
+    /// in-pod mode. `false`: from the node's address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    tunnel_from_pod: bool,
     /// Where /proc/sys/net is writable, for the pods' `tcp_fwmark_accept` (a container's own
     /// /proc/sys is read-only: mount the host's there).
     #[arg(long, default_value = defaults::PROC_SYS_NET)]
@@ -447,6 +452,7 @@ pub fn main() -> Result<()> {
                             .unwrap_or(crate::telemetry::trace::DEFAULT_SAMPLING_PERCENT),
                     }),
                 keep_client_address: p.keep_client_address,
+                tunnel_from_pod: p.tunnel_from_pod,
                 proc_sys_net: p.proc_sys_net,
             };
             crate::policy::set_root_namespace(&p.root_namespace);

@@ -248,10 +248,8 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
         limiter: Default::default(),
         // No node: every meshed backend is reached through its node's tunnel.
         node: format!("gateway:{name}"),
-        pods: Arc::new(crate::proxy::pod::Pods::new(
-            false,
-            crate::defaults::PROC_SYS_NET.into(),
-        )),
+        // No local pods: its tunnels leave from its own pod's address anyway.
+        pods: Arc::new(crate::proxy::pod::Pods::default()),
     });
     tokio::spawn(certs.renew_forever());
     admin.set_mesh(mesh.clone());

@@ -137,6 +137,24 @@ pub fn transparent_socket(ns: &File, client: IpAddr) -> io::Result<socket2::Sock
     })
 }
 
+/// A non-blocking TCP socket inside the pod's namespace `ns`, carrying the proxy's mark (the
+/// capture programs skip it), not bound: it connects from the pod's own address, as the pod
+/// would. The proxy's HBONE tunnels leave the node this way, so the destination sees the
+/// source pod's address on the tunnel itself (as with ztunnel's in-pod mode).
+pub fn pod_socket(ns: &File, family: SocketAddr) -> io::Result<socket2::Socket> {
+    within(ns, || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(family),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_mark(PROXY_MARK)?;
+        s.set_tcp_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+}
+
 /// Sets the pod's namespace at `path` up for client addresses (idempotent). `proc_sys_net`
 /// is where this process sees `/proc/sys/net` writable (a container mounts its own read-only:
 /// the DaemonSet mounts the host's at `/host/proc/sys/net`); it resolves to the namespace of

@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     pub tracing: Option<crate::telemetry::trace::Settings>,
     /// Connect to local pods from the client's address (`--keep-client-address`).
     pub keep_client_address: bool,
+    /// Dial HBONE tunnels from inside the source pod's namespace, from its address
+    /// (`--tunnel-from-pod`).
+    pub tunnel_from_pod: bool,
     /// Where `/proc/sys/net` is writable (`--proc-sys-net`).
     pub proc_sys_net: PathBuf,
 }
@@ -84,8 +87,26 @@ pub struct Mesh {
     /// This node's name: a meshed destination on it is reached without a tunnel
     /// (`outbound::local`).
     pub node: String,
-    /// Local pods set up so the proxy connects to them from their clients' addresses.
+    /// Local pods' namespaces: the proxy connects to them from their clients' addresses, and
+    /// tunnels leave from them.
     pub pods: Arc<pod::Pods>,
+}
+
+impl Mesh {
+    /// The namespace a tunnel from local workload `w` leaves from: its pod's, when the pod is
+    /// served here and `--tunnel-from-pod` is on; else `None` (the proxy's address).
+    pub fn tunnel_source(
+        &self,
+        st: &crate::state::NodeState,
+        w: &mesh_common::Workload,
+    ) -> Option<socket::PodNetns> {
+        let key = format!(
+            "{}/{}",
+            mesh_common::name_str(&w.namespace),
+            mesh_common::name_str(&w.name)
+        );
+        self.pods.source(&st.workloads.get(&key)?.uid)
+    }
 }
 
 /// What every connection handler shares.
@@ -200,6 +221,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         node: cfg.node.clone(),
         pods: Arc::new(pod::Pods::new(
             cfg.keep_client_address,
+            cfg.tunnel_from_pod,
             cfg.proc_sys_net.clone(),
         )),
     });

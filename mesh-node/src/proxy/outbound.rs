@@ -592,12 +592,18 @@ async fn tunnel(
             });
         }
     };
+    let src_netns = c
+        .src
+        .as_ref()
+        .zip(c.mesh)
+        .and_then(|(w, (st, _))| mesh.tunnel_source(st, w));
     let req = TunnelRequest {
         cert: &cert,
         dst_identity: dst_id.clone(),
         tunnel_addr,
         target: dst,
         client_ip: c.peer.ip(),
+        src_netns,
         baggage,
         traceparent: c.trace.traceparent(),
     };

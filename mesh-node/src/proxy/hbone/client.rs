@@ -17,7 +17,7 @@ use super::{
 };
 use crate::identity::Identity;
 use crate::identity::manager::WorkloadCert;
-use crate::proxy::socket::connect_marked;
+use crate::proxy::socket::{PodNetns, connect_from};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -53,6 +53,9 @@ pub struct TunnelRequest<'a> {
     /// The original destination (`:authority`).
     pub target: SocketAddr,
     pub client_ip: IpAddr,
+    /// The source pod's namespace: the tunnel's connection leaves from there, from the pod's
+    /// address (ztunnel's in-pod mode); `None`: from the proxy's own.
+    pub src_netns: Option<PodNetns>,
     pub baggage: String,
     /// W3C `traceparent` of the connection's span (`telemetry::trace`), sent on the `CONNECT`.
     pub traceparent: Option<http::HeaderValue>,
@@ -66,6 +69,7 @@ pub async fn open(
     let key = PoolKey {
         src: req.cert.identity.clone(),
         src_generation: req.cert.generation,
+        src_pod: req.src_netns.as_ref().map(|n| n.uid.clone()),
         dst: req.tunnel_addr,
         dst_identity: req.dst_identity.clone(),
     };
@@ -80,6 +84,7 @@ pub async fn open(
                     let s = dial(
                         req.cert,
                         &req.dst_identity,
+                        req.src_netns.as_ref(),
                         req.tunnel_addr,
                         connect_timeout,
                     )
@@ -119,10 +124,11 @@ fn forwarded_for(ip: IpAddr) -> String {
 async fn dial(
     cert: &WorkloadCert,
     dst_identity: &Identity,
+    from: Option<&PodNetns>,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Sender, TunnelError> {
-    let tcp = connect_marked(addr, timeout)
+    let tcp = connect_from(from, addr, timeout)
         .await
         .map_err(|source| TunnelError::Connect { addr, source })?;
     let connector = TlsConnector::from(cert.client_config(dst_identity.clone())?);

@@ -1,5 +1,6 @@
 //! Pooled, multiplexed HTTP/2 connections for outbound tunnels, one per
-//! (source identity and certificate generation, destination address, destination identity).
+//! (source identity and certificate generation, source pod when the tunnel leaves from its
+//! namespace, destination address, destination identity) — ztunnel's in-pod key.
 //! A renewed certificate gets new connections; old ones finish their streams and close.
 
 use std::collections::HashMap;
@@ -15,6 +16,9 @@ use crate::identity::Identity;
 pub struct PoolKey {
     pub src: Identity,
     pub src_generation: u64,
+    /// The uid of the pod whose namespace (and address) the connection leaves from; `None`:
+    /// the proxy's own.
+    pub src_pod: Option<String>,
     pub dst: SocketAddr,
     pub dst_identity: Identity,
 }

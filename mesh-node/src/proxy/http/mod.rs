@@ -1030,6 +1030,7 @@ async fn attempt_once(
                     dst_id: st.identity_of(dw),
                     tunnel_addr: SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE),
                     client_ip: conn.peer.ip(),
+                    src_netns: conn.mesh.tunnel_source(st, w),
                     baggage: format!(
                         "k8s.namespace.name={},k8s.pod.name={}",
                         name_str(&w.namespace),

@@ -38,7 +38,7 @@ use crate::proxy::hbone::client::{TunnelError, TunnelRequest, open};
 use crate::proxy::hbone::server;
 use crate::proxy::route::limits::{Kind, Overflow, Permit};
 use crate::proxy::route::{Limits, Resilience};
-use crate::proxy::socket::connect_marked;
+use crate::proxy::socket::{PodNetns, connect_marked};
 
 /// Buffer of the in-process pipe to a same-node pod's destination side.
 const LOCAL_PIPE: usize = 64 * 1024;
@@ -63,6 +63,8 @@ pub enum Route {
         /// `podIP:15008`.
         tunnel_addr: SocketAddr,
         client_ip: IpAddr,
+        /// The source pod's namespace the tunnel leaves from (`Mesh::tunnel_source`).
+        src_netns: Option<PodNetns>,
         baggage: String,
     },
     /// A meshed pod on this node: the destination's checks run in this process and the
@@ -443,6 +445,7 @@ async fn dial(
             dst_id,
             tunnel_addr,
             client_ip,
+            src_netns,
             baggage,
         } => {
             let cert = mesh
@@ -456,6 +459,7 @@ async fn dial(
                 tunnel_addr: *tunnel_addr,
                 target: endpoint,
                 client_ip: *client_ip,
+                src_netns: src_netns.clone(),
                 baggage: baggage.clone(),
                 // A pooled connection outlives the request that opened it: no trace context.
                 traceparent: None,
