@@ -492,7 +492,9 @@ fn gateway_identity(e: &Env) -> Result<()> {
             .lines()
             .any(|l| l.starts_with("istio_tcp_connections_opened_total")
                 && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains(&format!("source_principal=\"{GATEWAY_PRINCIPAL}\""))),
+                && l.contains(&format!(
+                    "source_principal=\"spiffe://{GATEWAY_PRINCIPAL}\""
+                ))),
         "node 2 counted no mutual-TLS tunnel from the gateway"
     );
     // The gateway counts the requests as the source, with its own workload.

@@ -395,7 +395,7 @@ spec:
             .any(|l| l.starts_with("istio_tcp_connections_opened_total")
                 && l.contains("connection_security_policy=\"mutual_tls\"")
                 && l.contains(
-                    "source_principal=\"cluster.local/ns/istio-ingress/sa/sidenode-gateway\""
+                    "source_principal=\"spiffe://cluster.local/ns/istio-ingress/sa/sidenode-gateway\""
                 )),
         "node 2 counted no mutual-TLS tunnel from the gateway"
     );

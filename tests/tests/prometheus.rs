@@ -531,13 +531,16 @@ fn prometheus_sees_the_mesh_traffic_and_runs_every_dashboard_query() -> Result<(
             ("reporter", reporter),
             ("source_workload", CLIENT),
             ("source_workload_namespace", "mesh"),
-            ("source_principal", "cluster.local/ns/mesh/sa/sa-node1-pod1"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1",
+            ),
             ("source_cluster", "Kubernetes"),
             ("destination_workload", SERVER_POD),
             ("destination_workload_namespace", "mesh"),
             (
                 "destination_principal",
-                "cluster.local/ns/mesh/sa/sa-node2-pod1",
+                "spiffe://cluster.local/ns/mesh/sa/sa-node2-pod1",
             ),
             ("destination_app", SERVER_POD),
             ("destination_canonical_service", SERVER_POD),

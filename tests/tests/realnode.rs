@@ -307,8 +307,10 @@ fn metric_sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The SPIFFE id of a service account of the test namespace, as Istio's metrics label
+/// principals (`spiffe://`).
 fn principal(sa: &str) -> String {
-    format!("cluster.local/ns/{NS}/sa/{sa}")
+    format!("spiffe://cluster.local/ns/{NS}/sa/{sa}")
 }
 
 fn hbone_labels<'a>(reporter: &'a str, client: &'a str, echo: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -425,7 +427,7 @@ spec:
         "transport=\"hbone\"".to_string(),
         "security=\"mutual_tls\"".to_string(),
         format!("client={first_ip}}}"),
-        format!("src.identity=spiffe://{}", principal(CLIENT)),
+        format!("src.identity={}", principal(CLIENT)),
     ];
     cx.c.wait_for(
         "node 2's proxy logs the tunnel of the first connection",
@@ -747,7 +749,7 @@ spec:
     ensure!(out.ends_with("web"), "{out}");
     ensure!(out.contains(&format!("x-testpod-peer: {gw_ip}:")), "{out}");
     // Node 2's proxy took the tunnel from the gateway's identity, with mutual TLS.
-    let principal = format!("cluster.local/ns/{GATEWAY_NS}/sa/sidenode-gateway");
+    let principal = format!("spiffe://cluster.local/ns/{GATEWAY_NS}/sa/sidenode-gateway");
     let n = metric_sum(
         &cx.c.proxy_metrics(2)?,
         "istio_tcp_connections_opened_total",

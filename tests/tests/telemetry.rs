@@ -45,13 +45,16 @@ fn echo_labels(reporter: &str) -> Vec<(&str, &str)> {
         ("reporter", reporter),
         ("source_workload", CLIENT),
         ("source_workload_namespace", "mesh"),
-        ("source_principal", "cluster.local/ns/mesh/sa/sa-node1-pod1"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1",
+        ),
         ("source_canonical_service", CLIENT),
         ("destination_workload", ECHO_POD),
         ("destination_workload_namespace", "mesh"),
         (
             "destination_principal",
-            "cluster.local/ns/mesh/sa/sa-node2-pod1",
+            "spiffe://cluster.local/ns/mesh/sa/sa-node2-pod1",
         ),
         // The harness labels every pod `app: <pod name>`.
         ("destination_app", ECHO_POD),

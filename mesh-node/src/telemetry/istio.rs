@@ -81,6 +81,17 @@ impl Reporter {
     }
 }
 
+/// The `source_principal`/`destination_principal` label value as Istio's proxies write it: the
+/// full SPIFFE id (`spiffe://td/ns/NS/sa/SA`, ztunnel and Envoy alike), or `unknown`.
+/// (AuthorizationPolicy `principals` use the form without the scheme: [`Side::principal`].)
+pub fn principal_label(principal: &str) -> String {
+    if principal == UNKNOWN {
+        UNKNOWN.into()
+    } else {
+        format!("spiffe://{principal}")
+    }
+}
+
 /// One side of a connection as Istio labels it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Side {
@@ -216,13 +227,13 @@ impl Labels {
             s.canonical_service.clone(),
             s.canonical_revision.clone(),
             s.namespace.clone(),
-            s.principal.clone(),
+            principal_label(&s.principal),
             s.app.clone(),
             s.version.clone(),
             CLUSTER.into(),
             d.workload.clone(),
             d.namespace.clone(),
-            d.principal.clone(),
+            principal_label(&d.principal),
             d.app.clone(),
             d.version.clone(),
             svc_host,
@@ -489,6 +500,32 @@ mod tests {
             (bare.canonical_revision.as_str(), bare.principal.as_str()),
             ("latest", UNKNOWN)
         );
+    }
+
+    #[test]
+    fn principal_labels_are_full_spiffe_ids_as_istio_writes_them() {
+        let mut l = Labels {
+            reporter: Reporter::Source,
+            source: Side::of(&pod("a", &[]), Some("cluster.local/ns/shop/sa/a".into())),
+            destination: Side::of(&pod("b", &[]), None),
+            service: None,
+            protocol: "tcp".into(),
+            security: "mutual_tls",
+        };
+        let values = l.tcp_values("-");
+        let at = |name: &str| {
+            let i = TCP_LABELS.iter().position(|n| *n == name).unwrap();
+            values[i].clone()
+        };
+        assert_eq!(at("source_principal"), "spiffe://cluster.local/ns/shop/sa/a");
+        assert_eq!(at("destination_principal"), UNKNOWN);
+        l.destination.principal = "cluster.local/ns/shop/sa/b".into();
+        let values = l.tcp_values("-");
+        let i = TCP_LABELS
+            .iter()
+            .position(|n| *n == "destination_principal")
+            .unwrap();
+        assert_eq!(values[i], "spiffe://cluster.local/ns/shop/sa/b");
     }
 
     #[test]
