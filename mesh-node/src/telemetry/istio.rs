@@ -512,20 +512,20 @@ mod tests {
             protocol: "tcp".into(),
             security: "mutual_tls",
         };
-        let values = l.tcp_values("-");
-        let at = |name: &str| {
-            let i = TCP_LABELS.iter().position(|n| *n == name).unwrap();
-            values[i].clone()
+        let at = |l: &Labels, name: &str| {
+            let i = TCP_LABELS.iter().position(|n| *n == name);
+            i.map(|i| l.tcp_values("-")[i].clone())
         };
-        assert_eq!(at("source_principal"), "spiffe://cluster.local/ns/shop/sa/a");
-        assert_eq!(at("destination_principal"), UNKNOWN);
+        assert_eq!(
+            at(&l, "source_principal").as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/a")
+        );
+        assert_eq!(at(&l, "destination_principal").as_deref(), Some(UNKNOWN));
         l.destination.principal = "cluster.local/ns/shop/sa/b".into();
-        let values = l.tcp_values("-");
-        let i = TCP_LABELS
-            .iter()
-            .position(|n| *n == "destination_principal")
-            .unwrap();
-        assert_eq!(values[i], "spiffe://cluster.local/ns/shop/sa/b");
+        assert_eq!(
+            at(&l, "destination_principal").as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/b")
+        );
     }
 
     #[test]
