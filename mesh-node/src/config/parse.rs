@@ -176,7 +176,7 @@ pub fn parse_file(path: &Path, text: &str) -> FileParse {
             }
         };
         // First: is it YAML at all, and what does it claim to be?
-        let value: serde_yaml::Value = match serde_yaml::from_str(&doc) {
+        let value: yaml_serde::Value = match yaml_serde::from_str(&doc) {
             Ok(v) => v,
             Err(e) => {
                 let line = e.location().map(|l| start + l.line() - 1).unwrap_or(start);
@@ -231,7 +231,7 @@ struct Head {
 }
 
 impl Head {
-    fn of(v: &serde_yaml::Value) -> Option<Head> {
+    fn of(v: &yaml_serde::Value) -> Option<Head> {
         let kind = v.get("kind")?.as_str()?.to_string();
         let api_version = v
             .get("apiVersion")
@@ -300,7 +300,7 @@ struct YamlDoc<'a> {
 
 impl TypedReader for YamlDoc<'_> {
     fn read<T: DeserializeOwned>(&self) -> Result<T, ObjError> {
-        let de = serde_yaml::Deserializer::from_str(self.doc);
+        let de = yaml_serde::Deserializer::from_str(self.doc);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
@@ -308,7 +308,7 @@ impl TypedReader for YamlDoc<'_> {
                 .location()
                 .map(|l| self.start + l.line() - 1)
                 .unwrap_or(self.start);
-            // serde_yaml prefixes its message with the path it knows; keep the plain message.
+            // yaml_serde prefixes its message with the path it knows; keep the plain message.
             let message = inner.to_string();
             let message = match message.split_once(": ") {
                 Some((head, rest)) if head == path || head.ends_with(&path) => rest.to_string(),

@@ -201,8 +201,8 @@ fn read_dir(dir: &Path) -> Vec<(ObjKey, String, Vec<u8>, Vec<u8>)> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let Ok(v) = <serde_yaml::Value as serde::Deserialize>::deserialize(doc) else {
+        for (i, doc) in yaml_serde::Deserializer::from_str(&text).enumerate() {
+            let Ok(v) = <yaml_serde::Value as serde::Deserialize>::deserialize(doc) else {
                 continue;
             };
             if v.get("kind").and_then(|k| k.as_str()) != Some("Secret") {
@@ -224,7 +224,7 @@ type TlsData = (ObjKey, Vec<u8>, Vec<u8>);
 type Pem = (Vec<u8>, Vec<u8>);
 
 /// A Secret document's key and PEM fields; `None` when it is not `kubernetes.io/tls`.
-fn secret_from_value(v: &serde_yaml::Value) -> Result<Option<TlsData>, String> {
+fn secret_from_value(v: &yaml_serde::Value) -> Result<Option<TlsData>, String> {
     if v.get("type").and_then(|t| t.as_str()) != Some("kubernetes.io/tls") {
         return Ok(None);
     }

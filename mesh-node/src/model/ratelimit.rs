@@ -169,7 +169,7 @@ mod tests {
     use super::*;
 
     fn spec(yaml: &str) -> RateLimitPolicySpec {
-        serde_yaml::from_str(yaml).expect("test yaml")
+        yaml_serde::from_str(yaml).expect("test yaml")
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::model::istio::{IstioObject, IstioSpec};
 use crate::model::{ObjKey, Origin};
 
 fn policy(ns: &str, name: &str, yaml: &str) -> (String, IstioObject) {
-    let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).expect("policy yaml");
+    let spec: AuthorizationPolicySpec = yaml_serde::from_str(yaml).expect("policy yaml");
     (
         format!("AuthorizationPolicy/{ns}/{name}"),
         IstioObject {

@@ -12,7 +12,7 @@ const POD: &str = "mesh/web";
 fn state(policies: &[(&str, &str, &str)]) -> NodeState {
     let mut st = NodeState::default();
     for (ns, name, yaml) in policies {
-        let spec: RateLimitPolicySpec = serde_yaml::from_str(yaml).expect("policy yaml");
+        let spec: RateLimitPolicySpec = yaml_serde::from_str(yaml).expect("policy yaml");
         assert_eq!(spec.validate(), Ok(()), "{yaml}");
         st.configs.insert(
             format!("RateLimitPolicy/{ns}/{name}"),
