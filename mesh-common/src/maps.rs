@@ -35,8 +35,14 @@ pub const SPLICE: &str = "SN_SPLICE";
 /// (LRU). Removed when the socket closes.
 pub const SPLICE_STATE: &str = "SN_SPLICE_ST";
 
+/// Kernel-side decision logs (aya-log): one `u32` of [`LOG_F_ALL`]/[`LOG_F_SOME`] bits at
+/// index 0 (array). 0 (the default) = off: the programs then only test this word.
+pub const LOG: &str = "SN_LOG";
+/// With [`LOG_F_SOME`]: the pods whose decisions are logged, netns cookie (`u64`) → `u8` (1).
+pub const LOG_PODS: &str = "SN_LOG_PODS";
+
 /// Every map the object defines, for checks and for the CLI.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     ENROLLED,
     PENDING,
     ORIG_DST,
@@ -47,6 +53,8 @@ pub const ALL_MAPS: [&str; 10] = [
     STRICT,
     SPLICE,
     SPLICE_STATE,
+    LOG,
+    LOG_PODS,
 ];
 
 pub const ENROLLED_MAX: u32 = 16_384;
@@ -59,6 +67,12 @@ pub const STRICT_MAX: u32 = 65_536;
 /// Live local legs on one node (two sockets per leg).
 pub const SPLICE_MAX: u32 = 131_072;
 pub const SPLICE_STATE_MAX: u32 = 131_072;
+/// Pods logged one by one at once.
+pub const LOG_PODS_MAX: u32 = 1_024;
+/// [`LOG`] bits: log every enrolled pod's decisions (and every STRICT drop) ...
+pub const LOG_F_ALL: u32 = 1;
+/// ... or only those of the pods in [`LOG_PODS`].
+pub const LOG_F_SOME: u32 = 2;
 /// Slots of [`STATS`]: more than [`STAT_COUNT`], so a later counter fits the map an older
 /// agent pinned (a pinned map is reused as it is).
 pub const STATS_MAX: u32 = 32;

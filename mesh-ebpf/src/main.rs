@@ -17,6 +17,10 @@
 //!    put straight on its peer's receive queue, skipping TCP/IP and the veth. A socket whose
 //!    first message finds no peer keeps the normal path for good (`SPLICE_F_PLAIN`).
 //!
+//! 5. Decision logs (aya-log, read by the agent): captured, excluded and why, recorded, STRICT
+//!    drops — only while `SN_LOG` says so (for every pod, or for the pods in `SN_LOG_PODS`);
+//!    off, a program only tests one word of an array map.
+//!
 //! Everything else passes untouched. Layouts, names and byte orders: `mesh-common`.
 #![no_std]
 #![no_main]
@@ -33,12 +37,15 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::{info, warn};
+use core::net::{Ipv4Addr, Ipv6Addr};
 use mesh_common::ports::{is_proxy_mark, orig_src_mark};
 use mesh_common::{
     Addr, CONFIG_F_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
-    MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX, ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG,
-    SPLICE_F_PLAIN, SPLICE_MAX, SPLICE_STATE_MAX, STATS_MAX, STRICT_MAX, SockKey, SpliceKey, Stat,
-    StrictKey, V4_MAPPED_WORD, Workload, addr_from_v4,
+    LOG_F_ALL, LOG_F_SOME, LOG_PODS_MAX, MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX,
+    ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG, SPLICE_F_PLAIN, SPLICE_MAX, SPLICE_STATE_MAX,
+    STATS_MAX, STRICT_MAX, SockKey, SpliceKey, Stat, StrictKey, V4_MAPPED_WORD, Workload,
+    addr_from_v4,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -76,6 +83,72 @@ static SN_SPLICE: SockHash<SpliceKey> = SockHash::pinned(SPLICE_MAX, 0);
 
 #[map(name = "SN_SPLICE_ST")]
 static SN_SPLICE_ST: LruHashMap<SpliceKey, u32> = LruHashMap::pinned(SPLICE_STATE_MAX, 0);
+
+#[map(name = "SN_LOG")]
+static SN_LOG: Array<u32> = Array::pinned(1, 0);
+
+#[map(name = "SN_LOG_PODS")]
+static SN_LOG_PODS: HashMap<u64, u8> = HashMap::pinned(LOG_PODS_MAX, 0);
+
+/// Are the decisions about the pod of network namespace `netns` logged? Off (the default),
+/// one array word is tested.
+#[inline(always)]
+fn logging(netns: u64) -> bool {
+    let Some(flags) = SN_LOG.get(0) else {
+        return false;
+    };
+    let flags = *flags;
+    flags & LOG_F_ALL != 0 || (flags & LOG_F_SOME != 0 && SN_LOG_PODS.get_ptr(netns).is_some())
+}
+
+/// Logging for every pod (decisions not tied to one source pod: STRICT drops).
+#[inline(always)]
+fn logging_all() -> bool {
+    SN_LOG.get(0).is_some_and(|f| *f & LOG_F_ALL != 0)
+}
+
+/// An [`Addr`] that is IPv4 (mapped), as an address to log.
+#[inline(always)]
+fn v4_of(a: &Addr) -> Option<Ipv4Addr> {
+    (a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD).then(|| Ipv4Addr::from(u32::from_be(a[3])))
+}
+
+/// An [`Addr`] as an IPv6 address to log (network-order words → bytes).
+#[inline(always)]
+fn v6_of(a: &Addr) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = a[i].to_ne_bytes();
+        b[i * 4] = w[0];
+        b[i * 4 + 1] = w[1];
+        b[i * 4 + 2] = w[2];
+        b[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    Ipv6Addr::from(b)
+}
+
+/// Why a destination is not captured (logged; `None`: captured).
+#[derive(Clone, Copy)]
+enum Excluded {
+    Local,
+    ProxyPort,
+    Port,
+    Cidr,
+}
+
+impl Excluded {
+    #[inline(always)]
+    fn as_str(self) -> &'static str {
+        match self {
+            Excluded::Local => "loopback or unspecified",
+            Excluded::ProxyPort => "the proxy's own port",
+            Excluded::Port => "excluded port",
+            Excluded::Cidr => "excluded CIDR",
+        }
+    }
+}
 
 /// The four words of an IPv6 address field of a kernel context (`bpf_sock_ops`, `sk_msg_md`),
 /// read one by one at constant offsets: the verifier refuses a context access through a
@@ -122,8 +195,18 @@ fn capture_connect4(ctx: &SockAddrContext) {
     // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect4.
     let (dst_ip, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let dst_port = u16::from_be(user_port as u16);
-    if excluded_v4(cfg, dst_ip, dst_port) {
+    if let Some(why) = excluded_v4(cfg, dst_ip, dst_port) {
         bump(Stat::Excluded);
+        if logging(netns) {
+            info!(
+                ctx,
+                "not captured ({}): netns={} dst={}:{}",
+                why.as_str(),
+                netns,
+                Ipv4Addr::from(u32::from_be(dst_ip)),
+                dst_port
+            );
+        }
         return;
     }
     let orig = OrigDst {
@@ -142,6 +225,15 @@ fn capture_connect4(ctx: &SockAddrContext) {
         (*sa).user_port = u32::from(cfg.outbound_port.to_be());
     }
     bump(Stat::Captured);
+    if logging(netns) {
+        info!(
+            ctx,
+            "captured: netns={} dst={}:{}",
+            netns,
+            Ipv4Addr::from(u32::from_be(dst_ip)),
+            dst_port
+        );
+    }
 }
 
 /// What both connect programs check first: the socket's network namespace is enrolled, it is
@@ -162,6 +254,12 @@ fn capturable(ctx: &SockAddrContext) -> Option<(u64, &'static ProxyConfig)> {
     // SAFETY: `sk` is the socket being connected; `mark` is readable.
     if !sk.is_null() && is_proxy_mark(unsafe { (*sk).mark }, cfg.proxy_mark) {
         bump(Stat::ProxyOwn);
+        if logging(netns) {
+            info!(
+                ctx,
+                "not captured (the proxy's own socket): netns={}", netns
+            );
+        }
         return None;
     }
     Some((netns, cfg))
@@ -175,6 +273,14 @@ fn record(ctx: &SockAddrContext, orig: OrigDst) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if SN_PENDING.insert(cookie, orig, 0).is_err() {
         bump(Stat::MapErrors);
+        if logging(orig.netns_cookie) {
+            warn!(
+                ctx,
+                "not captured (SN_PENDING refused the entry): netns={} dst port {}",
+                orig.netns_cookie,
+                orig.port
+            );
+        }
         return false;
     }
     true
@@ -182,20 +288,20 @@ fn record(ctx: &SockAddrContext, orig: OrigDst) -> bool {
 
 /// Loopback, unspecified, the proxy's own ports, and the configured ports and CIDRs.
 #[inline(always)]
-fn excluded_v4(cfg: &ProxyConfig, dst_ip: u32, dst_port: u16) -> bool {
+fn excluded_v4(cfg: &ProxyConfig, dst_ip: u32, dst_port: u16) -> Option<Excluded> {
     let host = u32::from_be(dst_ip);
     if host >> 24 == 127 || host == 0 {
-        return true;
+        return Some(Excluded::Local);
     }
     if dst_ip == cfg.proxy_ip4 && proxy_port(cfg, dst_port) {
-        return true;
+        return Some(Excluded::ProxyPort);
     }
     if SN_EXCL_PORTS.get_ptr(dst_port).is_some() {
-        return true;
+        return Some(Excluded::Port);
     }
     SN_EXCL_CIDRS
         .get(Key::new(128, addr_from_v4(dst_ip)))
-        .is_some()
+        .map(|_| Excluded::Cidr)
 }
 
 /// Is `port` one of the proxy's own ports?
@@ -243,8 +349,9 @@ fn capture_connect6(ctx: &SockAddrContext) {
         if cfg.proxy_ip4 == 0 {
             return;
         }
-        if excluded_v4(cfg, d3, dst_port) {
+        if let Some(why) = excluded_v4(cfg, d3, dst_port) {
             bump(Stat::Excluded);
+            log_excluded6(ctx, netns, why, &dst, dst_port);
             return;
         }
         (addr_from_v4(cfg.proxy_ip4), FAMILY_V4)
@@ -252,8 +359,9 @@ fn capture_connect6(ctx: &SockAddrContext) {
         if cfg.proxy_ip6 == [0; 4] {
             return;
         }
-        if excluded_v6(cfg, &dst, dst_port) {
+        if let Some(why) = excluded_v6(cfg, &dst, dst_port) {
             bump(Stat::Excluded);
+            log_excluded6(ctx, netns, why, &dst, dst_port);
             return;
         }
         (cfg.proxy_ip6, FAMILY_V6)
@@ -277,23 +385,61 @@ fn capture_connect6(ctx: &SockAddrContext) {
         (*sa).user_port = u32::from(cfg.outbound_port.to_be());
     }
     bump(Stat::Captured);
+    if logging(netns) {
+        match v4_of(&dst) {
+            Some(v4) => info!(ctx, "captured: netns={} dst={}:{}", netns, v4, dst_port),
+            None => info!(
+                ctx,
+                "captured: netns={} dst=[{}]:{}",
+                netns,
+                v6_of(&dst),
+                dst_port
+            ),
+        }
+    }
+}
+
+#[inline(always)]
+fn log_excluded6(ctx: &SockAddrContext, netns: u64, why: Excluded, dst: &Addr, port: u16) {
+    if logging(netns) {
+        match v4_of(dst) {
+            Some(v4) => info!(
+                ctx,
+                "not captured ({}): netns={} dst={}:{}",
+                why.as_str(),
+                netns,
+                v4,
+                port
+            ),
+            None => info!(
+                ctx,
+                "not captured ({}): netns={} dst=[{}]:{}",
+                why.as_str(),
+                netns,
+                v6_of(dst),
+                port
+            ),
+        }
+    }
 }
 
 /// `::1`, `::`, the proxy's own ports on its IPv6 address, and the configured ports and CIDRs.
 #[inline(always)]
-fn excluded_v6(cfg: &ProxyConfig, dst: &Addr, dst_port: u16) -> bool {
+fn excluded_v6(cfg: &ProxyConfig, dst: &Addr, dst_port: u16) -> Option<Excluded> {
     let loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && u32::from_be(dst[3]) == 1;
     let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
     if loopback || unspecified {
-        return true;
+        return Some(Excluded::Local);
     }
     if *dst == cfg.proxy_ip6 && proxy_port(cfg, dst_port) {
-        return true;
+        return Some(Excluded::ProxyPort);
     }
     if SN_EXCL_PORTS.get_ptr(dst_port).is_some() {
-        return true;
+        return Some(Excluded::Port);
     }
-    SN_EXCL_CIDRS.get(Key::new(128, *dst)).is_some()
+    SN_EXCL_CIDRS
+        .get(Key::new(128, *dst))
+        .map(|_| Excluded::Cidr)
 }
 
 #[sock_ops]
@@ -322,8 +468,19 @@ fn on_sock_ops(ctx: &SockOpsContext) {
                 let orig = unsafe { *orig };
                 if SN_ORIG_DST.insert(local_key(&conn), orig, 0).is_err() {
                     bump(Stat::MapErrors);
+                    if logging(orig.netns_cookie) {
+                        warn!(
+                            ctx,
+                            "not recorded (SN_ORIG_DST refused the entry): netns={} client port {}",
+                            orig.netns_cookie,
+                            conn.local_port
+                        );
+                    }
                 } else {
                     bump(Stat::Recorded);
+                    if logging(orig.netns_cookie) {
+                        log_recorded(ctx, &orig, conn.local_port);
+                    }
                 }
                 let _ = SN_PENDING.remove(cookie);
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -417,6 +574,29 @@ fn remote_port(raw: u32) -> u16 {
         u16::from_be((raw >> 16) as u16)
     } else {
         raw as u16
+    }
+}
+
+/// The original destination recorded for a client port.
+#[inline(always)]
+fn log_recorded(ctx: &SockOpsContext, orig: &OrigDst, client_port: u16) {
+    match v4_of(&orig.addr) {
+        Some(v4) => info!(
+            ctx,
+            "recorded: netns={} client port {} dst={}:{}",
+            orig.netns_cookie,
+            client_port,
+            v4,
+            orig.port
+        ),
+        None => info!(
+            ctx,
+            "recorded: netns={} client port {} dst=[{}]:{}",
+            orig.netns_cookie,
+            client_port,
+            v6_of(&orig.addr),
+            orig.port
+        ),
     }
 }
 
@@ -529,9 +709,70 @@ const SKB_DROP: i32 = 0;
 pub fn sn_strict_in(ctx: SkBuffContext) -> i32 {
     if strict_drop(&ctx) {
         bump(Stat::StrictDropped);
+        if logging_all() {
+            log_strict_drop(&ctx);
+        }
         SKB_DROP
     } else {
         SKB_PASS
+    }
+}
+
+/// A TCP packet's source and destination (as [`Addr`]) and the offset of its TCP header; `None`
+/// for anything else (and for later IPv4 fragments, which carry no TCP header).
+#[inline(always)]
+fn ip_header(ctx: &SkBuffContext) -> Option<(Addr, Addr, usize)> {
+    let proto = ctx.skb.protocol();
+    if proto == ETH_P_IP_BE {
+        let vihl = ctx.load::<u8>(0).ok()?;
+        let ip_proto = ctx.load::<u8>(9).ok()?;
+        // Later fragments carry no TCP header: fragment offset bits of bytes 6..8.
+        let frag = ctx.load::<u16>(6).ok()?;
+        if ip_proto != IPPROTO_TCP || u16::from_be(frag) & 0x1fff != 0 {
+            return None;
+        }
+        let s = ctx.load::<u32>(12).ok()?;
+        let d = ctx.load::<u32>(16).ok()?;
+        Some((
+            addr_from_v4(s),
+            addr_from_v4(d),
+            usize::from(vihl & 0x0f) * 4,
+        ))
+    } else if proto == ETH_P_IPV6_BE {
+        // The TCP header right after the fixed header (extension headers are not walked).
+        if ctx.load::<u8>(6).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let s = ctx.load::<Addr>(8).ok()?;
+        let d = ctx.load::<Addr>(24).ok()?;
+        Some((s, d, 40))
+    } else {
+        None
+    }
+}
+
+/// Logs a dropped SYN: its addresses and port, read again (only when logging is on).
+#[inline(always)]
+fn log_strict_drop(ctx: &SkBuffContext) {
+    let Some((src, dst, l4)) = ip_header(ctx) else {
+        return;
+    };
+    let Ok(port_be) = ctx.load::<u16>(l4 + 2) else {
+        return;
+    };
+    let port = u16::from_be(port_be);
+    match (v4_of(&src), v4_of(&dst)) {
+        (Some(s), Some(d)) => info!(
+            ctx,
+            "dropped by STRICT (plaintext SYN): src={} dst={}:{}", s, d, port
+        ),
+        _ => info!(
+            ctx,
+            "dropped by STRICT (plaintext SYN): src={} dst=[{}]:{}",
+            v6_of(&src),
+            v6_of(&dst),
+            port
+        ),
     }
 }
 
@@ -540,42 +781,7 @@ pub fn sn_strict_in(ctx: SkBuffContext) -> i32 {
 /// pass. The packet starts at its IP header in cgroup_skb programs.
 #[inline(always)]
 fn strict_drop(ctx: &SkBuffContext) -> bool {
-    let proto = ctx.skb.protocol();
-    let (src, dst, l4): (Addr, Addr, usize) = if proto == ETH_P_IP_BE {
-        let Ok(vihl) = ctx.load::<u8>(0) else {
-            return false;
-        };
-        let Ok(ip_proto) = ctx.load::<u8>(9) else {
-            return false;
-        };
-        // Later fragments carry no TCP header: fragment offset bits of bytes 6..8.
-        let Ok(frag) = ctx.load::<u16>(6) else {
-            return false;
-        };
-        if ip_proto != IPPROTO_TCP || u16::from_be(frag) & 0x1fff != 0 {
-            return false;
-        }
-        let (Ok(s), Ok(d)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else {
-            return false;
-        };
-        (
-            addr_from_v4(s),
-            addr_from_v4(d),
-            usize::from(vihl & 0x0f) * 4,
-        )
-    } else if proto == ETH_P_IPV6_BE {
-        // The TCP header right after the fixed header (extension headers are not walked).
-        let Ok(next) = ctx.load::<u8>(6) else {
-            return false;
-        };
-        if next != IPPROTO_TCP {
-            return false;
-        }
-        let (Ok(s), Ok(d)) = (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) else {
-            return false;
-        };
-        (s, d, 40)
-    } else {
+    let Some((src, dst, l4)) = ip_header(ctx) else {
         return false;
     };
     let (Ok(port_be), Ok(flags)) = (ctx.load::<u16>(l4 + 2), ctx.load::<u8>(l4 + 13)) else {

@@ -7,6 +7,7 @@
 
 pub mod cni;
 pub mod enroll;
+pub mod kernel_log;
 pub mod peer_auth;
 pub mod status;
 
@@ -74,6 +75,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         )
     })?;
     write_capture_settings(&mut maps, &cfg, &crate::proto::MeshSettings::default())?;
+    kernel_log::spawn(&pins);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Pods' namespaces are searched below the same cgroup folder the programs attach to: the
@@ -167,6 +169,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 let candidates = candidates_from_state(&st, &cfg.node);
                 let out = enroller.reconcile(&candidates, &mut maps);
+                kernel_log::set_pods(&candidates);
                 known = cni::Known::from_state(&st, &cfg.node, &candidates);
                 cni_front.recheck(&known, &mut enroller, &mut maps);
                 let pa = peer_auth::sync_kernel(
@@ -258,6 +261,7 @@ fn sync(
     }
     let candidates = enroll::Candidate::from_snapshot(&snap, enroller.node());
     let out = enroller.reconcile(&candidates, maps);
+    kernel_log::set_pods(&candidates);
     let pa = peer_auth::sync_kernel(
         &peer_auth::targets_from_snapshot(&snap, enroller.node()),
         maps,

@@ -59,6 +59,87 @@ pub struct LogLevelArgs {
     /// Print the admin API's JSON answer.
     #[arg(long)]
     json: bool,
+    /// Switch the kernel programs' decision logs instead (read from the pins under
+    /// --bpffs, written to the agent's log): FILTER is `off`, `all`, or enrolled pods
+    /// `namespace/name[,namespace/name...]`. Without FILTER: show what is logged.
+    #[arg(long)]
+    kernel: bool,
+    /// bpffs folder of the pins, with --kernel.
+    #[arg(long, default_value = defaults::BPFFS, requires = "kernel")]
+    bpffs: std::path::PathBuf,
+}
+
+/// `mesh-node log-level --kernel [off|all|NS/NAME,...]`: the pinned switch of the kernel
+/// programs' logs.
+pub fn kernel_log_level(a: &LogLevelArgs) -> Result<()> {
+    use crate::kernel::log::{KernelLog, LogSwitch, cookies_of};
+    let pins = crate::kernel::Pins::new(&a.bpffs);
+    let mut switch = LogSwitch::open(&pins)?;
+    let maps = crate::kernel::maps::ProxyMaps::open(&pins)?;
+    if let Some(f) = a.filter.as_deref().map(str::trim) {
+        let to = match f {
+            "off" => KernelLog::Off,
+            "all" => KernelLog::All,
+            pods => {
+                let names: Vec<String> = pods
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect();
+                if names.is_empty() || names.iter().any(|n| n.split('/').count() != 2) {
+                    anyhow::bail!(
+                        "--kernel {f:?}: expected `off`, `all` or `namespace/name[,...]`; \
+                         nothing changed"
+                    );
+                }
+                match cookies_of(&maps.enrolled, &names) {
+                    Ok(c) => KernelLog::Pods(c),
+                    Err(missing) => anyhow::bail!(
+                        "not enrolled on this node: {}; nothing changed",
+                        missing.join(", ")
+                    ),
+                }
+            }
+        };
+        switch.set(&to)?;
+    }
+    let now = switch.get()?;
+    let names = |cookies: &[u64]| -> Vec<String> {
+        cookies
+            .iter()
+            .map(|c| match maps.enrolled.get(c, 0) {
+                Ok(w) => format!(
+                    "{}/{}",
+                    mesh_common::name_str(&w.namespace),
+                    mesh_common::name_str(&w.name)
+                ),
+                Err(_) => format!("netns {c} (no longer enrolled)"),
+            })
+            .collect()
+    };
+    if a.json {
+        let pods = match &now {
+            KernelLog::Pods(c) => names(c),
+            _ => Vec::new(),
+        };
+        let mode = match &now {
+            KernelLog::Off => "off",
+            KernelLog::All => "all",
+            KernelLog::Pods(_) => "pods",
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"kernel": mode, "pods": pods}))?
+        );
+        return Ok(());
+    }
+    match now {
+        KernelLog::Off => println!("kernel decision logs: off"),
+        KernelLog::All => println!("kernel decision logs: every pod"),
+        KernelLog::Pods(c) => println!("kernel decision logs: {}", names(&c).join(", ")),
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -606,6 +687,9 @@ pub fn summary(c: &ConfigView, root_namespace: &str) -> String {
 
 /// `mesh-node log-level`: shows the proxy's log filter, or replaces it.
 pub async fn log_level(a: LogLevelArgs) -> Result<()> {
+    if a.kernel {
+        return kernel_log_level(&a);
+    }
     let path = match &a.filter {
         None => "/logging".to_string(),
         Some(f) => {

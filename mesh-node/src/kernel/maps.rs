@@ -36,6 +36,21 @@ fn open(pins: &Pins, name: &'static str) -> Result<Map, KernelError> {
     Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })
 }
 
+/// A pinned map of this node as its typed handle.
+pub(crate) fn open_typed<T>(pins: &Pins, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    open(pins, name)?
+        .try_into()
+        .map_err(|source| KernelError::Map { name, source })
+}
+
+/// Every key of a hash map (entries that vanish while iterating are skipped).
+pub(crate) fn read_map_keys<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>) -> Vec<K> {
+    m.keys().flatten().collect()
+}
+
 macro_rules! typed {
     ($pins:expr, $name:expr) => {
         open($pins, $name)?

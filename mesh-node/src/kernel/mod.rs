@@ -1,7 +1,7 @@
 //! The userspace side of the kernel programs: loading or adopting them (`load`), the pinned
 //! maps as typed handles (`maps`), network-namespace cookies (`netns`), and finding a pod's
 //! namespace from its UID through its cgroup (`podns`), the host's cgroup2 and bpffs mounts
-//! (`mounts`).
+//! (`mounts`), the programs' decision logs (`log`).
 //!
 //! Everything is pinned under `<bpffs>/sidenode/`: maps in `maps/`, program links in `links/`,
 //! and the `sk_msg` program (attached to its sockhash, not a cgroup) in `progs/`.
@@ -9,6 +9,7 @@
 
 pub mod inpod;
 pub mod load;
+pub mod log;
 pub mod maps;
 pub mod mounts;
 pub mod netns;
