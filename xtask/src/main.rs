@@ -77,6 +77,9 @@ enum Cmd {
         #[arg(long, default_value = "address")]
         sanitizer: String,
     },
+    /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
+    /// fails while the committed copy differs.
+    Docs,
 }
 
 fn main() -> Result<()> {
@@ -119,6 +122,12 @@ fn main() -> Result<()> {
             target,
             sanitizer,
         } => fuzz::run(seconds, target.as_deref(), &sanitizer),
+        Cmd::Docs => run_cmd(
+            Command::new(env!("CARGO"))
+                .current_dir(workspace_root())
+                .env("SIDENODE_UPDATE_DOCS", "1")
+                .args(["test", "-p", "mesh-node", "--lib", "cli::reference"]),
+        ),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod cni;
 pub mod config;
 pub mod maps;
+pub mod reference;
 pub mod state;
 pub mod table;
 
@@ -77,6 +78,11 @@ enum Cmd {
     /// Install or remove the CNI plugin in this node's CNI configuration (docs/cni.md).
     #[command(subcommand)]
     Cni(cni::CniCmd),
+    /// Print a shell completion script (`source <(mesh-node completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args)]
@@ -554,6 +560,10 @@ pub fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Cni(c) => cni::run(c),
+        Cmd::Completions { shell } => {
+            reference::completions(shell);
+            Ok(())
+        }
     }
 }
 
