@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 /// Why a request on the listener is not a tunnel this pod serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
-    /// Not a `CONNECT` (405).
+    /// Not a `CONNECT` (400, as ztunnel answers it).
     NotConnect,
     /// No authority, or one that is not `ip:port` (400).
     BadAuthority,
@@ -20,11 +20,10 @@ pub enum Rejected {
 }
 
 impl Rejected {
+    /// Every rejection is `400`, as ztunnel's inbound answers a non-`CONNECT`, an authority
+    /// that is not an address, and an address that is not the listener's pod.
     pub fn status(self) -> StatusCode {
-        match self {
-            Rejected::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
-            _ => StatusCode::BAD_REQUEST,
-        }
+        StatusCode::BAD_REQUEST
     }
 
     pub fn as_str(self) -> &'static str {
