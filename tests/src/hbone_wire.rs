@@ -558,7 +558,7 @@ async fn server_run(args: ServerArgs) -> Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    println!("listening {}", args.listen);
+    println!("serving");
     let client_id = Arc::new(args.client_id);
     loop {
         let (tcp, peer) = listener.accept().await?;

@@ -24,6 +24,9 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/plain/sa/sa-node1-pod3";
 /// The sidenode-meshed destination and its identity.
 const SERVER_POD: &str = "node2-pod1";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/mesh/sa/sa-node2-pod1";
+/// An unmeshed pod on node 2 where `testpod hbone-server` plays an ambient pod's ztunnel.
+const AMBIENT_SERVER_POD: &str = "node2-pod3";
+const AMBIENT_SERVER_ID: &str = "spiffe://cluster.local/ns/plain/sa/sa-node2-pod3";
 /// ztunnel writes the source connection's `ip:port` in `forwarded`; any port of the pod.
 const SOURCE_PORT: u16 = 40123;
 
@@ -170,6 +173,13 @@ fn certificates(c: &Cluster, dir: &Path) -> Result<()> {
         dir,
         "client",
         CLIENT_ID,
+        (&sd.join("ca-cert.pem"), &sd.join("ca-key.pem")),
+        &chain,
+    )?;
+    sign(
+        dir,
+        "server",
+        AMBIENT_SERVER_ID,
         (&sd.join("ca-cert.pem"), &sd.join("ca-key.pem")),
         &chain,
     )?;
@@ -416,9 +426,114 @@ fn a_wrong_server_identity_is_refused_by_the_client(e: &Env) -> Result<()> {
     Ok(())
 }
 
+/// The JSON lines `hbone-server` wrote so far.
+fn server_records(log: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("record {l:?}")))
+        .collect()
+}
+
+fn the_test_server_answers_as_ztunnels_inbound(e: &Env) -> Result<()> {
+    // The tool the sidenode -> ztunnel tests will use, checked against the client written
+    // from the same source: a server in node2-pod3's netns, echo on 8080 there.
+    let ip = pod_ip(2, 3);
+    let _echo = Server::start(&e.c, &testpod(), AMBIENT_SERVER_POD, &[8080])?;
+    let (cert, key, ca) = (
+        e.dir.join("server.pem"),
+        e.dir.join("server.key"),
+        e.c.controller_ca(),
+    );
+    let log = e.dir.join("hbone-server.jsonl");
+    let log_strict = e.dir.join("hbone-server-strict.jsonl");
+    let listen = format!("{ip}:15008");
+    let listen_strict = format!("{ip}:15009");
+    let base = |listen: &str, log: &Path| -> Vec<String> {
+        [
+            "hbone-server",
+            "--listen",
+            listen,
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--ca",
+            &ca.display().to_string(),
+            "--log",
+            &log.display().to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let args = base(&listen, &log);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _srv = HttpServer::spawn(&e.c, AMBIENT_SERVER_POD, &args)?;
+    let mut strict = base(&listen_strict, &log_strict);
+    strict.extend([
+        "--client-id".into(),
+        "spiffe://cluster.local/ns/plain/sa/other".into(),
+    ]);
+    let strict: Vec<&str> = strict.iter().map(String::as_str).collect();
+    let _strict = HttpServer::spawn(&e.c, AMBIENT_SERVER_POD, &strict)?;
+
+    let source = format!("{}:{SOURCE_PORT}", e.client_ip());
+    let client = |tunnel: &str, target: &str| {
+        e.hbone_client(
+            Some(CLIENT_POD),
+            ("client.pem", "client.key"),
+            &[
+                "--server-id",
+                AMBIENT_SERVER_ID,
+                "--tunnel",
+                tunnel,
+                "--target",
+                target,
+                "--source",
+                &source,
+            ],
+        )
+    };
+    let r = client(&listen, &format!("{ip}:8080"))?;
+    ensure!(
+        status(&r) == Some(200) && r["echo_ok"] == Value::Bool(true),
+        "{r}"
+    );
+    ensure!(status(&client(&listen, &format!("{ip}:9"))?) == Some(503));
+    ensure!(status(&client(&listen, &format!("{}:8080", pod_ip(2, 1)))?) == Some(400));
+    ensure!(status(&client(&listen_strict, &format!("{ip}:8080"))?) == Some(401));
+
+    let recs = server_records(&log)?;
+    let statuses: Vec<u64> = recs.iter().filter_map(|r| r["status"].as_u64()).collect();
+    ensure!(statuses == [200, 503, 400], "{recs:?}");
+    let first = &recs[0];
+    let peer: std::net::SocketAddr = first["peer"].as_str().unwrap_or_default().parse()?;
+    ensure!(
+        first["method"] == "CONNECT"
+            && first["authority"] == format!("{ip}:8080")
+            && first["client_ids"] == serde_json::json!([CLIENT_ID])
+            && peer.ip().to_string() == e.client_ip()
+            && first["headers"]["forwarded"] == serde_json::json!([format!("for=\"{source}\"")])
+            && first["headers"]["traceparent"][0]
+                .as_str()
+                .is_some_and(|t| t.len() == 55 && t.starts_with("00-") && t.ends_with("-00")),
+        "{first}"
+    );
+    let strict_recs = server_records(&log_strict)?;
+    ensure!(
+        strict_recs.len() == 1 && strict_recs[0]["status"] == 401,
+        "{strict_recs:?}"
+    );
+    Ok(())
+}
+
 type Step = fn(&Env) -> Result<()>;
 
 const STEPS: &[(&str, Step)] = &[
+    (
+        "the test server answers as ztunnel's inbound",
+        the_test_server_answers_as_ztunnels_inbound,
+    ),
     (
         "IPv4: tunnel echoes, the pod, log and metrics see the client pod",
         ipv4_tunnel_echoes_and_the_pod_sees_the_client,

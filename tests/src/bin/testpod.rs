@@ -34,7 +34,8 @@
 //!   opens it (`sidenode_tests::hbone_wire`), `P` echoed through a `serve` echo; one JSON line
 //!   (`status`, `alert_received`, `alert_sent`, `hello`, `echo_ok`, `sent` headers, `error`).
 //! - `hbone-server --listen IP:15008 --cert C --key K --ca CA [--client-id SPIFFE] --log FILE`:
-//!   an HBONE server answering as ztunnel's inbound; one JSON line per `CONNECT` in FILE.
+//!   an HBONE server answering as ztunnel's inbound (prints `serving` once listening); one JSON
+//!   line per `CONNECT` in FILE.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
