@@ -162,3 +162,67 @@ pub fn baggage(st: &crate::state::NodeState, namespace: &str, pod: &str, ip: IpA
         side.namespace, side.workload, side.canonical_service, side.canonical_revision
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::proto;
+    use crate::state::NodeState;
+
+    fn state() -> NodeState {
+        let wl = |name: &str, ip: &str, labels: &[(&str, &str)]| proto::Workload {
+            uid: format!("shop/{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            service_account: "sa".into(),
+            node: "node1".into(),
+            ips: vec![ip.into()],
+            meshed: true,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ready: true,
+            ..Default::default()
+        };
+        NodeState::default().apply(proto::StateUpdate {
+            version: 1,
+            snapshot: true,
+            trust_domain: "cluster.local".into(),
+            workloads: vec![
+                wl(
+                    "reviews-v2-7d9c8b6f5-x2k4q",
+                    "10.0.1.2",
+                    &[
+                        ("pod-template-hash", "7d9c8b6f5"),
+                        ("app", "reviews"),
+                        ("version", "v2"),
+                    ],
+                ),
+                wl("solo", "10.0.1.3", &[]),
+            ],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn baggage_has_ztunnels_keys_in_its_order() {
+        let st = state();
+        let ip = |s: &str| s.parse().expect("ip");
+        assert_eq!(
+            super::baggage(&st, "shop", "reviews-v2-7d9c8b6f5-x2k4q", ip("10.0.1.2")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.deployment.name=reviews-v2,service.name=reviews,service.version=v2"
+        );
+        assert_eq!(
+            super::baggage(&st, "shop", "solo", ip("10.0.1.3")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.pod.name=solo,service.name=solo,service.version=latest"
+        );
+        // A pod the state does not know yet: named by the kernel's record.
+        assert_eq!(
+            super::baggage(&st, "shop", "new-pod", ip("10.0.1.9")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.pod.name=new-pod,service.name=new-pod,service.version=latest"
+        );
+    }
+}
