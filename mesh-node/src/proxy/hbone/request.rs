@@ -209,4 +209,22 @@ mod forwarded_tests {
             assert_eq!(forwarded_for(h), want, "{h}");
         }
     }
+
+    /// ztunnel's `build_forwarded` outputs, verbatim from its own unit test
+    /// (`src/proxy/outbound.rs` @62d82653): IPv4 and IPv6 with the port, and the `host=` it adds
+    /// for a Service destination.
+    #[test]
+    fn ztunnels_exact_output() {
+        let ip = |s: &str| Some(s.parse().expect("ip"));
+        assert_eq!(forwarded_for(r#"for="127.0.0.1:80""#), ip("127.0.0.1"));
+        assert_eq!(forwarded_for(r#"for="[::1]:80""#), ip("::1"));
+        assert_eq!(
+            forwarded_for(r#"for="127.0.0.1:80";host=example.com"#),
+            ip("127.0.0.1")
+        );
+        assert_eq!(
+            forwarded_for(r#"for="[fd00:198:19:1::4]:40123";host=echo.mesh.svc.cluster.local"#),
+            ip("fd00:198:19:1::4")
+        );
+    }
 }
