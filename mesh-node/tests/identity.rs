@@ -143,7 +143,22 @@ async fn mutual_identities_are_proven_and_bad_certificates_refused() {
     // A server certificate from another CA is refused by the client.
     let fake_server = issue(&other, &b, None);
     let (c, _) = handshake(&fake_server, other.trust_bundle_pem(), &client, &roots, b).await;
-    assert!(c.is_err(), "an untrusted server must be refused");
+    let e = c.expect_err("an untrusted server must be refused");
+    // As the certificate error webpki found, which rustls turns into the alert the server
+    // gets, as ztunnel's client does (not a general error, sent as `handshake_failure`). Both
+    // test CAs are named "sidenode root CA": the issuer is found by name and its signature
+    // fails (`BadSignature`, alert `decrypt_error`); a CA of another name gives
+    // `UnknownIssuer` (`unknown_ca`), checked end to end in tests/tests/ztunnel_wire.rs.
+    let tls = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .expect("a rustls error");
+    assert_eq!(
+        tls,
+        &rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature),
+        "{e}"
+    );
+    assert_eq!(Refusal::of_tls(&e), Refusal::Untrusted, "{e}");
 }
 
 fn services(dir: &std::path::Path) -> Services {

@@ -3,6 +3,7 @@
 //! ([`workload`]), a real kube-apiserver for the Kubernetes tests ([`kube`]), and test
 //! certificates for the ingress gateway ([`tls`]).
 pub mod cluster;
+pub mod hbone_wire;
 pub mod kube;
 pub mod realnode;
 pub mod tls;

@@ -74,6 +74,55 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// A server certificate that chains to the trust bundle but is not the expected workload's.
+/// Sent to the peer as alert `certificate_unknown` (rustls' alert for
+/// `CertificateError::Other`), as ztunnel's client does on a SAN mismatch.
+#[derive(thiserror::Error)]
+enum ServerCertError {
+    #[error("wrong server identity: {got}, expected {expected}")]
+    WrongIdentity { got: String, expected: String },
+    #[error("server certificate names no SPIFFE identity: {0}")]
+    NoIdentity(String),
+}
+
+/// rustls shows an `OtherError` by its `Debug`: make that the message.
+impl std::fmt::Debug for ServerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl ServerCertError {
+    fn into_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(self),
+        )))
+    }
+}
+
+/// A chain verification failure as the `CertificateError` rustls turns into the right TLS
+/// alert: an unknown issuer → `unknown_ca` (what ztunnel sends and expects), expired →
+/// `certificate_expired`, a bad signature → `decrypt_error`, a wrong key usage →
+/// `unsupported_certificate`. (A `rustls::Error::General` would go out as
+/// `handshake_failure`.)
+pub fn cert_error(e: webpki::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    use webpki::Error as W;
+    let c = match e {
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => C::BadEncoding,
+        W::CertNotValidYet { time, not_before } => C::NotValidYetContext { time, not_before },
+        W::CertExpired { time, not_after } => C::ExpiredContext { time, not_after },
+        W::InvalidCertValidity => C::Expired,
+        W::UnknownIssuer => C::UnknownIssuer,
+        W::CertRevoked => C::Revoked,
+        W::UnknownRevocationStatus => C::UnknownRevocationStatus,
+        W::InvalidSignatureForPublicKey => C::BadSignature,
+        W::RequiredEkuNotFoundContext(_) => C::InvalidPurpose,
+        other => C::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(c)
+}
+
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
@@ -90,8 +139,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::General(format!("bad server certificate: {e}")))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
             &self.roots.roots,
@@ -101,14 +149,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
             None,
         )
-        .map_err(|e| rustls::Error::General(format!("untrusted server certificate: {e}")))?;
+        .map_err(cert_error)?;
         let got = peer_identity(end_entity)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+            .map_err(|e| ServerCertError::NoIdentity(e.to_string()).into_rustls())?;
         if got != self.expected {
-            return Err(rustls::Error::General(format!(
-                "wrong server identity: {got}, expected {}",
-                self.expected
-            )));
+            return Err(ServerCertError::WrongIdentity {
+                got: got.to_string(),
+                expected: self.expected.to_string(),
+            }
+            .into_rustls());
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -145,5 +194,32 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::AlertDescription as A;
+
+    fn alert(e: webpki::Error) -> A {
+        match super::cert_error(e) {
+            rustls::Error::InvalidCertificate(c) => A::from(c),
+            other => panic!("not a certificate error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chain_failures_go_out_as_the_alerts_ztunnel_sends() {
+        assert_eq!(alert(webpki::Error::UnknownIssuer), A::UnknownCA);
+        assert_eq!(
+            alert(webpki::Error::InvalidCertValidity),
+            A::CertificateExpired
+        );
+        assert_eq!(
+            alert(webpki::Error::InvalidSignatureForPublicKey),
+            A::DecryptError
+        );
+        assert_eq!(alert(webpki::Error::BadDer), A::BadCertificate);
+        assert_eq!(alert(webpki::Error::CertRevoked), A::CertificateRevoked);
     }
 }

@@ -1,5 +1,6 @@
-//! Inbound: an HBONE listener at `podIP:15008` inside each meshed local pod's network
-//! namespace (ztunnel's in-pod model). The listener knows its pod, so it presents that pod's
+//! Inbound: an HBONE listener at `podIP:15008` (each of the pod's addresses: IPv4 and, on a
+//! dual-stack pod, IPv6) inside each meshed local pod's network namespace (ztunnel's in-pod
+//! model). The listener knows its pod, so it presents that pod's
 //! certificate without SNI — wire-compatible with ztunnel — and a tunnel can only reach the
 //! pod it was addressed to. Listeners follow the state: added for new pods, closed for gone
 //! ones. A pod's namespace is found as the agent finds it: the `sidenode.io/netns` annotation
@@ -78,7 +79,7 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
     } = settings;
     let mut finder = cgroup_root.map(PodNetnsFinder::new);
     let mut rx = mesh.state.clone();
-    let mut open: HashMap<String, (Spec, JoinHandle<()>)> = HashMap::new();
+    let mut open: HashMap<String, (Spec, Vec<JoinHandle<()>>)> = HashMap::new();
     // Problems already logged, by pod (logged again when they change).
     let mut reported: HashMap<String, String> = HashMap::new();
     // Woken by a state change (not only by the retry timer), and the identities whose
@@ -123,10 +124,10 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
         }
         prefetched = local;
         let mut closed = Vec::new();
-        open.retain(|uid, (spec, task)| {
+        open.retain(|uid, (spec, tasks)| {
             let keep = want.get(uid).is_some_and(|(s, _)| s == spec);
             if !keep {
-                task.abort();
+                tasks.iter().for_each(JoinHandle::abort);
                 info!(pod = %uid, "HBONE listener closed");
                 closed.push(uid.clone());
             }
@@ -148,15 +149,33 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                     if let Err(e) = mesh.pods.open(&uid, &path).await {
                         warn!(pod = %uid, error = %e, "the pod will see the node's address as its clients'");
                     }
-                    info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
-                    let task = tokio::spawn(accept_loop(
-                        l,
-                        uid.clone(),
-                        spec.clone(),
-                        mesh.clone(),
-                        connect_timeout,
-                    ));
-                    open.insert(uid, (spec, task));
+                    let mut listeners = vec![(addr, l)];
+                    // The pod's other addresses (a dual-stack pod's IPv6): ztunnel dials a
+                    // tunnel to the destination address of the connection's own family.
+                    // Best effort: the first address alone still serves every tunnel
+                    // (sidenode's clients dial it).
+                    for ip in spec.ips.iter().filter(|ip| **ip != spec.ip) {
+                        let addr = SocketAddr::new(*ip, mesh_common::ports::HBONE);
+                        match bind_in_netns(Path::new(&path), addr).and_then(TcpListener::from_std)
+                        {
+                            Ok(l) => listeners.push((addr, l)),
+                            Err(e) => {
+                                warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE listener at this address of the pod")
+                            }
+                        }
+                    }
+                    let mut tasks = Vec::with_capacity(listeners.len());
+                    for (addr, l) in listeners {
+                        info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
+                        tasks.push(tokio::spawn(accept_loop(
+                            l,
+                            uid.clone(),
+                            spec.clone(),
+                            mesh.clone(),
+                            connect_timeout,
+                        )));
+                    }
+                    open.insert(uid, (spec, tasks));
                 }
                 Err(e) => {
                     problems.insert(

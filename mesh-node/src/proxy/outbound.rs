@@ -489,10 +489,11 @@ async fn open_upstream(
                     .first()
                     .and_then(|i| i.parse().ok())
                     .unwrap_or(dst.ip());
-                let baggage = format!(
-                    "k8s.namespace.name={},k8s.pod.name={}",
+                let baggage = super::hbone::baggage(
+                    st,
                     name_str(&w.namespace),
-                    name_str(&w.name)
+                    name_str(&w.name),
+                    c.peer.ip(),
                 );
                 if dw.node == mesh.node {
                     return local(c, mesh, dw, dst, src_id, dst_id, timeout).await;

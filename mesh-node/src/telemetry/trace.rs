@@ -74,6 +74,22 @@ pub struct Settings {
     pub sampling_percent: f64,
 }
 
+/// A fresh, unsampled W3C `traceparent` (`00-<trace id>-<parent id>-00`, random non-zero ids),
+/// for a `CONNECT` sent while tracing is off: ztunnel sends one on every `CONNECT` (a random
+/// one per connection, flags `00`), and a receiver may key its logs on it. Nothing is
+/// recorded or exported.
+pub fn unsampled_traceparent() -> HeaderValue {
+    let text = format!(
+        "00-{:032x}-{:016x}-00",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
+    );
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(UNSAMPLED_FALLBACK))
+}
+
+/// Never used in practice (the hex above is always a valid header value).
+const UNSAMPLED_FALLBACK: &str = "00-00000000000000000000000000000001-0000000000000001-00";
+
 /// Checks `--otlp-endpoint`: `http://HOST:PORT`, nothing after the port (plaintext gRPC; TLS
 /// to the collector is not supported).
 pub fn parse_endpoint(s: &str) -> Result<String, TraceError> {
@@ -468,28 +484,18 @@ pub fn outbound_connection(
 
 /// Destination side, one HBONE tunnel (`CONNECT authority`) to workload `pod` from a peer
 /// with `identity`: `inbound.tunnel`, child of the `CONNECT`'s `traceparent` when it has one.
-/// The client is the `forwarded: for=` address, else the peer's.
+/// `client` is the address the `forwarded: for=` element names (any RFC 7239 form, read by
+/// the caller), else the peer's.
 pub fn inbound_tunnel(
     connect_headers: &HeaderMap,
     authority: Option<&str>,
     pod: &str,
-    peer: IpAddr,
+    client: IpAddr,
     identity: &crate::identity::Identity,
 ) -> Span {
     let Some(t) = current() else {
         return Span::none();
     };
-    let client = connect_headers
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("for="))
-        .map(|v| {
-            v.trim_matches('"')
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-        })
-        .and_then(|v| v.parse::<IpAddr>().ok())
-        .unwrap_or(peer);
     let mut attrs = vec![
         KeyValue::new("network.transport", "tcp"),
         KeyValue::new("client.address", client.to_string()),
@@ -892,5 +898,24 @@ mod tests {
         for bad in ["-1", "101", "x", "NaN"] {
             assert!(parse_sampling(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn unsampled_traceparent_has_ztunnels_form() {
+        let a = super::unsampled_traceparent();
+        let b = super::unsampled_traceparent();
+        let t = a.to_str().expect("ascii");
+        assert_eq!(t.len(), 55, "{t}");
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4, "{t}");
+        assert_eq!((parts[0], parts[3]), ("00", "00"), "{t}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{t}");
+        assert!(
+            parts[1]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(parts[1], "0".repeat(32));
+        assert_ne!(a, b);
     }
 }

@@ -29,6 +29,13 @@
 //!   [--path P]`: N requests on one keep-alive connection; one JSON line with histograms of
 //!   statuses, bodies, peers and `x-testpod-traceparent` values (`traceparents`, only when
 //!   some answer had one), and latencies (ms).
+//! - `hbone-client --cert C --key K --ca CA --server-id SPIFFE --tunnel IP:15008 --target
+//!   IP:PORT --source IP:PORT [--payload P] [--method M]`: one HBONE tunnel as Istio ztunnel
+//!   opens it (`sidenode_tests::hbone_wire`), `P` echoed through a `serve` echo; one JSON line
+//!   (`status`, `alert_received`, `alert_sent`, `hello`, `echo_ok`, `sent` headers, `error`).
+//! - `hbone-server --listen IP:15008 --cert C --key K --ca CA [--client-id SPIFFE] --log FILE`:
+//!   an HBONE server answering as ztunnel's inbound (prints `serving` once listening); one JSON
+//!   line per `CONNECT` in FILE.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -155,12 +162,104 @@ enum Cmd {
         #[arg(long)]
         samples: bool,
     },
+    /// An HBONE client as Istio ztunnel sends (tests/src/hbone_wire.rs): mutual TLS to
+    /// `--tunnel`, `CONNECT --target` with ztunnel's headers, then `--payload` through the
+    /// tunnel to a `serve` echo. Prints one JSON line: status, TLS alert, echo.
+    HboneClient {
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// SPIFFE id the server must present.
+        #[arg(long)]
+        server_id: String,
+        /// `podIP:15008`.
+        #[arg(long)]
+        tunnel: SocketAddr,
+        /// The destination `ip:port` (`:authority`).
+        #[arg(long)]
+        target: SocketAddr,
+        /// `ip:port` written in `forwarded: for="…"`.
+        #[arg(long)]
+        source: SocketAddr,
+        #[arg(
+            long,
+            default_value = "k8s.cluster.name=Kubernetes,k8s.namespace.name=ambient,k8s.deployment.name=client,service.name=client,service.version=v1"
+        )]
+        baggage: String,
+        #[arg(long, default_value = "ztunnel-wire payload")]
+        payload: String,
+        #[arg(long, default_value = "CONNECT")]
+        method: String,
+    },
+    /// An HBONE server as Istio ztunnel's inbound answers (tests/src/hbone_wire.rs): mutual TLS
+    /// on `--listen` (run it in a pod's netns), `CONNECT` to the `:authority` (`503` when
+    /// unreachable, `400` for another address than the one reached, `401` when the client is
+    /// not `--client-id`); one JSON line per `CONNECT` appended to `--log`.
+    HboneServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        #[arg(long)]
+        client_id: Option<String>,
+        #[arg(long)]
+        log: std::path::PathBuf,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Serve { ports } => serve(&ports),
+        Cmd::HboneClient {
+            cert,
+            key,
+            ca,
+            server_id,
+            tunnel,
+            target,
+            source,
+            baggage,
+            payload,
+            method,
+        } => sidenode_tests::hbone_wire::client(sidenode_tests::hbone_wire::ClientArgs {
+            cert,
+            key,
+            ca,
+            server_id,
+            tunnel,
+            target,
+            source,
+            baggage,
+            payload,
+            method,
+        })
+        .and_then(|r| {
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
+        Cmd::HboneServer {
+            listen,
+            cert,
+            key,
+            ca,
+            client_id,
+            log,
+        } => sidenode_tests::hbone_wire::server(sidenode_tests::hbone_wire::ServerArgs {
+            listen,
+            cert,
+            key,
+            ca,
+            client_id,
+            log,
+        }),
         Cmd::Dial {
             to,
             conns,

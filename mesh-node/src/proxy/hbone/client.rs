@@ -96,15 +96,18 @@ pub async fn open(
         }
     };
     let mut sender = sender.h2.ready().await?;
-    let mut connect = Request::builder()
+    // The headers ztunnel sends, in its order: `baggage`, `forwarded`, `traceparent` (always:
+    // an unsampled one of our own when the connection is not traced).
+    let traceparent = req
+        .traceparent
+        .unwrap_or_else(crate::telemetry::trace::unsampled_traceparent);
+    let connect = Request::builder()
         .method(Method::CONNECT)
         .uri(req.target.to_string())
+        .header("baggage", req.baggage)
         .header("forwarded", format!("for={}", forwarded_for(req.client_ip)))
-        .header("baggage", req.baggage);
-    if let Some(tp) = req.traceparent {
-        connect = connect.header(crate::telemetry::trace::TRACEPARENT, tp);
-    }
-    let connect = connect.body(())?;
+        .header(crate::telemetry::trace::TRACEPARENT, traceparent)
+        .body(())?;
     let (resp, send) = sender.send_request(connect, false)?;
     let resp = resp.await?;
     if resp.status() != StatusCode::OK {

@@ -1,11 +1,14 @@
 //! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams over mutual TLS 1.3, following
-//! Istio ztunnel's wire conventions so the two can interoperate:
+//! Istio ztunnel's wire conventions so the two can interoperate (the side-by-side table with
+//! ztunnel's source is in docs/architecture.md, "HBONE on the wire"):
 //!
 //! - the tunnel goes to the destination pod's address, port 15008; `:authority` is the
-//!   destination `ip:port`;
-//! - request headers `forwarded: for=<client ip>` and `baggage` (workload metadata);
-//! - answers: `200` tunnel open, `400` malformed request or a destination this listener does
-//!   not serve, `401` refused by policy, `503` the pod could not be reached.
+//!   destination `ip:port` (IPv6 in brackets); TLS 1.3 only, ALPN `h2`, no SNI;
+//! - request headers `baggage` (ztunnel's keys, [`baggage`]), `forwarded: for=<client ip>` and
+//!   `traceparent` (always; an unsampled one when tracing is off);
+//! - answers: `200` tunnel open, `400` not a `CONNECT`, a malformed authority or a destination
+//!   this listener does not serve, `401` refused by policy, `429` over a `RateLimitPolicy`
+//!   (sidenode only; ztunnel has no such limit), `503` the pod could not be reached.
 //!
 //! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
 //! identity), `client` (open a tunnel), `server` (accept tunnels for one pod), `stream` (a
@@ -17,6 +20,8 @@ pub mod request;
 pub mod server;
 pub mod stream;
 
+use std::net::IpAddr;
+
 /// HTTP/2 flow-control windows sized for throughput (the defaults, 64 KiB, cap a stream at a
 /// few hundred Mbit/s on a millisecond of latency).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -25,16 +30,21 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// h2 then hands on (and cannot reuse): at 256 KiB each frame took a fresh, page-faulted
 /// allocation (90 % of the destination proxy's page faults under a bulk flow); at 64 KiB the
 /// buffers come from the allocator's free lists, and a frame is still one socket write.
+/// ztunnel advertises 1 MiB; the two need not agree (each side sends frames no larger than
+/// the peer's setting), so this stays ours, chosen for performance.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Bytes h2 queues per stream before the sender must wait (hyper's client default, 1 MiB).
 pub const MAX_SEND_BUF: usize = 1024 * 1024;
-/// Largest header block accepted (hyper's default, 16 KiB): a bigger one is refused.
+/// Largest header block accepted (hyper's default, 16 KiB; ztunnel's client also 16 KiB, its
+/// server 64 KiB): a bigger one is refused. ztunnel's `CONNECT` headers are a few hundred
+/// bytes.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Bytes read from an HBONE connection's socket at once, below TLS. rustls asks for at most
 /// 4 KiB more than it holds (a 16 KiB record takes several reads); a buffer under it turns
 /// those into one `read` per this many bytes.
 pub const TLS_READ_BUF: usize = 64 * 1024;
-/// Streams one HTTP/2 connection carries at once.
+/// Streams one HTTP/2 connection carries at once (ztunnel's server allows 200, its client
+/// opens at most 100 per connection, as ours does).
 pub const MAX_STREAMS: u32 = 100;
 /// Pooled client connections ping their peer this often and give up on it after
 /// `KEEPALIVE_TIMEOUT` without an answer.
@@ -120,3 +130,99 @@ impl Refusal {
 }
 
 pub use crate::telemetry::metrics::count_refusal;
+
+/// The `baggage` value of a `CONNECT` from source pod `namespace/pod` at `ip`, with ztunnel's
+/// keys in ztunnel's order (`src/baggage.rs`): `k8s.cluster.name`, `k8s.namespace.name`,
+/// `k8s.<workload type>.name`, `service.name`, `service.version`. The workload is the
+/// Deployment (`deployment`, from the pod's `pod-template-hash`) or else the pod itself
+/// (`pod`); service name and version are the canonical ones Istio's telemetry uses. A pod the
+/// state does not know yet is named by its pod name.
+pub fn baggage(st: &crate::state::NodeState, namespace: &str, pod: &str, ip: IpAddr) -> String {
+    use crate::telemetry::istio::{CLUSTER, Side};
+    let found = st
+        .workload_by_ip(ip)
+        .filter(|w| w.namespace == namespace && w.name == pod);
+    let (side, kind) = match found {
+        Some(w) => {
+            let kind = if w
+                .labels
+                .get("pod-template-hash")
+                .is_some_and(|h| !h.is_empty())
+            {
+                "deployment"
+            } else {
+                "pod"
+            };
+            (Side::of(w, None), kind)
+        }
+        None => (Side::named(namespace, pod), "pod"),
+    };
+    format!(
+        "k8s.cluster.name={CLUSTER},k8s.namespace.name={},k8s.{kind}.name={},service.name={},service.version={}",
+        side.namespace, side.workload, side.canonical_service, side.canonical_revision
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::proto;
+    use crate::state::NodeState;
+
+    fn state() -> NodeState {
+        let wl = |name: &str, ip: &str, labels: &[(&str, &str)]| proto::Workload {
+            uid: format!("shop/{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            service_account: "sa".into(),
+            node: "node1".into(),
+            ips: vec![ip.into()],
+            meshed: true,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ready: true,
+            ..Default::default()
+        };
+        NodeState::default().apply(proto::StateUpdate {
+            version: 1,
+            snapshot: true,
+            trust_domain: "cluster.local".into(),
+            workloads: vec![
+                wl(
+                    "reviews-v2-7d9c8b6f5-x2k4q",
+                    "10.0.1.2",
+                    &[
+                        ("pod-template-hash", "7d9c8b6f5"),
+                        ("app", "reviews"),
+                        ("version", "v2"),
+                    ],
+                ),
+                wl("solo", "10.0.1.3", &[]),
+            ],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn baggage_has_ztunnels_keys_in_its_order() {
+        let st = state();
+        let ip = |s: &str| s.parse().expect("ip");
+        assert_eq!(
+            super::baggage(&st, "shop", "reviews-v2-7d9c8b6f5-x2k4q", ip("10.0.1.2")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.deployment.name=reviews-v2,service.name=reviews,service.version=v2"
+        );
+        assert_eq!(
+            super::baggage(&st, "shop", "solo", ip("10.0.1.3")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.pod.name=solo,service.name=solo,service.version=latest"
+        );
+        // A pod the state does not know yet: named by the kernel's record.
+        assert_eq!(
+            super::baggage(&st, "shop", "new-pod", ip("10.0.1.9")),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+             k8s.pod.name=new-pod,service.name=new-pod,service.version=latest"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 /// Why a request on the listener is not a tunnel this pod serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
-    /// Not a `CONNECT` (405).
+    /// Not a `CONNECT` (400, as ztunnel answers it).
     NotConnect,
     /// No authority, or one that is not `ip:port` (400).
     BadAuthority,
@@ -20,11 +20,10 @@ pub enum Rejected {
 }
 
 impl Rejected {
+    /// Every rejection is `400`, as ztunnel's inbound answers a non-`CONNECT`, an authority
+    /// that is not an address, and an address that is not the listener's pod.
     pub fn status(self) -> StatusCode {
-        match self {
-            Rejected::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
-            _ => StatusCode::BAD_REQUEST,
-        }
+        StatusCode::BAD_REQUEST
     }
 
     pub fn as_str(self) -> &'static str {
@@ -209,5 +208,23 @@ mod forwarded_tests {
         ] {
             assert_eq!(forwarded_for(h), want, "{h}");
         }
+    }
+
+    /// ztunnel's `build_forwarded` outputs, verbatim from its own unit test
+    /// (`src/proxy/outbound.rs` @62d82653): IPv4 and IPv6 with the port, and the `host=` it adds
+    /// for a Service destination.
+    #[test]
+    fn ztunnels_exact_output() {
+        let ip = |s: &str| Some(s.parse().expect("ip"));
+        assert_eq!(forwarded_for(r#"for="127.0.0.1:80""#), ip("127.0.0.1"));
+        assert_eq!(forwarded_for(r#"for="[::1]:80""#), ip("::1"));
+        assert_eq!(
+            forwarded_for(r#"for="127.0.0.1:80";host=example.com"#),
+            ip("127.0.0.1")
+        );
+        assert_eq!(
+            forwarded_for(r#"for="[fd00:198:19:1::4]:40123";host=echo.mesh.svc.cluster.local"#),
+            ip("fd00:198:19:1::4")
+        );
     }
 }

@@ -76,11 +76,17 @@ where
         tokio::spawn(async move {
             // The tunnel's `inbound.tunnel` trace span (child of the CONNECT's `traceparent`),
             // open until the tunnel closes.
+            let client = req
+                .headers()
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok())
+                .and_then(request::forwarded_for)
+                .unwrap_or(conn.peer.ip());
             let trace = crate::telemetry::trace::inbound_tunnel(
                 req.headers(),
                 req.uri().authority().map(|a| a.as_str()),
                 &conn.pod,
-                conn.peer.ip(),
+                client,
                 &conn.peer_identity,
             );
             handle(req, respond, conn, trace).await;

@@ -1031,10 +1031,11 @@ async fn attempt_once(
                     tunnel_addr: SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE),
                     client_ip: conn.peer.ip(),
                     src_netns: conn.mesh.tunnel_source(st, w),
-                    baggage: format!(
-                        "k8s.namespace.name={},k8s.pod.name={}",
+                    baggage: crate::proxy::hbone::baggage(
+                        st,
                         name_str(&w.namespace),
-                        name_str(&w.name)
+                        name_str(&w.name),
+                        conn.peer.ip(),
                     ),
                 }
             }
