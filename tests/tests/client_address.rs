@@ -143,10 +143,14 @@ fn meshed_pods_see_their_clients_address() -> Result<()> {
 
     // The tunnel itself came from the client pod's address (dialled inside its namespace),
     // not from node 1's: the destination's listener has it as the TCP peer.
+    // (The IPv6 connection went through the pod's IPv6 listener, from the client's IPv6.)
     let peers = tunnel_peers(&c, REMOTE)?;
+    let seen: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
     ensure!(
-        !peers.is_empty() && peers.iter().all(|p| p.to_string() == client4),
-        "tunnels to {REMOTE} came from {peers:?}, not from the client pod {client4}"
+        seen.contains(&client4)
+            && seen.contains(&client6)
+            && seen.iter().all(|p| *p == client4 || *p == client6),
+        "tunnels to {REMOTE} came from {peers:?}, not from the client pod {client4} / {client6}"
     );
 
     // The proxy's logs still name the original client address and the tunnel.

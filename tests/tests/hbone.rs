@@ -783,9 +783,11 @@ fn unmeshed_destination_goes_direct() -> Result<()> {
 fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
     let _turn = serial();
     let (c, _srv) = mesh_with_server(None)?;
-    // node2-pod1's second address: the tunnel still goes to its first address's listener and
-    // the CONNECT names the IPv6 destination.
-    let target = format!("[{}]:8080", sidenode_tests::cluster::pod_ip6(2, 1));
+    // node2-pod1's second address: the tunnel goes to the pod's listener of that family (as
+    // ztunnel's does: it refuses a CONNECT naming an address of the other family), and the
+    // CONNECT names the IPv6 destination.
+    let pod6 = sidenode_tests::cluster::pod_ip6(2, 1);
+    let target = format!("[{pod6}]:8080");
     let r = dial_one(&c, CLIENT_POD, &target)?;
     ensure!(r.echo_ok, "{r:?}");
     ensure!(r.server_local.as_deref() == Some(target.as_str()), "{r:?}");
@@ -796,7 +798,7 @@ fn ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel() -> Result<()> {
         0,
         &[
             &format!("dst.addr={target}"),
-            &format!("dst.hbone_addr={HBONE_ADDR} "),
+            &format!("dst.hbone_addr=[{pod6}]:15008 "),
             "transport=\"hbone\"",
         ],
     )?;

@@ -483,12 +483,8 @@ async fn open_upstream(
                     name_str(&w.service_account),
                 );
                 let dst_id = st.identity_of(dw);
-                // The pod's HBONE listener is on its first address; the CONNECT may name any.
-                let tunnel_ip = dw
-                    .ips
-                    .first()
-                    .and_then(|i| i.parse().ok())
-                    .unwrap_or(dst.ip());
+                // The pod's address of the connection's family (ztunnel's choice).
+                let tunnel_ip = super::hbone::tunnel_ip(&dw.ips, dst.ip());
                 let baggage = super::hbone::baggage(
                     st,
                     name_str(&w.namespace),
@@ -603,7 +599,7 @@ async fn tunnel(
         dst_identity: dst_id.clone(),
         tunnel_addr,
         target: dst,
-        client_ip: c.peer.ip(),
+        client: c.peer,
         src_netns,
         baggage,
         traceparent: c.trace.traceparent(),

@@ -52,7 +52,9 @@ pub struct TunnelRequest<'a> {
     pub tunnel_addr: SocketAddr,
     /// The original destination (`:authority`).
     pub target: SocketAddr,
-    pub client_ip: IpAddr,
+    /// The client's address, sent as `forwarded: for=` (port 0: not known, e.g. a pooled
+    /// HTTP connection that carries several clients' requests; then only the address).
+    pub client: SocketAddr,
     /// The source pod's namespace: the tunnel's connection leaves from there, from the pod's
     /// address (ztunnel's in-pod mode); `None`: from the proxy's own.
     pub src_netns: Option<PodNetns>,
@@ -105,7 +107,7 @@ pub async fn open(
         .method(Method::CONNECT)
         .uri(req.target.to_string())
         .header("baggage", req.baggage)
-        .header("forwarded", format!("for={}", forwarded_for(req.client_ip)))
+        .header("forwarded", format!("for={}", forwarded_for(req.client)))
         .header(crate::telemetry::trace::TRACEPARENT, traceparent)
         .body(())?;
     let (resp, send) = sender.send_request(connect, false)?;
@@ -116,11 +118,13 @@ pub async fn open(
     Ok(H2Stream::new(send, resp.into_body()))
 }
 
-/// RFC 7239 `for=` value (IPv6 quoted and bracketed).
-fn forwarded_for(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// RFC 7239 `for=` value as ztunnel writes it: `"ip:port"`, IPv6 `"[v6]:port"` (quoted, as
+/// a port requires); without a port a bare IPv4 address or a quoted bracketed IPv6 one.
+fn forwarded_for(client: SocketAddr) -> String {
+    match (client.ip(), client.port()) {
+        (IpAddr::V4(v4), 0) => v4.to_string(),
+        (IpAddr::V6(v6), 0) => format!("\"[{v6}]\""),
+        (_, _) => format!("\"{client}\""),
     }
 }
 
@@ -181,6 +185,29 @@ async fn keepalive(ping: Option<h2::PingPong>) -> &'static str {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return "keep-alive ping failed",
             Err(_) => return "keep-alive ping timed out",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_for;
+
+    /// As ztunnel's client writes `for=`, and as our server's RFC 7239 reader reads it back.
+    #[test]
+    fn forwarded_for_as_ztunnel_writes_it() {
+        let cases = [
+            ("198.19.1.2:40123", "\"198.19.1.2:40123\""),
+            ("[fd00::2]:40123", "\"[fd00::2]:40123\""),
+            ("198.19.1.2:0", "198.19.1.2"),
+            ("[fd00::2]:0", "\"[fd00::2]\""),
+        ];
+        for (addr, want) in cases {
+            let a: std::net::SocketAddr = addr.parse().expect("test address");
+            let v = forwarded_for(a);
+            assert_eq!(v, want);
+            let back = crate::proxy::hbone::request::forwarded_for(&format!("for={v}"));
+            assert_eq!(back, Some(a.ip()), "{v}");
         }
     }
 }

@@ -131,6 +131,22 @@ impl Refusal {
 
 pub use crate::telemetry::metrics::count_refusal;
 
+/// The destination pod's HBONE address for a connection to `target` (one of its addresses):
+/// `target`'s own IP, as ztunnel tunnels to the pod address of the connection's family (its
+/// listener refuses a CONNECT naming an address of the other family with `400`); else the
+/// pod's first address of that family, else its first.
+pub fn tunnel_ip(pod_ips: &[String], target: IpAddr) -> IpAddr {
+    let ips: Vec<IpAddr> = pod_ips.iter().filter_map(|i| i.parse().ok()).collect();
+    if ips.contains(&target) {
+        return target;
+    }
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == target.is_ipv4())
+        .or(ips.first())
+        .copied()
+        .unwrap_or(target)
+}
+
 /// The `baggage` value of a `CONNECT` from source pod `namespace/pod` at `ip`, with ztunnel's
 /// keys in ztunnel's order (`src/baggage.rs`): `k8s.cluster.name`, `k8s.namespace.name`,
 /// `k8s.<workload type>.name`, `service.name`, `service.version`. The workload is the

@@ -1007,11 +1007,8 @@ async fn attempt_once(
                     "no source identity",
                 )));
             };
-            let tunnel_ip = dw
-                .ips
-                .first()
-                .and_then(|i| i.parse().ok())
-                .unwrap_or(ep.ip());
+            // The pod's address of the connection's family (ztunnel's choice).
+            let tunnel_ip = crate::proxy::hbone::tunnel_ip(&dw.ips, ep.ip());
             let src_id = Identity::new(
                 &st.trust_domain,
                 name_str(&w.namespace),

@@ -458,7 +458,9 @@ async fn dial(
                 dst_identity: dst_id.clone(),
                 tunnel_addr: *tunnel_addr,
                 target: endpoint,
-                client_ip: *client_ip,
+                // A pooled connection carries this client's requests from several of its
+                // connections: the address, not a port.
+                client: SocketAddr::new(*client_ip, 0),
                 src_netns: src_netns.clone(),
                 baggage: baggage.clone(),
                 // A pooled connection outlives the request that opened it: no trace context.
