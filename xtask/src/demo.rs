@@ -100,7 +100,7 @@ fn steps(c: &Cluster, mesh_node: &Path, testpod: &Path) -> Result<()> {
     println!("  echo: {}", s.echo("hello through the mesh")?);
     println!("  server said: {}", s.hello);
     println!(
-        "  The server saw peer={} — node2's proxy (198.18.0.2), not the pod: node1's proxy captured the\n  connection and carried it to node2 in an HBONE tunnel (HTTP/2 CONNECT over mutual TLS 1.3).",
+        "  The server saw peer={} — the client pod's address, with a port of node2's proxy: node1's proxy\n  captured the connection and carried it to node2 in an HBONE tunnel (HTTP/2 CONNECT over mutual\n  TLS 1.3), and node2's proxy connected to the pod from inside its namespace with the client's\n  address (as ztunnel does). The logs below show the tunnel.",
         s.server_peer
     );
     s.close()?;
@@ -123,7 +123,7 @@ fn steps(c: &Cluster, mesh_node: &Path, testpod: &Path) -> Result<()> {
     println!("  echo: {}", s.echo("hello, directly")?);
     println!("  server said: {}", s.hello);
     println!(
-        "  The server saw peer={} — the pod's own address: the connection went straight, untouched.",
+        "  The server saw peer={} — the pod's own address and port: the connection went straight,\n  untouched (no proxy log line for it).",
         s.server_peer
     );
     s.close()?;
