@@ -41,8 +41,21 @@ pub const LOG: &str = "SN_LOG";
 /// With [`LOG_F_SOME`]: the pods whose decisions are logged, netns cookie (`u64`) → `u8` (1).
 pub const LOG_PODS: &str = "SN_LOG_PODS";
 
+/// What is installed (array, read and written by the agent only): [`META_LAYOUT`] → the map
+/// layout version ([`LAYOUT_VERSION`]), [`META_OBJECT`] → an id of the program object. An
+/// agent whose object differs replaces the programs in place; one whose layout differs
+/// refuses to touch the pins.
+pub const META: &str = "SN_META";
+pub const META_LAYOUT: u32 = 0;
+pub const META_OBJECT: u32 = 1;
+pub const META_MAX: u32 = 4;
+/// The version of every map's key/value layout above. Bump it with any change to a layout
+/// (field order, meaning, size): an agent refuses pins of another version rather than
+/// misreading them. (Pins from before the version existed count as 1.)
+pub const LAYOUT_VERSION: u64 = 1;
+
 /// Every map the object defines, for checks and for the CLI.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     ENROLLED,
     PENDING,
     ORIG_DST,
@@ -55,6 +68,7 @@ pub const ALL_MAPS: [&str; 12] = [
     SPLICE_STATE,
     LOG,
     LOG_PODS,
+    META,
 ];
 
 pub const ENROLLED_MAX: u32 = 16_384;

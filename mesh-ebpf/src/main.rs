@@ -42,7 +42,7 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 use mesh_common::ports::{is_proxy_mark, orig_src_mark};
 use mesh_common::{
     Addr, CONFIG_F_SPLICE, ENROLLED_MAX, EXCL_CIDRS_MAX, EXCL_PORTS_MAX, FAMILY_V4, FAMILY_V6,
-    LOG_F_ALL, LOG_F_SOME, LOG_PODS_MAX, MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX,
+    LOG_F_ALL, LOG_F_SOME, LOG_PODS_MAX, META_MAX, MTLS_STRICT, ORIG_DST_MAX, OrigDst, PENDING_MAX,
     ProxyConfig, SPLICE_F_LEG, SPLICE_F_ORIG, SPLICE_F_PLAIN, SPLICE_MAX, SPLICE_STATE_MAX,
     STATS_MAX, STRICT_MAX, SockKey, SpliceKey, Stat, StrictKey, V4_MAPPED_WORD, Workload,
     addr_from_v4,
@@ -89,6 +89,10 @@ static SN_LOG: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "SN_LOG_PODS")]
 static SN_LOG_PODS: HashMap<u64, u8> = HashMap::pinned(LOG_PODS_MAX, 0);
+
+/// What is installed (layout version, object id): written and read by the agent only.
+#[map(name = "SN_META")]
+static SN_META: Array<u64> = Array::pinned(META_MAX, 0);
 
 /// Are the decisions about the pod of network namespace `netns` logged? Off (the default),
 /// one array word is tested.

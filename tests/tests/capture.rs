@@ -111,6 +111,160 @@ fn agent_sigkill_keeps_traffic_and_restart_adopts_state() -> Result<()> {
     Ok(())
 }
 
+/// The program id behind a node's pinned link (`bpftool link show pinned`).
+fn linked_program(c: &sidenode_tests::cluster::Cluster, node: &str, prog: &str) -> Result<u64> {
+    let path = c.node_bpffs(node).join("sidenode/links").join(prog);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&path)
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool link show {}: {out:?}",
+        path.display()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["prog_id"]
+        .as_u64()
+        .with_context(|| format!("no prog_id in {v}"))
+}
+
+#[test]
+fn agent_with_another_object_replaces_the_programs_in_place_without_a_gap() -> Result<()> {
+    let _turn = serial();
+    let mut c = cluster(2)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    let mut s = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
+    ensure!(
+        ip_of(&s.server_peer) == "198.18.0.1",
+        "session not captured: {}",
+        s.hello
+    );
+    let progs = ["sn_connect4", "sn_connect6", "sn_sockops", "sn_strict_in"];
+    let before: Vec<u64> = progs
+        .iter()
+        .map(|p| linked_program(&c, "node1", p))
+        .collect::<Result<_>>()?;
+
+    // Connections attempted all along, while the agent is replaced by one whose object
+    // counts as another build: every one is captured and served.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let offset = c.log_len("node1", "agent");
+    // A second handle on the same cluster for the dialing thread (this one restarts).
+    let view = sidenode_tests::cluster::Cluster::load(&c.opts.prefix)?;
+    let (attempted, failed) = std::thread::scope(|sc| -> Result<(usize, Vec<String>)> {
+        let dialer = sc.spawn(|| {
+            let (mut n, mut bad) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 20 {
+                n += 1;
+                match dial_one(&view, "node1-pod1", TARGET) {
+                    Ok(r)
+                        if r.echo_ok
+                            && r.server_peer.as_deref().map(ip_of) == Some("198.18.0.1") => {}
+                    Ok(r) => bad.push(format!("{r:?}")),
+                    Err(e) => bad.push(format!("{e:#}")),
+                }
+            }
+            (n, bad)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut restart = || -> Result<()> {
+            c.kill_process("node1", "agent", libc::SIGTERM)?;
+            c.opts.agent_args = vec!["--ebpf-build-id".into(), "2".into()];
+            c.restart_process("node1", "agent")
+        };
+        let restarted = restart();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = dialer
+            .join()
+            .map_err(|_| anyhow::anyhow!("dialer panicked"))?;
+        restarted?;
+        Ok(result)
+    })?;
+    ensure!(
+        failed.is_empty(),
+        "{} of {attempted} connections failed across the in-place upgrade: {failed:?}",
+        failed.len()
+    );
+    wait_log_all(
+        &c,
+        "node1",
+        "agent",
+        offset,
+        &["replaced the pinned programs in place"],
+        Duration::from_secs(5),
+    )?;
+    let after: Vec<u64> = progs
+        .iter()
+        .map(|p| linked_program(&c, "node1", p))
+        .collect::<Result<_>>()?;
+    for ((p, b), a) in progs.iter().zip(&before).zip(&after) {
+        ensure!(b != a, "{p}: still program {b} after the in-place upgrade");
+    }
+    // The established connection is untouched, and the maps were kept.
+    ensure!(
+        s.echo("after upgrade")? == "after upgrade",
+        "echo after upgrade"
+    );
+    s.close()?;
+    expect_captured(&c, "node1-pod1", TARGET, true).context("after the upgrade")?;
+
+    // The same object again: adopted, nothing replaced.
+    let offset = c.log_len("node1", "agent");
+    c.restart_process("node1", "agent")?;
+    wait_log_all(
+        &c,
+        "node1",
+        "agent",
+        offset,
+        &["adopting pinned programs and maps"],
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        linked_program(&c, "node1", "sn_connect4")? == after[0],
+        "the same object replaced the programs again"
+    );
+    eprintln!(
+        "{attempted} connections across the upgrade, none failed; programs {before:?} -> {after:?}"
+    );
+
+    // Pins recorded with another map layout version: a newer object refuses to run over them,
+    // saying why, and the installed programs go on capturing.
+    let meta = c.node_bpffs("node1").join("sidenode/maps/SN_META");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&meta)
+        .args([
+            "key", "0", "0", "0", "0", "value", "99", "0", "0", "0", "0", "0", "0", "0",
+        ])
+        .output()?;
+    ensure!(out.status.success(), "bpftool map update: {out:?}");
+    c.kill_process("node1", "agent", libc::SIGTERM)?;
+    c.opts.agent_args = vec!["--ebpf-build-id".into(), "3".into()];
+    let offset = c.log_len("node1", "agent");
+    c.start_process("node1", "agent")?;
+    wait_log_all(
+        &c,
+        "node1",
+        "agent",
+        offset,
+        &[
+            "the pinned maps have layout version 99, this agent's programs need 1",
+            "map layout changed",
+        ],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        linked_program(&c, "node1", "sn_connect4")? == after[0],
+        "programs replaced over pins of another layout"
+    );
+    expect_captured(&c, "node1-pod1", TARGET, true).context("after the refused upgrade")?;
+    Ok(())
+}
+
 #[test]
 fn original_destination_right_for_200_concurrent_connections() -> Result<()> {
     let _turn = serial();

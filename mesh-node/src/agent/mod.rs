@@ -64,16 +64,20 @@ pub struct AgentConfig {
     pub pod_status: Option<status::StatusConfig>,
     /// Answer the CNI plugin on a unix socket (`--cni-socket`, docs/cni.md).
     pub cni: Option<cni::CniSettings>,
+    /// The program object (`--ebpf-build-id`): one that differs from the installed one
+    /// replaces it in place.
+    pub object: load::ObjectChoice,
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let pins = Pins::new(&cfg.bpffs);
-    let (mut maps, how) = load::install(&pins, &cfg.cgroup_root).with_context(|| {
-        format!(
-            "installing capture programs on {}",
-            cfg.cgroup_root.display()
-        )
-    })?;
+    let (mut maps, how) =
+        load::install(&pins, &cfg.cgroup_root, cfg.object).with_context(|| {
+            format!(
+                "installing capture programs on {}",
+                cfg.cgroup_root.display()
+            )
+        })?;
     write_capture_settings(&mut maps, &cfg, &crate::proto::MeshSettings::default())?;
     kernel_log::spawn(&pins);
 

@@ -141,6 +141,10 @@ struct AgentArgs {
     /// before the answer is `unknown` (keep it below the plugin's `timeoutMs`).
     #[arg(long, default_value = "2000ms", value_parser = parse_duration_ms, requires = "cni_socket")]
     cni_wait: std::time::Duration,
+    /// Testing aid: count this agent's program object as another build (a different id in
+    /// `SN_META`), so it replaces the installed programs in place as a newer object would.
+    #[arg(long, hide = true, default_value_t = 0)]
+    ebpf_build_id: u64,
 }
 
 /// How to reach the controller (all three together).
@@ -422,6 +426,9 @@ pub fn main() -> Result<()> {
                     socket,
                     wait: a.cni_wait,
                 }),
+                object: crate::kernel::load::ObjectChoice {
+                    build_id: a.ebpf_build_id,
+                },
             };
             runtime(None)?.block_on(crate::agent::run(cfg))
         }

@@ -7,8 +7,18 @@
 //! restarts. An agent started on pins left by an older version (some programs pinned, newer
 //! ones missing) keeps the pinned ones and attaches only the missing ones, sharing the pinned
 //! maps (a map the old object did not have is created and pinned).
+//!
+//! An agent whose program object differs from the installed one (recorded in `SN_META`)
+//! replaces the programs in place: the new object is loaded against the pinned maps and each
+//! pinned link is pointed at its new program (`BPF_LINK_UPDATE`, atomic: every connect is
+//! seen by the old program or the new one, none by neither); the `sk_msg` program is
+//! re-attached to its sockhash, which swaps it. Capture never stops. It does so only when
+//! every pinned map's layout is the one this agent's object expects (the layout version in
+//! `SN_META`, and each map's key and value sizes); otherwise it refuses, naming the map,
+//! rather than have new programs misread old entries.
 
 use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -39,14 +49,41 @@ const PROGRAMS: [&str; 4] = [
 pub enum Install {
     /// Loaded and attached now.
     Fresh,
-    /// Found pinned from an earlier run and kept as they were.
+    /// Found pinned from an earlier run of the same object and kept as they were.
     Adopted,
-    /// Some found pinned (kept), the missing ones (newer programs) attached now.
+    /// Some found pinned, the missing ones (newer programs) attached now, and the pinned
+    /// ones replaced in place by this object's.
     Upgraded,
+    /// Every program found pinned from another object: replaced in place by this object's.
+    Replaced,
 }
 
-/// Loads and attaches, or adopts, then opens the maps.
-pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), KernelError> {
+/// Which program object to install: the embedded one, told apart from others by a hash of
+/// its bytes and `build_id` (`mesh-node agent --ebpf-build-id`, a testing aid: another id
+/// makes the same bytes count as another object).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ObjectChoice {
+    pub build_id: u64,
+}
+
+impl ObjectChoice {
+    /// The id recorded in `SN_META`.
+    pub fn id(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        OBJECT.hash(&mut h);
+        self.build_id.hash(&mut h);
+        // 0 means "nothing recorded".
+        h.finish().max(1)
+    }
+}
+
+/// Loads and attaches, adopts, or replaces in place; then opens the maps.
+pub fn install(
+    pins: &Pins,
+    cgroup_root: &Path,
+    object: ObjectChoice,
+) -> Result<(NodeMaps, Install), KernelError> {
     check_cgroup2(cgroup_root)?;
     for dir in [pins.maps_dir(), pins.links_dir(), pins.progs_dir()] {
         std::fs::create_dir_all(&dir).map_err(|source| KernelError::Io {
@@ -66,9 +103,21 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
         .into_iter()
         .chain([pins.prog(mesh_common::PROG_SPLICE_MSG)])
         .collect();
-    let how = if live.iter().all(|l| *l) {
+    let recorded = read_meta(pins);
+    let same_object = recorded.is_some_and(|(_, id)| id == object.id());
+    let how = if live.iter().all(|l| *l) && same_object {
         info!(bpffs = %pins.bpffs().display(), "adopting pinned programs and maps");
         Install::Adopted
+    } else if live.iter().all(|l| *l) {
+        check_layout(pins, recorded.map(|(layout, _)| layout))?;
+        let all: Vec<&'static str> = PROGRAMS
+            .iter()
+            .chain(&[mesh_common::PROG_SPLICE_MSG])
+            .copied()
+            .collect();
+        attach(pins, cgroup_root, &[], &all)?;
+        info!(bpffs = %pins.bpffs().display(), programs = ?all, "replaced the pinned programs in place with this agent's (BPF_LINK_UPDATE); maps kept");
+        Install::Replaced
     } else {
         for (l, ok) in links.iter().zip(&live) {
             if !ok && l.exists() {
@@ -76,14 +125,17 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
                 let _ = std::fs::remove_file(l);
             }
         }
-        let missing: Vec<&'static str> = PROGRAMS
+        let (missing, kept): (Vec<_>, Vec<_>) = PROGRAMS
             .iter()
             .chain(&[mesh_common::PROG_SPLICE_MSG])
             .zip(&live)
-            .filter(|(_, ok)| !**ok)
-            .map(|(p, _)| *p)
-            .collect();
-        attach(pins, cgroup_root, &missing)?;
+            .partition(|(_, ok)| !**ok);
+        let missing: Vec<&'static str> = missing.into_iter().map(|(p, _)| *p).collect();
+        let kept: Vec<&'static str> = kept.into_iter().map(|(p, _)| *p).collect();
+        if !kept.is_empty() {
+            check_layout(pins, recorded.map(|(layout, _)| layout))?;
+        }
+        attach(pins, cgroup_root, &missing, &kept)?;
         if missing.len() == PROGRAMS.len() + 1 {
             info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
             Install::Fresh
@@ -92,6 +144,7 @@ pub fn install(pins: &Pins, cgroup_root: &Path) -> Result<(NodeMaps, Install), K
             Install::Upgraded
         }
     };
+    write_meta(pins, object)?;
     let maps = NodeMaps::open(pins)?;
     if maps.stats_slots() < mesh_common::STAT_COUNT {
         warn!(
@@ -125,9 +178,14 @@ macro_rules! attach_pinned {
     }};
 }
 
-/// Loads the object (maps pinned by name; those already pinned are reused) and attaches the
-/// programs in `which`.
-fn attach(pins: &Pins, cgroup_root: &Path, which: &[&'static str]) -> Result<(), KernelError> {
+/// Loads the object (maps pinned by name; those already pinned are reused), attaches the
+/// programs in `which` and replaces the pinned ones in `replace` in place.
+fn attach(
+    pins: &Pins,
+    cgroup_root: &Path,
+    which: &[&'static str],
+    replace: &[&'static str],
+) -> Result<(), KernelError> {
     // The programs use no CO-RE relocations, so the kernel's BTF (megabytes to parse) is not
     // loaded: it would only raise the agent's peak memory.
     let mut ebpf: Ebpf = EbpfLoader::new()
@@ -170,6 +228,181 @@ fn attach(pins: &Pins, cgroup_root: &Path, which: &[&'static str]) -> Result<(),
             ),
             mesh_common::PROG_SPLICE_MSG => attach_splice(&mut ebpf, pins)?,
             other => return Err(KernelError::MissingProgram { name: other }),
+        }
+    }
+    for name in replace {
+        match *name {
+            mesh_common::PROG_CONNECT4 | mesh_common::PROG_CONNECT6 => {
+                replace_linked!(ebpf, CgroupSockAddr, *name, pins)
+            }
+            mesh_common::PROG_SOCKOPS => replace_linked!(ebpf, SockOps, *name, pins),
+            mesh_common::PROG_STRICT_IN => replace_linked!(ebpf, CgroupSkb, *name, pins),
+            mesh_common::PROG_SPLICE_MSG => {
+                // Attaching to the sockhash swaps its verdict program (sockets already in
+                // the map keep the one they joined with until they close); then the pin
+                // names the new one.
+                let path = pins.prog(mesh_common::PROG_SPLICE_MSG);
+                let _ = std::fs::remove_file(&path);
+                attach_splice(&mut ebpf, pins)?
+            }
+            other => return Err(KernelError::MissingProgram { name: other }),
+        }
+    }
+    Ok(())
+}
+
+/// Loads program `$name` of type `$ty` from the new object and points its pinned link at it.
+macro_rules! replace_linked {
+    ($ebpf:expr, $ty:ty, $name:expr, $pins:expr) => {{
+        let name: &'static str = $name;
+        let prog: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let path = $pins.link(name);
+        obj_get(&path)
+            .and_then(|link| link_update(link.as_fd(), fd.as_fd()))
+            .map_err(|source| KernelError::Io {
+                what: "replacing the program of link",
+                path,
+                source,
+            })?;
+    }};
+}
+use replace_linked;
+
+/// `BPF_OBJ_GET`: an fd of the object pinned at `path` (aya keeps a pinned link's fd private).
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    /// `union bpf_attr`'s object member, up to `file_flags`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) reads `attr` and the NUL-terminated path it points to, both alive through
+    // the call; a non-negative result is a new fd that we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `rc` is a fresh fd returned to us by the kernel.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: the link `link` runs `prog` from now on (atomically).
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    /// `union bpf_attr`'s `link_update` member.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long =
+        aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<LinkUpdate>()` bytes of `attr`, which lives through the
+    // call; both fds are open (borrowed).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The layout version and object id recorded in the pinned `SN_META`; `None` when there is
+/// none (a fresh node, or pins of a version before it existed).
+fn read_meta(pins: &Pins) -> Option<(u64, u64)> {
+    let meta: aya::maps::Array<aya::maps::MapData, u64> =
+        super::maps::open_typed(pins, mesh_common::META).ok()?;
+    let layout = meta.get(&mesh_common::META_LAYOUT, 0).ok()?;
+    let id = meta.get(&mesh_common::META_OBJECT, 0).ok()?;
+    (layout != 0).then_some((layout, id))
+}
+
+fn write_meta(pins: &Pins, object: ObjectChoice) -> Result<(), KernelError> {
+    let mut meta: aya::maps::Array<aya::maps::MapData, u64> =
+        super::maps::open_typed(pins, mesh_common::META)?;
+    let err = |source| KernelError::Map {
+        name: mesh_common::META,
+        source,
+    };
+    meta.set(mesh_common::META_LAYOUT, mesh_common::LAYOUT_VERSION, 0)
+        .map_err(err)?;
+    meta.set(mesh_common::META_OBJECT, object.id(), 0)
+        .map_err(err)
+}
+
+/// Refuses to run new programs over pinned maps of another layout: the recorded layout
+/// version (pins from before it existed count as 1) must be this agent's, and every pinned
+/// map must have the key and value sizes this object declares.
+fn check_layout(pins: &Pins, recorded: Option<u64>) -> Result<(), KernelError> {
+    let pinned = recorded.unwrap_or(1);
+    if pinned != mesh_common::LAYOUT_VERSION {
+        return Err(KernelError::Layout {
+            what: format!(
+                "the pinned maps have layout version {pinned}, this agent's programs need {}",
+                mesh_common::LAYOUT_VERSION
+            ),
+        });
+    }
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| KernelError::Layout {
+        what: format!("parsing this agent's object: {e}"),
+    })?;
+    for name in mesh_common::ALL_MAPS {
+        let Ok(data) = aya::maps::MapData::from_pin(pins.map(name)) else {
+            continue; // not pinned yet: created by the new object
+        };
+        let (Ok(info), Some(want)) = (data.info(), obj.maps.get(name)) else {
+            continue;
+        };
+        if info.key_size() != want.key_size() || info.value_size() != want.value_size() {
+            return Err(KernelError::Layout {
+                what: format!(
+                    "pinned map {name} has key/value sizes {}/{}, this agent's programs need {}/{}",
+                    info.key_size(),
+                    info.value_size(),
+                    want.key_size(),
+                    want.value_size()
+                ),
+            });
         }
     }
     Ok(())

@@ -100,6 +100,12 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{what}: the map layout changed, so this agent will not run its programs over them; \
+         `mesh-node uninstall` then start this agent (capture stops in between), or keep the \
+         agent version that installed them"
+    )]
+    Layout { what: String },
     #[error("network namespace {path}: {source}")]
     Netns {
         path: PathBuf,
