@@ -1,7 +1,8 @@
 //! End-to-end test of a mixed cluster (issue 15, point 3): a pod Istio ambient handles
 //! (`ambient.istio.io/redirection: enabled`, written by Istio's CNI) in a namespace sidenode
 //! meshes is an HBONE destination for sidenode, and sidenode neither captures it nor opens its
-//! own `podIP:15008` listener there. One shared mesh cluster, checks in order (`mixed_cluster`).
+//! own `podIP:15008` listener there; both the L4 and the HTTP path tunnel to it. One shared mesh
+//! cluster, checks in order (`mixed_cluster`).
 //! Run as root: `cargo test -p sidenode-tests --test mixed`.
 //!
 //! The ambient pod's `:15008` is served by the test ([`start_ambient_peer`]): today a plain TCP
@@ -26,6 +27,9 @@ use std::time::Duration;
 const MESH_CLIENT: &str = "node1-pod1";
 /// Unmeshed server on node 1 (namespace `plain`).
 const PLAIN_SERVER: &str = "node1-pod2";
+
+/// A Service whose only endpoint is the ambient pod (HTTP port 80 → 9080).
+const AMBIENT_VIP: &str = "198.18.128.40";
 
 /// What the ambient pod's `:15008` peer saw on one connection.
 #[derive(Debug)]
@@ -234,6 +238,56 @@ fn mixed_cluster() -> Result<()> {
     ensure!(
         from == node1_ip || from == client_ip,
         "the tunnel to {ambient} came from {from}, neither node1's proxy ({node1_ip}) nor {MESH_CLIENT} ({client_ip})"
+    );
+
+    // The HTTP path too: a Service whose HTTP port's endpoint is the ambient pod. The node 1
+    // proxy routes each request (L7) to the endpoint and opens the upstream connection as an
+    // HBONE tunnel to ambientIP:15008. Until the Service reaches node 1, requests find no
+    // route and nothing dials :15008, so this waits for the first ClientHello.
+    c.write_config_file(
+        "mixed-svc.yaml",
+        &[
+            "apiVersion: v1",
+            "kind: Service",
+            "metadata:",
+            "  name: ambient-web",
+            "  namespace: mesh",
+            "spec:",
+            &format!("  clusterIP: {AMBIENT_VIP}"),
+            "  selector:",
+            &format!("    app: {ambient}"),
+            "  ports:",
+            "  - name: http",
+            "    port: 80",
+            "    targetPort: 9080",
+            "",
+        ]
+        .join("\n"),
+    )?;
+    let url = format!("http://{AMBIENT_VIP}:80");
+    let mut http = None;
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = Some(http_get(&c, MESH_CLIENT, &url, "GET", "/", &[], 1)?);
+        http = peer.seen.try_recv().ok();
+        Ok(http.is_some())
+    })?;
+    ensure!(
+        ok,
+        "requests to {url} never made node1's proxy dial {ambient_ip}:15008: {last:?}"
+    );
+    let seen = http.context("set when ok")?;
+    ensure!(
+        seen.first.first() == Some(&0x16) && seen.first.get(5) == Some(&0x01),
+        "the HTTP path sent {:02x?} to the ambient pod's :15008, not a TLS ClientHello",
+        seen.first
+    );
+    // Answered by the proxy's HTTP layer (a 5xx: the test's peer ends the TLS handshake), not
+    // a reset: the request went through the L7 path.
+    let r = last.context("a request was made")?;
+    ensure!(
+        r.statuses.keys().any(|s| s.starts_with('5')),
+        "the request to {url} was not answered by the HTTP proxy with a 5xx: {r:?}"
     );
 
     // The ambient pod's own connections are not captured by sidenode: a server in node 1's
