@@ -449,9 +449,9 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
     }
 }
 
-/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload or Istio's (unless its
-/// `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a direct
-/// connection (when allowed). Failures are logged here.
+/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload or Istio's
+/// (unless its `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a
+/// direct connection (when allowed). Failures are logged here.
 async fn open_upstream(
     c: &Ctx<'_>,
     dst: SocketAddr,
