@@ -154,6 +154,96 @@ fn labelling_a_namespace_enrolls_its_running_pods_without_restarting_them() -> R
     Ok(())
 }
 
+const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+
+/// A pod's label (`None` when absent).
+fn pod_label(c: &TestCluster, pod: &str, key: &str) -> Result<Option<String>> {
+    let ns = c.pod(pod)?.namespace.clone();
+    let out = c.kubectl(&["get", "pod", pod, "-n", &ns, "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("kubectl get pod -o json")?;
+    Ok(v["metadata"]["labels"][key].as_str().map(str::to_string))
+}
+
+fn wait_label(c: &TestCluster, pod: &str, want: Option<&str>) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = pod_label(c, pod, TUNNEL_LABEL)?;
+        Ok(last.as_deref() == want)
+    })?;
+    ensure!(
+        ok,
+        "pod {pod}: label {TUNNEL_LABEL} is {last:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+/// Mixed clusters through the API (issue 15): `--advertise-hbone` labels enrolled pods
+/// `networking.istio.io/tunnel: http` with the status annotation and removes both together;
+/// sidenode's own label never makes a pod Istio's; and a pod annotated by "Istio's CNI"
+/// (`kubectl annotate`) leaves sidenode's mesh at once, as from the YAML folder.
+#[test]
+fn advertised_pods_and_istio_ambient_pods_through_the_api() -> Result<()> {
+    let _turn = serial();
+    require_root();
+    let c = TestCluster::up(ClusterOpts {
+        prefix: unique_prefix('k'),
+        nodes: 2,
+        pods: 2,
+        mesh_node: mesh_node_path(),
+        kube: true,
+        mesh: true,
+        agent_args: vec!["--advertise-hbone".into()],
+        ..Default::default()
+    })?;
+    // Enrolled and advertised, in one patch.
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_annotation(&c, "node1-pod1", Some("enabled"))?;
+    wait_label(&c, "node1-pod1", Some("http"))?;
+    ensure!(
+        pod_label(&c, "node1-pod2", TUNNEL_LABEL)?.is_none(),
+        "a pod of an unlabelled namespace was advertised"
+    );
+    // The advertised pod stays sidenode's: still enrolled, with its listener, shown so.
+    let state = node_state(&c, "node2")?;
+    let dataplane = state["workloads"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["uid"] == "mesh/node1-pod1"))
+        .map(|w| w["dataplane"].clone());
+    ensure!(
+        dataplane == Some(serde_json::json!("sidenode")),
+        "the advertised pod is served as {dataplane:?}, not sidenode: {state}"
+    );
+    ensure!(
+        enrolled(&c, "node1")?.contains(&("mesh".to_string(), "node1-pod1".to_string())),
+        "the advertised pod was un-enrolled"
+    );
+
+    // Istio's CNI takes the pod: sidenode steps aside, and removes its label and annotation.
+    c.kubectl(&[
+        "annotate",
+        "pod",
+        "node1-pod1",
+        "-n",
+        "mesh",
+        "ambient.istio.io/redirection=enabled",
+    ])?;
+    wait_not_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_annotation(&c, "node1-pod1", None)?;
+    wait_label(&c, "node1-pod1", None)?;
+    let mut last = serde_json::Value::Null;
+    let istio = wait_until(Duration::from_secs(10), || {
+        let st = node_state(&c, "node2")?;
+        last = st["workloads"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["uid"] == "mesh/node1-pod1"))
+            .map(|w| w["dataplane"].clone())
+            .unwrap_or_default();
+        Ok(last == "istio")
+    })?;
+    ensure!(istio, "the ambient pod is served as {last}, not istio");
+    Ok(())
+}
+
 const VIP: &str = "198.18.128.20";
 
 fn reviews_objects(v1_weight: u32, v2_weight: u32) -> String {

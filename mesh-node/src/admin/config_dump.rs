@@ -48,8 +48,20 @@ pub struct WorkloadView {
     /// SPIFFE identity (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
     pub identity: String,
     pub meshed: bool,
+    /// Which data plane serves it: `sidenode`, `istio` (ztunnel or Istio's native tunnel:
+    /// reached over HBONE, never captured) or `none`.
+    pub dataplane: String,
     pub ready: bool,
     pub labels: BTreeMap<String, String>,
+}
+
+/// The name a data plane is shown with.
+pub fn dataplane_name(d: proto::Dataplane) -> &'static str {
+    match d {
+        proto::Dataplane::Sidenode => "sidenode",
+        proto::Dataplane::Istio => "istio",
+        proto::Dataplane::None | proto::Dataplane::Unspecified => "none",
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -181,6 +193,7 @@ pub fn build(
             service_account: w.service_account.clone(),
             identity: st.identity_of(w).to_string(),
             meshed: w.meshed,
+            dataplane: dataplane_name(w.served_by()).to_string(),
             ready: w.ready,
             labels: w.labels.clone().into_iter().collect(),
         })

@@ -1,6 +1,8 @@
 //! The pod status annotation (`--pod-status`): every pod the agent enrolled carries
 //! `sidenode.io/redirection: enabled` (Istio ambient: `ambient.istio.io/redirection`); a pod it
-//! un-enrolled loses it.
+//! un-enrolled loses it. With `--advertise-hbone` the same patch also sets Istio's label
+//! `networking.istio.io/tunnel: http` (and removes it with the annotation), so istiod reports
+//! the pod to ztunnel as a native HBONE destination (docs/migrating-from-ambient.md).
 //!
 //! Runs in its own task, fed by a watch channel the agent fills after each reconcile, so a slow
 //! or absent API server never delays enrollment. A pod is patched only when its state changed;
@@ -22,7 +24,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::model::{ObjKey, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED};
+use crate::model::{
+    ISTIO_TUNNEL_HTTP, ISTIO_TUNNEL_LABEL, ObjKey, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED,
+};
 
 /// The enrolled pods: key → Kubernetes UID (empty when unknown).
 pub type Enrolled = BTreeMap<ObjKey, String>;
@@ -34,6 +38,9 @@ const RETRY: Duration = Duration::from_secs(5);
 pub struct StatusConfig {
     /// Kubeconfig file; without it `KUBECONFIG`, `~/.kube/config` or the in-cluster account.
     pub kubeconfig: Option<PathBuf>,
+    /// Also set Istio's `networking.istio.io/tunnel: http` label on enrolled pods (and remove
+    /// it with the annotation): ztunnel then reaches them over HBONE at `podIP:15008`.
+    pub advertise_hbone: bool,
 }
 
 /// Starts the status task for `node`; send it the enrolled pods after every reconcile.
@@ -43,14 +50,22 @@ pub fn spawn(cfg: StatusConfig, node: String) -> watch::Sender<Enrolled> {
     tx
 }
 
-/// The merge patch that sets (`enabled`) or removes the annotation on the pod `uid`.
-pub fn patch_json(uid: &str, enabled: bool) -> Value {
-    let value = if enabled {
-        Value::String(REDIRECTION_ENABLED.to_string())
-    } else {
-        Value::Null
+/// The merge patch that sets (`enabled`) or removes the annotation on the pod `uid`, and with
+/// `advertise` Istio's tunnel label in the same write: label and annotation are never seen
+/// apart, which is how the classification (`model::Snapshot::dataplane`) tells sidenode's own
+/// advertised pods from Istio's.
+pub fn patch_json(uid: &str, enabled: bool, advertise: bool) -> Value {
+    let set = |v: &str| {
+        if enabled {
+            Value::String(v.to_string())
+        } else {
+            Value::Null
+        }
     };
-    let mut meta = json!({ "annotations": { REDIRECTION_ANNOTATION: value } });
+    let mut meta = json!({ "annotations": { REDIRECTION_ANNOTATION: set(REDIRECTION_ENABLED) } });
+    if advertise {
+        meta["labels"] = json!({ ISTIO_TUNNEL_LABEL: set(ISTIO_TUNNEL_HTTP) });
+    }
     if !uid.is_empty() {
         meta["uid"] = Value::String(uid.to_string());
     }
@@ -90,8 +105,15 @@ pub(crate) async fn client(cfg: &StatusConfig) -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// The pods of `node` that carry the annotation already (from an earlier run of the agent).
-async fn annotated(client: &kube::Client, node: &str) -> Result<Enrolled> {
+/// The pods of `node` that carry the annotation already (from an earlier run of the agent),
+/// less those that lack the tunnel label when `advertise` is on (an earlier run without the
+/// flag): while enrolled they are patched again, so they gain it.
+async fn annotated(
+    client: &kube::Client,
+    node: &str,
+    advertise: bool,
+    want: &Enrolled,
+) -> Result<Enrolled> {
     let pods: Api<Pod> = Api::all(client.clone());
     let list = pods
         .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
@@ -100,21 +122,22 @@ async fn annotated(client: &kube::Client, node: &str) -> Result<Enrolled> {
     Ok(list
         .items
         .into_iter()
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-                .is_some()
-        })
         .filter_map(|p| {
-            Some((
-                ObjKey {
-                    namespace: p.metadata.namespace?,
-                    name: p.metadata.name?,
-                },
-                p.metadata.uid.unwrap_or_default(),
-            ))
+            let meta = p.metadata;
+            meta.annotations.as_ref()?.get(REDIRECTION_ANNOTATION)?;
+            let labelled = meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ISTIO_TUNNEL_LABEL))
+                .is_some_and(|v| v == ISTIO_TUNNEL_HTTP);
+            let key = ObjKey {
+                namespace: meta.namespace?,
+                name: meta.name?,
+            };
+            if advertise && !labelled && want.contains_key(&key) {
+                return None;
+            }
+            Some((key, meta.uid.unwrap_or_default()))
         })
         .collect())
 }
@@ -160,7 +183,7 @@ async fn step(
     }
     let client = client_.as_ref().expect("set above");
     if done.is_none() {
-        *done = Some(annotated(client, node).await?);
+        *done = Some(annotated(client, node, cfg.advertise_hbone, want).await?);
     }
     let done = done.as_mut().expect("set above");
     let mut failed = None;
@@ -170,7 +193,7 @@ async fn step(
             .patch(
                 &key.name,
                 &PatchParams::default(),
-                &Patch::Merge(patch_json(&uid, enabled)),
+                &Patch::Merge(patch_json(&uid, enabled, cfg.advertise_hbone)),
             )
             .await;
         match r {
@@ -219,17 +242,75 @@ mod tests {
     #[test]
     fn patch_sets_or_removes_the_annotation_with_a_uid_precondition() {
         assert_eq!(
-            patch_json("u1", true),
+            patch_json("u1", true, false),
             json!({"metadata": {"uid": "u1", "annotations": {"sidenode.io/redirection": "enabled"}}})
         );
         assert_eq!(
-            patch_json("u1", false),
+            patch_json("u1", false, false),
             json!({"metadata": {"uid": "u1", "annotations": {"sidenode.io/redirection": null}}})
         );
         assert_eq!(
-            patch_json("", true),
+            patch_json("", true, false),
             json!({"metadata": {"annotations": {"sidenode.io/redirection": "enabled"}}})
         );
+    }
+
+    #[test]
+    fn advertising_writes_and_removes_the_tunnel_label_with_the_annotation() {
+        assert_eq!(
+            patch_json("u1", true, true),
+            json!({"metadata": {"uid": "u1",
+                "annotations": {"sidenode.io/redirection": "enabled"},
+                "labels": {"networking.istio.io/tunnel": "http"}}})
+        );
+        assert_eq!(
+            patch_json("u1", false, true),
+            json!({"metadata": {"uid": "u1",
+                "annotations": {"sidenode.io/redirection": null},
+                "labels": {"networking.istio.io/tunnel": null}}})
+        );
+    }
+
+    /// What the advertising patch leaves on a pod is never read back as an Istio pod: no
+    /// loop where sidenode tunnels to its own advertised pods as if ztunnel served them.
+    #[test]
+    fn an_advertised_pod_is_never_classed_as_istios() {
+        use crate::model::{Dataplane, Namespace, Object, Origin, Pod, Snapshot};
+        let patch = patch_json("u1", true, true);
+        let map = |v: &Value| -> crate::model::Labels {
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        };
+        let pod = Pod {
+            key: key("web"),
+            uid: Some("u1".into()),
+            ready: true,
+            node: Some("node1".into()),
+            ip: std::net::IpAddr::from([10, 0, 0, 1]),
+            ips: vec![std::net::IpAddr::from([10, 0, 0, 1])],
+            service_account: "default".into(),
+            host_network: false,
+            labels: map(&patch["metadata"]["labels"]),
+            annotations: map(&patch["metadata"]["annotations"]),
+            origin: Origin::default(),
+        };
+        assert!(pod.istio_native_tunnel() && pod.sidenode_redirected());
+        for (enabled, want) in [(true, Dataplane::Sidenode), (false, Dataplane::None)] {
+            let mut snap = Snapshot::default();
+            snap.insert(Object::Namespace(Namespace {
+                name: pod.key.namespace.clone(),
+                labels: if enabled {
+                    [("sidenode.io/dataplane-mode".into(), "enabled".into())].into()
+                } else {
+                    Default::default()
+                },
+                origin: Origin::default(),
+            }));
+            assert_eq!(snap.dataplane(&pod), want, "namespace enabled: {enabled}");
+        }
     }
 
     #[test]

@@ -352,7 +352,13 @@ pub fn workloads_table(d: &ConfigDump) -> String {
                 w.ips.join(","),
                 w.node.clone(),
                 w.identity.clone(),
-                if w.meshed { "HBONE" } else { "TCP" }.to_string(),
+                if w.meshed || w.dataplane == "istio" {
+                    "HBONE"
+                } else {
+                    "TCP"
+                }
+                .to_string(),
+                w.dataplane.clone(),
                 w.ready.to_string(),
             ]
         })
@@ -365,6 +371,7 @@ pub fn workloads_table(d: &ConfigDump) -> String {
             "NODE",
             "IDENTITY",
             "PROTOCOL",
+            "DATAPLANE",
             "READY",
         ],
         &rows,
@@ -767,6 +774,7 @@ mod tests {
                 ips: vec!["198.19.1.2".into(), "fd00:198:19:1::2".into()],
                 identity: "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1".into(),
                 meshed: true,
+                dataplane: "sidenode".into(),
                 ready: true,
                 ..Default::default()
             }],
@@ -845,11 +853,24 @@ mod tests {
 
     #[test]
     fn workloads_and_services_tables() {
-        let d = dump();
+        let mut d = dump();
+        // An Istio ambient pod: reached over HBONE, not sidenode's.
+        d.workloads.push(WorkloadView {
+            namespace: "legacy".into(),
+            name: "amb-0".into(),
+            node: "node1".into(),
+            ips: vec!["198.19.1.9".into()],
+            identity: "spiffe://cluster.local/ns/legacy/sa/default".into(),
+            meshed: false,
+            dataplane: "istio".into(),
+            ready: true,
+            ..Default::default()
+        });
         assert_eq!(
             workloads_table(&d),
-            "NAMESPACE   NAME         IP                            NODE    IDENTITY                                          PROTOCOL   READY\n\
-             mesh        node1-pod1   198.19.1.2,fd00:198:19:1::2   node1   spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1   HBONE      true\n"
+            "NAMESPACE   NAME         IP                            NODE    IDENTITY                                          PROTOCOL   DATAPLANE   READY\n\
+             mesh        node1-pod1   198.19.1.2,fd00:198:19:1::2   node1   spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1   HBONE      sidenode    true\n\
+             legacy      amb-0        198.19.1.9                    node1   spiffe://cluster.local/ns/legacy/sa/default       HBONE      istio       true\n"
         );
         let t = services_table(&d);
         let row = t.lines().nth(1).expect("row");

@@ -105,6 +105,11 @@ struct AgentArgs {
     /// un-enrolled), through the Kubernetes API.
     #[arg(long)]
     pod_status: bool,
+    /// With `--pod-status`: also label every enrolled pod `networking.istio.io/tunnel: http`
+    /// (removed with the annotation), so Istio's ztunnel reaches it over HBONE at
+    /// `podIP:15008` (docs/migrating-from-ambient.md). Off by default: it writes to users' pods.
+    #[arg(long, requires = "pod_status")]
+    advertise_hbone: bool,
     /// Kubeconfig for `--pod-status` (default: KUBECONFIG, ~/.kube/config, or in-cluster).
     #[arg(long, requires = "pod_status")]
     kubeconfig: Option<PathBuf>,
@@ -421,6 +426,7 @@ pub fn main() -> Result<()> {
                 retry_interval: defaults::RETRY_INTERVAL,
                 pod_status: a.pod_status.then_some(crate::agent::status::StatusConfig {
                     kubeconfig: a.kubeconfig,
+                    advertise_hbone: a.advertise_hbone,
                 }),
                 cni: a.cni_socket.map(|socket| crate::agent::cni::CniSettings {
                     socket,

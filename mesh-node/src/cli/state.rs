@@ -66,6 +66,7 @@ fn to_json(s: &proto::StateUpdate) -> Value {
         .map(|w| {
             json!({"uid": w.uid, "namespace": w.namespace, "name": w.name, "node": w.node,
                    "service_account": w.service_account, "ips": w.ips, "meshed": w.meshed,
+                   "dataplane": crate::admin::config_dump::dataplane_name(w.served_by()),
                    "ready": w.ready, "pod_uid": w.pod_uid, "labels": map(&w.labels)})
         })
         .collect();
@@ -119,16 +120,16 @@ fn print_text(s: &proto::StateUpdate) {
     );
     println!("\nWORKLOADS ({})", s.workloads.len());
     println!(
-        "{:<32} {:<10} {:<18} {:<7} {:<6} SERVICE ACCOUNT",
-        "POD", "NODE", "IP", "MESHED", "READY"
+        "{:<32} {:<10} {:<18} {:<9} {:<6} SERVICE ACCOUNT",
+        "POD", "NODE", "IP", "DATAPLANE", "READY"
     );
     for w in &s.workloads {
         println!(
-            "{:<32} {:<10} {:<18} {:<7} {:<6} {}",
+            "{:<32} {:<10} {:<18} {:<9} {:<6} {}",
             w.uid,
             w.node,
             w.ips.first().map(String::as_str).unwrap_or("-"),
-            w.meshed,
+            crate::admin::config_dump::dataplane_name(w.served_by()),
             w.ready,
             w.service_account
         );

@@ -68,6 +68,7 @@ impl View {
                     node: p.node.clone().unwrap_or_default(),
                     ips: p.ips.iter().map(ToString::to_string).collect(),
                     meshed: snap.is_meshed(p),
+                    dataplane: proto::Dataplane::from(snap.dataplane(p)) as i32,
                     netns: p
                         .annotations
                         .get(crate::model::NETNS_ANNOTATION)

@@ -23,6 +23,15 @@ pub const NETNS_ANNOTATION: &str = "sidenode.io/netns";
 /// (Istio ambient: `ambient.istio.io/redirection`).
 pub const REDIRECTION_ANNOTATION: &str = "sidenode.io/redirection";
 pub const REDIRECTION_ENABLED: &str = "enabled";
+/// Set to `enabled` by Istio's CNI on every pod ztunnel captures (Istio ambient). Such a pod is
+/// an HBONE destination served by ztunnel, never one of sidenode's.
+pub const ISTIO_AMBIENT_REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Istio's label for a workload that receives HBONE itself (a comma-separated list of tunnel
+/// types; `http` = HBONE): istiod then reports it with `TunnelProtocol: HBONE` and
+/// `native_tunnel` (`model.SupportsTunnel` in Istio). sidenode's agent may set it on the pods
+/// it enrolls (`--advertise-hbone`), so Istio's ztunnel reaches them over HBONE.
+pub const ISTIO_TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+pub const ISTIO_TUNNEL_HTTP: &str = "http";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -104,6 +113,44 @@ impl Pod {
     pub fn opted_out(&self) -> bool {
         self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE)
     }
+
+    /// Istio's CNI redirected it to ztunnel (`ambient.istio.io/redirection: enabled`).
+    pub fn istio_ambient_redirected(&self) -> bool {
+        self.annotations
+            .get(ISTIO_AMBIENT_REDIRECTION_ANNOTATION)
+            .map(String::as_str)
+            == Some(REDIRECTION_ENABLED)
+    }
+
+    /// It carries Istio's native-tunnel label with `http` among its values (the same test as
+    /// Istio's `model.SupportsTunnel(labels, model.TunnelHTTP)`).
+    pub fn istio_native_tunnel(&self) -> bool {
+        self.labels
+            .get(ISTIO_TUNNEL_LABEL)
+            .is_some_and(|v| v.split(',').any(|t| t == ISTIO_TUNNEL_HTTP))
+    }
+
+    /// sidenode's agent enrolled it and wrote its status (`sidenode.io/redirection: enabled`).
+    /// The agent writes its advertised tunnel label in the same patch as this annotation and
+    /// removes both together, so a tunnel label next to this annotation is sidenode's own.
+    pub fn sidenode_redirected(&self) -> bool {
+        self.annotations
+            .get(REDIRECTION_ANNOTATION)
+            .map(String::as_str)
+            == Some(REDIRECTION_ENABLED)
+    }
+}
+
+/// Which data plane carries a pod's inbound traffic, as sidenode sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    /// Not in any mesh sidenode knows of: reached directly.
+    None,
+    /// sidenode's: captured (`SN_ENROLLED`) and served by sidenode's own `podIP:15008`.
+    Sidenode,
+    /// Istio's (ztunnel in ambient mode, or a workload that serves HBONE itself): reached
+    /// over HBONE at `podIP:15008`; sidenode never captures it nor listens for it.
+    Istio,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -260,9 +307,141 @@ impl Snapshot {
         self.mesh_configs.get(MESH_CONFIG_NAME)
     }
 
-    /// Is this pod part of the mesh? Its namespace has the mesh on, it did not opt out, and it
-    /// does not share its node's network. The one place this rule lives.
+    /// Is this pod part of sidenode's mesh (captured, with sidenode's HBONE listener)?
     pub fn is_meshed(&self, pod: &Pod) -> bool {
-        self.namespace_enabled(&pod.key.namespace) && !pod.opted_out() && !pod.host_network
+        self.dataplane(pod) == Dataplane::Sidenode
+    }
+
+    /// Which data plane serves `pod`. The one place this rule lives (the YAML folder, the
+    /// Kubernetes source and the CNI lookup all come through here):
+    ///
+    /// 1. a `hostNetwork` pod is in no mesh;
+    /// 2. a pod Istio's CNI redirected to ztunnel is Istio's, even in a namespace sidenode
+    ///    meshes: Istio ambient wins and sidenode steps aside;
+    /// 3. a pod of a namespace with sidenode on that did not opt out is sidenode's (whatever
+    ///    tunnel label it carries: the agent may have put it there to advertise it to Istio);
+    /// 4. a pod with Istio's native-tunnel label is Istio's, unless the label is sidenode's own
+    ///    advertisement left on a pod leaving sidenode's mesh (it still carries the agent's
+    ///    status annotation, removed in the same patch as the label): then it is in none.
+    pub fn dataplane(&self, pod: &Pod) -> Dataplane {
+        if pod.host_network {
+            Dataplane::None
+        } else if pod.istio_ambient_redirected() {
+            Dataplane::Istio
+        } else if self.namespace_enabled(&pod.key.namespace) && !pod.opted_out() {
+            Dataplane::Sidenode
+        } else if pod.istio_native_tunnel() && !pod.sidenode_redirected() {
+            Dataplane::Istio
+        } else {
+            Dataplane::None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(ns_enabled: bool) -> Snapshot {
+        let mut s = Snapshot::default();
+        let mut labels = Labels::new();
+        if ns_enabled {
+            labels.insert(DATAPLANE_MODE_LABEL.into(), DATAPLANE_ENABLED.into());
+        }
+        s.insert(Object::Namespace(Namespace {
+            name: "shop".into(),
+            labels,
+            origin: Origin::default(),
+        }));
+        s
+    }
+
+    fn pod(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+        let map = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        Pod {
+            key: ObjKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            uid: None,
+            ready: true,
+            node: Some("node1".into()),
+            ip: std::net::IpAddr::from([10, 0, 0, 1]),
+            ips: vec![std::net::IpAddr::from([10, 0, 0, 1])],
+            service_account: "default".into(),
+            host_network: false,
+            labels: map(labels),
+            annotations: map(annotations),
+            origin: Origin::default(),
+        }
+    }
+
+    const AMBIENT: (&str, &str) = (ISTIO_AMBIENT_REDIRECTION_ANNOTATION, "enabled");
+    const TUNNEL: (&str, &str) = (ISTIO_TUNNEL_LABEL, "http");
+    const OURS: (&str, &str) = (REDIRECTION_ANNOTATION, "enabled");
+
+    #[test]
+    fn neither_follows_the_namespace_label() {
+        assert_eq!(snap(true).dataplane(&pod(&[], &[])), Dataplane::Sidenode);
+        assert_eq!(snap(false).dataplane(&pod(&[], &[])), Dataplane::None);
+        let opted_out = pod(&[(DATAPLANE_MODE_LABEL, DATAPLANE_NONE)], &[]);
+        assert_eq!(snap(true).dataplane(&opted_out), Dataplane::None);
+    }
+
+    #[test]
+    fn the_ambient_annotation_wins_over_sidenodes_namespace_label() {
+        for enabled in [true, false] {
+            let s = snap(enabled);
+            let p = pod(&[], &[AMBIENT]);
+            assert_eq!(s.dataplane(&p), Dataplane::Istio, "namespace on: {enabled}");
+            assert!(!s.is_meshed(&p));
+        }
+        // Other values are not Istio's "redirected".
+        let p = pod(&[], &[(ISTIO_AMBIENT_REDIRECTION_ANNOTATION, "disabled")]);
+        assert_eq!(snap(false).dataplane(&p), Dataplane::None);
+    }
+
+    #[test]
+    fn istios_tunnel_label_outside_sidenodes_mesh_is_istio() {
+        assert_eq!(
+            snap(false).dataplane(&pod(&[TUNNEL], &[])),
+            Dataplane::Istio
+        );
+        // A comma-separated list, as Istio's SupportsTunnel reads it.
+        let list = pod(&[(ISTIO_TUNNEL_LABEL, "h3,http")], &[]);
+        assert_eq!(snap(false).dataplane(&list), Dataplane::Istio);
+        let other = pod(&[(ISTIO_TUNNEL_LABEL, "https")], &[]);
+        assert_eq!(snap(false).dataplane(&other), Dataplane::None);
+    }
+
+    #[test]
+    fn both_marks_are_istio() {
+        let p = pod(&[TUNNEL], &[AMBIENT]);
+        assert_eq!(snap(true).dataplane(&p), Dataplane::Istio);
+        assert_eq!(snap(false).dataplane(&p), Dataplane::Istio);
+    }
+
+    #[test]
+    fn sidenodes_own_advertised_label_is_never_istio() {
+        // Enrolled and advertised: still sidenode's.
+        let p = pod(&[TUNNEL], &[OURS]);
+        assert_eq!(snap(true).dataplane(&p), Dataplane::Sidenode);
+        // The namespace left sidenode's mesh before the agent removed label and annotation:
+        // not Istio's (nothing of Istio's listens there), so reached directly.
+        assert_eq!(snap(false).dataplane(&p), Dataplane::None);
+        // Opted out, same.
+        let p = pod(&[TUNNEL, (DATAPLANE_MODE_LABEL, DATAPLANE_NONE)], &[OURS]);
+        assert_eq!(snap(true).dataplane(&p), Dataplane::None);
+    }
+
+    #[test]
+    fn host_network_is_in_no_mesh() {
+        let mut p = pod(&[TUNNEL], &[AMBIENT]);
+        p.host_network = true;
+        assert_eq!(snap(true).dataplane(&p), Dataplane::None);
     }
 }

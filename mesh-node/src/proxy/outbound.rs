@@ -449,9 +449,9 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
     }
 }
 
-/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload (unless its
-/// `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a direct
-/// connection (when allowed). Failures are logged here.
+/// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload or Istio's
+/// (unless its `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a
+/// direct connection (when allowed). Failures are logged here.
 async fn open_upstream(
     c: &Ctx<'_>,
     dst: SocketAddr,
@@ -461,7 +461,7 @@ async fn open_upstream(
         let dw = st.workload_by_ip(dst.ip());
         // PeerAuthentication DISABLE on the destination's port: plaintext, as Istio sends it.
         let mtls_disabled = dw.is_some_and(|dw| {
-            dw.meshed
+            dw.hbone_destination()
                 && crate::policy::peer_auth::mode_of(st, dw, dst.port())
                     == crate::policy::peer_auth::Mode::Disable
         });
@@ -469,7 +469,8 @@ async fn open_upstream(
             Some(_) if mtls_disabled => {
                 debug!(%dst, src_workload = c.src_workload, "mTLS disabled by PeerAuthentication; connecting directly");
             }
-            Some(dw) if dw.meshed => {
+            // sidenode's pods, and Istio's (ztunnel's `podIP:15008`, never local).
+            Some(dw) if dw.hbone_destination() => {
                 let Some(w) = c.src else {
                     warn!(%dst, "source workload unknown; cannot present an identity");
                     return Err(Failure {
@@ -491,7 +492,7 @@ async fn open_upstream(
                     name_str(&w.name),
                     c.peer.ip(),
                 );
-                if dw.node == mesh.node {
+                if dw.meshed && dw.node == mesh.node {
                     return local(c, mesh, dw, dst, src_id, dst_id, timeout).await;
                 }
                 let tunnel_addr = SocketAddr::new(tunnel_ip, mesh_common::ports::HBONE);

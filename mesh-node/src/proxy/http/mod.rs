@@ -263,7 +263,7 @@ fn report(
     // mTLS when the answering pod is meshed and its port is not DISABLE'd.
     let mtls = match (dw, out.endpoint) {
         (Some(w), Some(ep)) => {
-            w.meshed
+            w.hbone_destination()
                 && crate::policy::peer_auth::mode_of(&st, w, ep.port())
                     != crate::policy::peer_auth::Mode::Disable
         }
@@ -992,13 +992,14 @@ async fn attempt_once(
     let dw = st.workload_by_ip(ep.ip());
     // PeerAuthentication DISABLE on the endpoint's port: plaintext, as on the L4 path.
     let mtls_disabled = dw.is_some_and(|dw| {
-        dw.meshed
+        dw.hbone_destination()
             && crate::policy::peer_auth::mode_of(st, dw, ep.port())
                 == crate::policy::peer_auth::Mode::Disable
     });
     let route = match dw {
         Some(_) if mtls_disabled => Route::Direct,
-        Some(dw) if dw.meshed => {
+        // sidenode's pods, and Istio's (ztunnel's `podIP:15008`, never local).
+        Some(dw) if dw.hbone_destination() => {
             let Some(w) = conn.src.as_ref() else {
                 warn!(endpoint = %ep, "source workload unknown; cannot present an identity");
                 count_refusal("outbound", crate::proxy::hbone::Refusal::NoCertificate);
@@ -1014,7 +1015,7 @@ async fn attempt_once(
                 name_str(&w.namespace),
                 name_str(&w.service_account),
             );
-            if dw.node == conn.mesh.node {
+            if dw.meshed && dw.node == conn.mesh.node {
                 Route::Local {
                     src_id,
                     pod: dw.uid.clone(),
