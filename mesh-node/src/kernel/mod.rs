@@ -8,6 +8,7 @@
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
 
 pub mod inpod;
+pub mod inspect;
 pub mod load;
 pub mod maps;
 pub mod mounts;
@@ -52,6 +53,32 @@ impl Pins {
     }
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// Takes the agent's lock: an exclusive `flock` on `<bpffs>/sidenode`, held while the
+    /// returned file is open (the agent keeps it for its whole life; the kernel drops it when
+    /// the process ends, however it ends). `mesh-node doctor` reads it as "an agent runs on
+    /// these pins" ([`Pins::agent_running`]). `Ok(false)`: another process holds it.
+    pub fn lock_agent(&self) -> std::io::Result<(std::fs::File, bool)> {
+        let dir = std::fs::File::open(self.root())?;
+        match dir.try_lock() {
+            Ok(()) => Ok((dir, true)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok((dir, false)),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Does a running agent hold its lock on these pins ([`Pins::lock_agent`])?
+    pub fn agent_running(&self) -> std::io::Result<bool> {
+        let dir = std::fs::File::open(self.root())?;
+        match dir.try_lock_shared() {
+            Ok(()) => {
+                dir.unlock()?;
+                Ok(false)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 }
 
