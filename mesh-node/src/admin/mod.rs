@@ -408,6 +408,9 @@ mod tests {
         let d: config_dump::ConfigDump =
             serde_json::from_str(&get(&admin, "/config_dump").body).expect("dump");
         assert_eq!((d.mode.as_str(), d.state_version), ("mesh", 0));
-        assert!(d.controller_connected.is_some(), "mesh mode says whether it is connected");
+        assert!(
+            d.controller_connected.is_some(),
+            "mesh mode says whether it is connected"
+        );
     }
 }
