@@ -161,6 +161,7 @@ fn doctor_finds_a_healthy_node_then_each_failure() -> Result<()> {
         .args(["--cert-warn", "5s"])
         .output()?;
     let out = String::from_utf8_lossy(&text.stdout);
+    eprintln!("{out}");
     ensure!(
         text.status.success() && out.starts_with("CHECK") && out.contains("node node1: healthy"),
         "text report: {out}"
