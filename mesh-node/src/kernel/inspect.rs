@@ -122,3 +122,18 @@ pub fn cgroup_link(pin: &Path) -> io::Result<CgroupLink> {
         attach_type: u32_at(24),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filesystem_types_and_a_missing_link() {
+        // PROC_SUPER_MAGIC.
+        assert_eq!(fs_magic(Path::new("/proc")).expect("statfs /proc"), 0x9fa0);
+        assert!(fs_magic(Path::new("/nonexistent/sidenode")).is_err());
+        let e =
+            cgroup_link(Path::new("/nonexistent/sidenode/links/sn_connect4")).expect_err("no pin");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+}

@@ -133,3 +133,25 @@ pub enum KernelError {
         source: std::io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock is seen from another open of the folder, and goes with the file.
+    #[test]
+    fn the_agent_lock_is_seen_while_held() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let pins = Pins::new(t.path());
+        assert!(pins.agent_running().is_err(), "no pins folder yet");
+        std::fs::create_dir_all(pins.root()).expect("mkdir");
+        assert!(!pins.agent_running().expect("probe"));
+        let (held, got) = pins.lock_agent().expect("lock");
+        assert!(got);
+        assert!(pins.agent_running().expect("probe"));
+        // A second agent does not get it.
+        assert!(!pins.lock_agent().expect("lock").1);
+        drop(held);
+        assert!(!pins.agent_running().expect("probe"));
+    }
+}
