@@ -3,7 +3,9 @@
 //!
 //! - `GET /` — the endpoints;
 //! - `GET /config_dump` — workloads, services (with endpoints), Istio and sidenode objects,
-//!   mesh settings, and the certificates held, public parts only (`config_dump`);
+//!   mesh settings, and the certificates held, public parts only (`config_dump`); in mesh mode
+//!   also whether the state stream to the controller is open and which local pods the proxy
+//!   cannot serve, and why (read by `mesh-node doctor`);
 //! - `GET /connections` — the open connections (`telemetry::conn`);
 //! - `GET /healthz/ready` — `200 ready` once the proxy serves (listeners bound; in mesh mode the
 //!   first state received), else `503` with the reason;
