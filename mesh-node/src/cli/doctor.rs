@@ -561,19 +561,16 @@ pub fn probe_check(
             .filter(|(_, _, r)| matches!(r, Ok(false)))
             .filter_map(|(_, since, _)| kernel_version(since))
             .max()
-            .unwrap_or(MIN_KERNEL);
+            .unwrap_or(MIN_KERNEL)
+            // Below the documented minimum, advise that.
+            .max(MIN_KERNEL);
         return Check::fail(
             name,
             format!("this kernel lacks {}", missing.join(", ")),
             format!(
                 "upgrade the node's kernel to Linux >= {}.{} (or enable the BPF options it was \
                  built without)",
-                newest.0.max(MIN_KERNEL.0),
-                if newest.0 > MIN_KERNEL.0 {
-                    newest.1
-                } else {
-                    newest.1.max(MIN_KERNEL.1)
-                }
+                newest.0, newest.1
             ),
         );
     }
@@ -1126,7 +1123,26 @@ mod tests {
         let c = probe_check(HELPERS, "helpers", &r);
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("b (Linux >= 5.7)"), "{c:?}");
-        assert!(c.fix.as_deref().is_some_and(|f| f.contains("5.8")), "{c:?}");
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            "{c:?}"
+        );
+        // A need newer than the documented minimum is what the fix names.
+        let r2 = [
+            ("c".to_string(), "6.3", Ok(false)),
+            ("d".to_string(), "4.19", Ok(false)),
+        ];
+        let c = probe_check(HELPERS, "helpers", &r2);
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 6.3 ")),
+            "{c:?}"
+        );
+        let r3 = [("e".to_string(), "4.19", Ok(false))];
+        let c = probe_check(HELPERS, "helpers", &r3);
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            "{c:?}"
+        );
         let ok = probe_check(HELPERS, "helpers", &r[..1]);
         assert_eq!(ok.status, Status::Ok);
         let err = [("a".to_string(), "4.10", Err("EPERM".to_string()))];
