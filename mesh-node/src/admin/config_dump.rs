@@ -34,6 +34,12 @@ pub struct ConfigDump {
     pub certificates: Vec<CertView>,
     /// The roots workload certificates are checked against.
     pub trust_bundle: Vec<RootView>,
+    /// Mesh mode: is the state stream to the controller open now? (`None`: plain mode, or a
+    /// proxy that predates the field.)
+    pub controller_connected: Option<bool>,
+    /// Meshed pods of this node the proxy cannot serve yet, by workload uid, and why (e.g.
+    /// their network namespace is not found); retried every few seconds.
+    pub unserved_pods: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,9 @@
 //!
 //! - `GET /` — the endpoints;
 //! - `GET /config_dump` — workloads, services (with endpoints), Istio and sidenode objects,
-//!   mesh settings, and the certificates held, public parts only (`config_dump`);
+//!   mesh settings, and the certificates held, public parts only (`config_dump`); in mesh mode
+//!   also whether the state stream to the controller is open and which local pods the proxy
+//!   cannot serve, and why (read by `mesh-node doctor`);
 //! - `GET /connections` — the open connections (`telemetry::conn`);
 //! - `GET /healthz/ready` — `200 ready` once the proxy serves (listeners bound; in mesh mode the
 //!   first state received), else `503` with the reason;
@@ -150,7 +152,12 @@ impl Admin {
             (true, None) => Some(Arc::default()),
         };
         let certs = mesh.map(|m| m.certs.certificates()).unwrap_or_default();
-        config_dump::build(&self.node, state.as_deref(), &certs, SystemTime::now())
+        let mut dump = config_dump::build(&self.node, state.as_deref(), &certs, SystemTime::now());
+        if self.mesh_mode {
+            dump.controller_connected = Some(crate::telemetry::node::state_is_connected());
+            dump.unserved_pods = crate::proxy::inbound::unserved();
+        }
+        dump
     }
 }
 
@@ -374,6 +381,7 @@ mod tests {
         assert_eq!(r.status, StatusCode::OK);
         let d: config_dump::ConfigDump = serde_json::from_str(&r.body).expect("dump");
         assert_eq!((d.node.as_str(), d.mode.as_str()), ("node1", "plain"));
+        assert_eq!(d.controller_connected, None, "plain mode has no controller");
     }
 
     #[test]
@@ -402,5 +410,9 @@ mod tests {
         let d: config_dump::ConfigDump =
             serde_json::from_str(&get(&admin, "/config_dump").body).expect("dump");
         assert_eq!((d.mode.as_str(), d.state_version), ("mesh", 0));
+        assert!(
+            d.controller_connected.is_some(),
+            "mesh mode says whether it is connected"
+        );
     }
 }

@@ -80,6 +80,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         })?;
     write_capture_settings(&mut maps, &cfg, &crate::proto::MeshSettings::default())?;
     kernel_log::spawn(&pins);
+    // Held until this process ends: `mesh-node doctor` reads it as "the agent runs".
+    let _agent_lock = hold_agent_lock(&pins);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Pods' namespaces are searched below the same cgroup folder the programs attach to: the
@@ -196,6 +198,34 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     info!("agent stopping; capture programs stay attached (pinned) for the next start");
     Ok(())
+}
+
+/// Takes the agent's lock on the pins ([`Pins::lock_agent`]). A doctor probing it holds it
+/// shared for an instant, so a busy lock is tried again; one that stays busy belongs to
+/// another agent on the same bpffs: warned about, and waited for in a thread.
+fn hold_agent_lock(pins: &Pins) -> Option<std::fs::File> {
+    for _ in 0..10 {
+        match pins.lock_agent() {
+            Ok((f, true)) => return Some(f),
+            Ok((_, false)) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                warn!(path = %pins.root().display(), error = %e, "cannot take the agent lock; `mesh-node doctor` will report the agent down");
+                return None;
+            }
+        }
+    }
+    warn!(path = %pins.root().display(), "another process holds the agent lock (another agent on this bpffs?); waiting for it");
+    let root = pins.root();
+    std::thread::spawn(move || {
+        if let Ok(f) = std::fs::File::open(&root)
+            && f.lock().is_ok()
+        {
+            info!(path = %root.display(), "agent lock taken");
+            // Kept open for the rest of the process.
+            std::mem::forget(f);
+        }
+    });
+    None
 }
 
 /// The meshed pods of this node, as the controller sees them.

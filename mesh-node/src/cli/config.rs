@@ -247,7 +247,7 @@ pub async fn request(
         .map_err(|_| timeout(REQUEST_TIMEOUT))?
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(
+pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
     addr: SocketAddr,
     path: &str,
 ) -> Result<T, AdminClientError> {

@@ -22,12 +22,12 @@ pub struct MapsArgs {
 }
 
 #[derive(Serialize)]
-struct Enrolled {
-    netns_cookie: u64,
-    pod: String,
-    namespace: String,
-    service_account: String,
-    ip: String,
+pub(crate) struct Enrolled {
+    pub(crate) netns_cookie: u64,
+    pub(crate) pod: String,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
+    pub(crate) ip: String,
 }
 
 #[derive(Serialize)]
@@ -61,14 +61,14 @@ struct SpliceEntry {
 }
 
 #[derive(Serialize)]
-struct View {
-    enrolled: Vec<Enrolled>,
+pub(crate) struct View {
+    pub(crate) enrolled: Vec<Enrolled>,
     strict: Vec<StrictEntry>,
     orig_dst: Vec<OrigDstEntry>,
     /// `None`: the pinned maps predate splicing.
     splice: Option<Vec<SpliceEntry>>,
     pending: usize,
-    stats: serde_json::Map<String, serde_json::Value>,
+    pub(crate) stats: serde_json::Map<String, serde_json::Value>,
 }
 
 pub fn run(args: MapsArgs) -> Result<()> {
@@ -82,7 +82,7 @@ pub fn run(args: MapsArgs) -> Result<()> {
     Ok(())
 }
 
-fn read(maps: &NodeMaps) -> View {
+pub(crate) fn read(maps: &NodeMaps) -> View {
     let mut enrolled: Vec<Enrolled> = maps
         .enrolled
         .iter()

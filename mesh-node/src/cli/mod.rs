@@ -4,6 +4,7 @@
 
 pub mod cni;
 pub mod config;
+pub mod doctor;
 pub mod maps;
 pub mod reference;
 pub mod state;
@@ -52,6 +53,10 @@ enum Cmd {
     Config(config::ConfigArgs),
     /// Show or change the node proxy's log filter at run time (through its admin API).
     LogLevel(config::LogLevelArgs),
+    /// Check this node: kernel, mounts, pins, agent, proxy, controller, certificates and
+    /// enrollment; one line each with a fix for what is broken (exit code 1 when something
+    /// fails). Run it on the node as root (docs/troubleshooting.md).
+    Doctor(doctor::DoctorArgs),
     /// Make sure the host has a bpffs at --bpffs that is a shared mount: enters the host's
     /// mount namespace (--mount-ns, with hostPID), mounts one if there is none, makes it shared
     /// if it is private. The DaemonSet's init container (privileged for this only).
@@ -551,6 +556,12 @@ pub fn main() -> Result<()> {
         Cmd::State(a) => runtime(Some(1))?.block_on(state::run(a)),
         Cmd::Config(a) => runtime(Some(1))?.block_on(config::run(a)),
         Cmd::LogLevel(a) => runtime(Some(1))?.block_on(config::log_level(a)),
+        Cmd::Doctor(a) => {
+            if !runtime(Some(1))?.block_on(doctor::run(a))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::MountBpffs { bpffs, mount_ns } => {
             use crate::kernel::mounts::{BpffsAction, ensure_shared_bpffs};
             let done = match ensure_shared_bpffs(&bpffs, &mount_ns)? {

@@ -36,8 +36,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDENODE_EBPF_OBJECT"))
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// Every program, attached at the cgroup root with a pinned link.
-const PROGRAMS: [&str; 4] = [
+/// Every program attached at the cgroup root with a pinned link (`<bpffs>/sidenode/links/<name>`).
+pub const PROGRAMS: [&str; 4] = [
     mesh_common::PROG_CONNECT4,
     mesh_common::PROG_CONNECT6,
     mesh_common::PROG_SOCKOPS,

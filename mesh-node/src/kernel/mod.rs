@@ -8,6 +8,7 @@
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
 
 pub mod inpod;
+pub mod inspect;
 pub mod load;
 pub mod log;
 pub mod maps;
@@ -53,6 +54,32 @@ impl Pins {
     }
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// Takes the agent's lock: an exclusive `flock` on `<bpffs>/sidenode`, held while the
+    /// returned file is open (the agent keeps it for its whole life; the kernel drops it when
+    /// the process ends, however it ends). `mesh-node doctor` reads it as "an agent runs on
+    /// these pins" ([`Pins::agent_running`]). `Ok(false)`: another process holds it.
+    pub fn lock_agent(&self) -> std::io::Result<(std::fs::File, bool)> {
+        let dir = std::fs::File::open(self.root())?;
+        match dir.try_lock() {
+            Ok(()) => Ok((dir, true)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok((dir, false)),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Does a running agent hold its lock on these pins ([`Pins::lock_agent`])?
+    pub fn agent_running(&self) -> std::io::Result<bool> {
+        let dir = std::fs::File::open(self.root())?;
+        match dir.try_lock_shared() {
+            Ok(()) => {
+                dir.unlock()?;
+                Ok(false)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 }
 
@@ -112,4 +139,26 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock is seen from another open of the folder, and goes with the file.
+    #[test]
+    fn the_agent_lock_is_seen_while_held() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let pins = Pins::new(t.path());
+        assert!(pins.agent_running().is_err(), "no pins folder yet");
+        std::fs::create_dir_all(pins.root()).expect("mkdir");
+        assert!(!pins.agent_running().expect("probe"));
+        let (held, got) = pins.lock_agent().expect("lock");
+        assert!(got);
+        assert!(pins.agent_running().expect("probe"));
+        // A second agent does not get it.
+        assert!(!pins.lock_agent().expect("lock").1);
+        drop(held);
+        assert!(!pins.agent_running().expect("probe"));
+    }
 }

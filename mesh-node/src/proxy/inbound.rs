@@ -70,6 +70,16 @@ fn netns_of(
 
 const NETNS: &str = crate::model::NETNS_ANNOTATION;
 
+/// The last round's problems, by pod uid, for the admin API (`/config_dump`'s
+/// `unserved_pods`, read by `mesh-node doctor`).
+static UNSERVED: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Meshed pods of this node without an HBONE listener, and why.
+pub fn unserved() -> std::collections::BTreeMap<String, String> {
+    UNSERVED.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
 pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
     let Settings {
         node,
@@ -191,6 +201,12 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
             }
         }
         let retry = !problems.is_empty();
+        if let Ok(mut u) = UNSERVED.lock() {
+            *u = problems
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
         reported = problems;
         tokio::select! {
             changed = rx.changed() => {

@@ -224,3 +224,8 @@ pub fn state_update(version: u64, snapshot: bool, built_unix_ms: u64) {
 pub fn state_connected(up: bool) {
     state_metrics().connected.set(i64::from(up));
 }
+
+/// Is the state stream to the controller open now (`sidenode_state_connected`)?
+pub fn state_is_connected() -> bool {
+    state_metrics().connected.get() == 1
+}
