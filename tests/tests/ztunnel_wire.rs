@@ -1,9 +1,17 @@
-//! Conformance with Istio ztunnel's HBONE, direction ztunnel → sidenode (issue 15, point 4):
+//! Conformance with Istio ztunnel's HBONE (issue 15, point 4), both directions.
+//!
+//! ztunnel → sidenode (`ztunnel_client_to_sidenode`):
 //! `testpod hbone-client` (`sidenode_tests::hbone_wire`, written from ztunnel's source: its
 //! TLS, HTTP/2 settings and `CONNECT` headers) plays a ztunnel in in-pod mode, run inside the
 //! network namespace of node1-pod3 (a pod sidenode does not mesh, as an ambient pod would be),
 //! with a certificate from the mesh CA for that pod's identity. It tunnels to node2-pod1, a
 //! sidenode-meshed pod, at `podIP:15008`. One cluster serves every step (`STEPS`).
+//!
+//! sidenode → ztunnel (`sidenode_client_to_ztunnel`): a pod marked as Istio ambient's
+//! (`ambient.istio.io/redirection: enabled`) whose `podIP:15008` is served by `testpod
+//! hbone-server` (the same source, ztunnel's inbound) with a certificate for its identity; a
+//! meshed sidenode pod connects to it over IPv4 and IPv6, and the server records exactly what
+//! sidenode's client sent; then a server that admits only another identity answers `401`.
 //!
 //! Run as root: `cargo test -p sidenode-tests --test ztunnel_wire -- --test-threads=1`.
 
@@ -12,7 +20,7 @@ mod common;
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use serde_json::Value;
-use sidenode_tests::cluster::{Cluster, TestCluster, pod_ip, pod_ip6};
+use sidenode_tests::cluster::{Cluster, PodObject, TestCluster, pod_ip, pod_ip6};
 use sidenode_tests::workload::Server;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -580,5 +588,183 @@ fn ztunnel_client_to_sidenode() -> Result<()> {
     if !failed.is_empty() {
         bail!("{} step(s) failed:\n{}", failed.len(), failed.join("\n"));
     }
+    Ok(())
+}
+
+/// `hbone-server` arguments: listen on `listen` with `dir`'s `name.pem`/`name.key`, records
+/// to `log`, plus `extra`.
+fn hbone_server_args(c: &Cluster, dir: &Path, name: &str, listen: &str, log: &Path) -> Vec<String> {
+    vec![
+        "hbone-server".into(),
+        "--listen".into(),
+        listen.into(),
+        "--cert".into(),
+        dir.join(format!("{name}.pem")).display().to_string(),
+        "--key".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+        "--ca".into(),
+        c.controller_ca().display().to_string(),
+        "--log".into(),
+        log.display().to_string(),
+    ]
+}
+
+/// The record of the last CONNECT `hbone-server` logged to `log`, once there is one for
+/// `authority` (the server writes it as it answers).
+fn record_for(log: &Path, authority: &str) -> Result<Value> {
+    let mut found = None;
+    wait_until(Duration::from_secs(10), || {
+        found = server_records(log)?
+            .into_iter()
+            .rev()
+            .find(|r| r["authority"] == authority);
+        Ok(found.is_some())
+    })?;
+    found.with_context(|| format!("no CONNECT for {authority} in {}", log.display()))
+}
+
+#[test]
+fn sidenode_client_to_ztunnel() -> Result<()> {
+    let _turn = serial();
+    let mut c = mesh_cluster(2, None)?;
+    const CLIENT: &str = "node1-pod1";
+    wait_enrolled(&c, "node1", "mesh", CLIENT)?;
+
+    // The "ambient" pod: in the meshed namespace, marked by Istio's CNI annotation, so
+    // sidenode tunnels to it and leaves its :15008 to "ztunnel".
+    let amb = c.add_pod("node2", "mesh", false)?;
+    let p = c.pod(&amb)?.clone();
+    let object = PodObject {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        node: p.node.clone(),
+        ip: p.ip.clone(),
+        ip6: Some(p.ip6.clone()).filter(|s| !s.is_empty()),
+        netns_path: format!("/var/run/netns/{}", p.netns),
+        service_account: format!("sa-{amb}"),
+        labels: Default::default(),
+    };
+    let yaml = object.to_yaml().replacen(
+        "  annotations:\n",
+        "  annotations:\n    \"ambient.istio.io/redirection\": \"enabled\"\n",
+        1,
+    );
+    ensure!(yaml.contains("ambient.istio.io/redirection"), "{yaml}");
+    c.write_config_file("ambient.yaml", &yaml)?;
+
+    let dir = c.state_dir.join("ztunnel-wire-out");
+    std::fs::create_dir_all(&dir)?;
+    let sd = c.controller_state_dir();
+    let chain = std::fs::read_to_string(sd.join("cert-chain.pem")).unwrap_or_default();
+    let amb_id = format!("spiffe://cluster.local/ns/mesh/sa/sa-{amb}");
+    sign(
+        &dir,
+        "ambient",
+        &amb_id,
+        (&sd.join("ca-cert.pem"), &sd.join("ca-key.pem")),
+        &chain,
+    )?;
+    let _echo = Server::start(&c, &testpod(), &amb, &[8080])?;
+    let (log4, log6) = (dir.join("v4.jsonl"), dir.join("v6.jsonl"));
+    let listen4 = format!("{}:15008", p.ip);
+    let listen6 = format!("[{}]:15008", p.ip6);
+    let spawn = |listen: &str, log: &Path, extra: &[&str]| -> Result<HttpServer> {
+        let mut args = hbone_server_args(&c, &dir, "ambient", listen, log);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        HttpServer::spawn(&c, &amb, &args)
+    };
+    let srv4 = spawn(&listen4, &log4, &[])?;
+    let _srv6 = spawn(&listen6, &log6, &[])?;
+
+    // IPv4: once node 1 knows the pod as Istio's, the connection is tunnelled to it (before,
+    // an unknown address, it goes directly: so wait for a CONNECT the server recorded).
+    let target4 = format!("{}:8080", p.ip);
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(15), || {
+        let r = dial_one(&c, CLIENT, &target4)?;
+        let tunnelled = server_records(&log4)?
+            .iter()
+            .any(|rec| rec["authority"] == target4.as_str());
+        let ok = r.echo_ok && tunnelled;
+        last = Some(r);
+        Ok(ok)
+    })?;
+    ensure!(
+        ok,
+        "{CLIENT} -> {target4} never echoed through the ambient pod's ztunnel: {last:?}"
+    );
+    let r = last.context("dialled")?;
+    let client_local = r.local.clone().context("no client address")?;
+    let rec = record_for(&log4, &target4)?;
+    let client_ip = c.pod(CLIENT)?.ip.clone();
+    let peer: std::net::SocketAddr = rec["peer"].as_str().unwrap_or_default().parse()?;
+    ensure!(
+        rec["method"] == "CONNECT" && rec["status"] == 200,
+        "not a CONNECT answered 200: {rec}"
+    );
+    ensure!(
+        rec["client_ids"] == serde_json::json!(["spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1"]),
+        "the client's certificate is not the source pod's identity: {rec}"
+    );
+    // In-pod mode: the tunnel itself comes from the source pod's address.
+    ensure!(
+        peer.ip().to_string() == client_ip,
+        "the tunnel came from {peer}, not from {CLIENT} ({client_ip}): {rec}"
+    );
+    // ztunnel's header values: `for="ip:port"` of the source connection, baggage keys in
+    // ztunnel's order, an unsampled traceparent.
+    ensure!(
+        rec["headers"]["forwarded"] == serde_json::json!([format!("for=\"{client_local}\"")]),
+        "forwarded is not ztunnel's for=\"{client_local}\": {rec}"
+    );
+    let baggage = rec["headers"]["baggage"][0].as_str().unwrap_or_default();
+    ensure!(
+        baggage.starts_with("k8s.cluster.name=Kubernetes,k8s.namespace.name=mesh,k8s.pod.name=node1-pod1,service.name="),
+        "baggage is not ztunnel's: {baggage}"
+    );
+    let tp = rec["headers"]["traceparent"][0]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-00"),
+        "traceparent {tp:?}"
+    );
+
+    // IPv6: tunnelled to the pod's IPv6 address, as ztunnel's listener requires.
+    let target6 = format!("[{}]:8080", p.ip6);
+    let r = dial_one(&c, CLIENT, &target6)?;
+    ensure!(r.echo_ok, "{CLIENT} -> {target6}: {r:?}");
+    let rec = record_for(&log6, &target6)?;
+    let peer: std::net::SocketAddr = rec["peer"].as_str().unwrap_or_default().parse()?;
+    ensure!(
+        rec["status"] == 200 && peer.ip().to_string() == c.pod(CLIENT)?.ip6,
+        "IPv6 tunnel record {rec}"
+    );
+
+    // ztunnel's inbound refusing the source identity (`401`): sidenode's client gives up on
+    // the connection and counts it as denied.
+    drop(srv4);
+    let log_strict = dir.join("strict.jsonl");
+    let _strict = spawn(
+        &listen4,
+        &log_strict,
+        &["--client-id", "spiffe://cluster.local/ns/mesh/sa/other"],
+    )?;
+    let offset = c.log_len("node1", "proxy");
+    let r = dial_one(&c, CLIENT, &target4);
+    ensure!(
+        !r.as_ref().is_ok_and(|r| r.echo_ok),
+        "echoed although the ztunnel refused the identity: {r:?}"
+    );
+    ensure!(record_for(&log_strict, &target4)?["status"] == 401);
+    wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &["tunnel refused", "reason=\"denied\""],
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
