@@ -3,12 +3,14 @@
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (L4 connections),
 //! `istio_requests_total` and `istio_request_duration_milliseconds` (HTTP requests).
 //!
-//! Label values follow Istio: `reporter` is `source` (the client's node proxy) or
-//! `destination` (the server's); workloads are named as Istio names them (the Deployment of a
-//! ReplicaSet pod: the pod name without its `pod-template-hash` suffix, else the pod name);
-//! anything not known is `unknown`. Sent/received are from the reporter's view of the
-//! downstream side: `received` = bytes of the request direction (client → server), `sent` =
-//! the response direction.
+//! Label values follow Istio, and where Istio's proxies differ, ztunnel (the node proxy
+//! sidenode stands in for, so a cluster mixing both writes one set of series): `reporter` is
+//! `source` (the client's node proxy) or `destination` (the server's); workloads are named as
+//! istiod names them ([`workload_name`]); principals are full SPIFFE ids; anything not known is
+//! `unknown`. Every label, checked against Istio's documentation, ztunnel and Envoy:
+//! docs/observability.md, "Label values, checked against Istio". Sent/received are from the
+//! reporter's view of the downstream side: `received` = bytes of the request direction
+//! (client → server), `sent` = the response direction.
 //!
 //! Bounded cardinality: every label set used is remembered with its two workloads, and
 //! [`sweep`] (run by the proxy on each state change) removes the series of workloads that have
@@ -25,9 +27,23 @@ use crate::state::NodeState;
 /// Istio's default cluster name (`values.global.multiCluster.clusterName` unset).
 pub const CLUSTER: &str = "Kubernetes";
 pub const UNKNOWN: &str = "unknown";
-/// `connection_security_policy` values.
+/// What sidenode knows of a connection's security (`Labels::security`, the access log and the
+/// admin API): `mutual_tls` (HBONE, or same-node with both identities proven) or `none`
+/// (plain TCP). The `connection_security_policy` label writes `none` as `unknown`, as ztunnel
+/// does and as Istio documents for the source reporter: [`security_policy_label`].
 pub const MUTUAL_TLS: &str = "mutual_tls";
 pub const NONE: &str = "none";
+
+/// The `connection_security_policy` label value: `mutual_tls`, else `unknown` (ztunnel writes
+/// `unknown` for every connection it does not carry over mTLS, `src/proxy/metrics.rs`
+/// `SecurityPolicy`; Istio's documentation: `unknown` when the report is from the source).
+pub fn security_policy_label(security: &str) -> &str {
+    if security == MUTUAL_TLS {
+        MUTUAL_TLS
+    } else {
+        UNKNOWN
+    }
+}
 
 /// Istio's label names for TCP metrics, in Istio's order.
 pub const TCP_LABELS: [&str; 23] = [
@@ -99,10 +115,15 @@ pub struct Side {
     pub namespace: String,
     /// SPIFFE id without `spiffe://` (Istio's principal form), or `unknown`.
     pub principal: String,
+    /// `source_app`/`destination_app`: the canonical service, as ztunnel writes it.
     pub app: String,
+    /// `source_version`/`destination_version`: the canonical revision, as ztunnel writes it.
     pub version: String,
     pub canonical_service: String,
     pub canonical_revision: String,
+    /// `source_cluster`/`destination_cluster`: [`CLUSTER`] for a pod of this cluster, `unknown`
+    /// for an address that is no workload.
+    pub cluster: String,
 }
 
 impl Default for Side {
@@ -115,60 +136,112 @@ impl Default for Side {
             version: UNKNOWN.into(),
             canonical_service: UNKNOWN.into(),
             canonical_revision: UNKNOWN.into(),
+            cluster: UNKNOWN.into(),
         }
     }
 }
 
 impl Side {
     /// A workload of the state; `principal` as proven (mTLS) or `None` (plaintext: unknown).
+    ///
+    /// Canonical service and revision as istiod computes them for ztunnel (its
+    /// `labels.CanonicalService`): `service.istio.io/canonical-name`, `app.kubernetes.io/name`,
+    /// `app`, else the workload name; `service.istio.io/canonical-revision`,
+    /// `app.kubernetes.io/version`, `version`, else `latest`. App and version are the same two
+    /// values, as ztunnel writes them (`with_source`/`with_destination`).
     pub fn of(w: &proto::Workload, principal: Option<String>) -> Side {
         let workload = workload_name(w);
         let label = |keys: &[&str]| {
             keys.iter()
                 .find_map(|k| w.labels.get(*k).filter(|v| !v.is_empty()).cloned())
         };
+        let canonical_service = label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload.clone());
+        let canonical_revision = label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| LATEST.into());
         Side {
-            canonical_service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| workload.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
-            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
-            version: label(&["version", "app.kubernetes.io/version"])
-                .unwrap_or_else(|| UNKNOWN.into()),
+            app: canonical_service.clone(),
+            version: canonical_revision.clone(),
+            canonical_service,
+            canonical_revision,
             namespace: w.namespace.clone(),
             principal: principal.unwrap_or_else(|| UNKNOWN.into()),
+            cluster: CLUSTER.into(),
             workload,
         }
     }
 
     /// Only what the kernel's workload map knows (namespace and pod name): a source pod the
-    /// state does not have (yet).
+    /// state does not have (yet), labelled as istiod would label a pod without labels.
     pub fn named(namespace: &str, pod: &str) -> Side {
         Side {
             workload: pod.to_string(),
             namespace: namespace.to_string(),
+            app: pod.to_string(),
+            version: LATEST.into(),
             canonical_service: pod.to_string(),
-            canonical_revision: "latest".into(),
+            canonical_revision: LATEST.into(),
+            cluster: CLUSTER.into(),
             ..Side::default()
         }
     }
 }
 
-/// Istio's workload name: a ReplicaSet pod (`<deployment>-<pod-template-hash>-<suffix>`)
-/// belongs to its Deployment; any other pod is its own workload.
+/// Istio's default canonical revision (no revision label).
+pub const LATEST: &str = "latest";
+
+/// Istio's workload name (istiod's `GetDeployMetaFromPod`: the pod's controller, with a
+/// ReplicaSet's Deployment and a Job's CronJob in their place), found from the labels the
+/// controllers put on their pods, since the state carries no owner references:
+/// - a ReplicaSet pod (`pod-template-hash`, `<deployment>-<hash>-<suffix>`): the Deployment;
+/// - a StatefulSet pod (`statefulset.kubernetes.io/pod-name`, `<statefulset>-<ordinal>`): the
+///   StatefulSet;
+/// - a DaemonSet pod (`pod-template-generation`, `<daemonset>-<5 characters>`): the DaemonSet;
+/// - a Job pod (`batch.kubernetes.io/job-name` or `job-name`): the Job, or its CronJob when the
+///   Job's name ends in `-<8 to 10 digits>` (istiod's `cronJobNameRegexp`);
+/// - any other pod is its own workload.
 pub fn workload_name(w: &proto::Workload) -> String {
-    if let Some(hash) = w.labels.get("pod-template-hash").filter(|h| !h.is_empty())
+    let label = |k: &str| w.labels.get(k).filter(|v| !v.is_empty());
+    if let Some(hash) = label("pod-template-hash")
         && let Some(i) = w.name.rfind(&format!("-{hash}-"))
     {
         return w.name[..i].to_string();
+    }
+    if label("statefulset.kubernetes.io/pod-name") == Some(&w.name)
+        && let Some((set, ordinal)) = w.name.rsplit_once('-')
+        && !set.is_empty()
+        && !ordinal.is_empty()
+        && ordinal.bytes().all(|b| b.is_ascii_digit())
+    {
+        return set.to_string();
+    }
+    if label("pod-template-generation").is_some()
+        && label("controller-revision-hash").is_some()
+        && let Some((set, suffix)) = w.name.rsplit_once('-')
+        && !set.is_empty()
+        && suffix.len() == 5
+    {
+        return set.to_string();
+    }
+    if let Some(job) = label("batch.kubernetes.io/job-name").or_else(|| label("job-name")) {
+        return match job.rsplit_once('-') {
+            Some((cron, stamp))
+                if !cron.is_empty()
+                    && (8..=10).contains(&stamp.len())
+                    && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_string()
+            }
+            _ => job.clone(),
+        };
     }
     w.name.clone()
 }
@@ -204,9 +277,10 @@ pub struct Labels {
     pub source: Side,
     pub destination: Side,
     pub service: Option<ServiceName>,
-    /// `tcp`, `http`, `http2`, `grpc`.
+    /// `request_protocol`: `tcp` (connections), `http` or `grpc` (requests), as Envoy writes
+    /// it (never `http2`: Envoy's stats filter knows only `http` and `grpc`).
     pub protocol: String,
-    /// `mutual_tls` or `none`.
+    /// [`MUTUAL_TLS`] or [`NONE`] (the label writes `none` as `unknown`).
     pub security: &'static str,
 }
 
@@ -216,10 +290,9 @@ impl Labels {
         let (s, d) = (&self.source, &self.destination);
         let (svc_host, svc_name, svc_ns) = match &self.service {
             Some(sv) => (sv.host.clone(), sv.name.clone(), sv.namespace.clone()),
-            None => {
-                // Istio falls back to the workload's address when there is no service.
-                (UNKNOWN.into(), UNKNOWN.into(), d.namespace.clone())
-            }
+            // No service (a pod or an outside address dialled directly): all three `unknown`,
+            // as ztunnel writes them (`with_destination_service` not called).
+            None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
         };
         vec![
             self.reporter.as_str().into(),
@@ -230,7 +303,7 @@ impl Labels {
             principal_label(&s.principal),
             s.app.clone(),
             s.version.clone(),
-            CLUSTER.into(),
+            s.cluster.clone(),
             d.workload.clone(),
             d.namespace.clone(),
             principal_label(&d.principal),
@@ -241,10 +314,10 @@ impl Labels {
             svc_ns,
             d.canonical_service.clone(),
             d.canonical_revision.clone(),
-            CLUSTER.into(),
+            d.cluster.clone(),
             self.protocol.clone(),
             flags.into(),
-            self.security.into(),
+            security_policy_label(self.security).into(),
         ]
     }
 
@@ -499,6 +572,114 @@ mod tests {
         assert_eq!(
             (bare.canonical_revision.as_str(), bare.principal.as_str()),
             ("latest", UNKNOWN)
+        );
+    }
+
+    #[test]
+    fn workloads_are_named_by_their_controller_as_istiod_names_them() {
+        let name = |pod_name: &str, labels: &[(&str, &str)]| workload_name(&pod(pod_name, labels));
+        assert_eq!(
+            name("web-7c9d8-abcde", &[("pod-template-hash", "7c9d8")]),
+            "web"
+        );
+        assert_eq!(
+            name(
+                "db-12",
+                &[
+                    ("statefulset.kubernetes.io/pod-name", "db-12"),
+                    ("controller-revision-hash", "db-6d4f"),
+                ]
+            ),
+            "db"
+        );
+        assert_eq!(
+            name(
+                "agent-x2x9z",
+                &[
+                    ("controller-revision-hash", "5b7c"),
+                    ("pod-template-generation", "3"),
+                ]
+            ),
+            "agent"
+        );
+        assert_eq!(
+            name(
+                "migrate-q8k2p",
+                &[("batch.kubernetes.io/job-name", "migrate")]
+            ),
+            "migrate"
+        );
+        assert_eq!(
+            name("backup-29012345-q8k2p", &[("job-name", "backup-29012345")]),
+            "backup",
+            "a CronJob's Job: the CronJob"
+        );
+        assert_eq!(
+            name("backup-1-q8k2p", &[("job-name", "backup-1")]),
+            "backup-1",
+            "a Job whose name merely ends in digits stays the Job"
+        );
+        // A bare pod, and a pod whose labels do not fit its name, is its own workload.
+        assert_eq!(name("db-0", &[]), "db-0");
+        assert_eq!(
+            name("db-0", &[("statefulset.kubernetes.io/pod-name", "other-0")]),
+            "db-0"
+        );
+    }
+
+    #[test]
+    fn values_follow_ztunnel_where_istios_proxies_differ() {
+        let w = pod(
+            "api-0",
+            &[("app.kubernetes.io/name", "api"), ("app", "legacy")],
+        );
+        let l = Labels {
+            reporter: Reporter::Source,
+            source: Side::of(&w, None),
+            destination: Side::default(),
+            service: None,
+            protocol: "tcp".into(),
+            security: NONE,
+        };
+        let values = l.tcp_values("-");
+        let at = |name: &str| {
+            let i = TCP_LABELS.iter().position(|n| *n == name);
+            i.map_or("(no such label)", |i| values[i].as_str())
+        };
+        // App and version are the canonical service and revision.
+        assert_eq!(at("source_app"), "api");
+        assert_eq!(at("source_canonical_service"), "api");
+        assert_eq!(at("source_version"), LATEST);
+        assert_eq!(at("source_cluster"), CLUSTER);
+        // An address that is no workload: everything unknown, its cluster too.
+        for d in [
+            "destination_workload",
+            "destination_workload_namespace",
+            "destination_principal",
+            "destination_app",
+            "destination_version",
+            "destination_canonical_service",
+            "destination_canonical_revision",
+            "destination_cluster",
+            // No service: all three unknown.
+            "destination_service",
+            "destination_service_name",
+            "destination_service_namespace",
+        ] {
+            assert_eq!(at(d), UNKNOWN, "{d}");
+        }
+        // Plaintext: `unknown`, never `none`.
+        assert_eq!(at("connection_security_policy"), UNKNOWN);
+        assert_eq!(security_policy_label(MUTUAL_TLS), MUTUAL_TLS);
+        // A pod the state does not know yet, by its name only.
+        let named = Side::named("shop", "client");
+        assert_eq!(
+            (
+                named.app.as_str(),
+                named.version.as_str(),
+                named.cluster.as_str()
+            ),
+            ("client", LATEST, CLUSTER)
         );
     }
 

@@ -48,6 +48,40 @@ pub fn authority<B>(req: &http::Request<B>) -> &str {
         .unwrap_or("")
 }
 
+/// Envoy's `isGrpcRequestHeaders`: a request is gRPC when its `content-type` starts with
+/// `application/grpc`.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The `grpc_response_status` label as Envoy's stats filter fills it (`Grpc::Common::
+/// getGrpcStatus`): empty for a request that is not gRPC; else the response's `grpc-status`,
+/// else the gRPC status of the HTTP status (`httpToGrpcStatus`: 400 → 13, 401 → 16, 403 → 7,
+/// 404 → 12, 429/502/503/504 → 14, others 2). One difference: the request is counted at its
+/// response headers, so a `200` whose status comes in the trailers is written empty (Envoy,
+/// counting at the stream's end, writes the trailer's value).
+pub fn grpc_status(grpc: bool, status: u16, headers: &http::HeaderMap) -> String {
+    if !grpc {
+        return String::new();
+    }
+    if let Some(v) = headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        return v.to_string();
+    }
+    let code = match status {
+        200 => return String::new(),
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    code.to_string()
+}
+
 /// What the access-log line says about the request besides the labels.
 pub struct RequestLog<'a> {
     pub method: &'a str,
@@ -56,6 +90,8 @@ pub struct RequestLog<'a> {
     /// The endpoint that answered (source side), if one did.
     pub upstream: Option<std::net::SocketAddr>,
     pub attempts: u32,
+    /// A gRPC request ([`is_grpc`]): `request_protocol` `grpc` and a `grpc_response_status`.
+    pub grpc: bool,
 }
 
 /// Counts a finished request and writes its access-log line.
@@ -65,12 +101,20 @@ pub fn done<B>(labels: &Labels, log: &RequestLog<'_>, resp: &Response<B>, starte
         .extensions()
         .get::<ResponseFlags>()
         .map_or("-", |f| f.0);
-    let grpc = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok());
+    let grpc = grpc_status(log.grpc, status, resp.headers());
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    istio::request(labels, flags, status, grpc, ms);
+    // A gRPC request on a port whose labels say `http` (the destination's per-request path).
+    let grpc_labels;
+    let labels = if log.grpc && labels.protocol != "grpc" {
+        grpc_labels = Labels {
+            protocol: "grpc".into(),
+            ..labels.clone()
+        };
+        &grpc_labels
+    } else {
+        labels
+    };
+    istio::request(labels, flags, status, Some(&grpc), ms);
     let id = |p: &str| {
         if p == istio::UNKNOWN {
             String::new()
@@ -87,7 +131,7 @@ pub fn done<B>(labels: &Labels, log: &RequestLog<'_>, resp: &Response<B>, starte
         authority = log.authority,
         status,
         flags,
-        grpc_status = grpc.unwrap_or(""),
+        grpc_status = %grpc,
         "src.workload" = %labels.source.workload,
         "src.namespace" = %labels.source.namespace,
         "src.identity" = %id(&labels.source.principal),
@@ -115,5 +159,22 @@ mod tests {
         assert_eq!(local_reply_flags(403, "RBAC: access denied"), "UAEX");
         assert_eq!(local_reply_flags(429, "local_rate_limited"), "RL");
         assert_eq!(local_reply_flags(200, "anything"), "-");
+    }
+
+    #[test]
+    fn grpc_status_is_filled_as_envoy_fills_it() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_status(false, 503, &h), "", "not gRPC: empty");
+        assert_eq!(grpc_status(true, 200, &h), "", "in the trailers, not seen");
+        assert_eq!(grpc_status(true, 503, &h), "14");
+        assert_eq!(grpc_status(true, 403, &h), "7");
+        assert_eq!(grpc_status(true, 500, &h), "2");
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert_eq!(grpc_status(true, 200, &h), "5", "trailers-only response");
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
     }
 }

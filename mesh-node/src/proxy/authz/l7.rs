@@ -112,6 +112,7 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let authority = crate::telemetry::request::authority(&req).to_string();
+    let grpc = crate::telemetry::request::is_grpc(req.headers());
     let resp = respond(req, t, up).await;
     let log = crate::telemetry::request::RequestLog {
         method: method.as_str(),
@@ -119,6 +120,7 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
         authority: &authority,
         upstream: Some(t.target),
         attempts: 1,
+        grpc,
     };
     crate::telemetry::request::done(&t.labels, &log, &resp, started);
     resp

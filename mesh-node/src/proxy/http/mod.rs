@@ -150,6 +150,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         authority: &authority,
         upstream: out.endpoint,
         attempts: out.attempts,
+        grpc,
     };
     report(&conn, &out, &resp, &req_log, grpc, started);
     trace.upstream(
