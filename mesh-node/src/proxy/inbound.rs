@@ -134,6 +134,7 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
         });
         for uid in closed {
             mesh.pods.close(&uid).await;
+            mesh.quic.forget_pod(&uid);
         }
         for (uid, (spec, path)) in want {
             if open.contains_key(&uid) {
@@ -149,13 +150,31 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                         warn!(pod = %uid, error = %e, "the pod will see the node's address as its clients'");
                     }
                     info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
-                    let task = tokio::spawn(accept_loop(
-                        l,
-                        uid.clone(),
-                        spec.clone(),
-                        mesh.clone(),
-                        connect_timeout,
-                    ));
+                    let tcp =
+                        accept_loop(l, uid.clone(), spec.clone(), mesh.clone(), connect_timeout);
+                    // HBONE over QUIC beside it, on UDP (hbone::quic).
+                    let quic = match super::hbone::quic::bind_udp_in_netns(&path, addr) {
+                        Ok(s) => Some(super::hbone::quic::serve_pod(
+                            s,
+                            uid.clone(),
+                            spec.identity.clone(),
+                            spec.ips.clone(),
+                            mesh.clone(),
+                            connect_timeout,
+                        )),
+                        Err(e) => {
+                            warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE/QUIC listener");
+                            None
+                        }
+                    };
+                    let task = tokio::spawn(async move {
+                        match quic {
+                            Some(q) => {
+                                tokio::join!(tcp, q);
+                            }
+                            None => tcp.await,
+                        }
+                    });
                     open.insert(uid, (spec, task));
                 }
                 Err(e) => {

@@ -92,7 +92,7 @@ where
 /// address of a workload with the caller's proven identity (a node proxy speaks for its own
 /// pods; a header naming someone else's address must not buy that address's policy or
 /// telemetry). Otherwise the tunnel's own peer address stands.
-fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, ip: IpAddr) -> bool {
+pub(super) fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, ip: IpAddr) -> bool {
     st.workload_by_ip(ip)
         .is_some_and(|w| st.identity_of(w) == *caller)
 }
