@@ -12,8 +12,10 @@ use common::*;
 use sidenode_tests::cluster::Cluster;
 use sidenode_tests::workload::{Server, Session};
 use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -363,5 +365,319 @@ fn switching_protocols_live_keeps_open_tunnels() -> Result<()> {
     );
     over_quic.close()?;
     over_h2.close()?;
+    Ok(())
+}
+
+// ---- openssl helpers ------------------------------------------------------------------------
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<String> {
+    run_ok(Command::new("openssl").current_dir(dir).args(args))
+}
+
+/// A leaf key + CSR (`<name>.key`, `<name>.csr`).
+fn new_csr(dir: &Path, name: &str) -> Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            "/O=sidenode-test",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Extensions of a workload certificate for `identity`.
+fn write_ext(dir: &Path, identity: &str) -> Result<()> {
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!(
+            "subjectAltName=URI:{identity}\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth,serverAuth\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Sign `<name>.csr` with the cluster's real CA via `openssl ca` (which can set a validity
+/// window in the past); `dates` is `Some((start, end))` in `YYYYMMDDHHMMSSZ` or `None` for
+/// "now, one day".
+fn sign_with_cluster_ca(
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    dates: Option<(&str, &str)>,
+) -> Result<()> {
+    let db = dir.join(format!("ca-{name}"));
+    std::fs::create_dir_all(db.join("new"))?;
+    std::fs::write(db.join("index.txt"), "")?;
+    std::fs::write(db.join("serial"), "1000\n")?;
+    std::fs::write(
+        db.join("ca.cnf"),
+        format!(
+            "[ca]\ndefault_ca = d\n[d]\ndir = {}\ndatabase = $dir/index.txt\n\
+             new_certs_dir = $dir/new\nserial = $dir/serial\ndefault_md = sha256\n\
+             default_days = 1\npolicy = p\ncopy_extensions = none\nunique_subject = no\n\
+             [p]\norganizationName = optional\ncommonName = optional\n",
+            db.display()
+        ),
+    )?;
+    let sd = c.controller_state_dir();
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir)
+        .args(["ca", "-batch", "-notext", "-config"])
+        .arg(db.join("ca.cnf"))
+        .args([
+            "-in",
+            &format!("{name}.csr"),
+            "-out",
+            &format!("{name}.pem"),
+        ])
+        .arg("-cert")
+        .arg(sd.join("ca-cert.pem"))
+        .arg("-keyfile")
+        .arg(sd.join("ca-key.pem"))
+        .args(["-extfile", "leaf.ext"]);
+    if let Some((start, end)) = dates {
+        cmd.args(["-startdate", start, "-enddate", end]);
+    }
+    run_ok(&mut cmd)?;
+    Ok(())
+}
+
+const REFUSED: &str = "sidenode_hbone_refused_total";
+
+fn refused(c: &Cluster, reason: &str) -> Result<f64> {
+    Ok(metric_value(
+        &proxy_metrics(c, "node2")?,
+        REFUSED,
+        &[("direction", "inbound"), ("reason", reason)],
+    ))
+}
+
+/// A UDP socket made in node1's network namespace (it stays there).
+fn udp_in_node1(c: &Cluster) -> Result<std::net::UdpSocket> {
+    let path = format!("/var/run/netns/{}", c.node("node1")?.netns);
+    let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only, with an open netns fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(std::net::UdpSocket::bind("0.0.0.0:0")?)
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("netns thread panicked"))
+    })
+}
+
+/// A QUIC handshake (ALPN h3) from node1's namespace to node2-pod1's listener with the
+/// mesh's own client configuration, `dir`'s `<name>.pem` (plus `extra_chain`) and
+/// `<name>.key`, expecting `expected` from the listener. Ok when the connection is
+/// established and still open a moment later (the listener closes a refused client's
+/// connection as soon as it has checked the client's certificate).
+fn quic_handshake(
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    extra_chain: &Path,
+    expected: &str,
+) -> Result<std::result::Result<(), String>> {
+    use mesh_node::identity::Identity;
+    use mesh_node::identity::certs::certs_from_pem;
+    use mesh_node::identity::tls::{client_config, roots_from_pem};
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut pem = std::fs::read_to_string(dir.join(format!("{name}.pem")))?;
+    pem.push_str(&std::fs::read_to_string(extra_chain)?);
+    let chain = certs_from_pem(&pem)?;
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key")))
+        .map_err(|e| anyhow::anyhow!("{name}.key: {e}"))?;
+    let roots = roots_from_pem(&std::fs::read_to_string(c.controller_ca())?)?;
+    let tls = client_config(
+        chain,
+        key,
+        roots,
+        Identity::new("cluster.local", "mesh", expected),
+    )?;
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| anyhow::anyhow!("QUIC client config: {e}"))?;
+    let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let sock = udp_in_node1(c)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let connecting = ep.connect_with(cfg, "198.19.2.2:15008".parse()?, "198.19.2.2")?;
+        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+            Err(_) => bail!("QUIC handshake not answered in 10 s"),
+            Ok(Err(e)) => return Ok(Err(e.to_string())),
+            Ok(Ok(conn)) => conn,
+        };
+        // A refused client learns it when the listener closes the connection.
+        match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+            Ok(e) => Ok(Err(e.to_string())),
+            Err(_) => {
+                conn.close(0u32.into(), b"done");
+                Ok(Ok(()))
+            }
+        }
+    })
+}
+
+#[test]
+fn quic_listener_checks_identities_both_ways() -> Result<()> {
+    let _turn = serial();
+    let (c, _srv) = mesh_with_server()?;
+    // A first tunnel so node2's proxy has node2-pod1's certificate.
+    switch_to_quic(&c)?;
+    let dir = c.state_dir.join("openssl-quic");
+    std::fs::create_dir_all(&dir)?;
+    write_ext(&dir, "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1")?;
+    let chain = c.controller_state_dir().join("cert-chain.pem");
+
+    // Control: a current certificate from the cluster's CA is accepted.
+    new_csr(&dir, "good")?;
+    sign_with_cluster_ca(&c, &dir, "good", None)?;
+    let offset = c.log_len("node2", "proxy");
+    let good = quic_handshake(&c, &dir, "good", &chain, "sa-node2-pod1")?;
+    ensure!(
+        good.is_ok(),
+        "a valid client certificate was refused over QUIC: {good:?}"
+    );
+    wait_log_all(
+        &c,
+        "node2",
+        "proxy",
+        offset,
+        &[
+            "HBONE/QUIC connection accepted",
+            "src_identity=spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1",
+        ],
+        Duration::from_secs(5),
+    )?;
+
+    // The listener refuses, counts and logs: (a) another CA, (b) an expired certificate.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "evil-ca.key",
+            "-out",
+            "evil-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=evil root",
+        ],
+    )?;
+    new_csr(&dir, "evil")?;
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "evil.csr",
+            "-CA",
+            "evil-ca.pem",
+            "-CAkey",
+            "evil-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "evil.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+        ],
+    )?;
+    new_csr(&dir, "expired")?;
+    sign_with_cluster_ca(
+        &c,
+        &dir,
+        "expired",
+        Some(("20200101000000Z", "20200102000000Z")),
+    )?;
+    for (name, extra, reason) in [
+        ("evil", dir.join("evil-ca.pem"), "untrusted"),
+        ("expired", chain.clone(), "expired"),
+    ] {
+        let before = refused(&c, reason)?;
+        let offset = c.log_len("node2", "proxy");
+        let got = quic_handshake(&c, &dir, name, &extra, "sa-node2-pod1")?;
+        ensure!(got.is_err(), "{name}: the QUIC listener accepted it");
+        let line = wait_log_all(
+            &c,
+            "node2",
+            "proxy",
+            offset,
+            &[
+                "refused an HBONE/QUIC client",
+                &format!("reason=\"{reason}\""),
+            ],
+            Duration::from_secs(5),
+        )?;
+        let after = refused(&c, reason)?;
+        ensure!(
+            after >= before + 1.0,
+            "{REFUSED}{{direction=\"inbound\",reason=\"{reason}\"}} went {before} -> {after}"
+        );
+        eprintln!("{name}: client saw {got:?}; {line}");
+    }
+
+    // (c) The client side: a listener presenting another identity than expected is refused
+    // by the mesh's verifier over QUIC too.
+    let got = quic_handshake(&c, &dir, "good", &chain, "sa-someone-else")?;
+    let Err(e) = got else {
+        bail!("the client accepted a listener with the wrong identity");
+    };
+    ensure!(
+        e.contains("wrong server identity"),
+        "wrong identity refused as: {e}"
+    );
+    eprintln!("wrong identity: {e}");
     Ok(())
 }
