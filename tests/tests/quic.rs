@@ -265,6 +265,24 @@ fn quic_tunnels_are_udp_only_encrypted_and_carry_every_byte() -> Result<()> {
     ensure!(udp > 0, "no UDP 15008 packets during the transfers");
     ensure!(tcp == 0, "{tcp} TCP 15008 packets during the transfers");
     eprintln!("transfers: {udp} UDP 15008 packets, no TCP 15008");
+    // node1's pool holds QUIC connections (CLIENT_POD's and PROBE_POD's), told from HTTP/2
+    // ones by the transport label.
+    let m = proxy_metrics(&c, "node1")?;
+    let quic = metric_value(
+        &m,
+        "sidenode_hbone_pool_connections",
+        &[("transport", "quic")],
+    );
+    let h2 = metric_value(
+        &m,
+        "sidenode_hbone_pool_connections",
+        &[("transport", "h2")],
+    );
+    ensure!(
+        quic >= 1.0,
+        "sidenode_hbone_pool_connections{{transport=\"quic\"}} is {quic}"
+    );
+    eprintln!("pool: {quic} quic, {h2} h2");
     Ok(())
 }
 
