@@ -360,6 +360,39 @@ fn switching_protocols_live_keeps_open_tunnels() -> Result<()> {
         over_h2.echo("h2 after quic")? == "h2 after quic",
         "h2 tunnel broken by the switch to quic"
     );
+    // `mesh-node config connections` on both nodes tells the two tunnels apart.
+    for node in ["node1", "node2"] {
+        let out = c
+            .node_command(node, sidenode_tests::workload::mesh_node_path())?
+            .args(["config", "connections", "--json"])
+            .output()
+            .context("running mesh-node config connections")?;
+        ensure!(
+            out.status.success(),
+            "mesh-node config connections on {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{}", String::from_utf8_lossy(&out.stdout)))?;
+        let transports: Vec<&str> = list
+            .as_array()
+            .context("connections is not a list")?
+            .iter()
+            .filter(|c| c["dst_addr"] == TARGET)
+            .filter_map(|c| c["transport"].as_str())
+            .collect();
+        ensure!(
+            transports.contains(&"h2") && transports.contains(&"quic"),
+            "{node}: open connections to {TARGET} by transport: {transports:?}"
+        );
+        let table = c
+            .node_command(node, sidenode_tests::workload::mesh_node_path())?
+            .args(["config", "connections"])
+            .output()?;
+        let table = String::from_utf8_lossy(&table.stdout).into_owned();
+        ensure!(table.contains("TRANSPORT"), "{node}: {table}");
+        eprintln!("{node}: {transports:?}\n{table}");
+    }
 
     c.write_config_file("meshconfig.yaml", &mesh_config("h2"))?;
     // New connections go over TCP 15008 again: watch node1's link until a 1 MB transfer is

@@ -326,6 +326,14 @@ fn conn_meta(
         src_addr: c.peer,
         dst_addr: dst,
         hbone_addr,
+        transport: match up {
+            Some(Upstream::Hbone {
+                io: TunnelIo::Quic(_),
+                ..
+            }) => Some("quic"),
+            Some(Upstream::Hbone { .. }) => Some("h2"),
+            _ => None,
+        },
     }
 }
 

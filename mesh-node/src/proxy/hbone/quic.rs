@@ -671,13 +671,14 @@ async fn handle(
     let client_ip = claimed
         .filter(|ip| server::trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
         .unwrap_or(conn.peer.ip());
-    let admitted = match server::admit(&conn, target, client_ip, &span).await {
+    let mut admitted = match server::admit(&conn, target, client_ip, &span).await {
         Ok(a) => a,
         Err(code) => {
             answer(&mut stream, code, &trace).await;
             return;
         }
     };
+    admitted.meta.transport = Some("quic");
     if !answer(&mut stream, StatusCode::OK, &trace).await {
         crate::telemetry::conn::Tracked::open_since(admitted.meta, admitted.accepted)
             .close("DC", Some("the tunnel closed before its answer"));
