@@ -103,7 +103,10 @@ macro_rules! bridge {
                             return;
                         }
                         Err(e) => {
+                            // A pipe carries no reset: the other side sees the end of the
+                            // stream (docs/architecture.md, "HBONE over QUIC", limits).
                             debug!(error = %e, "HBONE/QUIC stream reset");
+                            let _ = wr.shutdown().await;
                             return;
                         }
                     }
