@@ -858,3 +858,54 @@ fn garbage_and_initial_floods_do_not_disturb_the_listener() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn strict_peer_authentication_admits_quic_tunnels() -> Result<()> {
+    let _turn = serial();
+    let (c, _srv) = mesh_with_server()?;
+    c.write_config_file(
+        "peerauth.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: server-strict\n  namespace: mesh\nspec:\n  selector:\n    matchLabels:\n      app: node2-pod1\n  mtls:\n    mode: STRICT\n",
+    )?;
+    // node2's kernel holds the STRICT entry for the server pod.
+    let strict = wait_until(Duration::from_secs(15), || {
+        let v = c.maps_json("node2")?;
+        Ok(v["strict"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|e| e["ip"] == "198.19.2.2" && e["mode"] == "STRICT")
+        }))
+    })?;
+    ensure!(strict, "no STRICT entry for 198.19.2.2 in node2's maps");
+    // Plaintext from the unenrolled pod is dropped (STRICT is in force)...
+    let mut r = sidenode_tests::workload::dial(
+        &c,
+        &testpod(),
+        "node1-pod3",
+        &[TARGET.to_string()],
+        1,
+        1,
+        0,
+    )?;
+    let r = r.pop().context("empty dial report")?;
+    let err = r.error.as_deref().unwrap_or_default();
+    ensure!(
+        !r.echo_ok && err.starts_with("connect:") && err.contains("timed out"),
+        "plaintext to a STRICT pod should be dropped (connect timed out): {r:?}"
+    );
+    // ...and QUIC tunnels to it pass (UDP 15008 is admitted as TCP 15008 is).
+    switch_to_quic(&c)?;
+    let offset = c.log_len("node2", "proxy");
+    transfer(&c, CLIENT_POD, TARGET, 4 * MB, 2)?;
+    let accepted = lines_after(
+        &c,
+        "node2",
+        "proxy",
+        offset,
+        "HBONE/QUIC connection accepted",
+    );
+    ensure!(
+        !accepted.is_empty(),
+        "the transfer to the STRICT pod did not go over a new QUIC connection"
+    );
+    Ok(())
+}
