@@ -25,6 +25,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client has to complete the TLS handshake on an HBONE listener (a peer that
 /// stalls mid-handshake is dropped and counted as `reason="handshake"`).
 pub const HBONE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// With `tunnelProtocol: quic`, how long a new QUIC connection may wait for the destination's
+/// answer before the tunnel is opened over HTTP/2 instead: quinn's first Initial retransmit
+/// comes after about 1 s (initial RTT estimate 333 ms, PTO 3x), so 1.5 s gives one retry.
+pub const QUIC_FALLBACK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// After a fallback, how long a destination is reached over HTTP/2 before QUIC is tried again.
+pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How long the proxy lets open connections finish after SIGTERM.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where pins go when `--bpffs` is not given.

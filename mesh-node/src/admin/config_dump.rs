@@ -430,6 +430,7 @@ mod tests {
             settings: Some(proto::MeshSettings {
                 exclude_ports: vec![22],
                 exclude_cidrs: vec!["10.9.0.0/16".into()],
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -485,6 +485,8 @@ pub struct Connection {
     pub src_addr: String,
     pub dst_addr: String,
     pub hbone_addr: Option<String>,
+    /// `h2` or `quic` for a tunnelled connection.
+    pub transport: Option<String>,
     pub src_workload: String,
     pub src_namespace: String,
     pub src_identity: String,
@@ -519,6 +521,7 @@ pub fn connections_table(c: &[Connection]) -> String {
                 end(&c.src_namespace, &c.src_workload, &c.src_addr),
                 end(&c.dst_namespace, &c.dst_workload, &c.dst_addr),
                 c.dst_service.clone().unwrap_or_default(),
+                c.transport.clone().unwrap_or_else(|| "-".into()),
                 format!("{} -> {}", c.src_identity, c.dst_identity),
                 format!("{}/{}", c.bytes_received, c.bytes_sent),
                 human_secs(c.duration_ms / 1000),
@@ -531,6 +534,7 @@ pub fn connections_table(c: &[Connection]) -> String {
             "SRC",
             "DST",
             "SERVICE",
+            "TRANSPORT",
             "IDENTITIES",
             "BYTES RX/TX",
             "AGE",
@@ -936,12 +940,15 @@ mod tests {
             bytes_received: 8,
             bytes_sent: 14,
             duration_ms: 61_000,
+            transport: Some("quic".into()),
             ..Default::default()
         };
         let t = connections_table(&[c]);
         let row = t.lines().nth(1).expect("row");
         assert!(
-            row.starts_with("in    mesh/node1-pod1 198.19.1.2:40000   198.19.2.2:8080   -   "),
+            row.starts_with(
+                "in    mesh/node1-pod1 198.19.1.2:40000   198.19.2.2:8080   -         quic   "
+            ),
             "{t}"
         );
         assert!(row.ends_with("8/14          1m1s"), "{t}");

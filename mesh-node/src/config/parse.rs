@@ -516,6 +516,7 @@ struct RawMeshConfigSpec {
     exclude_cidrs: Vec<String>,
     #[serde(rename = "certTTL")]
     cert_ttl: Option<String>,
+    tunnel_protocol: Option<String>,
 }
 
 impl RawMeshConfig {
@@ -560,11 +561,22 @@ impl RawMeshConfig {
                     })?,
             ),
         };
+        if let Some(p) = &spec.tunnel_protocol
+            && p != "h2"
+            && p != "quic"
+        {
+            return Err(ObjError::field(
+                line,
+                "spec.tunnelProtocol",
+                format!("`{p}` is not `h2` or `quic`"),
+            ));
+        }
         Ok(Object::MeshConfig(MeshConfig {
             name,
             exclude_ports: spec.exclude_ports,
             exclude_cidrs,
             cert_ttl,
+            tunnel_protocol: spec.tunnel_protocol,
             origin,
         }))
     }

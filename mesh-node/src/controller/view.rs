@@ -169,6 +169,9 @@ impl View {
             exclude_cidrs: mc
                 .map(|m| m.exclude_cidrs.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
+            tunnel_protocol: mc
+                .and_then(|m| m.tunnel_protocol.clone())
+                .unwrap_or_default(),
         };
         View {
             version: 0,

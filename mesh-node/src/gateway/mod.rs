@@ -244,6 +244,7 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
         state: state.clone(),
         certs: certs.clone(),
         pool: Default::default(),
+        quic: Default::default(),
         authz: Default::default(),
         limiter: Default::default(),
         // No node: every meshed backend is reached through its node's tunnel.

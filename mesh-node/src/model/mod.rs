@@ -204,6 +204,8 @@ pub struct MeshConfig {
     pub exclude_cidrs: Vec<ipnet::IpNet>,
     /// Workload certificate lifetime (replaces the controller's `--cert-ttl`).
     pub cert_ttl: Option<std::time::Duration>,
+    /// Transport of new HBONE tunnels (`spec.tunnelProtocol`: `h2`, the default, or `quic`).
+    pub tunnel_protocol: Option<String>,
     pub origin: Origin,
 }
 

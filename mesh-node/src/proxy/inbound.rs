@@ -145,6 +145,7 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
         });
         for uid in closed {
             mesh.pods.close(&uid).await;
+            mesh.quic.forget_pod(&uid);
         }
         for (uid, (spec, path)) in want {
             if open.contains_key(&uid) {
@@ -174,7 +175,7 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                             }
                         }
                     }
-                    let mut tasks = Vec::with_capacity(listeners.len());
+                    let mut tasks = Vec::with_capacity(2 * listeners.len());
                     for (addr, l) in listeners {
                         info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
                         tasks.push(tokio::spawn(accept_loop(
@@ -184,6 +185,20 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                             mesh.clone(),
                             connect_timeout,
                         )));
+                        // HBONE over QUIC beside it, on UDP (hbone::quic).
+                        match super::hbone::quic::bind_udp_in_netns(&path, addr) {
+                            Ok(s) => tasks.push(tokio::spawn(super::hbone::quic::serve_pod(
+                                s,
+                                uid.clone(),
+                                spec.identity.clone(),
+                                spec.ips.clone(),
+                                mesh.clone(),
+                                connect_timeout,
+                            ))),
+                            Err(e) => {
+                                warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE/QUIC listener");
+                            }
+                        }
                     }
                     open.insert(uid, (spec, tasks));
                 }

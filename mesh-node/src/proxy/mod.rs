@@ -80,6 +80,8 @@ pub struct Mesh {
     pub state: StateRx,
     pub certs: Arc<CertManager>,
     pub pool: hbone::pool::Pool,
+    /// Outbound HBONE over QUIC: client endpoints and pooled connections (`hbone::quic`).
+    pub quic: hbone::quic::Clients,
     /// Open inbound tunnels, re-checked against `AuthorizationPolicy` on state changes.
     pub authz: Arc<authz::registry::Registry>,
     /// `RateLimitPolicy` token buckets of this node's workloads.
@@ -216,6 +218,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         state: rx,
         certs: certs.clone(),
         pool: Default::default(),
+        quic: Default::default(),
         authz: Default::default(),
         limiter: Default::default(),
         node: cfg.node.clone(),

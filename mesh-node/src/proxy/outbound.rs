@@ -97,9 +97,15 @@ struct Ctx<'a> {
 }
 
 /// An open upstream connection.
+/// A tunnel's stream: an HTTP/2 stream, or an HTTP/3 one bridged to a pipe (`hbone::quic`).
+enum TunnelIo {
+    H2(H2Stream),
+    Quic(tokio::io::DuplexStream),
+}
+
 enum Upstream {
     Hbone {
-        io: H2Stream,
+        io: TunnelIo,
         src_id: Identity,
         dst_id: Identity,
         tunnel_addr: SocketAddr,
@@ -320,6 +326,14 @@ fn conn_meta(
         src_addr: c.peer,
         dst_addr: dst,
         hbone_addr,
+        transport: match up {
+            Some(Upstream::Hbone {
+                io: TunnelIo::Quic(_),
+                ..
+            }) => Some("quic"),
+            Some(Upstream::Hbone { .. }) => Some("h2"),
+            _ => None,
+        },
     }
 }
 
@@ -595,19 +609,47 @@ async fn tunnel(
         .as_ref()
         .zip(c.mesh)
         .and_then(|(w, (st, _))| mesh.tunnel_source(st, w));
-    let req = TunnelRequest {
+    let req = || TunnelRequest {
         cert: &cert,
         dst_identity: dst_id.clone(),
         tunnel_addr,
         target: dst,
         client: c.peer,
-        src_netns,
-        baggage,
+        src_netns: src_netns.clone(),
+        baggage: baggage.clone(),
         traceparent: c.trace.traceparent(),
     };
-    match open(&mesh.pool, req, timeout).await {
+    // `MeshConfig.spec.tunnelProtocol: quic`: HTTP/3 first, HTTP/2 for a destination whose
+    // UDP 15008 does not answer (docs/architecture.md, "Decision: HBONE over QUIC").
+    let quic_wanted = mesh.state.borrow().settings.tunnel_protocol == "quic";
+    if quic_wanted && mesh.quic.may_try(tunnel_addr) {
+        let wait = timeout.min(crate::defaults::QUIC_FALLBACK_TIMEOUT);
+        match super::hbone::quic::open(&mesh.quic, req(), wait).await {
+            Ok(io) => {
+                return Ok(Upstream::Hbone {
+                    io: TunnelIo::Quic(io),
+                    src_id,
+                    dst_id,
+                    tunnel_addr,
+                });
+            }
+            Err(e) if e.no_answer() => {
+                mesh.quic.fall_back(tunnel_addr);
+                warn!(%dst, %tunnel_addr, error = %e, "no answer over QUIC; HTTP/2 to this destination for a while");
+            }
+            Err(e) => {
+                let (reason, unreachable) = e.refusal();
+                warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, transport = "quic", "tunnel refused");
+                return Err(Failure {
+                    refusal: Some(reason),
+                    unreachable,
+                });
+            }
+        }
+    }
+    match open(&mesh.pool, req(), timeout).await {
         Ok(io) => Ok(Upstream::Hbone {
-            io,
+            io: TunnelIo::H2(io),
             src_id,
             dst_id,
             tunnel_addr,
@@ -647,7 +689,21 @@ async fn splice(
     let dst = meta.dst_addr;
     let tracked = Tracked::open_since(meta, started);
     let (result, protocol) = match upstream {
-        Upstream::Hbone { io, .. } => {
+        Upstream::Hbone {
+            io: TunnelIo::Quic(mut io),
+            ..
+        } => {
+            let mut down = tracked.count(inbound);
+            (
+                tokio::io::copy_bidirectional_with_sizes(&mut down, &mut io, COPY_BUF, COPY_BUF)
+                    .await,
+                "hbone",
+            )
+        }
+        Upstream::Hbone {
+            io: TunnelIo::H2(io),
+            ..
+        } => {
             // The app's socket is the downstream side: what comes from it is received.
             let (mut received, mut sent) = tracked.meters();
             let mut inbound = inbound;

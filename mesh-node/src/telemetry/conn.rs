@@ -35,6 +35,9 @@ pub struct ConnMeta {
     pub dst_addr: SocketAddr,
     /// The HBONE listener the tunnel went to (source) or came in on (destination).
     pub hbone_addr: Option<SocketAddr>,
+    /// The tunnel's transport (`h2` or `quic`, `MeshConfig.spec.tunnelProtocol`); `None`:
+    /// no tunnel.
+    pub transport: Option<&'static str>,
 }
 
 /// Bytes so far, shared between the copy and the open-connection list.
@@ -235,6 +238,8 @@ pub struct ConnectionView {
     pub src_addr: String,
     pub dst_addr: String,
     pub hbone_addr: Option<String>,
+    /// `h2` or `quic` for a tunnelled connection.
+    pub transport: Option<&'static str>,
     pub src_workload: String,
     pub src_namespace: String,
     pub src_identity: String,
@@ -262,6 +267,7 @@ pub fn open_connections() -> Vec<ConnectionView> {
                 src_addr: o.meta.src_addr.to_string(),
                 dst_addr: o.meta.dst_addr.to_string(),
                 hbone_addr: o.meta.hbone_addr.map(|a| a.to_string()),
+                transport: o.meta.transport,
                 src_workload: l.source.workload.clone(),
                 src_namespace: l.source.namespace.clone(),
                 src_identity: l.source.principal.clone(),
@@ -440,6 +446,7 @@ pub(crate) fn test_meta(ns: &str, reporter: crate::telemetry::istio::Reporter) -
         src_addr: "127.0.0.1:1000".parse().expect("addr"),
         dst_addr: "127.0.0.1:2000".parse().expect("addr"),
         hbone_addr: None,
+        transport: None,
     }
 }
 

@@ -7,7 +7,8 @@
 //! - `sidenode_enrolled_netns`: network namespaces enrolled on this node (`SN_ENROLLED`);
 //! - `sidenode_certificate_expiration_timestamp_seconds{identity}`: when each workload
 //!   certificate the proxy holds expires (Unix seconds; alert on `- time()`);
-//! - `sidenode_hbone_pool_connections`: pooled outbound HBONE (HTTP/2) connections;
+//! - `sidenode_hbone_pool_connections{transport="h2|quic"}`: pooled outbound HBONE
+//!   connections, HTTP/2 over TLS over TCP or HTTP/3 over QUIC (`tunnelProtocol`);
 //! - `sidenode_open_connections{reporter}`: L4 connections open now;
 //! - `sidenode_rate_limit_buckets`: token buckets held.
 //!
@@ -49,7 +50,7 @@ const CERT_EXPIRY: (&str, &str) = (
 );
 const POOL: (&str, &str) = (
     "sidenode_hbone_pool_connections",
-    "Pooled outbound HBONE (HTTP/2) connections",
+    "Pooled outbound HBONE connections, by transport (h2: HTTP/2 over TLS/TCP, quic: HTTP/3)",
 );
 const OPEN: (&str, &str) = (
     "sidenode_open_connections",
@@ -66,7 +67,7 @@ impl NodeCollector {
             (CAPTURE, vec!["event"]),
             (ENROLLED, vec![]),
             (CERT_EXPIRY, vec!["identity"]),
-            (POOL, vec![]),
+            (POOL, vec!["transport"]),
             (OPEN, vec!["reporter"]),
             (BUCKETS, vec![]),
         ]
@@ -141,9 +142,11 @@ impl Collector for NodeCollector {
                     .set(at);
             }
             out.extend(expiry.collect());
-            let pool = IntGauge::with_opts(opts(POOL.0, POOL.1))
+            let pool = IntGaugeVec::new(opts(POOL.0, POOL.1), &["transport"])
                 .unwrap_or_else(|_| unreachable!("static metric definition"));
-            pool.set(mesh.pool.len() as i64);
+            pool.with_label_values(&["h2"]).set(mesh.pool.len() as i64);
+            pool.with_label_values(&["quic"])
+                .set(mesh.quic.len() as i64);
             out.extend(pool.collect());
             let buckets = IntGauge::with_opts(opts(BUCKETS.0, BUCKETS.1))
                 .unwrap_or_else(|_| unreachable!("static metric definition"));

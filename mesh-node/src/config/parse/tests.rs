@@ -245,3 +245,20 @@ spec:
         "{e}"
     );
 }
+
+#[test]
+fn mesh_config_tunnel_protocol_is_h2_or_quic() {
+    let p = parse("kind: MeshConfig\nmetadata: {name: default}\nspec: {tunnelProtocol: quic}\n");
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let Object::MeshConfig(m) = &p.objects[0] else {
+        panic!("a MeshConfig")
+    };
+    assert_eq!(m.tunnel_protocol.as_deref(), Some("quic"));
+    let p = parse("kind: MeshConfig\nmetadata: {name: default}\nspec: {tunnelProtocol: h3}\n");
+    assert!(p.objects.is_empty());
+    let e = p.errors[0].to_string();
+    assert!(
+        e.contains("spec.tunnelProtocol: `h3` is not `h2` or `quic`"),
+        "{e}"
+    );
+}

@@ -98,24 +98,30 @@ pub async fn open(
         }
     };
     let mut sender = sender.h2.ready().await?;
-    // The headers ztunnel sends, in its order: `baggage`, `forwarded`, `traceparent` (always:
-    // an unsampled one of our own when the connection is not traced).
-    let traceparent = req
-        .traceparent
-        .unwrap_or_else(crate::telemetry::trace::unsampled_traceparent);
-    let connect = Request::builder()
-        .method(Method::CONNECT)
-        .uri(req.target.to_string())
-        .header("baggage", req.baggage)
-        .header("forwarded", format!("for={}", forwarded_for(req.client)))
-        .header(crate::telemetry::trace::TRACEPARENT, traceparent)
-        .body(())?;
+    let connect = connect_request(&req)?;
     let (resp, send) = sender.send_request(connect, false)?;
     let resp = resp.await?;
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Status(resp.status()));
     }
     Ok(H2Stream::new(send, resp.into_body()))
+}
+
+/// The `CONNECT` of a tunnel, HTTP/2 or HTTP/3 alike: `:authority` the target, and the
+/// headers ztunnel sends, in its order: `baggage`, `forwarded`, `traceparent` (always: an
+/// unsampled one of our own when the connection is not traced).
+pub(super) fn connect_request(req: &TunnelRequest<'_>) -> Result<Request<()>, http::Error> {
+    let traceparent = req
+        .traceparent
+        .clone()
+        .unwrap_or_else(crate::telemetry::trace::unsampled_traceparent);
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(req.target.to_string())
+        .header("baggage", req.baggage.as_str())
+        .header("forwarded", format!("for={}", forwarded_for(req.client)))
+        .header(crate::telemetry::trace::TRACEPARENT, traceparent)
+        .body(())
 }
 
 /// RFC 7239 `for=` value as ztunnel writes it: `"ip:port"`, IPv6 `"[v6]:port"` (quoted, as

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod pool;
+pub mod quic;
 pub mod request;
 pub mod server;
 pub mod stream;

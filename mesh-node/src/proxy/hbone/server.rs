@@ -98,7 +98,7 @@ where
 /// address of a workload with the caller's proven identity (a node proxy speaks for its own
 /// pods; a header naming someone else's address must not buy that address's policy or
 /// telemetry). Otherwise the tunnel's own peer address stands.
-fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, ip: IpAddr) -> bool {
+pub(super) fn trusted_forwarded_ip(st: &NodeState, caller: &Identity, ip: IpAddr) -> bool {
     st.workload_by_ip(ip)
         .is_some_and(|w| st.identity_of(w) == *caller)
 }
@@ -151,6 +151,8 @@ fn inbound_meta(st: &NodeState, conn: &Conn, target: SocketAddr, client_ip: IpAd
         src_addr: SocketAddr::new(client_ip, 0),
         dst_addr: target,
         hbone_addr: Some(SocketAddr::new(target.ip(), mesh_common::ports::HBONE)),
+        // Set by the listener that carried the tunnel (`None`: same node, no tunnel).
+        transport: None,
     }
 }
 
@@ -202,10 +204,11 @@ async fn handle(
     let client_ip = claimed
         .filter(|ip| trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
         .unwrap_or(conn.peer.ip());
-    let admitted = match admit(&conn, target, client_ip, &span).await {
+    let mut admitted = match admit(&conn, target, client_ip, &span).await {
         Ok(a) => a,
         Err(code) => return status(&mut respond, code),
     };
+    admitted.meta.transport = Some("h2");
     let recv = req.into_body();
     let Some(send) = respond_with(&mut respond, StatusCode::OK, &trace) else {
         Tracked::open_since(admitted.meta, admitted.accepted)

@@ -1,0 +1,680 @@
+//! HBONE over HTTP/3 (docs/architecture.md, "Decision: HBONE over QUIC"): the same `CONNECT`
+//! (`:authority` = destination `ip:port`, `forwarded`, `baggage`, `traceparent`), the same
+//! answers and the same mutual TLS 1.3 with SPIFFE certificates as the HTTP/2 form, carried on
+//! QUIC (quinn) with ALPN `h3`. The destination listens on UDP `podIP:15008` inside the pod's
+//! namespace, beside the TCP listener; one QUIC connection per pool key (as `pool`), one
+//! bidirectional stream per tunnelled connection. Client endpoints (UDP sockets) are made per
+//! source pod inside its namespace, or the node's own.
+//!
+//! A tunnel's stream is handed to the proxy's copy loops as a byte stream: a task pumps between
+//! the HTTP/3 stream and one end of an in-memory duplex pipe ([`bridge`]); a finished stream
+//! (FIN) is a half-close both ways.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::client::TunnelRequest;
+use super::pool::PoolKey;
+use super::server::{self, Conn};
+use super::{Refusal, count_refusal, request};
+use crate::identity::Identity;
+use crate::identity::certs::peer_identity;
+use crate::identity::manager::WorkloadCert;
+use crate::proxy::socket::PodNetns;
+
+/// ALPN of HBONE over QUIC.
+pub const ALPN: &[u8] = b"h3";
+/// Per-stream receive window: as the HTTP/2 stream window (`STREAM_WINDOW`), so one tunnel
+/// is not capped by flow control on a millisecond of latency.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection-wide receive window (as HTTP/2's `CONNECTION_WINDOW`).
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Bytes the sender may have in flight per connection (quinn's default is 10 MB; sized as the
+/// receive window so the windows, not the send buffer, bound a bulk flow).
+pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+/// A connection silent this long (no packet, keep-alives included) is closed by either side.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pooled client connections send a PING this often, well inside `IDLE_TIMEOUT`, so an idle
+/// pooled connection stays open and a dead peer is found within `IDLE_TIMEOUT`.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// Streams (tunnels) one QUIC connection carries at once, as HTTP/2's `MAX_STREAMS`.
+pub const MAX_STREAMS: u32 = 100;
+/// Size of the in-memory pipe between an HTTP/3 stream and the proxy's copy loops.
+pub const BRIDGE_BUF: usize = 256 * 1024;
+/// Largest read from the pipe sent as one DATA frame.
+const CHUNK: usize = 64 * 1024;
+/// UDP socket buffers of an endpoint: the kernel's default (208 KiB) drops datagrams of a
+/// bulk flow before quinn reads them.
+const UDP_BUF: usize = 4 * 1024 * 1024;
+
+/// Pumps between an HTTP/3 stream's halves and a new duplex pipe; evaluates to the pipe's
+/// other end. EOF read from the pipe finishes the stream (FIN); the stream's end shuts the
+/// pipe's write side.
+macro_rules! bridge {
+    ($send:expr, $recv:expr) => {{
+        let (mut send, mut recv) = ($send, $recv);
+        let (app, mine) = tokio::io::duplex(BRIDGE_BUF);
+        let (mut rd, mut wr) = tokio::io::split(mine);
+        tokio::spawn(async move {
+            let up = async move {
+                let mut buf = BytesMut::with_capacity(CHUNK);
+                loop {
+                    buf.reserve(CHUNK);
+                    match rd.read_buf(&mut buf).await {
+                        Ok(0) => {
+                            let _ = send.finish().await;
+                            return;
+                        }
+                        Ok(_) => {
+                            if send.send_data(buf.split().freeze()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                            return;
+                        }
+                    }
+                }
+            };
+            let down = async move {
+                loop {
+                    match recv.recv_data().await {
+                        Ok(Some(mut b)) => {
+                            while b.has_remaining() {
+                                let chunk = b.copy_to_bytes(b.chunk().len());
+                                if wr.write_all(&chunk).await.is_err() {
+                                    recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                        Err(e) => {
+                            // A pipe carries no reset: the other side sees the end of the
+                            // stream (docs/architecture.md, "HBONE over QUIC", limits).
+                            debug!(error = %e, "HBONE/QUIC stream reset");
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                    }
+                }
+            };
+            tokio::join!(up, down);
+        });
+        app
+    }};
+}
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("QUIC socket for {addr}: {source}")]
+    Socket {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QUIC connection to {addr} refused ({}): {detail}", reason.as_str())]
+    Handshake {
+        addr: SocketAddr,
+        reason: Refusal,
+        detail: String,
+    },
+    #[error("QUIC connection to {addr} not answered within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS settings: {0}")]
+    Config(String),
+    #[error("HTTP/3: {0}")]
+    H3(String),
+    #[error("CONNECT answered {0}")]
+    Status(StatusCode),
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] http::Error),
+}
+
+impl QuicError {
+    /// The refusal this failure is counted as, and whether the destination is unreachable.
+    pub fn refusal(&self) -> (Refusal, bool) {
+        match self {
+            QuicError::Handshake { reason, .. } => (*reason, false),
+            QuicError::Socket { .. } | QuicError::Timeout { .. } => (Refusal::Unreachable, true),
+            QuicError::Status(StatusCode::SERVICE_UNAVAILABLE) => (Refusal::Unreachable, true),
+            QuicError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
+            QuicError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                (Refusal::Denied, false)
+            }
+            _ => (Refusal::Handshake, false),
+        }
+    }
+
+    /// The destination never answered (no QUIC path): worth trying HTTP/2.
+    pub fn no_answer(&self) -> bool {
+        matches!(self, QuicError::Timeout { .. })
+    }
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
+        // HTTP/3 needs three unidirectional streams each way (control, QPACK encoder and decoder).
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(8))
+        .keep_alive_interval(Some(KEEPALIVE_INTERVAL));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// Classifies a handshake failure by what quinn/rustls reported (as `Refusal::of_tls`).
+fn handshake_refusal(e: &quinn::ConnectionError) -> Refusal {
+    Refusal::of_tls(&std::io::Error::other(e.to_string()))
+}
+
+/// A UDP socket marked as the proxy's (the capture programs skip it), bound to `bind`,
+/// non-blocking, with large buffers.
+fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Without CAP_NET_ADMIN (the gateway) the socket stays unmarked: nothing captures there.
+    if let Err(e) = s.set_mark(mesh_common::ports::PROXY_MARK) {
+        debug!(error = %e, "QUIC socket left unmarked");
+    }
+    let _ = s.set_recv_buffer_size(UDP_BUF);
+    let _ = s.set_send_buffer_size(UDP_BUF);
+    s.set_nonblocking(true)?;
+    s.bind(&bind.into())?;
+    Ok(s.into())
+}
+
+/// A UDP socket made inside the namespace at `path`, bound to `addr`.
+pub fn bind_udp_in_netns(path: &Path, addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let ns = File::open(path)?;
+    crate::kernel::inpod::within(&ns, || udp_socket(addr))
+}
+
+fn endpoint(
+    sock: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+fn server_config(cert: &WorkloadCert) -> Result<Arc<quinn::ServerConfig>, QuicError> {
+    let mut tls = (*cert.server_config).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    c.transport_config(Arc::new(transport()));
+    Ok(Arc::new(c))
+}
+
+fn client_config(cert: &WorkloadCert, dst: &Identity) -> Result<quinn::ClientConfig, QuicError> {
+    let tls = cert
+        .client_config(dst.clone())
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(Arc::new(transport()));
+    Ok(c)
+}
+
+/// A pooled QUIC connection and its HTTP/3 request sender.
+#[derive(Clone)]
+struct Pooled {
+    conn: quinn::Connection,
+    send: SendRequest,
+}
+
+/// Outbound QUIC: client endpoints by source (pod uid or the node, and address family) and
+/// pooled connections by [`PoolKey`].
+#[derive(Default)]
+pub struct Clients {
+    endpoints: Mutex<HashMap<(Option<String>, bool), quinn::Endpoint>>,
+    conns: Mutex<HashMap<PoolKey, Pooled>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Destinations (`podIP:15008`) that did not answer over QUIC, reached over HTTP/2 until
+    /// the time given.
+    h2_until: Mutex<HashMap<SocketAddr, std::time::Instant>>,
+}
+
+impl Clients {
+    /// May a tunnel to `dst` try QUIC (it has not fallen back recently)?
+    pub fn may_try(&self, dst: SocketAddr) -> bool {
+        let Ok(mut m) = self.h2_until.lock() else {
+            return true;
+        };
+        match m.get(&dst) {
+            Some(t) if *t > std::time::Instant::now() => false,
+            Some(_) => {
+                m.remove(&dst);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// `dst` did not answer over QUIC: HTTP/2 for `QUIC_RETRY_AFTER`.
+    pub fn fall_back(&self, dst: SocketAddr) {
+        if let Ok(mut m) = self.h2_until.lock() {
+            m.insert(
+                dst,
+                std::time::Instant::now() + crate::defaults::QUIC_RETRY_AFTER,
+            );
+        }
+    }
+
+    /// Number of pooled QUIC connections (for metrics).
+    pub fn len(&self) -> usize {
+        self.conns.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn ready(&self, key: &PoolKey) -> Option<Pooled> {
+        let mut m = self.conns.lock().ok()?;
+        match m.get(key) {
+            Some(p) if p.conn.close_reason().is_none() => Some(p.clone()),
+            Some(_) => {
+                m.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn endpoint(
+        &self,
+        from: Option<&PodNetns>,
+        dst: SocketAddr,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let key = (from.map(|n| n.uid.clone()), dst.is_ipv6());
+        let mut m = self
+            .endpoints
+            .lock()
+            .map_err(|_| std::io::Error::other("QUIC endpoints lock poisoned"))?;
+        if let Some(e) = m.get(&key) {
+            return Ok(e.clone());
+        }
+        let any: SocketAddr = if dst.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match from {
+            Some(ns) => {
+                crate::kernel::inpod::within(&ns.file, || udp_socket(any)).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("UDP socket in the network namespace of pod {}: {e}", ns.uid),
+                    )
+                })?
+            }
+            None => udp_socket(any)?,
+        };
+        let e = endpoint(sock, None)?;
+        m.insert(key, e.clone());
+        Ok(e)
+    }
+
+    /// Forgets the endpoint of a pod no longer served (its namespace may be gone).
+    pub fn forget_pod(&self, uid: &str) {
+        if let Ok(mut m) = self.endpoints.lock() {
+            m.retain(|(pod, _), _| pod.as_deref() != Some(uid));
+        }
+    }
+
+    async fn dial(
+        &self,
+        cert: &WorkloadCert,
+        dst_identity: &Identity,
+        from: Option<&PodNetns>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Pooled, QuicError> {
+        let ep = self
+            .endpoint(from, addr)
+            .map_err(|source| QuicError::Socket { addr, source })?;
+        let cfg = client_config(cert, dst_identity)?;
+        let connecting = ep
+            .connect_with(cfg, addr, &addr.ip().to_string())
+            .map_err(|e| QuicError::Handshake {
+                addr,
+                reason: Refusal::Handshake,
+                detail: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => return Err(QuicError::Timeout { addr, timeout }),
+            Ok(Err(quinn::ConnectionError::TimedOut)) => {
+                return Err(QuicError::Timeout { addr, timeout });
+            }
+            Ok(Err(e)) => {
+                return Err(QuicError::Handshake {
+                    addr,
+                    reason: handshake_refusal(&e),
+                    detail: e.to_string(),
+                });
+            }
+            Ok(Ok(c)) => c,
+        };
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .map_err(|e| QuicError::H3(e.to_string()))?;
+        tokio::spawn(async move {
+            let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            debug!(%addr, error = %e, "HBONE/QUIC connection ended");
+        });
+        Ok(Pooled { conn, send })
+    }
+}
+
+/// Opens a tunnel over HTTP/3: the pooled QUIC connection for the request's key (dialled
+/// within `connect_timeout` if there is none), then a `CONNECT` stream. The stream is handed
+/// back as a byte stream.
+pub async fn open(
+    clients: &Clients,
+    req: TunnelRequest<'_>,
+    connect_timeout: Duration,
+) -> Result<DuplexStream, QuicError> {
+    let key = PoolKey {
+        src: req.cert.identity.clone(),
+        src_generation: req.cert.generation,
+        src_pod: req.src_netns.as_ref().map(|n| n.uid.clone()),
+        dst: req.tunnel_addr,
+        dst_identity: req.dst_identity.clone(),
+    };
+    let pooled = match clients.ready(&key) {
+        Some(p) => p,
+        None => {
+            let lock = match clients.dialing.lock() {
+                Ok(mut m) => m.entry(key.clone()).or_default().clone(),
+                Err(_) => Arc::default(),
+            };
+            let _one_dialer = lock.lock().await;
+            match clients.ready(&key) {
+                Some(p) => p,
+                None => {
+                    let p = clients
+                        .dial(
+                            req.cert,
+                            &req.dst_identity,
+                            req.src_netns.as_ref(),
+                            req.tunnel_addr,
+                            connect_timeout,
+                        )
+                        .await?;
+                    if let Ok(mut m) = clients.conns.lock() {
+                        m.insert(key, p.clone());
+                    }
+                    p
+                }
+            }
+        }
+    };
+    let connect = super::client::connect_request(&req)?;
+    let mut send = pooled.send.clone();
+    let mut stream = send
+        .send_request(connect)
+        .await
+        .map_err(|e| QuicError::H3(e.to_string()))?;
+    let resp = stream
+        .recv_response()
+        .await
+        .map_err(|e| QuicError::H3(e.to_string()))?;
+    if resp.status() != StatusCode::OK {
+        return Err(QuicError::Status(resp.status()));
+    }
+    let (send, recv) = stream.split();
+    Ok(bridge!(send, recv))
+}
+
+/// Serves HBONE over QUIC on one pod's UDP socket until the task is aborted: each
+/// connection presents the pod's current certificate (fetched per handshake, so a rotated
+/// certificate serves new connections while open ones finish).
+pub async fn serve_pod(
+    sock: std::net::UdpSocket,
+    pod: String,
+    identity: Identity,
+    ips: Vec<IpAddr>,
+    mesh: Arc<crate::proxy::Mesh>,
+    connect_timeout: Duration,
+) {
+    let addr = sock.local_addr().ok();
+    let first = match mesh.certs.get(&identity).await {
+        Ok(c) => server_config(&c).ok(),
+        Err(_) => None,
+    };
+    let ep = match endpoint(sock, first.map(|c| (*c).clone())) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(%pod, error = %e, "cannot open the HBONE/QUIC listener");
+            return;
+        }
+    };
+    info!(%pod, addr = ?addr, "HBONE/QUIC listener open");
+    while let Some(incoming) = ep.accept().await {
+        let peer = incoming.remote_address();
+        let (pod, identity, ips, mesh) = (pod.clone(), identity.clone(), ips.clone(), mesh.clone());
+        let span = info_span!("hbone", %peer, %pod, transport = "quic");
+        tokio::spawn(
+            async move {
+                let cert = match mesh.certs.get(&identity).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        count_refusal("inbound", Refusal::NoCertificate);
+                        warn!(error = %e, "no certificate for this pod; refusing the tunnel");
+                        incoming.refuse();
+                        return;
+                    }
+                };
+                let cfg = match server_config(&cert) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "QUIC server settings");
+                        incoming.refuse();
+                        return;
+                    }
+                };
+                let connecting = match incoming.accept_with(cfg) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(error = %e, "QUIC connection not accepted");
+                        return;
+                    }
+                };
+                let conn = match tokio::time::timeout(
+                    crate::defaults::HBONE_HANDSHAKE_TIMEOUT,
+                    connecting,
+                )
+                .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        let reason = handshake_refusal(&e);
+                        count_refusal("inbound", reason);
+                        warn!(reason = reason.as_str(), error = %e, "refused an HBONE/QUIC client");
+                        return;
+                    }
+                    Err(_) => {
+                        count_refusal("inbound", Refusal::Handshake);
+                        warn!(reason = "handshake", "HBONE/QUIC handshake timed out");
+                        return;
+                    }
+                };
+                let Some(peer_identity) = conn
+                    .peer_identity()
+                    .and_then(|i| {
+                        i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    })
+                    .and_then(|c| c.first().and_then(|c| peer_identity(c).ok()))
+                else {
+                    count_refusal("inbound", Refusal::Untrusted);
+                    warn!(
+                        reason = "untrusted",
+                        "HBONE/QUIC client without a SPIFFE identity"
+                    );
+                    conn.close(quinn::VarInt::from_u32(0x0101), b"no identity");
+                    return;
+                };
+                info!(src_identity = %peer_identity, "HBONE/QUIC connection accepted");
+                let conn_info = Arc::new(Conn {
+                    pod,
+                    pod_ips: ips,
+                    peer,
+                    peer_identity,
+                    connect_timeout,
+                    state: mesh.state.clone(),
+                    tunnels: mesh.authz.clone(),
+                    limiter: mesh.limiter.clone(),
+                    pods: mesh.pods.clone(),
+                });
+                serve_conn(conn, conn_info).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
+    let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
+        .max_field_section_size(u64::from(super::MAX_HEADER_LIST))
+        .build(h3_quinn::Connection::new(conn))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "HBONE/QUIC connection ended");
+            return;
+        }
+    };
+    loop {
+        let resolver = match h3c.accept().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "HBONE/QUIC connection ended");
+                return;
+            }
+        };
+        let info = info.clone();
+        tokio::spawn(async move {
+            let (req, stream) = match resolver.resolve_request().await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(error = %e, "HBONE/QUIC request not read");
+                    return;
+                }
+            };
+            let trace = crate::telemetry::trace::inbound_tunnel(
+                req.headers(),
+                req.uri().authority().map(|a| a.as_str()),
+                &info.pod,
+                info.peer.ip(),
+                &info.peer_identity,
+            );
+            handle(req, stream, info, trace).await;
+        });
+    }
+}
+
+type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+async fn answer(
+    stream: &mut ServerStream,
+    code: StatusCode,
+    trace: &crate::telemetry::trace::Span,
+) -> bool {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    trace.tunnel_status(code.as_u16());
+    if let Err(e) = stream.send_response(r).await {
+        debug!(error = %e, "could not answer the CONNECT");
+        return false;
+    }
+    if code != StatusCode::OK {
+        let _ = stream.finish().await;
+    }
+    true
+}
+
+/// The destination's side of one `CONNECT`: the same checks as HTTP/2's (`server::admit`)
+/// and the same carrying (`server::carry`).
+async fn handle(
+    req: Request<()>,
+    mut stream: ServerStream,
+    conn: Arc<Conn>,
+    trace: crate::telemetry::trace::Span,
+) {
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
+        Ok(t) => t,
+        Err(why) => {
+            count_refusal("inbound", Refusal::BadRequest);
+            warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
+            answer(&mut stream, why.status(), &trace).await;
+            return;
+        }
+    };
+    let forwarded = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let claimed = request::forwarded_for(forwarded);
+    let client = claimed.map(|ip| ip.to_string()).unwrap_or_default();
+    let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client, transport = "quic");
+    let client_ip = claimed
+        .filter(|ip| server::trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
+        .unwrap_or(conn.peer.ip());
+    let mut admitted = match server::admit(&conn, target, client_ip, &span).await {
+        Ok(a) => a,
+        Err(code) => {
+            answer(&mut stream, code, &trace).await;
+            return;
+        }
+    };
+    admitted.meta.transport = Some("quic");
+    if !answer(&mut stream, StatusCode::OK, &trace).await {
+        crate::telemetry::conn::Tracked::open_since(admitted.meta, admitted.accepted)
+            .close("DC", Some("the tunnel closed before its answer"));
+        return;
+    }
+    let (send, recv) = stream.split();
+    let io = bridge!(send, recv);
+    server::carry(io, admitted, &conn, &trace, "hbone")
+        .instrument(span)
+        .await;
+}
