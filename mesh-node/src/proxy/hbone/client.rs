@@ -63,18 +63,26 @@ pub struct TunnelRequest<'a> {
     pub traceparent: Option<http::HeaderValue>,
 }
 
+impl TunnelRequest<'_> {
+    /// The pooled connection this tunnel rides on, HTTP/2 or QUIC alike: per source identity
+    /// and certificate generation, source pod, destination address and identity.
+    pub(super) fn pool_key(&self) -> PoolKey {
+        PoolKey {
+            src: self.cert.identity.clone(),
+            src_generation: self.cert.generation,
+            src_pod: self.src_netns.as_ref().map(|n| n.uid.clone()),
+            dst: self.tunnel_addr,
+            dst_identity: self.dst_identity.clone(),
+        }
+    }
+}
+
 pub async fn open(
     pool: &Pool,
     req: TunnelRequest<'_>,
     connect_timeout: Duration,
 ) -> Result<H2Stream, TunnelError> {
-    let key = PoolKey {
-        src: req.cert.identity.clone(),
-        src_generation: req.cert.generation,
-        src_pod: req.src_netns.as_ref().map(|n| n.uid.clone()),
-        dst: req.tunnel_addr,
-        dst_identity: req.dst_identity.clone(),
-    };
+    let key = req.pool_key();
     let sender = match pool.ready(&key) {
         Some(s) => s,
         None => {

@@ -408,13 +408,7 @@ pub async fn open(
     req: TunnelRequest<'_>,
     connect_timeout: Duration,
 ) -> Result<DuplexStream, QuicError> {
-    let key = PoolKey {
-        src: req.cert.identity.clone(),
-        src_generation: req.cert.generation,
-        src_pod: req.src_netns.as_ref().map(|n| n.uid.clone()),
-        dst: req.tunnel_addr,
-        dst_identity: req.dst_identity.clone(),
-    };
+    let key = req.pool_key();
     let pooled = match clients.ready(&key) {
         Some(p) => p,
         None => {
