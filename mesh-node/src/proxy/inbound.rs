@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Mesh;
-use super::hbone::{Refusal, TLS_READ_BUF, count_refusal, server};
+use super::hbone::{Refusal, TLS_READ_BUF, Transport, count_refusal, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::kernel::netns::{bind_in_netns, netns_id};
@@ -270,7 +270,7 @@ async fn accept_loop(
                 let cert = match mesh.certs.get(&spec.identity).await {
                     Ok(c) => c,
                     Err(e) => {
-                        count_refusal("inbound", Refusal::NoCertificate);
+                        count_refusal("inbound", Some(Transport::H2), Refusal::NoCertificate);
                         warn!(error = %e, "no certificate for this pod; refusing the tunnel");
                         return;
                     }
@@ -285,12 +285,12 @@ async fn accept_loop(
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         let reason = Refusal::of_tls(&e);
-                        count_refusal("inbound", reason);
+                        count_refusal("inbound", Some(Transport::H2), reason);
                         warn!(reason = reason.as_str(), error = %e, "refused an HBONE client");
                         return;
                     }
                     Err(_) => {
-                        count_refusal("inbound", Refusal::Handshake);
+                        count_refusal("inbound", Some(Transport::H2), Refusal::Handshake);
                         warn!(reason = "handshake", "HBONE handshake timed out");
                         return;
                     }
@@ -302,7 +302,7 @@ async fn accept_loop(
                     .and_then(|c| c.first())
                     .and_then(|c| peer_identity(c).ok())
                 else {
-                    count_refusal("inbound", Refusal::Untrusted);
+                    count_refusal("inbound", Some(Transport::H2), Refusal::Untrusted);
                     warn!(
                         reason = "untrusted",
                         "HBONE client without a SPIFFE identity"
@@ -319,6 +319,7 @@ async fn accept_loop(
                     tunnels: mesh.authz.clone(),
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
+                    transport: Some(Transport::H2),
                 });
                 server::serve(tls, conn).await;
             }

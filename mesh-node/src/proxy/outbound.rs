@@ -17,9 +17,10 @@ use mesh_common::{Workload, name_str};
 use tokio::net::TcpStream;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use super::hbone::client::{TunnelError, TunnelRequest, open};
-use super::hbone::stream::{self, H2Stream};
-use super::hbone::{Refusal, count_refusal, server};
+use super::hbone::client::TunnelRequest;
+use super::hbone::dial::{self, Tunnel};
+use super::hbone::stream;
+use super::hbone::{Refusal, Transport, count_refusal, server};
 use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
 use super::{COPY_BUF, Mesh, Shared};
@@ -97,15 +98,9 @@ struct Ctx<'a> {
 }
 
 /// An open upstream connection.
-/// A tunnel's stream: an HTTP/2 stream, or an HTTP/3 one bridged to a pipe (`hbone::quic`).
-enum TunnelIo {
-    H2(H2Stream),
-    Quic(tokio::io::DuplexStream),
-}
-
 enum Upstream {
     Hbone {
-        io: TunnelIo,
+        io: Tunnel,
         src_id: Identity,
         dst_id: Identity,
         tunnel_addr: SocketAddr,
@@ -129,6 +124,8 @@ struct Failure {
     /// The endpoint could not be reached: another endpoint may be tried, and outlier
     /// detection counts it as a connect failure.
     unreachable: bool,
+    /// The transport of the tunnel that was refused (`None`: no tunnel was dialled).
+    transport: Option<Transport>,
 }
 
 async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -227,7 +224,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 why,
             } => {
                 Span::current().record("service", service.as_str());
-                count_refusal("outbound", reason);
+                count_refusal("outbound", None, reason);
                 warn!(vip = %dst, %src_workload, reason = reason.as_str(), "{why}; closing");
                 telemetry::failed(
                     conn_meta(&ctx, dst, Some(&service), None),
@@ -247,7 +244,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         Err(f) => {
             if let Some(reason) = f.refusal {
-                count_refusal("outbound", reason);
+                count_refusal("outbound", f.transport, reason);
             }
             failed_with(conn_meta(&ctx, dst, None, None), &f, started);
             reset(inbound);
@@ -327,11 +324,7 @@ fn conn_meta(
         dst_addr: dst,
         hbone_addr,
         transport: match up {
-            Some(Upstream::Hbone {
-                io: TunnelIo::Quic(_),
-                ..
-            }) => Some("quic"),
-            Some(Upstream::Hbone { .. }) => Some("h2"),
+            Some(Upstream::Hbone { io, .. }) => Some(io.transport().as_str()),
             _ => None,
         },
     }
@@ -368,7 +361,7 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
     let _permit = match shared.limits.try_connection(&r.cluster, &r.resilience) {
         Ok(p) => p,
         Err(e) => {
-            count_refusal("outbound", Refusal::Overflow);
+            count_refusal("outbound", None, Refusal::Overflow);
             warn!(
                 %vip,
                 src_workload = c.src_workload,
@@ -433,7 +426,7 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
         };
         let Some(i) = next else {
             if let Some(reason) = failure.refusal {
-                count_refusal("outbound", reason);
+                count_refusal("outbound", failure.transport, reason);
             }
             failed_with(
                 conn_meta(c, endpoint, Some(&r.service), None),
@@ -490,6 +483,7 @@ async fn open_upstream(
                     return Err(Failure {
                         refusal: Some(Refusal::NoCertificate),
                         unreachable: false,
+                        transport: None,
                     });
                 };
                 let src_id = Identity::new(
@@ -517,6 +511,7 @@ async fn open_upstream(
                 return Err(Failure {
                     refusal: None,
                     unreachable: false,
+                    transport: None,
                 });
             }
             _ => {}
@@ -529,6 +524,7 @@ async fn open_upstream(
             Err(Failure {
                 refusal: None,
                 unreachable: true,
+                transport: None,
             })
         }
     }
@@ -558,6 +554,7 @@ async fn local(
         tunnels: mesh.authz.clone(),
         limiter: mesh.limiter.clone(),
         pods: mesh.pods.clone(),
+        transport: None,
     });
     let span = info_span!("inbound", src_identity = %src_id, target = %dst, client = %c.peer, local = true);
     match server::admit(&conn, dst, c.peer.ip(), &span).await {
@@ -578,6 +575,7 @@ async fn local(
             Err(Failure {
                 refusal: Some(reason),
                 unreachable,
+                transport: None,
             })
         }
     }
@@ -601,6 +599,7 @@ async fn tunnel(
             return Err(Failure {
                 refusal: Some(Refusal::NoCertificate),
                 unreachable: false,
+                transport: None,
             });
         }
     };
@@ -619,59 +618,23 @@ async fn tunnel(
         baggage: baggage.clone(),
         traceparent: c.trace.traceparent(),
     };
-    // `MeshConfig.spec.tunnelProtocol: quic`: HTTP/3 first, HTTP/2 for a destination whose
-    // UDP 15008 does not answer (docs/architecture.md, "Decision: HBONE over QUIC").
-    let quic_wanted = mesh.state.borrow().settings.tunnel_protocol == "quic";
-    if quic_wanted && mesh.quic.may_try(tunnel_addr) {
-        let wait = timeout.min(crate::defaults::QUIC_FALLBACK_TIMEOUT);
-        match super::hbone::quic::open(&mesh.quic, req(), wait).await {
-            Ok(io) => {
-                return Ok(Upstream::Hbone {
-                    io: TunnelIo::Quic(io),
-                    src_id,
-                    dst_id,
-                    tunnel_addr,
-                });
-            }
-            Err(e) if e.no_answer() => {
-                mesh.quic.fall_back(tunnel_addr);
-                warn!(%dst, %tunnel_addr, error = %e, "no answer over QUIC; HTTP/2 to this destination for a while");
-            }
-            Err(e) => {
-                let (reason, unreachable) = e.refusal();
-                warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, transport = "quic", "tunnel refused");
-                return Err(Failure {
-                    refusal: Some(reason),
-                    unreachable,
-                });
-            }
-        }
-    }
-    match open(&mesh.pool, req(), timeout).await {
+    // `MeshConfig.spec.tunnelProtocol` (HTTP/3 or HTTP/2, with the fallback): decided in
+    // `hbone::dial`, for this path and the HTTP path alike.
+    match dial::open(mesh, req, timeout).await {
         Ok(io) => Ok(Upstream::Hbone {
-            io: TunnelIo::H2(io),
+            io,
             src_id,
             dst_id,
             tunnel_addr,
         }),
         Err(e) => {
-            // Unreachable: the pod's proxy (connect) or the pod itself (503).
-            let (reason, unreachable) = match &e {
-                TunnelError::Tls { reason, .. } => (*reason, false),
-                TunnelError::Connect { .. } => (Refusal::Unreachable, true),
-                TunnelError::Status(s) if *s == StatusCode::SERVICE_UNAVAILABLE => {
-                    (Refusal::Unreachable, true)
-                }
-                TunnelError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
-                TunnelError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                    (Refusal::Denied, false)
-                }
-                _ => (Refusal::Handshake, false),
-            };
-            warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, "tunnel refused");
+            let (reason, unreachable) = e.refusal();
+            let transport = e.transport();
+            warn!(%dst, src_workload = c.src_workload, dst_identity = %dst_id, reason = reason.as_str(), error = %e, transport = transport.as_str(), "tunnel refused");
             Err(Failure {
                 refusal: Some(reason),
                 unreachable,
+                transport: Some(transport),
             })
         }
     }
@@ -687,10 +650,11 @@ async fn splice(
     trace: &crate::telemetry::trace::Span,
 ) {
     let dst = meta.dst_addr;
+    let transport = meta.transport;
     let tracked = Tracked::open_since(meta, started);
     let (result, protocol) = match upstream {
         Upstream::Hbone {
-            io: TunnelIo::Quic(mut io),
+            io: Tunnel::Quic(mut io),
             ..
         } => {
             let mut down = tracked.count(inbound);
@@ -701,8 +665,7 @@ async fn splice(
             )
         }
         Upstream::Hbone {
-            io: TunnelIo::H2(io),
-            ..
+            io: Tunnel::H2(io), ..
         } => {
             // The app's socket is the downstream side: what comes from it is received.
             let (mut received, mut sent) = tracked.meters();
@@ -734,6 +697,9 @@ async fn splice(
         }
     };
     trace.set("network.peer.address", || dst.ip().to_string());
+    if let Some(t) = transport {
+        trace.set(crate::telemetry::trace::HBONE_TRANSPORT, || t);
+    }
     trace.connection_closed(protocol, &result);
     match result {
         Ok(_) => tracked.close("-", None),

@@ -209,6 +209,7 @@ fn access_log(
         direction = if l.reporter == istio::Reporter::Source { "outbound" } else { "inbound" },
         protocol = %l.protocol,
         transport = if l.security == istio::MUTUAL_TLS { "hbone" } else { "tcp" },
+        tunnel = m.transport.unwrap_or(""),
         "src.addr" = %m.src_addr,
         "src.workload" = %l.source.workload,
         "src.namespace" = %l.source.namespace,

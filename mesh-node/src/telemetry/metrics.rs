@@ -16,9 +16,9 @@ pub fn metrics() -> &'static Metrics {
         let hbone_refused = IntCounterVec::new(
             Opts::new(
                 "sidenode_hbone_refused_total",
-                "HBONE tunnels refused, by direction and reason",
+                "HBONE tunnels refused, by direction, transport (h2, quic, none) and reason",
             ),
-            &["direction", "reason"],
+            &["direction", "transport", "reason"],
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(hbone_refused.clone()));
@@ -29,10 +29,20 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
-pub fn count_refusal(direction: &str, reason: crate::proxy::hbone::Refusal) {
+/// Counts a refusal in `sidenode_hbone_refused_total`: `transport` is the tunnel's (`None`:
+/// refused before or without a tunnel, label `none`).
+pub fn count_refusal(
+    direction: &str,
+    transport: Option<crate::proxy::hbone::Transport>,
+    reason: crate::proxy::hbone::Refusal,
+) {
     metrics()
         .hbone_refused
-        .with_label_values(&[direction, reason.as_str()])
+        .with_label_values(&[
+            direction,
+            crate::proxy::hbone::Transport::label(transport),
+            reason.as_str(),
+        ])
         .inc();
 }
 

@@ -92,6 +92,9 @@ pub struct RequestLog<'a> {
     pub attempts: u32,
     /// A gRPC request ([`is_grpc`]): `request_protocol` `grpc` and a `grpc_response_status`.
     pub grpc: bool,
+    /// The transport of the HBONE tunnel the request went through (`h2`, `quic`); `None`:
+    /// none (a direct or same-node connection, or no upstream).
+    pub tunnel: Option<&'static str>,
 }
 
 /// Counts a finished request and writes its access-log line.
@@ -141,6 +144,7 @@ pub fn done<B>(labels: &Labels, log: &RequestLog<'_>, resp: &Response<B>, starte
         "dst.identity" = %id(&labels.destination.principal),
         "dst.addr" = %log.upstream.map_or_else(String::new, |a| a.to_string()),
         attempts = log.attempts,
+        tunnel = log.tunnel.unwrap_or(""),
         duration_ms = ms.round() as u64,
         "request complete"
     );

@@ -41,6 +41,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::{info, warn};
 
+/// Span attribute: the transport of the HBONE tunnel (`h2`, `quic`; `none` on a same-node
+/// connection) of an `outbound.tcp`, `outbound` (HTTP request) or `inbound.tunnel` span.
+pub const HBONE_TRANSPORT: &str = "sidenode.hbone.transport";
 /// The W3C trace context headers.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";

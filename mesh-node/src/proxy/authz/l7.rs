@@ -42,6 +42,9 @@ pub struct Tunnel {
     pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
     /// Istio labels of the tunnel (destination reporter), for the requests' metrics.
     pub labels: crate::telemetry::istio::Labels,
+    /// The tunnel's transport (`h2`, `quic`; `None`: a same-node connection), for the
+    /// requests' access-log lines.
+    pub transport: Option<&'static str>,
 }
 
 enum Sender {
@@ -121,6 +124,7 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
         upstream: Some(t.target),
         attempts: 1,
         grpc,
+        tunnel: t.transport,
     };
     crate::telemetry::request::done(&t.labels, &log, &resp, started);
     resp

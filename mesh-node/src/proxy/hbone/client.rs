@@ -44,6 +44,23 @@ pub enum TunnelError {
     Request(#[from] http::Error),
 }
 
+impl TunnelError {
+    /// The refusal this failure is counted as, and whether the destination is unreachable:
+    /// the pod's proxy (connect) or the pod itself (`503`).
+    pub fn refusal(&self) -> (Refusal, bool) {
+        match self {
+            TunnelError::Tls { reason, .. } => (*reason, false),
+            TunnelError::Connect { .. } => (Refusal::Unreachable, true),
+            TunnelError::Status(StatusCode::SERVICE_UNAVAILABLE) => (Refusal::Unreachable, true),
+            TunnelError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
+            TunnelError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                (Refusal::Denied, false)
+            }
+            _ => (Refusal::Handshake, false),
+        }
+    }
+}
+
 /// What a tunnel carries besides the bytes.
 pub struct TunnelRequest<'a> {
     pub cert: &'a WorkloadCert,

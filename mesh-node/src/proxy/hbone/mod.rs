@@ -12,9 +12,11 @@
 //!
 //! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
 //! identity), `client` (open a tunnel), `server` (accept tunnels for one pod), `stream` (a
-//! tunnel's stream on `h2` and the copy between it and a socket).
+//! tunnel's stream on `h2` and the copy between it and a socket), `quic` (the same over
+//! HTTP/3), `dial` (which of the two a new tunnel takes: the one place that decides).
 
 pub mod client;
+pub mod dial;
 pub mod pool;
 pub mod quic;
 pub mod request;
@@ -51,6 +53,32 @@ pub const MAX_STREAMS: u32 = 100;
 /// `KEEPALIVE_TIMEOUT` without an answer.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The transport a tunnel rides on (`MeshConfig.spec.tunnelProtocol`): label `transport` of
+/// `sidenode_hbone_refused_total` and `sidenode_hbone_pool_connections`, the `TRANSPORT`
+/// column of `mesh-node config connections`, the `tunnel` field of access-log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// HTTP/2 over mutual TLS on TCP 15008.
+    H2,
+    /// HTTP/3 over QUIC on UDP 15008.
+    Quic,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::H2 => "h2",
+            Transport::Quic => "quic",
+        }
+    }
+
+    /// The `transport` label of a refusal: `none` when no tunnel was involved (a refusal
+    /// before one was dialled, e.g. no endpoint, or a same-node connection).
+    pub fn label(t: Option<Transport>) -> &'static str {
+        t.map_or("none", Transport::as_str)
+    }
+}
 
 /// Why a tunnel (or, for `NoEndpoint`/`NoRoute`/`Overflow`, a connection to a service VIP)
 /// was refused (label of `sidenode_hbone_refused_total`).

@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::client::TunnelRequest;
 use super::pool::PoolKey;
 use super::server::{self, Conn};
-use super::{Refusal, count_refusal, request};
+use super::{Refusal, Transport, count_refusal};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::identity::manager::WorkloadCert;
@@ -487,7 +487,7 @@ pub async fn serve_pod(
                 let cert = match mesh.certs.get(&identity).await {
                     Ok(c) => c,
                     Err(e) => {
-                        count_refusal("inbound", Refusal::NoCertificate);
+                        count_refusal("inbound", Some(Transport::Quic), Refusal::NoCertificate);
                         warn!(error = %e, "no certificate for this pod; refusing the tunnel");
                         incoming.refuse();
                         return;
@@ -517,12 +517,12 @@ pub async fn serve_pod(
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         let reason = handshake_refusal(&e);
-                        count_refusal("inbound", reason);
+                        count_refusal("inbound", Some(Transport::Quic), reason);
                         warn!(reason = reason.as_str(), error = %e, "refused an HBONE/QUIC client");
                         return;
                     }
                     Err(_) => {
-                        count_refusal("inbound", Refusal::Handshake);
+                        count_refusal("inbound", Some(Transport::Quic), Refusal::Handshake);
                         warn!(reason = "handshake", "HBONE/QUIC handshake timed out");
                         return;
                     }
@@ -535,7 +535,7 @@ pub async fn serve_pod(
                     })
                     .and_then(|c| c.first().and_then(|c| peer_identity(c).ok()))
                 else {
-                    count_refusal("inbound", Refusal::Untrusted);
+                    count_refusal("inbound", Some(Transport::Quic), Refusal::Untrusted);
                     warn!(
                         reason = "untrusted",
                         "HBONE/QUIC client without a SPIFFE identity"
@@ -554,6 +554,7 @@ pub async fn serve_pod(
                     tunnels: mesh.authz.clone(),
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
+                    transport: Some(Transport::Quic),
                 });
                 serve_conn(conn, conn_info).await;
             }
@@ -592,13 +593,7 @@ async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
                     return;
                 }
             };
-            let trace = crate::telemetry::trace::inbound_tunnel(
-                req.headers(),
-                req.uri().authority().map(|a| a.as_str()),
-                &info.pod,
-                info.peer.ip(),
-                &info.peer_identity,
-            );
+            let trace = server::tunnel_trace(&req, &info);
             handle(req, stream, info, trace).await;
         });
     }
@@ -624,43 +619,21 @@ async fn answer(
     true
 }
 
-/// The destination's side of one `CONNECT`: the same checks as HTTP/2's (`server::admit`)
-/// and the same carrying (`server::carry`).
+/// The destination's side of one `CONNECT`: the same checks as HTTP/2's
+/// (`server::accept_connect`) and the same carrying (`server::carry`).
 async fn handle(
     req: Request<()>,
     mut stream: ServerStream,
     conn: Arc<Conn>,
     trace: crate::telemetry::trace::Span,
 ) {
-    let authority = req.uri().authority().map(|a| a.as_str());
-    let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
-        Ok(t) => t,
-        Err(why) => {
-            count_refusal("inbound", Refusal::BadRequest);
-            warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
-            answer(&mut stream, why.status(), &trace).await;
-            return;
-        }
-    };
-    let forwarded = req
-        .headers()
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let claimed = request::forwarded_for(forwarded);
-    let client = claimed.map(|ip| ip.to_string()).unwrap_or_default();
-    let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client, transport = "quic");
-    let client_ip = claimed
-        .filter(|ip| server::trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
-        .unwrap_or(conn.peer.ip());
-    let mut admitted = match server::admit(&conn, target, client_ip, &span).await {
+    let (admitted, span) = match server::accept_connect(&req, &conn).await {
         Ok(a) => a,
         Err(code) => {
             answer(&mut stream, code, &trace).await;
             return;
         }
     };
-    admitted.meta.transport = Some("quic");
     if !answer(&mut stream, StatusCode::OK, &trace).await {
         crate::telemetry::conn::Tracked::open_since(admitted.meta, admitted.accepted)
             .close("DC", Some("the tunnel closed before its answer"));

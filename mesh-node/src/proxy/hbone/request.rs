@@ -1,10 +1,12 @@
-//! The pure part of serving a `CONNECT` on a pod's HBONE listener: the method and the
-//! `:authority` checked against the pod's addresses. No I/O, so it is unit-tested and fuzzed
-//! (`fuzz/fuzz_targets/hbone_request.rs`).
+//! The pure part of serving a `CONNECT` on a pod's HBONE listener (TCP or QUIC alike): the
+//! method and the `:authority` checked against the pod's addresses, the client address the
+//! `forwarded` header claims. No I/O, so it is unit-tested and fuzzed
+//! (`fuzz/fuzz_targets/hbone_request.rs`). `server::accept_connect` runs it for both
+//! listeners.
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 /// Why a request on the listener is not a tunnel this pod serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,9 +60,69 @@ pub fn check_connect(
     Ok(target)
 }
 
+/// A `CONNECT` this listener serves: its destination, and the client address its
+/// `forwarded` header claims (not yet believed: `server::trusted_forwarded_ip` decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub target: SocketAddr,
+    pub claimed: Option<IpAddr>,
+}
+
+/// [`check_connect`], then the claimed client address ([`claimed_client`]).
+pub fn read_connect(
+    method: &Method,
+    authority: Option<&str>,
+    headers: &HeaderMap,
+    pod_ips: &[IpAddr],
+) -> Result<Connect, Rejected> {
+    let target = check_connect(method, authority, pod_ips)?;
+    Ok(Connect {
+        target,
+        claimed: claimed_client(headers),
+    })
+}
+
+/// The client address a request's `forwarded` header claims ([`forwarded_for`]); `None`
+/// without one, or when it is not text.
+pub fn claimed_client(headers: &HeaderMap) -> Option<IpAddr> {
+    headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_connect_takes_the_claimed_client() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            http::HeaderValue::from_static("for=\"198.19.1.2:4000\""),
+        );
+        let c = read_connect(&Method::CONNECT, Some("198.19.2.2:8080"), &h, &ips());
+        assert_eq!(
+            c,
+            Ok(Connect {
+                target: "198.19.2.2:8080".parse().expect("addr"),
+                claimed: Some("198.19.1.2".parse().expect("ip")),
+            })
+        );
+        let none = read_connect(
+            &Method::CONNECT,
+            Some("198.19.2.2:8080"),
+            &HeaderMap::new(),
+            &ips(),
+        );
+        assert_eq!(none.map(|c| c.claimed), Ok(None));
+        // A bad request is refused whatever the header says.
+        assert_eq!(
+            read_connect(&Method::GET, Some("198.19.2.2:8080"), &h, &ips()),
+            Err(Rejected::NotConnect)
+        );
+    }
 
     fn ips() -> Vec<IpAddr> {
         vec![

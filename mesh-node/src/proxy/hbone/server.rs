@@ -14,7 +14,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::stream::{self, H2Stream};
 use super::{
     CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUF, MAX_STREAMS, Refusal,
-    STREAM_WINDOW, count_refusal, request,
+    STREAM_WINDOW, Transport, count_refusal, request,
 };
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
@@ -41,6 +41,8 @@ pub struct Conn {
     pub limiter: Arc<crate::proxy::ratelimit::Limiter>,
     /// Pods connected to from their clients' addresses.
     pub pods: Arc<crate::proxy::pod::Pods>,
+    /// The listener's transport (`None`: a same-node connection, no tunnel).
+    pub transport: Option<Transport>,
 }
 
 pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
@@ -74,24 +76,60 @@ where
         };
         let conn = conn.clone();
         tokio::spawn(async move {
-            // The tunnel's `inbound.tunnel` trace span (child of the CONNECT's `traceparent`),
-            // open until the tunnel closes.
-            let client = req
-                .headers()
-                .get("forwarded")
-                .and_then(|v| v.to_str().ok())
-                .and_then(request::forwarded_for)
-                .unwrap_or(conn.peer.ip());
-            let trace = crate::telemetry::trace::inbound_tunnel(
-                req.headers(),
-                req.uri().authority().map(|a| a.as_str()),
-                &conn.pod,
-                client,
-                &conn.peer_identity,
-            );
+            let trace = tunnel_trace(&req, &conn);
             handle(req, respond, conn, trace).await;
         });
     }
+}
+
+/// The tunnel's `inbound.tunnel` trace span (child of the `CONNECT`'s `traceparent`), open
+/// until the tunnel closes; the client is the address `forwarded` claims, else the peer's.
+/// Both listeners (TCP and QUIC) start it so.
+pub(super) fn tunnel_trace<B>(req: &Request<B>, conn: &Conn) -> crate::telemetry::trace::Span {
+    let client = request::claimed_client(req.headers()).unwrap_or(conn.peer.ip());
+    let trace = crate::telemetry::trace::inbound_tunnel(
+        req.headers(),
+        req.uri().authority().map(|a| a.as_str()),
+        &conn.pod,
+        client,
+        &conn.peer_identity,
+    );
+    trace.set(crate::telemetry::trace::HBONE_TRANSPORT, || {
+        Transport::label(conn.transport)
+    });
+    trace
+}
+
+/// Both listeners' (TCP and QUIC) handling of one `CONNECT` up to its answer: the request
+/// checked against the pod (`request::read_connect`; else `400`, counted `bad_request`), the
+/// client address `forwarded` claims believed only from a caller with that workload's
+/// identity ([`trusted_forwarded_ip`]; else the peer's address), then the destination's
+/// checks ([`admit`]). The admitted connection comes with its `inbound` span; a refusal is
+/// the status to answer.
+pub(super) async fn accept_connect<B>(
+    req: &Request<B>,
+    conn: &Conn,
+) -> Result<(Admitted, tracing::Span), StatusCode> {
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let connect = match request::read_connect(req.method(), authority, req.headers(), &conn.pod_ips)
+    {
+        Ok(c) => c,
+        Err(why) => {
+            count_refusal("inbound", conn.transport, Refusal::BadRequest);
+            warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
+            return Err(why.status());
+        }
+    };
+    let target = connect.target;
+    // The address the header claims (shown in the span whether or not it is believed).
+    let client = connect.claimed.map(|ip| ip.to_string()).unwrap_or_default();
+    let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client, transport = Transport::label(conn.transport));
+    let client_ip = connect
+        .claimed
+        .filter(|ip| trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
+        .unwrap_or(conn.peer.ip());
+    let admitted = admit(conn, target, client_ip, &span).await?;
+    Ok((admitted, span))
 }
 
 /// Is the client address a `forwarded: for=` value claims believable? Only when it is an
@@ -151,8 +189,8 @@ fn inbound_meta(st: &NodeState, conn: &Conn, target: SocketAddr, client_ip: IpAd
         src_addr: SocketAddr::new(client_ip, 0),
         dst_addr: target,
         hbone_addr: Some(SocketAddr::new(target.ip(), mesh_common::ports::HBONE)),
-        // Set by the listener that carried the tunnel (`None`: same node, no tunnel).
-        transport: None,
+        // The listener's (`None`: same node, no tunnel).
+        transport: conn.transport.map(Transport::as_str),
     }
 }
 
@@ -180,35 +218,13 @@ async fn handle(
     conn: Arc<Conn>,
     trace: crate::telemetry::trace::Span,
 ) {
-    let status = |respond: &mut SendResponse<Bytes>, code: StatusCode| {
-        respond_with(respond, code, &trace);
-    };
-    let authority = req.uri().authority().map(|a| a.as_str());
-    let target = match request::check_connect(req.method(), authority, &conn.pod_ips) {
-        Ok(t) => t,
-        Err(why) => {
-            count_refusal("inbound", Refusal::BadRequest);
-            warn!(method = %req.method(), uri = %req.uri(), pod = %conn.pod, reason = "bad_request", "{}", why.as_str());
-            return status(&mut respond, why.status());
+    let (admitted, span) = match accept_connect(&req, &conn).await {
+        Ok(a) => a,
+        Err(code) => {
+            respond_with(&mut respond, code, &trace);
+            return;
         }
     };
-    let forwarded = req
-        .headers()
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // The address the header claims (shown in the span whether or not it is believed).
-    let claimed = super::request::forwarded_for(forwarded);
-    let client = claimed.map(|ip| ip.to_string()).unwrap_or_default();
-    let span = info_span!("inbound", src_identity = %conn.peer_identity, %target, client = %client);
-    let client_ip = claimed
-        .filter(|ip| trusted_forwarded_ip(&conn.state.borrow(), &conn.peer_identity, *ip))
-        .unwrap_or(conn.peer.ip());
-    let mut admitted = match admit(&conn, target, client_ip, &span).await {
-        Ok(a) => a,
-        Err(code) => return status(&mut respond, code),
-    };
-    admitted.meta.transport = Some("h2");
     let recv = req.into_body();
     let Some(send) = respond_with(&mut respond, StatusCode::OK, &trace) else {
         Tracked::open_since(admitted.meta, admitted.accepted)
@@ -326,7 +342,7 @@ pub async fn admit(
         // RateLimitPolicy: a new connection takes a token (after authorization: a denied
         // tunnel takes none).
         if let Err(l) = conn.limiter.check_connection(&st, &conn.pod, target.port()) {
-            count_refusal("inbound", Refusal::RateLimited);
+            count_refusal("inbound", conn.transport, Refusal::RateLimited);
             span.in_scope(|| {
                 warn!(
                     policy = %l.policy,
@@ -362,7 +378,7 @@ pub async fn admit(
     {
         Ok(s) => s,
         Err(e) => {
-            count_refusal("inbound", Refusal::Unreachable);
+            count_refusal("inbound", conn.transport, Refusal::Unreachable);
             span.in_scope(|| warn!(error = %e, "destination unreachable"));
             span.in_scope(|| {
                 telemetry::failed(
@@ -420,6 +436,7 @@ where
             connect_timeout: conn.connect_timeout,
             limiter: conn.limiter.clone(),
             labels: http_labels,
+            transport: conn.transport.map(Transport::as_str),
         };
         let io = tracked.count(io);
         authz::l7::serve(io, Arc::new(tunnel), upstream).await;

@@ -113,6 +113,8 @@ struct Outcome {
     /// tracing is on, for the `outbound` span).
     endpoint: Option<SocketAddr>,
     cluster: String,
+    /// The transport of the HBONE tunnel the answer came through (`upstream::Tunnelled`).
+    tunnel: Option<&'static str>,
 }
 
 async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
@@ -136,6 +138,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         endpoint = field::Empty,
         status = field::Empty,
         attempts = field::Empty,
+        transport = field::Empty,
     );
     let mut out = Outcome::default();
     let method = req.method().clone();
@@ -151,6 +154,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         upstream: out.endpoint,
         attempts: out.attempts,
         grpc,
+        tunnel: out.tunnel,
     };
     report(&conn, &out, &resp, &req_log, grpc, started);
     trace.upstream(
@@ -160,10 +164,16 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         &out.cluster,
         out.attempts,
     );
+    if let Some(t) = out.tunnel {
+        trace.set(crate::telemetry::trace::HBONE_TRANSPORT, || t);
+    }
     trace.http_status(status);
     let resp = trace.end_with_body(resp);
     span.record("status", status);
     span.record("attempts", out.attempts);
+    if let Some(t) = out.tunnel {
+        span.record("transport", t);
+    }
     if !out.service.is_empty() {
         span.record("service", out.service.as_str());
     }
@@ -631,7 +641,7 @@ async fn route_request(
             why,
         } => {
             out.service = service;
-            count_refusal("outbound", reason);
+            count_refusal("outbound", None, reason);
             warn!(reason = reason.as_str(), "{why}");
             return local(StatusCode::SERVICE_UNAVAILABLE, "no route\n");
         }
@@ -824,6 +834,12 @@ async fn forward(
             Err(e) => return overflow(ep, &e),
         };
         let result = attempt_once(conn, st, &routed, head.request(b, proto), proto, limit).await;
+        // The transport of the tunnel this attempt's answer came through, if any.
+        out.tunnel = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.extensions().get::<upstream::Tunnelled>())
+            .map(|t| t.0.as_str());
         // Outlier detection learns from every attempt's outcome (a local overflow is none).
         if let Some(od) = &routed.resilience.outlier {
             let outcome = match &result {
@@ -915,7 +931,7 @@ async fn forward(
 /// A connection pool limit refused the request: `503` with `x-envoy-overloaded` (Envoy's
 /// overflow), counted as `reason="overflow"`.
 fn overflow(ep: SocketAddr, e: &super::route::limits::Overflow) -> Response<Body> {
-    count_refusal("outbound", Refusal::Overflow);
+    count_refusal("outbound", None, Refusal::Overflow);
     warn!(endpoint = %ep, error = %e, "request refused: connection pool overflow");
     let mut r = local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
     r.headers_mut()
@@ -954,7 +970,7 @@ fn pick(
                 reason,
                 why,
             } => {
-                count_refusal("outbound", reason);
+                count_refusal("outbound", None, reason);
                 warn!(%service, reason = reason.as_str(), "{why}");
                 return Err((StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
             }
@@ -1003,7 +1019,11 @@ async fn attempt_once(
         Some(dw) if dw.hbone_destination() => {
             let Some(w) = conn.src.as_ref() else {
                 warn!(endpoint = %ep, "source workload unknown; cannot present an identity");
-                count_refusal("outbound", crate::proxy::hbone::Refusal::NoCertificate);
+                count_refusal(
+                    "outbound",
+                    None,
+                    crate::proxy::hbone::Refusal::NoCertificate,
+                );
                 return Err(AttemptError::Refused(local(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no source identity",

@@ -29,13 +29,13 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, warn};
 
 use super::Body;
 use crate::identity::Identity;
 use crate::proxy::Mesh;
-use crate::proxy::hbone::client::{TunnelError, TunnelRequest, open};
-use crate::proxy::hbone::server;
+use crate::proxy::hbone::client::TunnelRequest;
+use crate::proxy::hbone::{Transport, count_refusal, dial, server};
 use crate::proxy::route::limits::{Kind, Overflow, Permit};
 use crate::proxy::route::{Limits, Resilience};
 use crate::proxy::socket::{PodNetns, connect_marked};
@@ -119,21 +119,27 @@ impl Key {
     }
 }
 
-/// A connection's request handle.
+/// A connection's request handle, with the transport of the tunnel it runs in (`None`: no
+/// tunnel).
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, Option<Transport>),
     /// Cloned for every request; the connection lives while a clone or a stream does.
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, Option<Transport>),
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+            Sender::H1(s, _) => s.is_closed(),
+            Sender::H2(s, _) => s.is_closed(),
         }
     }
 }
+
+/// A response's extension: the transport of the HBONE tunnel its request went through (set by
+/// [`send`] on responses that came through one), for the request's telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnelled(pub Transport);
 
 /// Held by a connection's task until the connection ends: its unit of `tcp.maxConnections`;
 /// dropping it wakes the requests waiting for a connection to the destination.
@@ -201,7 +207,7 @@ impl Pool {
                     Proto::Http2 => {
                         list.retain(|s| !s.is_closed());
                         match list.first() {
-                            Some(Sender::H2(s)) => Some(Sender::H2(s.clone())),
+                            Some(Sender::H2(s, t)) => Some(Sender::H2(s.clone(), *t)),
                             _ => None,
                         }
                     }
@@ -215,15 +221,15 @@ impl Pool {
                     }
                     return None;
                 }
-                Some(Sender::H1(mut s)) => {
+                Some(Sender::H1(mut s, t)) => {
                     // An idle connection is ready at once; one still finishing a body is soon.
                     if let Ok(Ok(())) =
                         tokio::time::timeout(Duration::from_millis(50), s.ready()).await
                     {
-                        return Some(Sender::H1(s));
+                        return Some(Sender::H1(s, t));
                     }
                 }
-                Some(Sender::H2(s)) => return Some(Sender::H2(s)),
+                Some(s @ Sender::H2(..)) => return Some(s),
             }
         }
     }
@@ -238,10 +244,10 @@ impl Pool {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(key.clone()).or_default();
             match s {
-                Sender::H1(_) if list.len() < MAX_IDLE => list.push(s),
-                Sender::H1(_) => {}
+                Sender::H1(..) if list.len() < MAX_IDLE => list.push(s),
+                Sender::H1(..) => {}
                 // One shared connection per key: the newest.
-                Sender::H2(_) => *list = vec![s],
+                Sender::H2(..) => *list = vec![s],
             }
         }
         notify.notify_waiters();
@@ -300,9 +306,9 @@ impl Pool {
                     };
                     let s = dial(guard).await?;
                     if key.proto == Proto::Http2
-                        && let Sender::H2(h2) = &s
+                        && let Sender::H2(h2, t) = &s
                     {
-                        self.put(key.clone(), Sender::H2(h2.clone()));
+                        self.put(key.clone(), Sender::H2(h2.clone(), *t));
                     }
                     return Ok(s);
                 }
@@ -347,7 +353,7 @@ impl Pool {
         F: Future<Output = Result<Sender, SendError>>,
     {
         match self.connection(limits, res, &key, max_wait, dial).await? {
-            Sender::H1(mut s) => {
+            Sender::H1(mut s, tunnel) => {
                 let resp = s
                     .send_request(req)
                     .await
@@ -356,16 +362,19 @@ impl Pool {
                 let body = Pooled {
                     pool: self,
                     inner: body,
-                    give_back: Some((key, s)),
+                    give_back: Some((key, s, tunnel)),
                 };
-                Ok(Response::from_parts(parts, body.boxed_unsync()))
+                Ok(tunnelled(
+                    Response::from_parts(parts, body.boxed_unsync()),
+                    tunnel,
+                ))
             }
-            Sender::H2(mut s) => {
+            Sender::H2(mut s, tunnel) => {
                 let resp = s
                     .send_request(req)
                     .await
                     .map_err(|e| SendError::Reset(e.to_string()))?;
-                Ok(resp.map(BodyExt::boxed_unsync))
+                Ok(tunnelled(resp.map(BodyExt::boxed_unsync), tunnel))
             }
         }
     }
@@ -404,7 +413,7 @@ async fn dial(
             let tcp = connect_marked(endpoint, connect_timeout)
                 .await
                 .map_err(|e| SendError::Connect(format!("{endpoint}: {e}")))?;
-            handshake(TokioIo::new(tcp), endpoint, proto, guard).await
+            handshake(TokioIo::new(tcp), endpoint, proto, None, guard).await
         }
         Route::Local {
             src_id,
@@ -425,6 +434,7 @@ async fn dial(
                 tunnels: mesh.authz.clone(),
                 limiter: mesh.limiter.clone(),
                 pods: mesh.pods.clone(),
+                transport: None,
             });
             let span = tracing::info_span!("inbound", src_identity = %src_id, target = %endpoint, local = true);
             let admitted = server::admit(&conn, endpoint, *client_ip, &span)
@@ -438,7 +448,7 @@ async fn dial(
                 }
                 .instrument(span),
             );
-            handshake(TokioIo::new(near), endpoint, proto, guard).await
+            handshake(TokioIo::new(near), endpoint, proto, None, guard).await
         }
         Route::Hbone {
             src_id,
@@ -453,7 +463,7 @@ async fn dial(
                 .get(src_id)
                 .await
                 .map_err(|e| SendError::Connect(format!("no certificate for {src_id}: {e}")))?;
-            let req = TunnelRequest {
+            let req = || TunnelRequest {
                 cert: &cert,
                 dst_identity: dst_id.clone(),
                 tunnel_addr: *tunnel_addr,
@@ -466,29 +476,51 @@ async fn dial(
                 // A pooled connection outlives the request that opened it: no trace context.
                 traceparent: None,
             };
-            let io = open(&mesh.pool, req, connect_timeout)
+            // The same choice of transport (and fallback) as the L4 path's (`hbone::dial`).
+            let tunnel = dial::open(mesh, req, connect_timeout)
                 .await
-                .map_err(|e| match e {
-                    TunnelError::Status(
-                        http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN,
-                    ) => SendError::Denied(format!("HBONE to {endpoint}: {e}")),
-                    // Refused by the far side (e.g. 503: the pod is unreachable).
-                    TunnelError::Status(_)
-                    | TunnelError::Connect { .. }
-                    | TunnelError::Tls { .. }
-                    | TunnelError::H2(_) => SendError::Connect(format!("HBONE to {endpoint}: {e}")),
-                    other => SendError::Connect(other.to_string()),
+                .map_err(|e| {
+                    let (reason, _) = e.refusal();
+                    let transport = e.transport();
+                    count_refusal("outbound", Some(transport), reason);
+                    warn!(%endpoint, dst_identity = %dst_id, reason = reason.as_str(), error = %e, transport = transport.as_str(), "tunnel refused");
+                    match e.status() {
+                        Some(http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN) => {
+                            SendError::Denied(format!("HBONE to {endpoint}: {e}"))
+                        }
+                        // Refused by the far side (e.g. 503: the pod is unreachable), or
+                        // not reached.
+                        _ => SendError::Connect(format!("HBONE to {endpoint}: {e}")),
+                    }
                 })?;
-            handshake(TokioIo::new(io.into_io()), endpoint, proto, guard).await
+            let transport = tunnel.transport();
+            handshake(
+                TokioIo::new(tunnel.into_io()),
+                endpoint,
+                proto,
+                Some(transport),
+                guard,
+            )
+            .await
         }
     }
 }
 
-/// HTTP/1.1 or HTTP/2 on `io`; the connection's task holds `guard` until it ends.
+/// `resp` marked with the transport of the tunnel it came through, if any ([`Tunnelled`]).
+fn tunnelled(mut resp: Response<Body>, tunnel: Option<Transport>) -> Response<Body> {
+    if let Some(t) = tunnel {
+        resp.extensions_mut().insert(Tunnelled(t));
+    }
+    resp
+}
+
+/// HTTP/1.1 or HTTP/2 on `io` (inside a tunnel over `tunnel`, or none); the connection's
+/// task holds `guard` until it ends.
 async fn handshake<IO>(
     io: IO,
     endpoint: SocketAddr,
     proto: Proto,
+    tunnel: Option<Transport>,
     guard: ConnGuard,
 ) -> Result<Sender, SendError>
 where
@@ -505,7 +537,7 @@ where
                 }
                 drop(guard);
             });
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(sender, tunnel))
         }
         Proto::Http2 => {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
@@ -517,7 +549,7 @@ where
                 }
                 drop(guard);
             });
-            Ok(Sender::H2(sender))
+            Ok(Sender::H2(sender, tunnel))
         }
     }
 }
@@ -526,15 +558,15 @@ where
 struct Pooled {
     pool: &'static Pool,
     inner: Incoming,
-    give_back: Option<(Key, http1::SendRequest<Body>)>,
+    give_back: Option<(Key, http1::SendRequest<Body>, Option<Transport>)>,
 }
 
 impl Pooled {
     fn release_if_done(&mut self) {
         if self.inner.is_end_stream()
-            && let Some((key, s)) = self.give_back.take()
+            && let Some((key, s, t)) = self.give_back.take()
         {
-            self.pool.put(key, Sender::H1(s));
+            self.pool.put(key, Sender::H1(s, t));
         }
     }
 }
@@ -550,8 +582,8 @@ impl hyper::body::Body for Pooled {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
-                if let Some((key, s)) = self.give_back.take() {
-                    self.pool.put(key, Sender::H1(s));
+                if let Some((key, s, t)) = self.give_back.take() {
+                    self.pool.put(key, Sender::H1(s, t));
                 }
             }
             Poll::Ready(Some(Ok(_))) => self.release_if_done(),
@@ -661,7 +693,14 @@ mod tests {
         let proto = key.proto;
         let dial = move |guard| async move {
             let io = TokioIo::new(serve_in_memory(proto, delay, conns));
-            handshake(io, SocketAddr::from(([10, 0, 0, 1], 80)), proto, guard).await
+            handshake(
+                io,
+                SocketAddr::from(([10, 0, 0, 1], 80)),
+                proto,
+                None,
+                guard,
+            )
+            .await
         };
         let resp = pool
             .send(limits, res, key, Duration::from_secs(5), dial, request())
