@@ -4,7 +4,8 @@
 //! half-close, fallback to HTTP/2 when UDP 15008 is dropped at the destination node, and a
 //! live switch back to `h2` leaving an established QUIC tunnel working, identities refused
 //! over QUIC, certificate rotation, garbage/Initial floods, STRICT and AuthorizationPolicy
-//! over QUIC. Run as root:
+//! over QUIC; the HTTP path (requests routed by a VirtualService) over QUIC tunnels, its
+//! fallback to HTTP/2, and its refused tunnels counted with `transport="quic"`. Run as root:
 //! `cargo test -p sidenode-tests --test quic`. One cluster at a time (`serial()`).
 
 mod common;
@@ -295,33 +296,30 @@ fn quic_tunnels_are_udp_only_encrypted_and_carry_every_byte() -> Result<()> {
     Ok(())
 }
 
+/// Drops UDP to port 15008 in `node`'s namespace (iptables INPUT and FORWARD): its pods'
+/// QUIC listeners never answer.
+fn drop_udp_15008(c: &Cluster, node: &str) -> Result<()> {
+    for chain in ["INPUT", "FORWARD"] {
+        let out = c
+            .node_command(node, "iptables")?
+            .args(["-I", chain, "-p", "udp", "--dport", "15008", "-j", "DROP"])
+            .output()
+            .context("running iptables")?;
+        ensure!(
+            out.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn blocked_udp_falls_back_to_http2() -> Result<()> {
     let _turn = serial();
     let (c, _srv) = mesh_with_server()?;
     // UDP 15008 dropped on the destination node before anything is sent over QUIC.
-    let out = c
-        .node_command("node2", "iptables")?
-        .args(["-I", "INPUT", "-p", "udp", "--dport", "15008", "-j", "DROP"])
-        .output()
-        .context("running iptables")?;
-    ensure!(
-        out.status.success(),
-        "iptables: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = c
-        .node_command("node2", "iptables")?
-        .args([
-            "-I", "FORWARD", "-p", "udp", "--dport", "15008", "-j", "DROP",
-        ])
-        .output()
-        .context("running iptables")?;
-    ensure!(
-        out.status.success(),
-        "iptables: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    drop_udp_15008(&c, "node2")?;
     let offset = c.log_len("node1", "proxy");
     c.write_config_file("meshconfig.yaml", &mesh_config("quic"))?;
     // The setting reaches node1 (a fallback is logged), and every connection meanwhile works.
@@ -532,11 +530,16 @@ fn sign_with_cluster_ca(
 
 const REFUSED: &str = "sidenode_hbone_refused_total";
 
+/// node2's refusals of QUIC clients for `reason`.
 fn refused(c: &Cluster, reason: &str) -> Result<f64> {
     Ok(metric_value(
         &proxy_metrics(c, "node2")?,
         REFUSED,
-        &[("direction", "inbound"), ("reason", reason)],
+        &[
+            ("direction", "inbound"),
+            ("transport", "quic"),
+            ("reason", reason),
+        ],
     ))
 }
 
@@ -723,7 +726,7 @@ fn quic_listener_checks_identities_both_ways() -> Result<()> {
         let after = refused(&c, reason)?;
         ensure!(
             after >= before + 1.0,
-            "{REFUSED}{{direction=\"inbound\",reason=\"{reason}\"}} went {before} -> {after}"
+            "{REFUSED}{{direction=\"inbound\",transport=\"quic\",reason=\"{reason}\"}} went {before} -> {after}"
         );
         eprintln!("{name}: client saw {got:?}; {line}");
     }
@@ -939,6 +942,19 @@ fn authorization_policy_refuses_quic_tunnels() -> Result<()> {
         &["tunnel refused", "reason=\"denied\"", "transport=\"quic\""],
         Duration::from_secs(5),
     )?;
+    let denied = metric_value(
+        &proxy_metrics(&c, "node1")?,
+        REFUSED,
+        &[
+            ("direction", "outbound"),
+            ("transport", "quic"),
+            ("reason", "denied"),
+        ],
+    );
+    ensure!(
+        denied >= 1.0,
+        "{REFUSED}{{direction=\"outbound\",transport=\"quic\",reason=\"denied\"}} is {denied}"
+    );
     c.remove_config_file("policy.yaml")?;
     let back = wait_until(Duration::from_secs(15), || {
         Ok(try_connect(&c, CLIENT_POD, TARGET)? == Outcome::Echoed)
@@ -947,5 +963,440 @@ fn authorization_policy_refuses_quic_tunnels() -> Result<()> {
         back,
         "the QUIC tunnel stayed refused after the policy was removed"
     );
+    Ok(())
+}
+
+// ---- the HTTP path (VirtualService routes) over QUIC ----------------------------------------
+
+/// `reviews` v2's pod (v1 is SERVER_POD, which also runs the echo server on 8080).
+const V2_POD: &str = "node2-pod2";
+const REVIEWS_URL: &str = "http://198.18.128.10:80";
+const GREETER_URL: &str = "http://198.18.128.11:80";
+
+/// `reviews` (an `http` port, subsets v1/v2; `end-user: jason` to v2, the rest to v1) and
+/// `greeter` (a `grpc` port: HTTP/2 upstream, to v1's HTTP/2-only server on 9090).
+const REVIEWS_YAML: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.10
+  selector: {svc: reviews}
+  ports: [{name: http, port: 80, targetPort: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: greeter, namespace: mesh}
+spec:
+  clusterIP: 198.18.128.11
+  selector: {svc: reviews, version: v1}
+  ports: [{name: grpc, port: 80, targetPort: 9090}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: mesh}
+spec:
+  host: reviews.mesh.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: mesh}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#;
+
+/// A mesh cluster with the echo server on SERVER_POD:8080 (for [`switch_to_quic`]), and
+/// `reviews` v1 (SERVER_POD) and v2 (V2_POD) serving HTTP/1.1 on 9080, v1 HTTP/2 on 9090;
+/// every pod enrolled, both QUIC listeners open.
+fn reviews_cluster() -> Result<(
+    sidenode_tests::cluster::TestCluster,
+    Server,
+    Vec<HttpServer>,
+)> {
+    let c = mesh_cluster(3, None)?;
+    label_pods(
+        &c,
+        &[
+            (SERVER_POD, &[("svc", "reviews"), ("version", "v1")]),
+            (V2_POD, &[("svc", "reviews"), ("version", "v2")]),
+        ],
+    )?;
+    let echo = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    let http = vec![
+        HttpServer::start(&c, SERVER_POD, "v1", &[])?,
+        HttpServer::start(&c, V2_POD, "v2", &[])?,
+        HttpServer::spawn(
+            &c,
+            SERVER_POD,
+            &["h2-serve", "--port", "9090", "--name", "greeter-v1"],
+        )?,
+    ];
+    for pod in [CLIENT_POD, PROBE_POD] {
+        wait_enrolled(&c, "node1", "mesh", pod)?;
+    }
+    for pod in [SERVER_POD, V2_POD] {
+        wait_enrolled(&c, "node2", "mesh", pod)?;
+        wait_hbone_listener(&c, pod)?;
+    }
+    for addr in ["198.19.2.2:15008", "198.19.2.3:15008"] {
+        wait_log_all(
+            &c,
+            "node2",
+            "proxy",
+            0,
+            &["HBONE/QUIC listener open", addr],
+            Duration::from_secs(10),
+        )?;
+    }
+    Ok((c, echo, http))
+}
+
+/// `n` HTTP/1.1 requests from CLIENT_POD to `reviews` with `headers`, on one connection.
+fn reviews_get(c: &Cluster, n: usize, headers: &[&str], path: &str) -> Result<HttpReport> {
+    http_get(c, CLIENT_POD, REVIEWS_URL, "GET", path, headers, n)
+}
+
+/// Waits (20 s) until the VirtualService is in force: `jason` gets v2, the rest v1.
+fn wait_routes(c: &Cluster) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        let jason = reviews_get(c, 3, &["end-user:jason"], "/")?;
+        let other = reviews_get(c, 3, &[], "/")?;
+        let done = jason.body("v2") == 3 && other.body("v1") == 3;
+        last = Some((jason, other));
+        Ok(done)
+    })?;
+    ensure!(ok, "the VirtualService never came into force: {last:?}");
+    Ok(())
+}
+
+/// curl from CLIENT_POD with HTTP/2 prior knowledge (h2c); (success, body, stderr).
+fn curl_h2c(c: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = c
+        .pod_command(CLIENT_POD, "curl")?
+        .args(["-sS", "--max-time", "10", "--http2-prior-knowledge"])
+        .args(args)
+        .output()
+        .context("running curl")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// HTTP/1.1 and h2c requests to both subsets, and an h2c gRPC-style request to `greeter`
+/// (HTTP/2 upstream), every one answered by the endpoint the routes name; `secret` is in
+/// every path.
+fn http_requests_both_ways(c: &Cluster, secret: &str) -> Result<()> {
+    let path = format!("/{secret}");
+    let jason = reviews_get(c, 20, &["end-user:jason"], &path)?;
+    ensure!(
+        jason.status("200") == 20 && jason.body("v2") == 20,
+        "HTTP/1.1 jason: wanted 20 v2: {jason:?}"
+    );
+    let other = reviews_get(c, 20, &[], &path)?;
+    ensure!(
+        other.status("200") == 20 && other.body("v1") == 20,
+        "HTTP/1.1: wanted 20 v1: {other:?}"
+    );
+    let url = format!("{REVIEWS_URL}{path}");
+    for (header, want) in [("end-user: jason", "v2"), ("end-user: bob", "v1")] {
+        let (ok, body, err) = curl_h2c(c, &["-H", header, &url])?;
+        ensure!(ok && body == want, "h2c with {header:?}: {body:?} {err}");
+    }
+    let grpc = format!("{GREETER_URL}/{secret}.Greeter/SayHello");
+    let (ok, body, err) = curl_h2c(
+        c,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            "hello",
+            &grpc,
+        ],
+    )?;
+    ensure!(
+        ok && body.contains("greeter-v1 HTTP/2.0"),
+        "h2c to the grpc port (HTTP/2 upstream): {body:?} {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn http_routes_ride_quic_tunnels() -> Result<()> {
+    let _turn = serial();
+    let (c, _echo, _http) = reviews_cluster()?;
+    // QUIC in force on node1 before the first HTTP request: no pooled HTTP connection rides
+    // an HTTP/2 tunnel.
+    switch_to_quic(&c)?;
+    c.write_config_file("reviews.yaml", REVIEWS_YAML)?;
+    wait_routes(&c)?;
+
+    let offset1 = c.log_len("node1", "proxy");
+    let pcap = c.state_dir.join("node1-eth0-l7-quic.pcap");
+    let cap = Capture::start(&c, "node1", &pcap, 0)?;
+    let secret = format!("SIDENODE-L7-SECRET-{}", random_hex(12)?);
+    http_requests_both_ways(&c, &secret)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let bytes = cap.stop()?;
+    ensure!(
+        !contains(&bytes, secret.as_bytes()),
+        "the request path {secret} appears in clear text on node1's eth0"
+    );
+    let udp = pcap_count(&pcap, &format!("udp port 15008 and host {CLIENT_IP}"))?;
+    let tcp = pcap_count(&pcap, &format!("tcp port 15008 and host {CLIENT_IP}"))?;
+    let app = pcap_count(&pcap, "port 9080 or port 9090")?;
+    ensure!(
+        udp > 0,
+        "no UDP 15008 packets from {CLIENT_IP} on node1's eth0"
+    );
+    ensure!(
+        tcp == 0,
+        "{tcp} TCP 15008 packets from {CLIENT_IP} with tunnelProtocol: quic"
+    );
+    ensure!(
+        app == 0,
+        "{app} app-port packets on the wire (should be tunnelled)"
+    );
+    eprintln!(
+        "HTTP path: {udp} UDP 15008 packets, no TCP 15008, none on 9080/9090, secret not seen"
+    );
+
+    // node1's request lines name the tunnel's transport: QUIC for every endpoint, never h2.
+    for endpoint in ["198.19.2.2:9080", "198.19.2.3:9080", "198.19.2.2:9090"] {
+        wait_log_all(
+            &c,
+            "node1",
+            "proxy",
+            offset1,
+            &[
+                "request done",
+                &format!("endpoint={endpoint}"),
+                "transport=\"quic\"",
+                "status=200",
+            ],
+            Duration::from_secs(5),
+        )?;
+    }
+    let h2 = lines_after(&c, "node1", "proxy", offset1, "transport=\"h2\"");
+    ensure!(h2.is_empty(), "requests over HTTP/2 tunnels: {h2:?}");
+    // ... and so do their access-log lines.
+    let access = lines_after(&c, "node1", "proxy", offset1, "request complete");
+    ensure!(
+        access.iter().any(|l| l.contains(&secret)),
+        "no access-log line for the requests: {access:?}"
+    );
+    for l in access.iter().filter(|l| l.contains(&secret)) {
+        ensure!(
+            l.contains("tunnel=\"quic\""),
+            "access-log line without tunnel=\"quic\": {l}"
+        );
+    }
+    // node2 accepted the client's own QUIC connections (its identity, not the probe's).
+    let accepted: Vec<String> =
+        lines_after(&c, "node2", "proxy", 0, "HBONE/QUIC connection accepted")
+            .into_iter()
+            .filter(|l| l.contains("sa-node1-pod1"))
+            .collect();
+    ensure!(
+        !accepted.is_empty(),
+        "node2 accepted no QUIC connection from {CLIENT_POD}'s identity"
+    );
+    // The pooled HTTP connections keep their tunnels open: node2 lists them as QUIC.
+    let out = c
+        .node_command("node2", sidenode_tests::workload::mesh_node_path())?
+        .args(["config", "connections", "--json"])
+        .output()
+        .context("running mesh-node config connections")?;
+    ensure!(
+        out.status.success(),
+        "mesh-node config connections on node2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}", String::from_utf8_lossy(&out.stdout)))?;
+    let to_reviews: Vec<(String, String)> = list
+        .as_array()
+        .context("connections is not a list")?
+        .iter()
+        .filter(|c| c["dst_addr"].as_str().is_some_and(|a| a.ends_with(":9080")))
+        .map(|c| {
+            (
+                c["dst_addr"].as_str().unwrap_or("").to_string(),
+                c["transport"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    ensure!(
+        !to_reviews.is_empty() && to_reviews.iter().all(|(_, t)| t == "quic"),
+        "node2's open connections to the reviews pods by transport: {to_reviews:?}"
+    );
+    let m = proxy_metrics(&c, "node1")?;
+    let quic = metric_value(
+        &m,
+        "sidenode_hbone_pool_connections",
+        &[("transport", "quic")],
+    );
+    ensure!(
+        quic >= 2.0,
+        "sidenode_hbone_pool_connections{{transport=\"quic\"}} is {quic} (the probe's and the client's)"
+    );
+    eprintln!(
+        "node2 accepted {} QUIC connection(s) from {CLIENT_POD}; open there: {to_reviews:?}",
+        accepted.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn http_routes_fall_back_to_http2_when_udp_is_blocked() -> Result<()> {
+    let _turn = serial();
+    let (c, _echo, _http) = reviews_cluster()?;
+    drop_udp_15008(&c, "node2")?;
+    let offset = c.log_len("node1", "proxy");
+    c.write_config_file("meshconfig.yaml", &mesh_config("quic"))?;
+    // The setting reaches node1: the probe's L4 connection to SERVER_POD falls back (and so
+    // SERVER_POD is reached over HTTP/2 for a while, by every path).
+    let fell_back = wait_until(Duration::from_secs(20), || {
+        let r = dial_one(&c, PROBE_POD, TARGET)?;
+        ensure!(
+            r.through_proxy(),
+            "probe failed while UDP 15008 is dropped: {r:?}"
+        );
+        Ok(!lines_after(&c, "node1", "proxy", offset, "no answer over QUIC").is_empty())
+    })?;
+    ensure!(fell_back, "node1 never tried QUIC (no fallback logged)");
+    c.write_config_file("reviews.yaml", REVIEWS_YAML)?;
+    let pcap = c.state_dir.join("node1-eth0-l7-fallback.pcap");
+    let cap = Capture::start(&c, "node1", &pcap, 96)?;
+    // V2_POD has not been tried over QUIC yet: the HTTP path tries it, falls back itself, and
+    // every request is answered.
+    wait_routes(&c)?;
+    let secret = random_hex(8)?;
+    http_requests_both_ways(&c, &secret)?;
+    std::thread::sleep(Duration::from_millis(300));
+    cap.stop()?;
+    let fallback = wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &["no answer over QUIC", "dst=198.19.2.3:9080"],
+        Duration::from_secs(5),
+    )?;
+    eprintln!("HTTP path fallback: {fallback}");
+    for endpoint in ["198.19.2.2:9080", "198.19.2.3:9080", "198.19.2.2:9090"] {
+        wait_log_all(
+            &c,
+            "node1",
+            "proxy",
+            offset,
+            &[
+                "request done",
+                &format!("endpoint={endpoint}"),
+                "transport=\"h2\"",
+                "status=200",
+            ],
+            Duration::from_secs(5),
+        )?;
+    }
+    let tcp = pcap_count(&pcap, &format!("tcp port 15008 and host {CLIENT_IP}"))?;
+    ensure!(
+        tcp > 0,
+        "no TCP 15008 packets from {CLIENT_IP}: the requests did not ride HTTP/2 tunnels"
+    );
+    ensure!(
+        lines_after(&c, "node2", "proxy", 0, "HBONE/QUIC connection accepted").is_empty(),
+        "node2 accepted a QUIC connection although UDP 15008 is dropped"
+    );
+    Ok(())
+}
+
+#[test]
+fn http_path_refusals_are_counted_with_transport_quic() -> Result<()> {
+    let _turn = serial();
+    let (c, _echo, _http) = reviews_cluster()?;
+    // A DENY of port 9080 at L4 (no L7 attribute): the destination refuses the tunnel itself.
+    c.write_config_file(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-9080\n  namespace: mesh\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"9080\"]\n",
+    )?;
+    switch_to_quic(&c)?;
+    let before = metric_value(
+        &proxy_metrics(&c, "node1")?,
+        REFUSED,
+        &[
+            ("direction", "outbound"),
+            ("transport", "quic"),
+            ("reason", "denied"),
+        ],
+    );
+    let offset = c.log_len("node1", "proxy");
+    c.write_config_file("reviews.yaml", REVIEWS_YAML)?;
+    // Every request is answered 403 by the source's proxy once the routes are in force.
+    let mut last = None;
+    let denied = wait_until(Duration::from_secs(20), || {
+        let r = reviews_get(&c, 3, &["end-user:jason"], "/")?;
+        let done = r.status("403") == 3;
+        last = Some(r);
+        Ok(done)
+    })?;
+    ensure!(
+        denied,
+        "requests to a denied port were not answered 403: {last:?}"
+    );
+    let line = wait_log_all(
+        &c,
+        "node1",
+        "proxy",
+        offset,
+        &[
+            "tunnel refused",
+            "reason=\"denied\"",
+            "transport=\"quic\"",
+            "endpoint=198.19.2.3:9080",
+        ],
+        Duration::from_secs(5),
+    )?;
+    let after = metric_value(
+        &proxy_metrics(&c, "node1")?,
+        REFUSED,
+        &[
+            ("direction", "outbound"),
+            ("transport", "quic"),
+            ("reason", "denied"),
+        ],
+    );
+    ensure!(
+        after >= before + 1.0,
+        "{REFUSED}{{direction=\"outbound\",transport=\"quic\",reason=\"denied\"}} went {before} -> {after}"
+    );
+    // The refusal came over QUIC (node2's listener answered it), not from a fallback.
+    ensure!(
+        lines_after(&c, "node1", "proxy", offset, "no answer over QUIC").is_empty(),
+        "a fallback to HTTP/2 happened"
+    );
+    eprintln!("refused over QUIC: {line}; counted {before} -> {after}");
+    // Lifted with the policy.
+    c.remove_config_file("policy.yaml")?;
+    let back = wait_until(Duration::from_secs(20), || {
+        Ok(reviews_get(&c, 3, &["end-user:jason"], "/")?.body("v2") == 3)
+    })?;
+    ensure!(back, "requests stayed refused after the policy was removed");
     Ok(())
 }
