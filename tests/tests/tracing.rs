@@ -421,6 +421,11 @@ fn a_request_across_two_nodes_is_traced() -> Result<()> {
         "node 1's span is not a child of the client's span {client_span}: {out:?}"
     );
     check_request_spans(&out, &inb, &server_parent)?;
+    // The request went through an HTTP/2 tunnel (the default `tunnelProtocol`).
+    ensure!(
+        out.attr("sidenode.hbone.transport") == "h2",
+        "the outbound span does not name the tunnel's transport: {out:?}"
+    );
     eprintln!(
         "trace {trace_id}: client {client_span} -> node1 outbound {} -> node2 inbound {} -> pod",
         out.span_id, inb.span_id
@@ -465,7 +470,9 @@ fn a_request_across_two_nodes_is_traced() -> Result<()> {
     );
     ensure!(conn.trace_id == tunnel.trace_id, "{conn:?} {tunnel:?}");
     ensure!(
-        conn.attr("sidenode.protocol") == "hbone" && conn.attr("sidenode.result") == "closed",
+        conn.attr("sidenode.protocol") == "hbone"
+            && conn.attr("sidenode.result") == "closed"
+            && conn.attr("sidenode.hbone.transport") == "h2",
         "{conn:?}"
     );
     let sent: u64 = conn.attr("sidenode.bytes_sent").parse().unwrap_or(0);
@@ -477,7 +484,8 @@ fn a_request_across_two_nodes_is_traced() -> Result<()> {
                 == "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1"
             && tunnel.attr("server.port") == "7070"
             && tunnel.attr("sidenode.result") == "closed"
-            && tunnel.attr("sidenode.bytes_sent") == conn.attr("sidenode.bytes_sent"),
+            && tunnel.attr("sidenode.bytes_sent") == conn.attr("sidenode.bytes_sent")
+            && tunnel.attr("sidenode.hbone.transport") == "h2",
         "{tunnel:?}"
     );
 
