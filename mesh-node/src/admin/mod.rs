@@ -154,7 +154,7 @@ impl Admin {
         let certs = mesh.map(|m| m.certs.certificates()).unwrap_or_default();
         let mut dump = config_dump::build(&self.node, state.as_deref(), &certs, SystemTime::now());
         if self.mesh_mode {
-            dump.controller_connected = Some(crate::telemetry::node::state_is_connected());
+            dump.controller_connected = Some(crate::state::client::STREAM.connected());
             dump.unserved_pods = crate::proxy::inbound::unserved();
         }
         dump

@@ -172,8 +172,8 @@ struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    fn settings(&self) -> Option<crate::state::client::ControllerSettings> {
-        Some(crate::state::client::ControllerSettings {
+    fn settings(&self) -> Option<crate::identity::controller::ControllerSettings> {
+        Some(crate::identity::controller::ControllerSettings {
             addr: self.controller.clone()?,
             ca_file: self.controller_ca.clone()?,
             token_file: self.token_file.clone()?,

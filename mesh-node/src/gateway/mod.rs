@@ -26,13 +26,13 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::identity::controller::ControllerSettings;
 use crate::model::gateway::{Protocol, TlsMode};
 use crate::model::istio::IstioSpec;
 use crate::model::{Labels, ObjKey};
 use crate::proxy::route::http::GatewayPort;
 use crate::proxy::{Mesh, Shared};
 use crate::state::NodeState;
-use crate::state::client::ControllerSettings;
 
 /// Limits a gateway puts on what comes from outside.
 #[derive(Clone, Debug)]

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod gauges;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -32,11 +33,11 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::identity::controller::ControllerSettings;
 use crate::identity::manager::CertManager;
 use crate::kernel::Pins;
 use crate::kernel::maps::ProxyMaps;
 use crate::state::StateRx;
-use crate::state::client::ControllerSettings;
 
 /// Buffer per direction when splicing two TCP sockets (direct connections; HBONE streams use
 /// `hbone::stream`, whose buffers grow with the flow): large enough that a bulk transfer moves
@@ -170,7 +171,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         health: Default::default(),
         limits: Default::default(),
     });
-    crate::telemetry::node::NodeCollector::register(shared.clone());
+    gauges::NodeCollector::register(shared.clone());
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
     let tracker = TaskTracker::new();
@@ -229,7 +230,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         )),
     });
     tokio::spawn(certs.renew_forever());
-    tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));
+    tokio::spawn(crate::telemetry::conn::sweep_forever(mesh.state.clone()));
     {
         let (tunnels, state) = (mesh.authz.clone(), mesh.state.clone());
         tokio::spawn(async move { tunnels.recheck_forever(state).await });
@@ -251,8 +252,9 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
 pub(crate) async fn follow_controller(
     c: &ControllerSettings,
 ) -> Result<(crate::state::StateRx, Arc<CertManager>)> {
-    let conn = crate::state::client::channel(c)?;
-    let certs = CertManager::new(crate::state::client::cert_client(&conn));
+    let conn = crate::identity::controller::channel(c)?;
+    crate::telemetry::node::StateCollector::register();
+    let certs = CertManager::new(crate::identity::controller::cert_client(&conn));
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::state::NodeState::default()));
     tokio::spawn(crate::state::client::follow(conn, tx));
     let mut first = rx.clone();

@@ -29,10 +29,11 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
-pub fn count_refusal(direction: &str, reason: crate::proxy::hbone::Refusal) {
+/// One HBONE tunnel refused: `reason` is `hbone::Refusal::as_str`.
+pub fn count_refusal(direction: &str, reason: &str) {
     metrics()
         .hbone_refused
-        .with_label_values(&[direction, reason.as_str()])
+        .with_label_values(&[direction, reason])
         .inc();
 }
 

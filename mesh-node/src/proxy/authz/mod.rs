@@ -234,25 +234,8 @@ pub fn per_request(st: &NodeState, pod: &str, port: u16) -> bool {
     let Some(w) = st.workloads.get(pod) else {
         return false;
     };
-    needs_http(&applicable(st, Target::of(w))) && is_http_pod_port(st, w, port)
-}
-
-/// Is `port` of pod `w` the target of an HTTP service port?
-pub fn is_http_pod_port(st: &NodeState, w: &proto::Workload, port: u16) -> bool {
-    st.services
-        .values()
-        .filter(|s| s.namespace == w.namespace && !s.selector.is_empty())
-        .filter(|s| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        .flat_map(|s| &s.ports)
-        .filter(|p| crate::proxy::route::http::is_http_port(p))
-        .any(|p| {
-            let target = if p.target_port == 0 && p.target_port_name.is_empty() {
-                p.port
-            } else {
-                p.target_port
-            };
-            target == u32::from(port)
-        })
+    needs_http(&applicable(st, Target::of(w)))
+        && crate::state::protocol::is_http_pod_port(st, w, port)
 }
 
 // -------------------------------------------------------------------------------- rules

@@ -130,7 +130,10 @@ impl Refusal {
     }
 }
 
-pub use crate::telemetry::metrics::count_refusal;
+/// Counts a refused tunnel in `sidenode_hbone_refused_total{direction, reason}`.
+pub fn count_refusal(direction: &str, reason: Refusal) {
+    crate::telemetry::metrics::count_refusal(direction, reason.as_str());
+}
 
 /// The destination pod's HBONE address for a connection to `target` (one of its addresses):
 /// `target`'s own IP, as ztunnel tunnels to the pod address of the connection's family (its

@@ -95,7 +95,7 @@ pub fn has_request_limits(st: &NodeState, pod: &str, port: u16) -> bool {
         spec.requests
             .iter()
             .any(|r| r.matches.ports.is_empty() || r.matches.ports.contains(&port))
-    }) && authz::is_http_pod_port(st, w, port)
+    }) && crate::state::protocol::is_http_pod_port(st, w, port)
 }
 
 fn request_matches(m: &RequestMatch, port: u16, req: &HttpRequest<'_>) -> bool {
