@@ -228,7 +228,7 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
     let name = format!("{}/{}", cfg.namespace, cfg.pod);
     // Nothing captures the gateway's pod, and it runs without CAP_NET_ADMIN.
     crate::proxy::socket::unmarked_process();
-    let admin = crate::admin::Admin::new(&name, true);
+    let admin = crate::proxy::status::Status::new(&name, true);
     if let Some(a) = &cfg.admin {
         tokio::spawn(crate::admin::serve(crate::admin::bind(a)?, admin.clone()));
     }

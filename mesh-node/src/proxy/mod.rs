@@ -20,8 +20,11 @@ pub mod inbound;
 pub mod outbound;
 pub mod pod;
 pub mod ratelimit;
+pub mod refusal;
+pub mod reply;
 pub mod route;
 pub mod socket;
+pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -58,8 +61,6 @@ pub struct ProxyConfig {
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
     pub direct_unmeshed: bool,
     pub metrics_addr: Option<SocketAddr>,
-    /// Admin API (`--admin`, loopback by default); `None`: off.
-    pub admin: Option<crate::admin::Settings>,
     /// cgroup v2 folder below which local pods' namespaces are found by pod UID (the agent's
     /// `--cgroup-root`); without it only the `sidenode.io/netns` annotation works.
     pub cgroup_root: Option<PathBuf>,
@@ -129,14 +130,12 @@ pub struct Shared {
     pub limits: route::Limits,
 }
 
-pub async fn run(cfg: ProxyConfig) -> Result<()> {
+/// Runs the proxy until SIGTERM or Ctrl-C, then drains. `status` is the phase the readiness
+/// probe and the admin API read (the caller starts the admin API first, so that
+/// `/healthz/ready` can say what the proxy is waiting for).
+pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
     if let Some(t) = &cfg.tracing {
         crate::telemetry::trace::init(t, &cfg.node).context("setting up tracing")?;
-    }
-    // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
-    let admin = crate::admin::Admin::new(&cfg.node, cfg.controller.is_some());
-    if let Some(a) = &cfg.admin {
-        tokio::spawn(crate::admin::serve(crate::admin::bind(a)?, admin.clone()));
     }
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];

@@ -15,7 +15,7 @@ use crate::model::istio::{
     Headers, HttpFault, HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute,
     StringMatch, VirtualServiceSpec, parse_duration,
 };
-use crate::proxy::hbone::Refusal;
+use crate::proxy::refusal::Refusal;
 use crate::state::NodeState;
 use crate::state::protocol::is_http_port;
 
