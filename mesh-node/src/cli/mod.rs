@@ -483,7 +483,10 @@ pub fn main() -> Result<()> {
             runtime(Some(p.worker_threads))?.block_on(async move {
                 // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
                 let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
-                tokio::spawn(crate::admin::serve(crate::admin::bind(&admin)?, status.clone()));
+                tokio::spawn(crate::admin::serve(
+                    crate::admin::bind(&admin)?,
+                    status.clone(),
+                ));
                 crate::proxy::run(cfg, status).await
             })
         }

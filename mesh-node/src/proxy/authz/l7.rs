@@ -122,7 +122,6 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
     resp
 }
 
-
 async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {
     let (decision, limited) = {
         let st = t.state.borrow().clone();

@@ -295,7 +295,6 @@ fn report(
     crate::telemetry::request::done(&labels, log, resp, started);
 }
 
-
 /// Does a fault with this `percentage` (absent: every request) apply to this request?
 fn fault_hits(p: Option<&Percent>, rng: &mut fastrand::Rng) -> bool {
     let v = p.map_or(100.0, |p| p.value);

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounterVec, Opts};
 
 use crate::model::ratelimit::{RateLimitPolicySpec, RequestMatch};
-use crate::proto;
 use crate::policy::matching::{HttpRequest, host_matches, string_matches};
+use crate::proto;
 use crate::state::NodeState;
 use bucket::{Params, TokenBucket};
 
