@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod fuzz;
+mod layers;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -80,6 +81,9 @@ enum Cmd {
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
     Docs,
+    /// Check that mesh-node's modules point one way (no import cycle among the children of any
+    /// folder) and print each folder's layers, bottom first.
+    Layers,
 }
 
 fn main() -> Result<()> {
@@ -122,6 +126,7 @@ fn main() -> Result<()> {
             target,
             sanitizer,
         } => fuzz::run(seconds, target.as_deref(), &sanitizer),
+        Cmd::Layers => layers::run(),
         Cmd::Docs => run_cmd(
             Command::new(env!("CARGO"))
                 .current_dir(workspace_root())

@@ -496,14 +496,17 @@ mod tests {
         let token_file = dir.path().join("token");
         std::fs::write(&ca_file, ca.trust_bundle_pem()).expect("write");
         std::fs::write(&token_file, "t0ken\n").expect("write");
-        let conn = crate::state::client::channel(&crate::state::client::ControllerSettings {
-            addr: "127.0.0.1:9".into(),
-            ca_file,
-            token_file,
-        })
+        let conn = crate::identity::controller::channel(
+            &crate::identity::controller::ControllerSettings {
+                addr: "127.0.0.1:9".into(),
+                ca_file,
+                token_file,
+            },
+        )
         .expect("channel");
-        let certs =
-            crate::identity::manager::CertManager::new(crate::state::client::cert_client(&conn));
+        let certs = crate::identity::manager::CertManager::new(
+            crate::identity::controller::cert_client(&conn),
+        );
         let id = Identity::new("cluster.local", "shop", "web");
         let (key, csr) = crate::identity::certs::key_and_csr(&id).expect("csr");
         let chain = ca.sign(&csr, &id).expect("sign");

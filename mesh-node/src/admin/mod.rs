@@ -27,8 +27,7 @@ pub mod config_dump;
 pub mod logging;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -37,7 +36,7 @@ use http_body_util::Full;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::proxy::Mesh;
+use crate::proxy::status::Status;
 
 /// Where the admin API listens.
 #[derive(Clone, Debug)]
@@ -87,78 +86,21 @@ pub fn bind(s: &Settings) -> Result<TcpListener, AdminError> {
     sock.listen(64).map_err(err)
 }
 
-const STARTING: u8 = 0;
-const SERVING: u8 = 1;
-const DRAINING: u8 = 2;
-
-/// What the admin API reads of the proxy: its phase and, in mesh mode, its mesh side.
-pub struct Admin {
-    node: String,
-    mesh_mode: bool,
-    phase: AtomicU8,
-    mesh: OnceLock<Arc<Mesh>>,
-}
-
-impl Admin {
-    pub fn new(node: &str, mesh_mode: bool) -> Arc<Admin> {
-        Arc::new(Admin {
-            node: node.to_string(),
-            mesh_mode,
-            phase: AtomicU8::new(STARTING),
-            mesh: OnceLock::new(),
-        })
+/// The `/config_dump` document now.
+pub fn config_dump(admin: &Status) -> config_dump::ConfigDump {
+    let mesh = admin.mesh();
+    let state = match (admin.mesh_mode(), mesh) {
+        (false, _) => None,
+        (true, Some(m)) => Some(m.state.borrow().clone()),
+        (true, None) => Some(Arc::default()),
+    };
+    let certs = mesh.map(|m| m.certs.certificates()).unwrap_or_default();
+    let mut dump = config_dump::build(admin.node(), state.as_deref(), &certs, SystemTime::now());
+    if admin.mesh_mode() {
+        dump.controller_connected = Some(crate::state::client::STREAM.connected());
+        dump.unserved_pods = crate::proxy::inbound::unserved();
     }
-
-    /// The mesh side once it is up (state stream, certificates).
-    pub fn set_mesh(&self, mesh: Arc<Mesh>) {
-        let _ = self.mesh.set(mesh);
-    }
-
-    /// The outbound listeners are bound and accepting.
-    pub fn set_serving(&self) {
-        self.phase.store(SERVING, Ordering::Relaxed);
-    }
-
-    /// SIGTERM: no new connections.
-    pub fn set_draining(&self) {
-        self.phase.store(DRAINING, Ordering::Relaxed);
-    }
-
-    /// `Ok(())` when ready, else why not.
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        match self.phase.load(Ordering::Relaxed) {
-            STARTING => return Err("starting: waiting for the agent's maps and the listeners"),
-            DRAINING => return Err("draining: the proxy is shutting down"),
-            _ => {}
-        }
-        if self.mesh_mode {
-            match self.mesh.get() {
-                None => return Err("starting: the mesh side is not up yet"),
-                Some(m) if m.state.borrow().version == 0 => {
-                    return Err("no state from the controller yet");
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// The `/config_dump` document now.
-    pub fn config_dump(&self) -> config_dump::ConfigDump {
-        let mesh = self.mesh.get();
-        let state = match (self.mesh_mode, mesh) {
-            (false, _) => None,
-            (true, Some(m)) => Some(m.state.borrow().clone()),
-            (true, None) => Some(Arc::default()),
-        };
-        let certs = mesh.map(|m| m.certs.certificates()).unwrap_or_default();
-        let mut dump = config_dump::build(&self.node, state.as_deref(), &certs, SystemTime::now());
-        if self.mesh_mode {
-            dump.controller_connected = Some(crate::telemetry::node::state_is_connected());
-            dump.unserved_pods = crate::proxy::inbound::unserved();
-        }
-        dump
-    }
+    dump
 }
 
 /// An answer: status, content type and body.
@@ -222,7 +164,7 @@ pub const ENDPOINTS: [(&str, &str); 5] = [
 ];
 
 /// Answers one request (everything but the transport).
-pub fn route(admin: &Admin, method: &Method, path: &str, query: Option<&str>) -> Reply {
+pub fn route(admin: &Status, method: &Method, path: &str, query: Option<&str>) -> Reply {
     let path = match path.trim_end_matches('/') {
         "" => "/",
         p => p,
@@ -247,14 +189,14 @@ pub fn route(admin: &Admin, method: &Method, path: &str, query: Option<&str>) ->
         "/" => Reply::json(
             StatusCode::OK,
             &serde_json::json!({
-                "node": admin.node,
+                "node": admin.node(),
                 "endpoints": ENDPOINTS
                     .iter()
                     .map(|(e, what)| serde_json::json!({"endpoint": e, "what": what}))
                     .collect::<Vec<_>>(),
             }),
         ),
-        "/config_dump" => Reply::json(StatusCode::OK, &admin.config_dump()),
+        "/config_dump" => Reply::json(StatusCode::OK, &config_dump(admin)),
         "/connections" => Reply::json(StatusCode::OK, &crate::telemetry::conn::open_connections()),
         "/healthz/ready" => match admin.readiness() {
             Ok(()) => Reply::text(StatusCode::OK, "ready\n".into()),
@@ -279,7 +221,7 @@ fn names(methods: &[Method]) -> String {
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin API on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+pub async fn serve(listener: TcpListener, admin: Arc<Status>) {
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioIo, TokioTimer};
     if let Ok(addr) = listener.local_addr() {
@@ -338,7 +280,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 mod tests {
     use super::*;
 
-    fn get(admin: &Admin, path: &str) -> Reply {
+    fn get(admin: &Status, path: &str) -> Reply {
         route(admin, &Method::GET, path, None)
     }
 
@@ -360,7 +302,7 @@ mod tests {
 
     #[test]
     fn routes_methods_and_unknown_paths() {
-        let admin = Admin::new("node1", false);
+        let admin = Status::new("node1", false);
         let r = get(&admin, "/");
         assert_eq!((r.status, r.content_type), (StatusCode::OK, JSON));
         assert!(r.body.contains("/config_dump") && r.body.contains("/logging"));
@@ -386,7 +328,7 @@ mod tests {
 
     #[test]
     fn readiness_follows_the_phases() {
-        let admin = Admin::new("node1", false);
+        let admin = Status::new("node1", false);
         let r = get(&admin, "/healthz/ready");
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(
@@ -403,7 +345,7 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         // Mesh mode: serving is not enough without a state.
-        let admin = Admin::new("node1", true);
+        let admin = Status::new("node1", true);
         admin.set_serving();
         let r = get(&admin, "/healthz/ready");
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);

@@ -25,11 +25,11 @@ use tracing::{error, info, warn};
 use std::sync::Arc;
 
 use crate::config::watch::FileSource;
+use crate::identity::controller::ControllerSettings;
 use crate::kernel::maps::{NodeMaps, ip_to_addr, ip4_to_net};
 use crate::kernel::podns::PodNetnsFinder;
 use crate::kernel::{Pins, load};
 use crate::state::NodeState;
-use crate::state::client::ControllerSettings;
 use enroll::Enroller;
 
 /// Where the agent learns which pods to enroll.
@@ -140,7 +140,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
         Source::Controller(settings) => {
-            let conn = crate::state::client::channel(settings)?;
+            let conn = crate::identity::controller::channel(settings)?;
             let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(NodeState::default()));
             tokio::spawn(crate::state::client::follow(conn, tx));
             let mut enroller = new_enroller();

@@ -172,8 +172,8 @@ struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    fn settings(&self) -> Option<crate::state::client::ControllerSettings> {
-        Some(crate::state::client::ControllerSettings {
+    fn settings(&self) -> Option<crate::identity::controller::ControllerSettings> {
+        Some(crate::identity::controller::ControllerSettings {
             addr: self.controller.clone()?,
             ca_file: self.controller_ca.clone()?,
             token_file: self.token_file.clone()?,
@@ -458,10 +458,6 @@ pub fn main() -> Result<()> {
                     p.metrics
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
-                admin: Some(crate::admin::Settings {
-                    addr: p.admin,
-                    allow_remote: p.admin_allow_remote,
-                }),
                 cgroup_root: match p.cgroup_root {
                     Some(c) => Some(crate::kernel::mounts::resolve_cgroup_root(Some(&c))?),
                     None => crate::kernel::load::default_cgroup_root(),
@@ -480,7 +476,19 @@ pub fn main() -> Result<()> {
                 proc_sys_net: p.proc_sys_net,
             };
             crate::policy::set_root_namespace(&p.root_namespace);
-            runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))
+            let admin = crate::admin::Settings {
+                addr: p.admin,
+                allow_remote: p.admin_allow_remote,
+            };
+            runtime(Some(p.worker_threads))?.block_on(async move {
+                // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
+                let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
+                tokio::spawn(crate::admin::serve(
+                    crate::admin::bind(&admin)?,
+                    status.clone(),
+                ));
+                crate::proxy::run(cfg, status).await
+            })
         }
         Cmd::Gateway(g) => {
             let Some(controller) = g.controller.settings() else {

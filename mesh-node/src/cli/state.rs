@@ -8,8 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
+use crate::identity::controller::{ControllerSettings, channel};
 use crate::proto;
-use crate::state::client::{ControllerSettings, channel, state_client};
+use crate::state::client::state_client;
 
 #[derive(Args)]
 pub struct StateArgs {

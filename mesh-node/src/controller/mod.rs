@@ -30,7 +30,7 @@ use k8s::source::KubeSource;
 use view::View;
 
 /// The name agents expect on the controller's serving certificate.
-pub const SERVER_NAME: &str = "sidenode-controller";
+pub use crate::identity::controller::SERVER_NAME;
 
 /// Where the controller reads the cluster from.
 #[derive(Clone, Debug)]

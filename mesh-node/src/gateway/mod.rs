@@ -26,13 +26,13 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::identity::controller::ControllerSettings;
 use crate::model::gateway::{Protocol, TlsMode};
 use crate::model::istio::IstioSpec;
 use crate::model::{Labels, ObjKey};
 use crate::proxy::route::http::GatewayPort;
 use crate::proxy::{Mesh, Shared};
 use crate::state::NodeState;
-use crate::state::client::ControllerSettings;
 
 /// Limits a gateway puts on what comes from outside.
 #[derive(Clone, Debug)]
@@ -228,7 +228,7 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
     let name = format!("{}/{}", cfg.namespace, cfg.pod);
     // Nothing captures the gateway's pod, and it runs without CAP_NET_ADMIN.
     crate::proxy::socket::unmarked_process();
-    let admin = crate::admin::Admin::new(&name, true);
+    let admin = crate::proxy::status::Status::new(&name, true);
     if let Some(a) = &cfg.admin {
         tokio::spawn(crate::admin::serve(crate::admin::bind(a)?, admin.clone()));
     }

@@ -14,8 +14,8 @@ use tracing::{info, warn};
 
 use super::Identity;
 use super::certs::{CertInfo, cert_info, certs_from_pem, key_and_csr};
+use crate::identity::controller::AuthChannel;
 use crate::proto;
-use crate::state::client::AuthChannel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

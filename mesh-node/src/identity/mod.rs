@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod controller;
 pub mod manager;
 pub mod spiffe;
 pub mod tls;

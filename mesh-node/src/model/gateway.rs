@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Labels;
-use super::istio::{bad, check_port};
+use super::fields::{bad, check_port};
 
 /// `GatewayClass.spec.controllerName` of the classes sidenode's gateway serves.
 pub const CONTROLLER_NAME: &str = "sidenode.io/gateway-controller";

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::fields::{WorkloadSelector, parse_duration};
+use super::fields::{bad, check_port};
 use super::{Labels, ObjKey, Origin};
 
 /// API groups and the versions read (the first is preferred).
@@ -136,46 +138,12 @@ impl IstioSpec {
     }
 }
 
-pub(super) fn bad<T>(
-    field: impl Into<String>,
-    message: impl Into<String>,
-) -> Result<T, (String, String)> {
-    Err((field.into(), message.into()))
-}
-
-/// Istio's duration syntax (`1.5s`, `100ms`, `2m`, `1h`).
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    if !n.is_finite() || n < 0.0 {
-        return None;
-    }
-    let secs = match unit {
-        "ns" => n / 1e9,
-        "us" | "µs" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Some(std::time::Duration::from_secs_f64(secs))
-}
-
 fn check_duration(field: String, d: &Option<String>) -> Result<(), (String, String)> {
     match d {
         Some(s) if parse_duration(s).is_none() => bad(
             field,
             format!("`{s}` is not a duration (like `500ms`, `2s`, `1m`)"),
         ),
-        _ => Ok(()),
-    }
-}
-
-pub(super) fn check_port(field: String, p: Option<u32>) -> Result<(), (String, String)> {
-    match p {
-        Some(p) if p == 0 || p > 65535 => bad(field, format!("{p} is not a port (1-65535)")),
         _ => Ok(()),
     }
 }
@@ -811,22 +779,6 @@ impl PeerAuthenticationSpec {
             );
         }
         Ok(())
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkloadSelector {
-    #[serde(default)]
-    pub match_labels: Labels,
-}
-
-impl WorkloadSelector {
-    /// Are all of the selector's labels among `labels`?
-    pub fn selects(&self, labels: &std::collections::HashMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fields;
 pub mod gateway;
 pub mod gatewayapi;
 pub mod istio;
@@ -14,6 +15,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// Namespace (and pod) label that turns the mesh on (`enabled`) or a pod out of it (`none`).
+/// The cluster's DNS domain (service hosts are `<name>.<namespace>.svc.cluster.local`).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
 pub const DATAPLANE_MODE_LABEL: &str = "sidenode.io/dataplane-mode";
 pub const DATAPLANE_ENABLED: &str = "enabled";
 pub const DATAPLANE_NONE: &str = "none";

@@ -27,7 +27,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::istio::{WorkloadSelector, parse_duration};
+use super::fields::{WorkloadSelector, parse_duration};
 
 /// The fill interval of a bucket: at least this (Envoy's minimum is 50 ms).
 pub const MIN_FILL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod matching;
 pub mod peer_auth;
 
 use std::sync::OnceLock;

@@ -13,14 +13,18 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod gauges;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pod;
 pub mod ratelimit;
+pub mod refusal;
+pub mod reply;
 pub mod route;
 pub mod socket;
+pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,11 +36,11 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::identity::controller::ControllerSettings;
 use crate::identity::manager::CertManager;
 use crate::kernel::Pins;
 use crate::kernel::maps::ProxyMaps;
 use crate::state::StateRx;
-use crate::state::client::ControllerSettings;
 
 /// Buffer per direction when splicing two TCP sockets (direct connections; HBONE streams use
 /// `hbone::stream`, whose buffers grow with the flow): large enough that a bulk transfer moves
@@ -57,8 +61,6 @@ pub struct ProxyConfig {
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
     pub direct_unmeshed: bool,
     pub metrics_addr: Option<SocketAddr>,
-    /// Admin API (`--admin`, loopback by default); `None`: off.
-    pub admin: Option<crate::admin::Settings>,
     /// cgroup v2 folder below which local pods' namespaces are found by pod UID (the agent's
     /// `--cgroup-root`); without it only the `sidenode.io/netns` annotation works.
     pub cgroup_root: Option<PathBuf>,
@@ -128,14 +130,12 @@ pub struct Shared {
     pub limits: route::Limits,
 }
 
-pub async fn run(cfg: ProxyConfig) -> Result<()> {
+/// Runs the proxy until SIGTERM or Ctrl-C, then drains. `status` is the phase the readiness
+/// probe and the admin API read (the caller starts the admin API first, so that
+/// `/healthz/ready` can say what the proxy is waiting for).
+pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
     if let Some(t) = &cfg.tracing {
         crate::telemetry::trace::init(t, &cfg.node).context("setting up tracing")?;
-    }
-    // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
-    let admin = crate::admin::Admin::new(&cfg.node, cfg.controller.is_some());
-    if let Some(a) = &cfg.admin {
-        tokio::spawn(crate::admin::serve(crate::admin::bind(a)?, admin.clone()));
     }
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];
@@ -170,7 +170,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         health: Default::default(),
         limits: Default::default(),
     });
-    crate::telemetry::node::NodeCollector::register(shared.clone());
+    gauges::NodeCollector::register(shared.clone());
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
     let tracker = TaskTracker::new();
@@ -229,7 +229,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         )),
     });
     tokio::spawn(certs.renew_forever());
-    tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));
+    tokio::spawn(crate::telemetry::conn::sweep_forever(mesh.state.clone()));
     {
         let (tunnels, state) = (mesh.authz.clone(), mesh.state.clone());
         tokio::spawn(async move { tunnels.recheck_forever(state).await });
@@ -251,8 +251,9 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
 pub(crate) async fn follow_controller(
     c: &ControllerSettings,
 ) -> Result<(crate::state::StateRx, Arc<CertManager>)> {
-    let conn = crate::state::client::channel(c)?;
-    let certs = CertManager::new(crate::state::client::cert_client(&conn));
+    let conn = crate::identity::controller::channel(c)?;
+    crate::telemetry::node::StateCollector::register();
+    let certs = CertManager::new(crate::identity::controller::cert_client(&conn));
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::state::NodeState::default()));
     tokio::spawn(crate::state::client::follow(conn, tx));
     let mut first = rx.clone();

@@ -1,92 +1,92 @@
-//! The controller's client side: a TLS gRPC channel carrying the node token, and the state
-//! stream loop that reconnects (with backoff) and resyncs from a fresh snapshot each time.
+//! The state stream from the controller: the loop that reconnects (with backoff) and resyncs
+//! from a fresh snapshot each time, over the authenticated channel of
+//! `identity::controller`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use super::NodeState;
+use crate::identity::controller::{AuthChannel, TokenAuth};
 use crate::proto;
-
-/// How to reach and authenticate to the controller.
-#[derive(Clone, Debug)]
-pub struct ControllerSettings {
-    /// `host:port`.
-    pub addr: String,
-    /// PEM root the controller's serving certificate chains to.
-    pub ca_file: PathBuf,
-    /// This node's bootstrap token.
-    pub token_file: PathBuf,
-}
-
-/// Adds `authorization: Bearer <token>` to every call. The token file is read again on each
-/// call (it is small): a projected service-account token is rotated by the kubelet in place.
-/// If the file cannot be read, the last token read is used.
-#[derive(Clone)]
-pub struct TokenAuth {
-    path: PathBuf,
-    header: Arc<std::sync::Mutex<MetadataValue<tonic::metadata::Ascii>>>,
-}
-
-fn bearer(path: &std::path::Path) -> Result<MetadataValue<tonic::metadata::Ascii>> {
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading node token {}", path.display()))?;
-    format!("Bearer {}", token.trim())
-        .parse()
-        .with_context(|| format!("{}: the token is not valid header text", path.display()))
-}
-
-impl Interceptor for TokenAuth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let mut header = self.header.lock().unwrap_or_else(|p| p.into_inner());
-        match bearer(&self.path) {
-            Ok(h) => *header = h,
-            Err(e) => warn!(error = %format!("{e:#}"), "keeping the last token read"),
-        }
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    }
-}
-
-pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, TokenAuth>;
-
-/// A lazily connecting channel: calls fail while the controller is away, then work again.
-pub fn channel(s: &ControllerSettings) -> Result<(Channel, TokenAuth)> {
-    let ca = std::fs::read_to_string(&s.ca_file)
-        .with_context(|| format!("reading controller CA {}", s.ca_file.display()))?;
-    let header = bearer(&s.token_file)?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(crate::controller::SERVER_NAME);
-    let ep = Endpoint::from_shared(format!("https://{}", s.addr))
-        .with_context(|| format!("controller address {}", s.addr))?
-        .tls_config(tls)
-        .context("controller TLS settings")?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let auth = TokenAuth {
-        path: s.token_file.clone(),
-        header: Arc::new(std::sync::Mutex::new(header)),
-    };
-    Ok((ep.connect_lazy(), auth))
-}
 
 pub fn state_client(c: &(Channel, TokenAuth)) -> proto::state_client::StateClient<AuthChannel> {
     proto::state_client::StateClient::with_interceptor(c.0.clone(), c.1.clone())
 }
 
-pub fn cert_client(
-    c: &(Channel, TokenAuth),
-) -> proto::certificates_client::CertificatesClient<AuthChannel> {
-    proto::certificates_client::CertificatesClient::with_interceptor(c.0.clone(), c.1.clone())
+/// How the state stream is doing. Written here as updates arrive; read at scrape time by
+/// `telemetry::node` (`sidenode_state_*`) and by the admin API, so this module reports
+/// without depending on either.
+pub struct StreamStatus {
+    version: AtomicU64,
+    snapshots: AtomicU64,
+    deltas: AtomicU64,
+    /// Receive time of the last delta minus the time the controller built it, in ms.
+    lag_ms: AtomicU64,
+    connected: AtomicBool,
+}
+
+/// The process's state stream (one per process: the proxy's or the gateway's).
+pub static STREAM: StreamStatus = StreamStatus {
+    version: AtomicU64::new(0),
+    snapshots: AtomicU64::new(0),
+    deltas: AtomicU64::new(0),
+    lag_ms: AtomicU64::new(0),
+    connected: AtomicBool::new(false),
+};
+
+impl StreamStatus {
+    /// One update applied: `version` now held; `built_unix_ms` from the controller (0: unknown).
+    fn applied(&self, version: u64, snapshot: bool, built_unix_ms: u64) {
+        self.version.store(version, Ordering::Relaxed);
+        let kind = if snapshot {
+            &self.snapshots
+        } else {
+            &self.deltas
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+        // A snapshot may carry an old build time (the version was built before the stream
+        // opened): only deltas measure propagation.
+        if !snapshot && built_unix_ms > 0 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.lag_ms
+                .store(now.saturating_sub(built_unix_ms), Ordering::Relaxed);
+        }
+    }
+
+    fn lost(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// The state version this process holds (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Updates received so far: (snapshots, deltas).
+    pub fn updates(&self) -> (u64, u64) {
+        (
+            self.snapshots.load(Ordering::Relaxed),
+            self.deltas.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The last delta's propagation time, in seconds (0 before the first delta).
+    pub fn lag_seconds(&self) -> f64 {
+        self.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    /// Is the state stream to the controller open now?
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
 }
 
 /// Follows the state stream forever, publishing each new state. The last state stays in
@@ -112,7 +112,7 @@ pub async fn follow(conn: (Channel, TokenAuth), tx: watch::Sender<Arc<NodeState>
                             let snapshot = update.snapshot;
                             let built = update.built_unix_ms;
                             let next = tx.borrow().apply(update);
-                            crate::telemetry::node::state_update(next.version, snapshot, built);
+                            STREAM.applied(next.version, snapshot, built);
                             if snapshot {
                                 info!(
                                     version = next.version,
@@ -125,11 +125,11 @@ pub async fn follow(conn: (Channel, TokenAuth), tx: watch::Sender<Arc<NodeState>
                             tx.send_replace(Arc::new(next));
                         }
                         Ok(None) => {
-                            crate::telemetry::node::state_connected(false);
+                            STREAM.lost();
                             break;
                         }
                         Err(e) => {
-                            crate::telemetry::node::state_connected(false);
+                            STREAM.lost();
                             warn!(error = %e, "state stream error");
                             break;
                         }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod protocol;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -286,7 +286,7 @@ pub fn open_connections() -> Vec<ConnectionView> {
         .collect()
 }
 
-/// (namespace, workload) of both ends of every open connection (kept by [`istio::sweep`]).
+/// (namespace, workload) of both ends of every open connection (kept by [`sweep_forever`]).
 pub fn workloads_in_use() -> HashSet<(String, String)> {
     let list = open_list().lock().unwrap_or_else(|p| p.into_inner());
     list.values()
@@ -432,6 +432,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 }
 
 /// A connection between workloads `client` and `server` of namespace `ns`, for unit tests.
+/// Sweeps after every state change (at most once a second): series of workloads that left
+/// the state, and that no open connection uses, are dropped.
+pub async fn sweep_forever(mut state: crate::state::StateRx) {
+    while state.changed().await.is_ok() {
+        let live = istio::live_workloads(&state.borrow_and_update().clone());
+        let in_use = workloads_in_use();
+        let removed = istio::sweep(|k| live.contains(k) || in_use.contains(k));
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "dropped the metric series of workloads that are gone"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn test_meta(ns: &str, reporter: crate::telemetry::istio::Reporter) -> ConnMeta {
     use crate::telemetry::istio::Side;

@@ -260,10 +260,7 @@ impl ServiceName {
     pub fn of_uid(uid: &str) -> Option<ServiceName> {
         let (ns, name) = uid.split_once('/')?;
         Some(ServiceName {
-            host: format!(
-                "{name}.{ns}.svc.{}",
-                crate::proxy::route::service::CLUSTER_DOMAIN
-            ),
+            host: format!("{name}.{ns}.svc.{}", crate::model::CLUSTER_DOMAIN),
             name: name.into(),
             namespace: ns.into(),
         })
@@ -504,23 +501,6 @@ pub fn sweep(live: impl Fn(&WorkloadKey) -> bool) -> usize {
         false
     });
     removed
-}
-
-/// Sweeps after every state change (at most once a second): series of workloads that left
-/// the state, and that no open connection uses, are dropped.
-pub async fn sweep_forever(mut state: crate::state::StateRx) {
-    while state.changed().await.is_ok() {
-        let live = live_workloads(&state.borrow_and_update().clone());
-        let in_use = crate::telemetry::conn::workloads_in_use();
-        let removed = sweep(|k| live.contains(k) || in_use.contains(k));
-        if removed > 0 {
-            tracing::debug!(
-                removed,
-                "dropped the metric series of workloads that are gone"
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
 }
 
 /// The (namespace, workload) pairs of the state's pods.

@@ -29,20 +29,11 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
-/// Counts a refusal in `sidenode_hbone_refused_total`: `transport` is the tunnel's (`None`:
-/// refused before or without a tunnel, label `none`).
-pub fn count_refusal(
-    direction: &str,
-    transport: Option<crate::proxy::hbone::Transport>,
-    reason: crate::proxy::hbone::Refusal,
-) {
+/// One HBONE tunnel refused (`proxy::hbone::count_refusal` names the labels).
+pub fn count_refusal(direction: &str, transport: &str, reason: &str) {
     metrics()
         .hbone_refused
-        .with_label_values(&[
-            direction,
-            crate::proxy::hbone::Transport::label(transport),
-            reason.as_str(),
-        ])
+        .with_label_values(&[direction, transport, reason])
         .inc();
 }
 

@@ -524,7 +524,7 @@ pub fn per_request(st: &crate::state::NodeState, pod: &str, port: u16) -> bool {
         && st
             .workloads
             .get(pod)
-            .is_some_and(|w| crate::proxy::authz::is_http_pod_port(st, w, port))
+            .is_some_and(|w| crate::state::protocol::is_http_pod_port(st, w, port))
 }
 
 struct Inner {
@@ -656,10 +656,7 @@ impl Span {
         if let Some((ns, name)) = service.split_once('/') {
             a.push(KeyValue::new(
                 "sidenode.destination.service",
-                format!(
-                    "{name}.{ns}.svc.{}",
-                    crate::proxy::route::service::CLUSTER_DOMAIN
-                ),
+                format!("{name}.{ns}.svc.{}", crate::model::CLUSTER_DOMAIN),
             ));
             a.push(KeyValue::new(
                 "sidenode.destination.namespace",

@@ -11,10 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -24,11 +22,9 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use super::{HttpRequest, Peer, check, count_denied};
-use crate::proxy::http::local;
+use crate::proxy::reply::{Body, local, rate_limited};
 use crate::proxy::socket::connect_marked;
 use crate::state::StateRx;
-
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// One tunnel served per request.
 pub struct Tunnel {
@@ -128,19 +124,6 @@ async fn handle(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Res
     };
     crate::telemetry::request::done(&t.labels, &log, &resp, started);
     resp
-}
-
-/// The answer to a request over a `RateLimitPolicy` limit: `429` with `retry-after` (Envoy's
-/// local rate limit).
-pub fn rate_limited(l: &crate::proxy::ratelimit::Limited) -> Response<Body> {
-    let mut r = local(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
-    r.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(l.retry_after.as_secs_f64().ceil() as u64),
-    );
-    r.headers_mut()
-        .insert("x-sidenode-ratelimited", HeaderValue::from_static("true"));
-    r
 }
 
 async fn respond(req: Request<Incoming>, t: &Tunnel, up: &Mutex<Upstream>) -> Response<Body> {

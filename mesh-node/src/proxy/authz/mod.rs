@@ -34,6 +34,7 @@ use crate::model::istio::{
 use crate::proto;
 use crate::state::NodeState;
 
+pub use crate::policy::matching::{HttpRequest, host_matches, string_matches};
 pub use crate::policy::{DEFAULT_ROOT_NAMESPACE, root_namespace};
 
 /// The workload a connection or request goes to.
@@ -79,17 +80,6 @@ impl Peer {
             dest_port: dest.port(),
         }
     }
-}
-
-/// What is known of an HTTP request (L7).
-#[derive(Clone, Copy, Debug)]
-pub struct HttpRequest<'a> {
-    pub method: &'a str,
-    /// The path, with its query string (matched without it).
-    pub path: &'a str,
-    /// `:authority` / `Host`.
-    pub host: &'a str,
-    pub headers: &'a http::HeaderMap,
 }
 
 /// Why a connection or request was refused (label `reason`).
@@ -234,25 +224,8 @@ pub fn per_request(st: &NodeState, pod: &str, port: u16) -> bool {
     let Some(w) = st.workloads.get(pod) else {
         return false;
     };
-    needs_http(&applicable(st, Target::of(w))) && is_http_pod_port(st, w, port)
-}
-
-/// Is `port` of pod `w` the target of an HTTP service port?
-pub fn is_http_pod_port(st: &NodeState, w: &proto::Workload, port: u16) -> bool {
-    st.services
-        .values()
-        .filter(|s| s.namespace == w.namespace && !s.selector.is_empty())
-        .filter(|s| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        .flat_map(|s| &s.ports)
-        .filter(|p| crate::proxy::route::http::is_http_port(p))
-        .any(|p| {
-            let target = if p.target_port == 0 && p.target_port_name.is_empty() {
-                p.port
-            } else {
-                p.target_port
-            };
-            target == u32::from(port)
-        })
+    needs_http(&applicable(st, Target::of(w)))
+        && crate::state::protocol::is_http_pod_port(st, w, port)
 }
 
 // -------------------------------------------------------------------------------- rules
@@ -418,38 +391,10 @@ fn header_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
     (!vals.is_empty()).then(|| vals.join(","))
 }
 
-/// Istio's string match: `*` (any non-empty... any value), `prefix*`, `*suffix`, or exact.
-pub fn string_matches(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        return true;
-    }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return value.ends_with(suffix);
-    }
-    pattern == value
-}
-
 /// Principals as strings; a `spiffe://` written in the policy is accepted too.
 fn principal_matches(pattern: &str, principal: &str) -> bool {
     let pattern = pattern.strip_prefix("spiffe://").unwrap_or(pattern);
     string_matches(pattern, principal)
-}
-
-/// Hosts match case-insensitively; a pattern without a port ignores the request's port.
-pub fn host_matches(pattern: &str, host: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    if string_matches(&pattern, &host) {
-        return true;
-    }
-    let bare = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
-        _ => return false,
-    };
-    string_matches(&pattern, bare)
 }
 
 /// An address or CIDR (`10.0.0.0/8`, `10.1.2.3`, `fd00::/8`) containing `ip`.

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
@@ -41,8 +40,8 @@ use crate::state::NodeState;
 use crate::telemetry::request::RequestLog;
 use upstream::{Proto, Route, SendError};
 
-/// Body type of requests and responses the proxy passes on.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub use super::reply::Body;
+pub(crate) use super::reply::local;
 
 /// Request bodies up to this size are kept so that a failed attempt can be retried.
 pub const RETRY_BUFFER: usize = 64 * 1024;
@@ -304,26 +303,6 @@ fn report(
         security: if mtls { istio::MUTUAL_TLS } else { istio::NONE },
     };
     crate::telemetry::request::done(&labels, log, resp, started);
-}
-
-/// A response made by the proxy itself (Envoy's local reply texts), marked with its response
-/// flag for the request's metrics and access log.
-pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *r.status_mut() = status;
-    r.extensions_mut()
-        .insert(crate::telemetry::request::ResponseFlags(
-            crate::telemetry::request::local_reply_flags(status.as_u16(), body),
-        ));
-    if !body.is_empty() {
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    }
-    r
 }
 
 /// Does a fault with this `percentage` (absent: every request) apply to this request?
@@ -590,7 +569,7 @@ async fn route_request(
             .check_request(&st, &pod, conn.dst.port(), &http)
         {
             info!(policy = %l.policy, limit = %l.entry, "request over the gateway's rate limit");
-            return crate::proxy::authz::l7::rate_limited(&l);
+            return super::reply::rate_limited(&l);
         }
     }
     let (src_ns, src_name) = conn

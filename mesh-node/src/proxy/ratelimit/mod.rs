@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounterVec, Opts};
 
 use crate::model::ratelimit::{RateLimitPolicySpec, RequestMatch};
+use crate::policy::matching::{HttpRequest, host_matches, string_matches};
 use crate::proto;
-use crate::proxy::authz::{self, HttpRequest};
 use crate::state::NodeState;
 use bucket::{Params, TokenBucket};
 
@@ -69,7 +69,7 @@ fn applicable<'s>(
     st: &'s NodeState,
     w: &proto::Workload,
 ) -> Vec<(String, &'s RateLimitPolicySpec)> {
-    let root = authz::root_namespace();
+    let root = crate::policy::root_namespace();
     let mut out: Vec<_> = st
         .configs
         .values()
@@ -95,15 +95,15 @@ pub fn has_request_limits(st: &NodeState, pod: &str, port: u16) -> bool {
         spec.requests
             .iter()
             .any(|r| r.matches.ports.is_empty() || r.matches.ports.contains(&port))
-    }) && authz::is_http_pod_port(st, w, port)
+    }) && crate::state::protocol::is_http_pod_port(st, w, port)
 }
 
 fn request_matches(m: &RequestMatch, port: u16, req: &HttpRequest<'_>) -> bool {
     let path = req.path.split(['?', '#']).next().unwrap_or("");
     (m.ports.is_empty() || m.ports.contains(&port))
         && (m.methods.is_empty() || m.methods.iter().any(|x| x == req.method))
-        && (m.paths.is_empty() || m.paths.iter().any(|p| authz::string_matches(p, path)))
-        && (m.hosts.is_empty() || m.hosts.iter().any(|h| authz::host_matches(h, req.host)))
+        && (m.paths.is_empty() || m.paths.iter().any(|p| string_matches(p, path)))
+        && (m.hosts.is_empty() || m.hosts.iter().any(|h| host_matches(h, req.host)))
 }
 
 impl Limiter {

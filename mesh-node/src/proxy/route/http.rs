@@ -15,29 +15,11 @@ use crate::model::istio::{
     Headers, HttpFault, HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute,
     StringMatch, VirtualServiceSpec, parse_duration,
 };
-use crate::proto;
-use crate::proxy::hbone::Refusal;
+use crate::proxy::refusal::Refusal;
 use crate::state::NodeState;
+use crate::state::protocol::is_http_port;
 
 use super::{Balancer, Decision, Source, balance, destination_rule_for, service};
-
-/// Is this service port HTTP, by Istio's rules: `appProtocol` `http`, `http2`, `grpc`,
-/// `kubernetes.io/h2c`; else (no or an unknown `appProtocol`) a name `http`, `http2`, `grpc`
-/// or starting with `http-`, `http2-`, `grpc-`.
-pub fn is_http_port(p: &proto::ServicePort) -> bool {
-    let app = p.app_protocol.to_ascii_lowercase();
-    match app.as_str() {
-        "http" | "http2" | "grpc" | "grpc-web" | "kubernetes.io/h2c" | "h2c" => return true,
-        "tcp" | "tls" | "https" | "udp" | "mongo" | "redis" | "mysql" | "kubernetes.io/ws"
-        | "kubernetes.io/wss" => return false,
-        _ => {}
-    }
-    let name = p.name.to_ascii_lowercase();
-    matches!(name.as_str(), "http" | "http2" | "grpc")
-        || ["http-", "http2-", "grpc-"]
-            .iter()
-            .any(|pre| name.starts_with(pre))
-}
 
 /// Is `dst` a service VIP whose port is HTTP?
 pub fn is_http_service_port(st: &NodeState, dst: SocketAddr) -> bool {
@@ -617,6 +599,7 @@ impl RetryOn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto;
 
     fn sm_exact(s: &str) -> StringMatch {
         StringMatch {
@@ -634,41 +617,6 @@ mod tests {
         StringMatch {
             regex: Some(s.into()),
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn http_ports_by_istio_rules() {
-        let port = |name: &str, app: &str| proto::ServicePort {
-            name: name.into(),
-            app_protocol: app.into(),
-            port: 80,
-            target_port: 8080,
-            ..Default::default()
-        };
-        for (n, a) in [
-            ("http", ""),
-            ("http2", ""),
-            ("grpc", ""),
-            ("http-web", ""),
-            ("HTTP2-x", ""),
-            ("grpc-api", ""),
-            ("tcp", "http"),
-            ("", "kubernetes.io/h2c"),
-            ("x", "grpc"),
-            ("http", "unknown-proto"),
-        ] {
-            assert!(is_http_port(&port(n, a)), "{n}/{a}");
-        }
-        for (n, a) in [
-            ("tcp", ""),
-            ("", ""),
-            ("httpx", ""),
-            ("web-http", ""),
-            ("http", "tcp"),
-            ("https", ""),
-        ] {
-            assert!(!is_http_port(&port(n, a)), "{n}/{a}");
         }
     }
 

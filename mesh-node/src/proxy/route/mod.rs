@@ -26,7 +26,7 @@ use crate::model::istio::{
     VirtualServiceSpec,
 };
 use crate::proto;
-use crate::proxy::hbone::Refusal;
+use crate::proxy::refusal::Refusal;
 use crate::state::NodeState;
 
 pub use balance::{Balancer, Policy};

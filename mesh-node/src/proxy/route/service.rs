@@ -9,7 +9,7 @@ use crate::state::NodeState;
 
 /// The cluster DNS domain in fully qualified service names (`name.ns.svc.cluster.local`). Not
 /// the trust domain: the two are configured apart in Kubernetes and usually differ.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+pub use crate::model::CLUSTER_DOMAIN;
 
 /// `(namespace, name)` of the Service a host names, a short name being relative to `ns` (the
 /// namespace of the object that wrote it): `reviews`, `reviews.ns`, `reviews.ns.svc`,

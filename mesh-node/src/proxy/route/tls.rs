@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use crate::model::ObjKey;
 use crate::model::gateway::host_matches;
-use crate::proxy::hbone::Refusal;
+use crate::proxy::refusal::Refusal;
 use crate::state::NodeState;
 
 use super::{Balancer, Decision, Health, Source, balance, destination_rule_for, service};
