@@ -20,6 +20,9 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the agent and the proxy try again while a pod's network namespace cannot be found
 /// (its processes are not up yet).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts to renew a certificate while the controller fails
+/// (back-off from 1 s, doubling). The current certificate serves meanwhile.
+pub const RENEW_RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the proxy waits for a destination to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client has to complete the TLS handshake on an HBONE listener (a peer that

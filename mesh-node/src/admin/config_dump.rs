@@ -510,7 +510,7 @@ mod tests {
         let id = Identity::new("cluster.local", "shop", "web");
         let (key, csr) = crate::identity::certs::key_and_csr(&id).expect("csr");
         let chain = ca.sign(&csr, &id).expect("sign");
-        let held = certs.hold_for_tests(&id, &key, &chain, ca.trust_bundle_pem());
+        let held = certs.hold_for_tests(&id, &key, &chain, ca.trust_bundle_pem(), None);
 
         let mut st = state();
         st.trust_bundle_pem = ca.trust_bundle_pem().to_string();

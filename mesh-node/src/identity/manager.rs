@@ -100,12 +100,22 @@ impl CertManager {
         self.cached(id).filter(|c| SystemTime::now() < c.renew_at)
     }
 
-    /// The current certificate for `id`, fetching it if there is none or it is past
-    /// half-life. While the controller is unreachable a still-valid certificate is used.
+    /// The current certificate for `id`. A connection waits for the controller only when
+    /// there is no valid certificate (the first one, or an expired one): past half-life a
+    /// still-valid certificate is served at once and `renew_forever` fetches the next one in
+    /// the background, so a controller that is away never stalls new connections.
     pub async fn get(&self, id: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
-        if let Some(c) = self.fresh(id) {
+        if let Some(c) = self.cached(id)
+            && SystemTime::now() < c.info.not_after
+        {
             return Ok(c);
         }
+        self.obtain(id).await
+    }
+
+    /// Fetches a certificate for `id` unless another caller did while this one waited (one
+    /// request per identity at a time). On failure a still-valid certificate is kept.
+    async fn obtain(&self, id: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
         let lock = {
             let mut m = self.fetching.lock().map_err(|_| IdentityError::Bad {
                 id: id.clone(),
@@ -226,9 +236,12 @@ impl CertManager {
         out
     }
 
-    /// Renews every held certificate once it is past half-life.
+    /// Renews every held certificate once it is past half-life. A failed renewal is retried
+    /// with a back-off per identity (1 s doubling to `RENEW_RETRY_MAX`), while the current
+    /// certificate stays in use until it expires.
     pub async fn renew_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut retry: HashMap<Identity, (tokio::time::Instant, Duration)> = HashMap::new();
         loop {
             tick.tick().await;
             let due: Vec<Identity> = match self.certs.lock() {
@@ -239,9 +252,26 @@ impl CertManager {
                     .collect(),
                 Err(_) => continue,
             };
+            retry.retain(|id, _| due.contains(id));
             for id in due {
-                if let Err(e) = self.get(&id).await {
-                    warn!(identity = %id, error = %e, "certificate renewal failed");
+                let now = tokio::time::Instant::now();
+                if retry.get(&id).is_some_and(|(at, _)| now < *at) {
+                    continue;
+                }
+                let renewed = match self.obtain(&id).await {
+                    Ok(c) => SystemTime::now() < c.renew_at,
+                    Err(e) => {
+                        warn!(identity = %id, error = %e, "certificate renewal failed");
+                        false
+                    }
+                };
+                if renewed {
+                    retry.remove(&id);
+                } else {
+                    let wait = retry.get(&id).map_or(Duration::from_secs(1), |(_, w)| {
+                        (*w * 2).min(crate::defaults::RENEW_RETRY_MAX)
+                    });
+                    retry.insert(id, (tokio::time::Instant::now() + wait, wait));
                 }
             }
         }
@@ -258,6 +288,7 @@ impl CertManager {
         key: &rcgen::KeyPair,
         chain_pem: &[String],
         bundle_pem: &str,
+        renew_at: Option<SystemTime>,
     ) -> Arc<WorkloadCert> {
         let chain: Vec<CertificateDer<'static>> = chain_pem
             .iter()
@@ -273,7 +304,7 @@ impl CertManager {
         )
         .expect("server config");
         let cert = Arc::new(WorkloadCert {
-            renew_at: info.not_after,
+            renew_at: renew_at.unwrap_or(info.not_after),
             identity: id.clone(),
             chain,
             key,
@@ -287,5 +318,62 @@ impl CertManager {
             .expect("certs")
             .insert(id.clone(), cert.clone());
         cert
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past half-life, with a controller that accepts and never answers: connections get the
+    /// current certificate at once (before, each waited on a renewal, one at a time).
+    #[tokio::test]
+    async fn past_half_life_a_valid_certificate_is_served_without_the_controller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = crate::controller::ca::Ca::load_or_create(
+            &dir.path().join("ca"),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .expect("ca");
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ca_file = dir.path().join("root.pem");
+        let token_file = dir.path().join("token");
+        std::fs::write(&ca_file, ca.trust_bundle_pem()).expect("write");
+        std::fs::write(&token_file, "t0ken\n").expect("write");
+        let conn = crate::identity::controller::channel(
+            &crate::identity::controller::ControllerSettings {
+                addr: silent.local_addr().expect("addr").to_string(),
+                ca_file,
+                token_file,
+            },
+        )
+        .expect("channel");
+        let certs = CertManager::new(crate::identity::controller::cert_client(&conn));
+        let id = Identity::new("cluster.local", "shop", "web");
+        let (key, csr) = crate::identity::certs::key_and_csr(&id).expect("csr");
+        let chain = ca.sign(&csr, &id).expect("sign");
+        let held = certs.hold_for_tests(
+            &id,
+            &key,
+            &chain,
+            ca.trust_bundle_pem(),
+            Some(SystemTime::UNIX_EPOCH),
+        );
+        for _ in 0..3 {
+            let got = tokio::time::timeout(Duration::from_secs(5), certs.get(&id))
+                .await
+                .expect("get waited on the silent controller")
+                .expect("certificate");
+            assert_eq!(got.generation, held.generation);
+        }
+        // An identity with no certificate does wait for the controller.
+        let other = Identity::new("cluster.local", "shop", "db");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), certs.get(&other))
+                .await
+                .is_err(),
+            "a first certificate needs the controller"
+        );
     }
 }
