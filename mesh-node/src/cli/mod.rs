@@ -403,6 +403,20 @@ struct ProxyArgs {
     /// /proc/sys is read-only: mount the host's there).
     #[arg(long, default_value = defaults::PROC_SYS_NET)]
     proc_sys_net: PathBuf,
+    /// Serve a hand-over socket (Unix, mode 0600) at PATH: a new proxy started with the same
+    /// flags plus --takeover takes this one's listening sockets through it, and this one
+    /// drains and exits (docs/operations.md). Without it, no hand-over is possible.
+    #[arg(long, env = "SIDENODE_HANDOVER_SOCKET", value_name = "PATH")]
+    handover_socket: Option<PathBuf>,
+    /// Take over the listening sockets (outbound, admin, metrics, every pod's HBONE TCP
+    /// listener) of the proxy serving --handover-socket, once this one has the mesh's state;
+    /// that proxy then stops accepting and drains. With no proxy serving it, start afresh.
+    #[arg(long, requires = "handover_socket")]
+    takeover: bool,
+    /// After SIGTERM or a hand-over, how long open connections may go on before the proxy
+    /// closes them and exits (`30s`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 pub fn main() -> Result<()> {
@@ -451,7 +465,7 @@ pub fn main() -> Result<()> {
                 proxy_ip6: p.proxy_ip6,
                 outbound_port: p.outbound_port,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
-                drain_timeout: defaults::DRAIN_TIMEOUT,
+                drain_timeout: p.drain_timeout,
                 controller: p.controller.settings(),
                 direct_unmeshed: !p.no_direct_unmeshed,
                 metrics_addr: Some(
@@ -478,6 +492,8 @@ pub fn main() -> Result<()> {
                 keep_client_address: p.keep_client_address,
                 tunnel_from_pod: p.tunnel_from_pod,
                 proc_sys_net: p.proc_sys_net,
+                handover_socket: p.handover_socket,
+                takeover: p.takeover,
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))

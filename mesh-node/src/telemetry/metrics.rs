@@ -7,6 +7,9 @@ use prometheus::{IntCounterVec, Opts, Registry};
 pub struct Metrics {
     pub registry: Registry,
     pub hbone_refused: IntCounterVec,
+    /// Proxy hand-overs (`proxy::handover`), by role: `taken` (this process took the
+    /// listening sockets over), `given` (it handed them over and drained).
+    pub handovers: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -22,9 +25,19 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(hbone_refused.clone()));
+        let handovers = IntCounterVec::new(
+            Opts::new(
+                "sidenode_proxy_handovers_total",
+                "Listening-socket hand-overs between proxy processes, by role (taken, given)",
+            ),
+            &["role"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(handovers.clone()));
         Metrics {
             registry,
             hbone_refused,
+            handovers,
         }
     })
 }
@@ -46,12 +59,23 @@ pub fn render() -> String {
 
 /// Serves `/metrics` on `addr` (HTTP/1.1).
 pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    serve_listener(tokio::net::TcpListener::bind(addr).await?).await
+}
+
+/// Serves `/metrics` on a listening socket until a successor took it over
+/// (`proxy::handover`).
+pub async fn serve_listener(l: tokio::net::TcpListener) -> std::io::Result<()> {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    let l = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics listening");
+    if let Ok(addr) = l.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    let mut stopping = crate::proxy::handover::handed_over();
     loop {
-        let (s, _) = l.accept().await?;
+        let (s, _) = tokio::select! {
+            a = l.accept() => a?,
+            _ = crate::proxy::handover::until(&mut stopping) => return Ok(()),
+        };
         tokio::spawn(async move {
             let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                 let (code, body) = if req.uri().path() == "/metrics" {

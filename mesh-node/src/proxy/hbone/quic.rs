@@ -31,6 +31,8 @@ use crate::identity::certs::peer_identity;
 use crate::identity::manager::WorkloadCert;
 use crate::proxy::socket::PodNetns;
 
+/// HTTP/3's "no error" code, closing a connection gracefully.
+const H3_NO_ERROR: u32 = 0x100;
 /// ALPN of HBONE over QUIC.
 pub const ALPN: &[u8] = b"h3";
 /// Per-stream receive window: as the HTTP/2 stream window (`STREAM_WINDOW`), so one tunnel
@@ -478,7 +480,20 @@ pub async fn serve_pod(
         }
     };
     info!(%pod, addr = ?addr, "HBONE/QUIC listener open");
-    while let Some(incoming) = ep.accept().await {
+    // The proxy's drain is over (`proxy::handover`): close the connections (CONNECTION_CLOSE,
+    // so peers drop them from their pools at once) and free the UDP port for a successor.
+    let mut closing = crate::proxy::handover::closing();
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => i,
+            _ = crate::proxy::handover::until(&mut closing) => {
+                ep.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"proxy exiting");
+                let _ = tokio::time::timeout(Duration::from_millis(50), ep.wait_idle()).await;
+                info!(%pod, addr = ?addr, "HBONE/QUIC listener closed");
+                return;
+            }
+        };
+        let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
         let (pod, identity, ips, mesh) = (pod.clone(), identity.clone(), ips.clone(), mesh.clone());
         let span = info_span!("hbone", %peer, %pod, transport = "quic");
@@ -584,7 +599,8 @@ async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
             }
         };
         let info = info.clone();
-        tokio::spawn(async move {
+        // Tracked: a draining proxy waits for its tunnels.
+        crate::proxy::handover::tasks().spawn(async move {
             let (req, stream) = match resolver.resolve_request().await {
                 Ok(r) => r,
                 Err(e) => {
