@@ -123,7 +123,7 @@ enum Msg {
 #[derive(Default)]
 pub struct Registry {
     listeners: Vec<(Meta, OwnedFd)>,
-    handed_over: bool,
+    closed: bool,
 }
 
 impl Registry {
@@ -140,9 +140,17 @@ impl Registry {
             .retain(|(m, _)| !(m.kind == Kind::Hbone && m.pod.as_deref() == Some(uid)));
     }
 
-    /// The listeners went to a successor: open no new ones.
-    pub fn handed_over(&self) -> bool {
-        self.handed_over
+    /// The proxy stopped accepting (its listeners went to a successor, or SIGTERM): open no
+    /// new ones.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Stops accepting for good: the duplicates close, so a listener nobody else holds closes
+    /// (new connections are refused instead of waiting in a queue no one serves).
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.listeners.clear();
     }
 }
 
@@ -522,7 +530,7 @@ async fn hand_over(sock: Socket) -> Result<u32, HandoverError> {
     info!(to_pid = pid, "a new proxy asks for the listening sockets");
     // Held until the end: no listener is opened or closed meanwhile.
     let mut reg = registry().await;
-    if reg.handed_over || *GLOBAL.stop.borrow() {
+    if reg.closed || *GLOBAL.stop.borrow() {
         let reason = "this proxy is already draining".to_string();
         let _ = send(
             &sock,
@@ -559,8 +567,7 @@ async fn hand_over(sock: Socket) -> Result<u32, HandoverError> {
     }
     // The successor accepts on every socket: stop accepting here. Our duplicates close; the
     // sockets stay open in the successor.
-    reg.handed_over = true;
-    reg.listeners.clear();
+    reg.close();
     GLOBAL.given.send_replace(true);
     stop();
     drop(reg);

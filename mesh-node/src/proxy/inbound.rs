@@ -143,8 +143,8 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
         // Listeners open and close under the hand-over registry's lock; once handed over,
         // the successor manages them.
         let mut registry = super::handover::registry().await;
-        if registry.handed_over() {
-            info!("listeners handed over; the inbound side stops following the state");
+        if registry.closed() {
+            info!("the proxy stopped accepting; the inbound side stops following the state");
             return;
         }
         let mut closed = Vec::new();

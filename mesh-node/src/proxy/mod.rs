@@ -314,6 +314,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
     // No new connections from here on (a successor, if any, accepts them); inbound tunnels
     // get GOAWAY.
     handover::stop();
+    handover::registry().await.close();
     admin.set_draining();
     for a in acceptors {
         let _ = a.await;
