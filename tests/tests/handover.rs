@@ -100,6 +100,19 @@ impl DialLoop {
     }
 }
 
+/// Waits (10 s) until new connections `from` → `to` go through the proxies and echo.
+fn wait_through_proxy(c: &sidenode_tests::cluster::Cluster, from: &str, to: &str) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(10), || {
+        let r = dial_one(c, from, to)?;
+        let good = r.error.is_none() && r.echo_ok && r.through_proxy();
+        last = Some(r);
+        Ok(good)
+    })?;
+    ensure!(ok, "{from} -> {to} not through the proxies: {last:?}");
+    Ok(())
+}
+
 /// Sends a random line through the session and checks the echo.
 fn verified_echo(s: &mut Session, bytes: usize) -> Result<()> {
     let line = random_hex(bytes)?;
@@ -176,13 +189,14 @@ fn hand_over_refuses_nothing_and_keeps_connections() -> Result<()> {
     for p in [SERVER1, SERVER2] {
         wait_hbone_listener(&c, p)?;
     }
-    // Meshed before the load starts.
-    for (from, to) in [(CLIENT1, SERVER2_ADDR), (CLIENT2, SERVER1_ADDR)] {
-        let r = dial_one(&c, from, to)?;
-        ensure!(
-            r.error.is_none() && r.echo_ok,
-            "{from} -> {to} before the hand-over: {r:?}"
-        );
+    // Captured and meshed before the load starts.
+    for (from, to) in [
+        (CLIENT1, SERVER2_ADDR),
+        (CLIENT1, SERVER1_ADDR),
+        (CLIENT2, SERVER1_ADDR),
+        (CLIENT2, SERVER2_ADDR),
+    ] {
+        wait_through_proxy(&c, from, to)?;
     }
     let loops = vec![
         // Across nodes, both ways, and on one node (node 2's pod to node 2's server).
@@ -252,6 +266,7 @@ fn sigterm_stops_listening_and_drains_open_connections() -> Result<()> {
     let mut c = mesh_cluster_with_proxy_args(3, &["--drain-timeout", DRAIN])?;
     let _s2 = Server::start(&c, &testpod(), SERVER2, &[9080])?;
     wait_hbone_listener(&c, SERVER2)?;
+    wait_through_proxy(&c, CLIENT1, SERVER2_ADDR)?;
     let mut s = Session::open(&c, &testpod(), CLIENT1, SERVER2_ADDR)?;
     ensure!(s.through_proxy(), "session not captured: {}", s.hello);
     verified_echo(&mut s, 1024)?;

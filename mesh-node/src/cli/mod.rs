@@ -413,6 +413,11 @@ struct ProxyArgs {
     /// that proxy then stops accepting and drains. With no proxy serving it, start afresh.
     #[arg(long, requires = "handover_socket")]
     takeover: bool,
+    /// This proxy's pod uid (Kubernetes: from the downward API). After a hand-over the pod is
+    /// marked retired beside the hand-over socket, so that its container, restarted by the
+    /// kubelet before the pod is deleted, idles instead of taking the sockets back.
+    #[arg(long, env = "SIDENODE_POD_UID", requires = "handover_socket")]
+    pod_uid: Option<String>,
     /// After SIGTERM or a hand-over, how long open connections may go on before the proxy
     /// closes them and exits (`30s`, `2m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -494,6 +499,7 @@ pub fn main() -> Result<()> {
                 proc_sys_net: p.proc_sys_net,
                 handover_socket: p.handover_socket,
                 takeover: p.takeover,
+                pod_uid: p.pod_uid,
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))

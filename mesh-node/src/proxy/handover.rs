@@ -105,6 +105,8 @@ enum Msg {
     Hello {
         version: u32,
         pid: u32,
+        /// The node the new proxy serves: only a proxy of the same node hands over.
+        node: String,
     },
     Offer {
         version: u32,
@@ -329,14 +331,14 @@ pub struct Inherited {
 
 /// Takes over the listeners of the proxy serving `path`. `None`: no proxy serves it (no
 /// socket, or nobody listening on it): start afresh.
-pub async fn take_over(path: &Path) -> Result<Option<Taken>, HandoverError> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || take_over_blocking(&path))
+pub async fn take_over(path: &Path, node: &str) -> Result<Option<Taken>, HandoverError> {
+    let (path, node) = (path.to_path_buf(), node.to_string());
+    tokio::task::spawn_blocking(move || take_over_blocking(&path, node))
         .await
         .map_err(|e| HandoverError::Task(e.to_string()))?
 }
 
-fn take_over_blocking(path: &Path) -> Result<Option<Taken>, HandoverError> {
+fn take_over_blocking(path: &Path, node: String) -> Result<Option<Taken>, HandoverError> {
     let err = |source| HandoverError::Socket {
         path: path.to_path_buf(),
         source,
@@ -364,6 +366,7 @@ fn take_over_blocking(path: &Path) -> Result<Option<Taken>, HandoverError> {
         &Msg::Hello {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
+            node,
         },
         None,
     )?;
@@ -452,9 +455,40 @@ fn check_listener(meta: &Meta, fd: &OwnedFd) -> Result<(), HandoverError> {
     Ok(())
 }
 
+/// How long a pod's "retired" marker is kept (its pod is long gone by then).
+const RETIRED_KEEP: Duration = Duration::from_secs(24 * 3600);
+
+/// The marker saying the proxy of pod `uid` handed its sockets over: in Kubernetes the old
+/// pod's container, restarted by the kubelet after its proxy drained and exited (before the
+/// pod is deleted), must not take the sockets back from the new pod.
+pub fn retired_marker(socket: &Path, uid: &str) -> PathBuf {
+    let name = format!("retired-{}", uid.replace(['/', '.'], "_"));
+    socket.with_file_name(name)
+}
+
+/// Removes markers of pods long gone.
+fn prune_retired(socket: &Path) {
+    let Some(dir) = socket.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > RETIRED_KEEP);
+        if old && e.file_name().to_string_lossy().starts_with("retired-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Serves the hand-over socket at `path` (replacing a file there: the predecessor's socket,
-/// or a stale one), on a thread of its own, until a successor took over.
-pub fn serve(path: &Path) -> Result<(), HandoverError> {
+/// or a stale one), on a thread of its own, until a successor took over. `pod_uid`: this
+/// proxy's pod (Kubernetes), marked retired when it hands over.
+pub fn serve(path: &Path, node: &str, pod_uid: Option<String>) -> Result<(), HandoverError> {
     let err = |source| HandoverError::Socket {
         path: path.to_path_buf(),
         source,
@@ -476,8 +510,11 @@ pub fn serve(path: &Path) -> Result<(), HandoverError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     sock.listen(4).map_err(err)?;
+    prune_retired(path);
     let rt = tokio::runtime::Handle::current();
     let shown = path.display().to_string();
+    let marker = pod_uid.map(|uid| retired_marker(path, &uid));
+    let node = node.to_string();
     std::thread::Builder::new()
         .name("handover".into())
         .spawn(move || {
@@ -491,9 +528,14 @@ pub fn serve(path: &Path) -> Result<(), HandoverError> {
                         continue;
                     }
                 };
-                match rt.block_on(hand_over(conn)) {
+                match rt.block_on(hand_over(conn, &node)) {
                     Ok(pid) => {
                         info!(to_pid = pid, "listening sockets handed over; draining");
+                        if let Some(m) = &marker
+                            && let Err(e) = std::fs::write(m, format!("{pid}\n"))
+                        {
+                            warn!(marker = %m.display(), error = %e, "cannot mark this pod's proxy retired");
+                        }
                         return;
                     }
                     Err(e) => {
@@ -507,16 +549,35 @@ pub fn serve(path: &Path) -> Result<(), HandoverError> {
 }
 
 /// One hand-over, old side. Runs on the hand-over thread (blocking socket calls are fine).
-async fn hand_over(sock: Socket) -> Result<u32, HandoverError> {
+async fn hand_over(sock: Socket, node: &str) -> Result<u32, HandoverError> {
     let io = |source| HandoverError::Io { pid: 0, source };
     sock.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
     sock.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
     let pid = match recv(&sock, 0, "hello")? {
-        (Msg::Hello { version, pid }, _) => {
+        (
+            Msg::Hello {
+                version,
+                pid,
+                node: theirs,
+            },
+            _,
+        ) => {
             if version != PROTOCOL_VERSION {
                 let reason = format!("protocol version {version}, expected {PROTOCOL_VERSION}");
                 let _ = send(&sock, pid, &Msg::Refused { reason }, None);
                 return Err(HandoverError::Version { theirs: version });
+            }
+            if theirs != node {
+                let reason = format!("this proxy serves node {node:?}, not {theirs:?}");
+                let _ = send(
+                    &sock,
+                    pid,
+                    &Msg::Refused {
+                        reason: reason.clone(),
+                    },
+                    None,
+                );
+                return Err(HandoverError::Refused(reason));
             }
             pid
         }

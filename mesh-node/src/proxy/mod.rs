@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     pub handover_socket: Option<PathBuf>,
     /// Take over the listening sockets of the proxy serving `handover_socket` (`--takeover`).
     pub takeover: bool,
+    /// This proxy's pod (`--pod-uid`, Kubernetes): marked retired after a hand-over.
+    pub pod_uid: Option<String>,
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -145,6 +147,20 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         .takeover
         .then_some(cfg.handover_socket.as_ref())
         .flatten();
+    if let (Some(path), Some(uid)) = (takeover, &cfg.pod_uid)
+        && handover::retired_marker(path, uid).exists()
+    {
+        // This pod's proxy already handed its sockets to a newer pod's and exited; the
+        // kubelet restarted it before deleting the pod. Taking them back would hand the node
+        // to a pod about to be deleted: wait for the end instead.
+        info!(pod_uid = %uid, "this pod's proxy handed its sockets over already; idle until terminated");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return Ok(());
+    }
     let mut admin_listener = None;
     if let (Some(a), None) = (&cfg.admin, takeover) {
         admin_listener = Some(crate::admin::bind(a)?);
@@ -166,7 +182,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
     };
     // Ready to serve (state and certificates): take the predecessor's sockets now.
     let mut taken = match takeover {
-        Some(path) => handover::take_over(path)
+        Some(path) => handover::take_over(path, &cfg.node)
             .await
             .with_context(|| format!("taking over from the proxy at {}", path.display()))?,
         None => None,
@@ -293,7 +309,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
             .inc();
     }
     if let Some(path) = &cfg.handover_socket {
-        handover::serve(path)?;
+        handover::serve(path, &cfg.node, cfg.pod_uid.clone())?;
     }
     admin.set_serving();
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
@@ -305,12 +321,6 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = handover::until(&mut stopping) => "handed over",
     };
-    if why == "handed over" {
-        crate::telemetry::metrics::metrics()
-            .handovers
-            .with_label_values(&["given"])
-            .inc();
-    }
     // No new connections from here on (a successor, if any, accepts them); inbound tunnels
     // get GOAWAY.
     handover::stop();

@@ -7,8 +7,9 @@ use prometheus::{IntCounterVec, Opts, Registry};
 pub struct Metrics {
     pub registry: Registry,
     pub hbone_refused: IntCounterVec,
-    /// Proxy hand-overs (`proxy::handover`), by role: `taken` (this process took the
-    /// listening sockets over), `given` (it handed them over and drained).
+    /// Proxy hand-overs (`proxy::handover`) this process took part in, by role: `taken` (it
+    /// took the listening sockets over). The process that gives them away hands over its
+    /// metrics port too, so it counts nothing a scrape could see.
     pub handovers: IntCounterVec,
 }
 
@@ -28,7 +29,7 @@ pub fn metrics() -> &'static Metrics {
         let handovers = IntCounterVec::new(
             Opts::new(
                 "sidenode_proxy_handovers_total",
-                "Listening-socket hand-overs between proxy processes, by role (taken, given)",
+                "Listening-socket hand-overs this proxy took part in, by role (taken)",
             ),
             &["role"],
         )
