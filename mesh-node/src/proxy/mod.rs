@@ -163,7 +163,11 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
     }
     let mut admin_listener = None;
     if let (Some(a), None) = (&cfg.admin, takeover) {
-        admin_listener = Some(crate::admin::bind(a)?);
+        let l = crate::admin::bind(a)?;
+        handover::registry()
+            .await
+            .add(meta(handover::Kind::Admin, a.addr), &l)?;
+        tokio::spawn(crate::admin::serve(l, admin.clone()));
     }
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];
@@ -230,6 +234,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         for (l, addr) in listeners.iter().zip(&listens) {
             reg.add(meta(handover::Kind::Outbound, *addr), l)?;
         }
+        // (Bound here only when taking over; else served since the start.)
         if let (Some(l), Some(a)) = (&admin_listener, &cfg.admin) {
             reg.add(meta(handover::Kind::Admin, a.addr), l)?;
         }
