@@ -338,3 +338,75 @@ fn sigterm_stops_listening_and_drains_open_connections() -> Result<()> {
     );
     Ok(())
 }
+
+/// HBONE over QUIC across a hand-over (docs/operations.md, "What happens to QUIC"): the old
+/// proxy keeps its UDP sockets and QUIC connections through its drain, then closes them; the
+/// new one binds UDP 15008 once it is free and serves QUIC again. New connections meanwhile
+/// must not fail (a QUIC dial unanswered in the gap falls back to HTTP/2).
+#[test]
+fn quic_tunnels_survive_a_hand_over() -> Result<()> {
+    let _serial = serial();
+    let mut c = mesh_cluster_with_proxy_args(3, &["--drain-timeout", "5s"])?;
+    let _s2 = Server::start(&c, &testpod(), SERVER2, &[9080])?;
+    wait_hbone_listener(&c, SERVER2)?;
+    wait_through_proxy(&c, CLIENT1, SERVER2_ADDR)?;
+    let offset = c.log_len("node2", "proxy");
+    c.write_config_file(
+        "meshconfig.yaml",
+        "apiVersion: sidenode.io/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: default\n\
+         spec:\n  tunnelProtocol: quic\n",
+    )?;
+    let quic = wait_until(Duration::from_secs(20), || {
+        wait_through_proxy(&c, CLIENT2, SERVER1_ADDR).ok();
+        dial_one(&c, CLIENT1, SERVER2_ADDR)?;
+        let log = std::fs::read_to_string(c.log_path("node2", "proxy"))?;
+        Ok(log[offset as usize..].contains("HBONE/QUIC connection accepted"))
+    })?;
+    ensure!(quic, "node2 never accepted a QUIC connection");
+    let dials = DialLoop::start(&c, CLIENT1, &[SERVER2_ADDR])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let result = (|| -> Result<()> {
+        let offset = c.log_len("node2", "proxy");
+        let old = c.start_successor_proxy("node2", &["--takeover"])?;
+        c.wait_for_log_after(
+            "node2",
+            "proxy",
+            offset,
+            &format!("from_pid={old}"),
+            Duration::from_secs(30),
+        )?;
+        // QUIC keeps the old proxy for its whole drain (peers keep their pooled QUIC
+        // connections to it): it exits at the deadline.
+        let (status, waited) = c.wait_old_proxy_exit("node2", Duration::from_secs(15))?;
+        ensure!(status.success(), "the old proxy exited {status}");
+        eprintln!("old proxy exited {waited:?} after the hand-over");
+        let after = c.log_len("node2", "proxy");
+        c.wait_for_log_after(
+            "node2",
+            "proxy",
+            offset,
+            "HBONE/QUIC listener open pod=mesh/node2-pod1 addr=Some(198.19.2.2:15008)",
+            Duration::from_secs(10),
+        )?;
+        // The new proxy serves QUIC again (after the fallback period of the clients that
+        // fell back, or at once for those that did not).
+        let back = wait_until(Duration::from_secs(5), || {
+            let log = std::fs::read_to_string(c.log_path("node2", "proxy"))?;
+            Ok(log[after as usize..].contains("HBONE/QUIC connection accepted"))
+        })?;
+        eprintln!("new QUIC connections to the new proxy within 5 s: {back}");
+        Ok(())
+    })();
+    let total = dials.finish();
+    if total.is_err() {
+        let log = std::fs::read_to_string(c.log_path("node1", "proxy"))?;
+        for l in log.lines().filter(|l| l.contains("WARN")).take(8) {
+            eprintln!("node1: {l}");
+        }
+    }
+    result?;
+    let total = total?;
+    eprintln!("{total} connections over QUIC across the hand-over, none failed");
+    ensure!(total >= 50, "only {total} connections were attempted");
+    Ok(())
+}

@@ -138,6 +138,8 @@ pub enum QuicError {
     },
     #[error("QUIC connection to {addr} not answered within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("QUIC endpoint {addr} takes no new connections (CONNECTION_REFUSED)")]
+    NotAccepting { addr: SocketAddr },
     #[error("TLS settings: {0}")]
     Config(String),
     #[error("HTTP/3: {0}")]
@@ -153,7 +155,9 @@ impl QuicError {
     pub fn refusal(&self) -> (Refusal, bool) {
         match self {
             QuicError::Handshake { reason, .. } => (*reason, false),
-            QuicError::Socket { .. } | QuicError::Timeout { .. } => (Refusal::Unreachable, true),
+            QuicError::Socket { .. }
+            | QuicError::Timeout { .. }
+            | QuicError::NotAccepting { .. } => (Refusal::Unreachable, true),
             QuicError::Status(StatusCode::SERVICE_UNAVAILABLE) => (Refusal::Unreachable, true),
             QuicError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
             QuicError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -165,7 +169,10 @@ impl QuicError {
 
     /// The destination never answered (no QUIC path): worth trying HTTP/2.
     pub fn no_answer(&self) -> bool {
-        matches!(self, QuicError::Timeout { .. })
+        matches!(
+            self,
+            QuicError::Timeout { .. } | QuicError::NotAccepting { .. }
+        )
     }
 }
 
@@ -382,6 +389,13 @@ impl Clients {
             Ok(Err(quinn::ConnectionError::TimedOut)) => {
                 return Err(QuicError::Timeout { addr, timeout });
             }
+            // The endpoint takes no new connections (a proxy closing its QUIC side at the end
+            // of its drain, `proxy::handover`): as no answer, so the tunnel uses HTTP/2.
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                return Err(QuicError::NotAccepting { addr });
+            }
             Ok(Err(e)) => {
                 return Err(QuicError::Handshake {
                     addr,
@@ -411,35 +425,52 @@ pub async fn open(
     connect_timeout: Duration,
 ) -> Result<DuplexStream, QuicError> {
     let key = req.pool_key();
-    let pooled = match clients.ready(&key) {
-        Some(p) => p,
-        None => {
-            let lock = match clients.dialing.lock() {
-                Ok(mut m) => m.entry(key.clone()).or_default().clone(),
-                Err(_) => Arc::default(),
-            };
-            let _one_dialer = lock.lock().await;
-            match clients.ready(&key) {
-                Some(p) => p,
-                None => {
-                    let p = clients
-                        .dial(
-                            req.cert,
-                            &req.dst_identity,
-                            req.src_netns.as_ref(),
-                            req.tunnel_addr,
-                            connect_timeout,
-                        )
-                        .await?;
-                    if let Ok(mut m) = clients.conns.lock() {
-                        m.insert(key, p.clone());
+    let mut retried = false;
+    loop {
+        let (pooled, fresh) = match clients.ready(&key) {
+            Some(p) => (p, false),
+            None => {
+                let lock = match clients.dialing.lock() {
+                    Ok(mut m) => m.entry(key.clone()).or_default().clone(),
+                    Err(_) => Arc::default(),
+                };
+                let _one_dialer = lock.lock().await;
+                match clients.ready(&key) {
+                    Some(p) => (p, false),
+                    None => {
+                        let p = clients
+                            .dial(
+                                req.cert,
+                                &req.dst_identity,
+                                req.src_netns.as_ref(),
+                                req.tunnel_addr,
+                                connect_timeout,
+                            )
+                            .await?;
+                        if let Ok(mut m) = clients.conns.lock() {
+                            m.insert(key.clone(), p.clone());
+                        }
+                        (p, true)
                     }
-                    p
                 }
             }
+        };
+        match request(&pooled, &req).await {
+            // The pooled connection was closed under us (the peer's proxy ended its drain
+            // after a hand-over, `proxy::handover`): the stream was never served; open it
+            // on a new connection.
+            Err(QuicError::H3(e)) if !fresh && !retried && pooled.conn.close_reason().is_some() => {
+                debug!(addr = %req.tunnel_addr, error = %e, "pooled QUIC connection closed; opening a new one");
+                retried = true;
+            }
+            r => return r,
         }
-    };
-    let connect = super::client::connect_request(&req)?;
+    }
+}
+
+/// Opens the tunnel's `CONNECT` stream on a QUIC connection.
+async fn request(pooled: &Pooled, req: &TunnelRequest<'_>) -> Result<DuplexStream, QuicError> {
+    let connect = super::client::connect_request(req)?;
     let mut send = pooled.send.clone();
     let mut stream = send
         .send_request(connect)
