@@ -97,17 +97,21 @@ fn overlays_render_and_pass_server_dry_run() -> Result<()> {
             .kubectl(&["kustomize", &dir])
             .with_context(|| format!("rendering overlay {overlay}"))?;
         let docs = rendered.lines().filter(|l| l.starts_with("kind:")).count();
+        check_hitless_upgrade(&rendered).with_context(|| format!("overlay {overlay}"))?;
         let out = kube
-            .kubectl(&[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--dry-run=server",
-                "-k",
-                &dir,
-                "-o",
-                "json",
-            ])
+            .kubectl_stdin(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--dry-run=server",
+                    "-f",
+                    "-",
+                    "-o",
+                    "json",
+                ],
+                &surge_for_kube_1_20(&rendered)?,
+            )
             .with_context(|| format!("server dry run of overlay {overlay}"))?;
         let v = json(&out)?;
         let objs = items(&v);
@@ -901,6 +905,95 @@ const GATEWAY_API_CRDS: [(&str, &[&str], &str); 5] = [
 ];
 
 /// Split a rendered YAML stream into documents.
+/// The DaemonSet's hitless-upgrade settings (docs/operations.md), as rendered: surge
+/// (`maxSurge: 1, maxUnavailable: 0`), the proxy's hand-over socket on a hostPath and
+/// `--takeover`, no host port, and a grace period longer than preStop plus the drain timeout.
+fn check_hitless_upgrade(rendered: &str) -> Result<()> {
+    let doc = documents(rendered)
+        .into_iter()
+        .find(|d| d.lines().any(|l| l == "kind: DaemonSet") && d.contains("name: sidenode-node"))
+        .context("no DaemonSet sidenode-node")?;
+    let ds: Value = yaml_to_json(&doc)?;
+    let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    ensure!(
+        ru["maxSurge"] == 1 && ru["maxUnavailable"] == 0,
+        "update strategy {}",
+        ds["spec"]["updateStrategy"]
+    );
+    let spec = &ds["spec"]["template"]["spec"];
+    let proxy = spec["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "proxy"))
+        .context("no proxy container")?;
+    ensure!(proxy["ports"].is_null(), "the proxy declares (host) ports");
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .context("proxy args")?
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1).copied())
+    };
+    ensure!(args.contains(&"--takeover"), "proxy args {args:?}");
+    let socket = after("--handover-socket").context("no --handover-socket")?;
+    let drain = after("--drain-timeout").context("no --drain-timeout")?;
+    let drain: u64 = drain
+        .strip_suffix('s')
+        .and_then(|d| d.parse().ok())
+        .with_context(|| format!("--drain-timeout {drain}"))?;
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .and_then(|ms| {
+            ms.iter().find(|m| {
+                m["mountPath"]
+                    .as_str()
+                    .is_some_and(|p| socket.starts_with(p))
+            })
+        })
+        .with_context(|| format!("{socket} is not on a volume"))?;
+    let volume = spec["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == mount["name"]))
+        .context("the hand-over volume")?;
+    ensure!(
+        volume["hostPath"]["path"].is_string(),
+        "the hand-over socket is not on a hostPath: {volume}"
+    );
+    let pre_stop: u64 = proxy["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|s| s.as_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    ensure!(
+        grace > drain + pre_stop,
+        "terminationGracePeriodSeconds {grace} <= preStop {pre_stop} s + drain {drain} s"
+    );
+    Ok(())
+}
+
+fn yaml_to_json(doc: &str) -> Result<Value> {
+    let v: yaml_serde::Value = yaml_serde::from_str(doc).context("parsing rendered YAML")?;
+    serde_json::to_value(v).context("YAML to JSON")
+}
+
+/// The DaemonSet's surge strategy, which the 1.20 test server predates (DaemonSet `maxSurge`
+/// is Kubernetes 1.22+; 1.20 requires `maxUnavailable` > 0), replaced by 1.20's
+/// `maxUnavailable: 1` for the dry run only (test only, as [`for_kube_1_20`]).
+/// [`check_hitless_upgrade`] checks the rendered strategy itself.
+fn surge_for_kube_1_20(rendered: &str) -> Result<String> {
+    let surge = "      maxSurge: 1\n      maxUnavailable: 0\n";
+    ensure!(
+        rendered.matches(surge).count() == 1,
+        "expected one surge strategy in the rendered overlay"
+    );
+    Ok(rendered.replace(surge, "      maxUnavailable: 1\n"))
+}
+
 fn documents(yaml: &str) -> Vec<String> {
     yaml.split("\n---\n")
         .map(|d| d.trim_start_matches("---\n").to_string())

@@ -227,8 +227,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Status>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
+    // A successor took the port over (`proxy::handover`): it answers from now on.
+    let mut stopping = crate::proxy::handover::handed_over();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::proxy::handover::until(&mut stopping) => return,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!(error = %e, "admin API: accept failed");

@@ -403,6 +403,37 @@ struct ProxyArgs {
     /// /proc/sys is read-only: mount the host's there).
     #[arg(long, default_value = defaults::PROC_SYS_NET)]
     proc_sys_net: PathBuf,
+    /// Serve a hand-over socket (Unix, mode 0600) at PATH: a new proxy started with the same
+    /// flags plus --takeover takes this one's listening sockets through it, and this one
+    /// drains and exits (docs/operations.md). Without it, no hand-over is possible.
+    #[arg(long, env = "SIDENODE_HANDOVER_SOCKET", value_name = "PATH")]
+    handover_socket: Option<PathBuf>,
+    /// Take over the listening sockets (outbound, admin, metrics, every pod's HBONE TCP
+    /// listener) of the proxy serving --handover-socket, once this one has the mesh's state;
+    /// that proxy then stops accepting and drains. With no proxy serving it, start afresh.
+    #[arg(long, requires = "handover_socket")]
+    takeover: bool,
+    /// This proxy's pod uid (Kubernetes: from the downward API). After a hand-over the pod is
+    /// marked retired beside the hand-over socket, so that its container, restarted by the
+    /// kubelet before the pod is deleted, idles instead of taking the sockets back.
+    #[arg(long, env = "SIDENODE_POD_UID", requires = "handover_socket")]
+    pod_uid: Option<String>,
+    /// After SIGTERM or a hand-over, how long open connections may go on before the proxy
+    /// closes them and exits (`30s`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: std::time::Duration,
+}
+
+/// The admin API for the proxy to bind (or take over) and serve.
+fn admin_endpoint(settings: crate::admin::Settings) -> crate::proxy::AdminEndpoint {
+    let addr = settings.addr;
+    crate::proxy::AdminEndpoint {
+        addr,
+        bind: std::sync::Arc::new(move || Ok(crate::admin::bind(&settings)?)),
+        serve: std::sync::Arc::new(|listener, status| {
+            tokio::spawn(crate::admin::serve(listener, status));
+        }),
+    }
 }
 
 pub fn main() -> Result<()> {
@@ -451,13 +482,17 @@ pub fn main() -> Result<()> {
                 proxy_ip6: p.proxy_ip6,
                 outbound_port: p.outbound_port,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
-                drain_timeout: defaults::DRAIN_TIMEOUT,
+                drain_timeout: p.drain_timeout,
                 controller: p.controller.settings(),
                 direct_unmeshed: !p.no_direct_unmeshed,
                 metrics_addr: Some(
                     p.metrics
                         .unwrap_or(std::net::SocketAddr::new(p.proxy_ip, defaults::METRICS)),
                 ),
+                admin: Some(admin_endpoint(crate::admin::Settings {
+                    addr: p.admin,
+                    allow_remote: p.admin_allow_remote,
+                })),
                 cgroup_root: match p.cgroup_root {
                     Some(c) => Some(crate::kernel::mounts::resolve_cgroup_root(Some(&c))?),
                     None => crate::kernel::load::default_cgroup_root(),
@@ -474,21 +509,13 @@ pub fn main() -> Result<()> {
                 keep_client_address: p.keep_client_address,
                 tunnel_from_pod: p.tunnel_from_pod,
                 proc_sys_net: p.proc_sys_net,
+                handover_socket: p.handover_socket,
+                takeover: p.takeover,
+                pod_uid: p.pod_uid,
             };
             crate::policy::set_root_namespace(&p.root_namespace);
-            let admin = crate::admin::Settings {
-                addr: p.admin,
-                allow_remote: p.admin_allow_remote,
-            };
-            runtime(Some(p.worker_threads))?.block_on(async move {
-                // Up first, so that `/healthz/ready` can say what the proxy is waiting for.
-                let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
-                tokio::spawn(crate::admin::serve(
-                    crate::admin::bind(&admin)?,
-                    status.clone(),
-                ));
-                crate::proxy::run(cfg, status).await
-            })
+            let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
+            runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg, status))
         }
         Cmd::Gateway(g) => {
             let Some(controller) = g.controller.settings() else {

@@ -7,6 +7,7 @@
 //! and the `sk_msg` program (attached to its sockhash, not a cgroup) in `progs/`.
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
 
+pub mod fdpass;
 pub mod inpod;
 pub mod inspect;
 pub mod load;

@@ -27,13 +27,18 @@ use crate::kernel::podns::PodNetnsFinder;
 use crate::proto;
 
 /// What the inbound side needs besides the mesh.
-#[derive(Clone, Debug)]
 pub struct Settings {
     pub node: String,
     pub connect_timeout: Duration,
     /// Where pods' cgroups are searched (None: only the netns annotation works).
     pub cgroup_root: Option<PathBuf>,
     pub retry_interval: Duration,
+    /// Pods' listeners taken over from the previous proxy (`handover`): used instead of new
+    /// ones for the same pod, address and namespace; the others are closed after the first
+    /// round (their pods left during the hand-over).
+    pub inherited: Vec<super::handover::Inherited>,
+    /// Told when the first round's listeners accept.
+    pub first_round: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What a listener was opened for; a change reopens it.
@@ -86,6 +91,8 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
         connect_timeout,
         cgroup_root,
         retry_interval,
+        mut inherited,
+        mut first_round,
     } = settings;
     let mut finder = cgroup_root.map(PodNetnsFinder::new);
     let mut rx = mesh.state.clone();
@@ -133,6 +140,13 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
             });
         }
         prefetched = local;
+        // Listeners open and close under the hand-over registry's lock; once handed over,
+        // the successor manages them.
+        let mut registry = super::handover::registry().await;
+        if registry.closed() {
+            info!("the proxy stopped accepting; the inbound side stops following the state");
+            return;
+        }
         let mut closed = Vec::new();
         open.retain(|uid, (spec, tasks)| {
             let keep = want.get(uid).is_some_and(|(s, _)| s == spec);
@@ -144,6 +158,7 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
             keep
         });
         for uid in closed {
+            registry.remove_pod(&uid);
             mesh.pods.close(&uid).await;
             mesh.quic.forget_pod(&uid);
         }
@@ -152,7 +167,10 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                 continue;
             }
             let addr = SocketAddr::new(spec.ip, mesh_common::ports::HBONE);
-            match bind_in_netns(Path::new(&path), addr).and_then(TcpListener::from_std) {
+            match take_inherited(&mut inherited, &uid, addr, spec.netns)
+                .map_or_else(|| bind_in_netns(Path::new(&path), addr), Ok)
+                .and_then(TcpListener::from_std)
+            {
                 Ok(l) => {
                     // The last leg from the clients' addresses, set up before the first
                     // accept: without it (a read-only /proc/sys, no CAP_NET_ADMIN) the pod is
@@ -167,7 +185,9 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                     // (sidenode's clients dial it).
                     for ip in spec.ips.iter().filter(|ip| **ip != spec.ip) {
                         let addr = SocketAddr::new(*ip, mesh_common::ports::HBONE);
-                        match bind_in_netns(Path::new(&path), addr).and_then(TcpListener::from_std)
+                        match take_inherited(&mut inherited, &uid, addr, spec.netns)
+                            .map_or_else(|| bind_in_netns(Path::new(&path), addr), Ok)
+                            .and_then(TcpListener::from_std)
                         {
                             Ok(l) => listeners.push((addr, l)),
                             Err(e) => {
@@ -177,6 +197,15 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                     }
                     let mut tasks = Vec::with_capacity(2 * listeners.len());
                     for (addr, l) in listeners {
+                        let meta = super::handover::Meta {
+                            kind: super::handover::Kind::Hbone,
+                            addr,
+                            pod: Some(uid.clone()),
+                            netns: Some(spec.netns),
+                        };
+                        if let Err(e) = registry.add(meta, &l) {
+                            warn!(pod = %uid, %addr, error = %e, "cannot keep this listener for a hand-over");
+                        }
                         info!(pod = %uid, %addr, identity = %spec.identity, "HBONE listener open");
                         tasks.push(tokio::spawn(accept_loop(
                             l,
@@ -185,20 +214,17 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                             mesh.clone(),
                             connect_timeout,
                         )));
-                        // HBONE over QUIC beside it, on UDP (hbone::quic).
-                        match super::hbone::quic::bind_udp_in_netns(&path, addr) {
-                            Ok(s) => tasks.push(tokio::spawn(super::hbone::quic::serve_pod(
-                                s,
-                                uid.clone(),
-                                spec.identity.clone(),
-                                spec.ips.clone(),
-                                mesh.clone(),
-                                connect_timeout,
-                            ))),
-                            Err(e) => {
-                                warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE/QUIC listener");
-                            }
-                        }
+                        // HBONE over QUIC beside it, on UDP (hbone::quic); after a hand-over,
+                        // once the previous proxy has freed the port.
+                        tasks.push(tokio::spawn(quic_listener(
+                            path.clone(),
+                            addr,
+                            uid.clone(),
+                            spec.clone(),
+                            mesh.clone(),
+                            connect_timeout,
+                            retry_interval,
+                        )));
                     }
                     open.insert(uid, (spec, tasks));
                 }
@@ -209,6 +235,25 @@ pub async fn run(mesh: Arc<Mesh>, settings: Settings) {
                     );
                 }
             }
+        }
+        drop(registry);
+        if let Some(tx) = first_round.take() {
+            // Inherited listeners of pods this proxy does not serve (they left during the
+            // hand-over) close now; those of pods not found yet wait for the next round.
+            let local: std::collections::HashSet<&str> = st
+                .workloads
+                .values()
+                .filter(|w| w.node == node && w.meshed)
+                .map(|w| w.uid.as_str())
+                .collect();
+            inherited.retain(|i| {
+                let keep = i.meta.pod.as_deref().is_some_and(|p| local.contains(p));
+                if !keep {
+                    info!(pod = ?i.meta.pod, addr = %i.meta.addr, "inherited HBONE listener of a pod no longer served; closed");
+                }
+                keep
+            });
+            let _ = tx.send(());
         }
         for (uid, problem) in &problems {
             if reported.get(uid) != Some(problem) {
@@ -252,8 +297,14 @@ async fn accept_loop(
     mesh: Arc<Mesh>,
     connect_timeout: Duration,
 ) {
+    let mut stopping = super::handover::stopping();
     loop {
-        let (tcp, peer) = match l.accept().await {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            // A successor accepts on this socket now (or SIGTERM): drop this copy.
+            _ = super::handover::until(&mut stopping) => return,
+        };
+        let (tcp, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!(%pod, error = %e, "accept failed");
@@ -265,7 +316,8 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (pod, spec, mesh) = (pod.clone(), spec.clone(), mesh.clone());
         let span = info_span!("hbone", %peer, %pod);
-        tokio::spawn(
+        // Tracked: a draining proxy waits for its tunnels.
+        super::handover::tasks().spawn(
             async move {
                 let cert = match mesh.certs.get(&spec.identity).await {
                     Ok(c) => c,
@@ -326,4 +378,52 @@ async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+/// An inherited listener for pod `uid` at `addr` in namespace `netns`, if the predecessor
+/// handed one over.
+fn take_inherited(
+    inherited: &mut Vec<super::handover::Inherited>,
+    uid: &str,
+    addr: SocketAddr,
+    netns: (u64, u64),
+) -> Option<std::net::TcpListener> {
+    let i = inherited.iter().position(|i| {
+        i.meta.pod.as_deref() == Some(uid) && i.meta.addr == addr && i.meta.netns == Some(netns)
+    })?;
+    let l = inherited.swap_remove(i).listener;
+    info!(pod = %uid, %addr, "HBONE listener taken over from the previous proxy");
+    Some(l)
+}
+
+/// The pod's HBONE/QUIC listener (UDP): bound as soon as the port is free — right away,
+/// except after a hand-over, where the previous proxy keeps its UDP socket until its drain
+/// ends (`handover`) — then served until the task is aborted.
+async fn quic_listener(
+    path: PathBuf,
+    addr: SocketAddr,
+    uid: String,
+    spec: Spec,
+    mesh: Arc<Mesh>,
+    connect_timeout: Duration,
+    retry_interval: Duration,
+) {
+    let mut said = false;
+    let sock = loop {
+        match super::hbone::quic::bind_udp_in_netns(&path, addr) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if !said {
+                    info!(pod = %uid, %addr, "UDP port in use (the previous proxy drains); HBONE/QUIC listener opens when it is free");
+                    said = true;
+                }
+                tokio::time::sleep(retry_interval.min(Duration::from_millis(250))).await;
+            }
+            Err(e) => {
+                warn!(pod = %uid, %addr, error = %e, "cannot open the HBONE/QUIC listener");
+                return;
+            }
+        }
+    };
+    super::hbone::quic::serve_pod(sock, uid, spec.identity, spec.ips, mesh, connect_timeout).await;
 }

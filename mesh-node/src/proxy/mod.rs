@@ -14,6 +14,7 @@
 
 pub mod authz;
 pub mod gauges;
+pub mod handover;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -47,6 +48,26 @@ use crate::state::StateRx;
 /// in few big writes, small enough for many idle connections.
 pub const COPY_BUF: usize = 64 * 1024;
 
+/// The admin API as the proxy runs it: its address, how to bind it and how to serve a
+/// listener. The caller (the CLI) fills it from `admin`: the proxy binds, hands over and
+/// serves the admin listener like its other sockets without depending on the admin module.
+#[derive(Clone)]
+pub struct AdminEndpoint {
+    pub addr: SocketAddr,
+    /// Binds `addr` (refusing what may not be bound).
+    pub bind: Arc<dyn Fn() -> Result<TcpListener> + Send + Sync>,
+    /// Starts serving the API on a listener (spawns a task).
+    pub serve: Arc<dyn Fn(TcpListener, Arc<status::Status>) + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminEndpoint")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub node: String,
@@ -61,6 +82,8 @@ pub struct ProxyConfig {
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
     pub direct_unmeshed: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// Admin API (`--admin`, loopback by default); `None`: off.
+    pub admin: Option<AdminEndpoint>,
     /// cgroup v2 folder below which local pods' namespaces are found by pod UID (the agent's
     /// `--cgroup-root`); without it only the `sidenode.io/netns` annotation works.
     pub cgroup_root: Option<PathBuf>,
@@ -75,6 +98,13 @@ pub struct ProxyConfig {
     pub tunnel_from_pod: bool,
     /// Where `/proc/sys/net` is writable (`--proc-sys-net`).
     pub proc_sys_net: PathBuf,
+    /// Serve a hand-over socket here (`--handover-socket`): a successor started with
+    /// `--takeover` takes this proxy's listening sockets through it (`handover`).
+    pub handover_socket: Option<PathBuf>,
+    /// Take over the listening sockets of the proxy serving `handover_socket` (`--takeover`).
+    pub takeover: bool,
+    /// This proxy's pod (`--pod-uid`, Kubernetes): marked retired after a hand-over.
+    pub pod_uid: Option<String>,
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -130,12 +160,39 @@ pub struct Shared {
     pub limits: route::Limits,
 }
 
-/// Runs the proxy until SIGTERM or Ctrl-C, then drains. `status` is the phase the readiness
-/// probe and the admin API read (the caller starts the admin API first, so that
-/// `/healthz/ready` can say what the proxy is waiting for).
+/// Runs the proxy until SIGTERM, Ctrl-C or a successor's hand-over, then drains. `admin` is the
+/// phase the readiness probe and the admin API read.
 pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
     if let Some(t) = &cfg.tracing {
         crate::telemetry::trace::init(t, &cfg.node).context("setting up tracing")?;
+    }
+    // Up first, so that `/healthz/ready` can say what the proxy is waiting for (after the
+    // hand-over when taking over: the predecessor holds the port until then).
+    let takeover = cfg
+        .takeover
+        .then_some(cfg.handover_socket.as_ref())
+        .flatten();
+    if let (Some(path), Some(uid)) = (takeover, &cfg.pod_uid)
+        && handover::retired_marker(path, uid).exists()
+    {
+        // This pod's proxy already handed its sockets to a newer pod's and exited; the
+        // kubelet restarted it before deleting the pod. Taking them back would hand the node
+        // to a pod about to be deleted: wait for the end instead.
+        info!(pod_uid = %uid, "this pod's proxy handed its sockets over already; idle until terminated");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return Ok(());
+    }
+    let mut admin_listener = None;
+    if let (Some(a), None) = (&cfg.admin, takeover) {
+        let l = (a.bind)()?;
+        handover::registry()
+            .await
+            .add(meta(handover::Kind::Admin, a.addr), &l)?;
+        (a.serve)(l, admin.clone());
     }
     let maps = wait_for_maps(&Pins::new(&cfg.bpffs)).await?;
     let mut listens = vec![SocketAddr::new(cfg.proxy_ip, cfg.outbound_port)];
@@ -143,20 +200,88 @@ pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
         listens.push(SocketAddr::new(ip6.into(), cfg.outbound_port));
     }
     let mut listeners = Vec::new();
-    for addr in &listens {
-        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
+    if takeover.is_none() {
+        for addr in &listens {
+            listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
+        }
     }
     let mesh = match &cfg.controller {
         Some(c) => Some(start_mesh(c, &cfg).await?),
         None => None,
     };
+    // Ready to serve (state and certificates): take the predecessor's sockets now.
+    let mut taken = match takeover {
+        Some(path) => handover::take_over(path, &cfg.node)
+            .await
+            .with_context(|| format!("taking over from the proxy at {}", path.display()))?,
+        None => None,
+    };
+    if takeover.is_some() {
+        for addr in &listens {
+            let l = match taken
+                .as_mut()
+                .and_then(|t| t.take(handover::Kind::Outbound, *addr))
+            {
+                Some(l) => TcpListener::from_std(l)?,
+                None => bind(*addr).with_context(|| format!("listening on {addr}"))?,
+            };
+            listeners.push(l);
+        }
+        if let Some(a) = &cfg.admin {
+            admin_listener = Some(
+                match taken
+                    .as_mut()
+                    .and_then(|t| t.take(handover::Kind::Admin, a.addr))
+                {
+                    Some(l) => TcpListener::from_std(l)?,
+                    None => (a.bind)()?,
+                },
+            );
+        }
+    }
+    let metrics_listener = match cfg.metrics_addr {
+        Some(addr) => Some(
+            match taken
+                .as_mut()
+                .and_then(|t| t.take(handover::Kind::Metrics, addr))
+            {
+                Some(l) => TcpListener::from_std(l)?,
+                None => TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("metrics endpoint on {addr}"))?,
+            },
+        ),
+        None => None,
+    };
+    {
+        // What a successor will take over.
+        let mut reg = handover::registry().await;
+        for (l, addr) in listeners.iter().zip(&listens) {
+            reg.add(meta(handover::Kind::Outbound, *addr), l)?;
+        }
+        // (Bound here only when taking over; else served since the start.)
+        if let (Some(l), Some(a)) = (&admin_listener, &cfg.admin) {
+            reg.add(meta(handover::Kind::Admin, a.addr), l)?;
+        }
+        if let (Some(l), Some(addr)) = (&metrics_listener, cfg.metrics_addr) {
+            reg.add(meta(handover::Kind::Metrics, addr), l)?;
+        }
+    }
+    if let (Some(l), Some(a)) = (admin_listener, &cfg.admin) {
+        (a.serve)(l, admin.clone());
+    }
     if let Some(m) = &mesh {
         admin.set_mesh(m.clone());
     }
-    if let Some(addr) = cfg.metrics_addr {
+    if let Some(l) = metrics_listener {
         tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::metrics::serve(addr).await {
-                warn!(%addr, error = %e, "metrics endpoint failed");
+            if let Err(e) = crate::telemetry::metrics::serve_listener(l, async {
+                let mut given = handover::handed_over();
+                handover::until(&mut given).await
+            })
+            .await
+            {
+                warn!(error = %e, "metrics endpoint failed");
             }
         });
     }
@@ -171,47 +296,107 @@ pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
         limits: Default::default(),
     });
     gauges::NodeCollector::register(shared.clone());
-    info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
 
-    let tracker = TaskTracker::new();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tracker = handover::tasks().clone();
     let mut acceptors = Vec::new();
     for listener in listeners {
         acceptors.push(tokio::spawn(accept_loop(
             listener,
             shared.clone(),
             tracker.clone(),
-            stopped.clone(),
+            handover::stopping(),
         )));
     }
-    admin.set_serving();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    if let Some(m) = &shared.mesh {
+        // The inbound side: pods' HBONE listeners (the inherited ones first).
+        let (first, first_done) = tokio::sync::oneshot::channel();
+        tokio::spawn(inbound::run(
+            m.clone(),
+            inbound::Settings {
+                node: cfg.node.clone(),
+                connect_timeout: cfg.connect_timeout,
+                cgroup_root: cfg.cgroup_root.clone(),
+                retry_interval: cfg.retry_interval,
+                inherited: taken.as_mut().map(|t| t.take_pods()).unwrap_or_default(),
+                first_round: Some(first),
+            },
+        ));
+        if taken.is_some()
+            && tokio::time::timeout(Duration::from_secs(30), first_done)
+                .await
+                .is_err()
+        {
+            warn!("the pods' listeners are not all set up yet; taking over anyway");
+        }
     }
+    if let Some(t) = taken {
+        let from = t.pid();
+        t.finish()
+            .await
+            .context("finishing the hand-over (the old proxy may still be accepting)")?;
+        info!(
+            from_pid = from,
+            "took over the listening sockets; the old proxy drains"
+        );
+        crate::telemetry::metrics::metrics()
+            .handovers
+            .with_label_values(&["taken"])
+            .inc();
+    }
+    if let Some(path) = &cfg.handover_socket {
+        handover::serve(path, &cfg.node, cfg.pod_uid.clone())?;
+    }
+    admin.set_serving();
+    info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stopping = handover::stopping();
+    let why = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "SIGTERM",
+        _ = handover::until(&mut stopping) => "handed over",
+    };
+    // No new connections from here on (a successor, if any, accepts them); inbound tunnels
+    // get GOAWAY.
+    handover::stop();
+    handover::registry().await.close();
     admin.set_draining();
-    let _ = stop.send(true);
     for a in acceptors {
         let _ = a.await;
     }
     tracker.close();
-    info!(open = tracker.len(), "proxy draining");
-    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+    info!(open = tracker.len(), why, drain_timeout = ?cfg.drain_timeout, "proxy draining");
+    let drained = tokio::time::timeout(cfg.drain_timeout, tracker.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if drained {
+        info!("drained: every connection finished");
+    } else {
         warn!(
             open = tracker.len(),
             "drain deadline passed; closing the remaining connections"
         );
     }
+    // QUIC endpoints close their connections (CONNECTION_CLOSE) and free UDP 15008.
+    handover::close();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     crate::telemetry::trace::shutdown().await;
+    info!("proxy exiting");
     Ok(())
 }
 
-/// Connects to the controller, follows its state, and starts certificates and inbound
-/// listeners. Waits (bounded) for the first state so the first connections are meshed.
+fn meta(kind: handover::Kind, addr: SocketAddr) -> handover::Meta {
+    handover::Meta {
+        kind,
+        addr,
+        pod: None,
+        netns: None,
+    }
+}
+
+/// Connects to the controller, follows its state, and starts certificates. Waits (bounded)
+/// for the first state so the first connections are meshed. The inbound listeners are
+/// started by `run`.
 async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mesh>> {
     let (rx, certs) = follow_controller(c).await?;
     let mesh = Arc::new(Mesh {
@@ -234,15 +419,6 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         let (tunnels, state) = (mesh.authz.clone(), mesh.state.clone());
         tokio::spawn(async move { tunnels.recheck_forever(state).await });
     }
-    tokio::spawn(inbound::run(
-        mesh.clone(),
-        inbound::Settings {
-            node: cfg.node.clone(),
-            connect_timeout: cfg.connect_timeout,
-            cgroup_root: cfg.cgroup_root.clone(),
-            retry_interval: cfg.retry_interval,
-        },
-    ));
     Ok(mesh)
 }
 
@@ -285,7 +461,7 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stopped.changed() => return,
+            _ = handover::until(&mut stopped) => return,
         }
     }
 }

@@ -7,6 +7,10 @@ use prometheus::{IntCounterVec, Opts, Registry};
 pub struct Metrics {
     pub registry: Registry,
     pub hbone_refused: IntCounterVec,
+    /// Proxy hand-overs (`proxy::handover`) this process took part in, by role: `taken` (it
+    /// took the listening sockets over). The process that gives them away hands over its
+    /// metrics port too, so it counts nothing a scrape could see.
+    pub handovers: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -22,9 +26,19 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(hbone_refused.clone()));
+        let handovers = IntCounterVec::new(
+            Opts::new(
+                "sidenode_proxy_handovers_total",
+                "Listening-socket hand-overs this proxy took part in, by role (taken)",
+            ),
+            &["role"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(handovers.clone()));
         Metrics {
             registry,
             hbone_refused,
+            handovers,
         }
     })
 }
@@ -47,12 +61,30 @@ pub fn render() -> String {
 
 /// Serves `/metrics` on `addr` (HTTP/1.1).
 pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    serve_listener(
+        tokio::net::TcpListener::bind(addr).await?,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// Serves `/metrics` on a listening socket until `stop` completes (the proxy stops when a
+/// successor took the socket over, `proxy::handover`).
+pub async fn serve_listener(
+    l: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    let l = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics listening");
+    if let Ok(addr) = l.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    tokio::pin!(stop);
     loop {
-        let (s, _) = l.accept().await?;
+        let (s, _) = tokio::select! {
+            a = l.accept() => a?,
+            _ = &mut stop => return Ok(()),
+        };
         tokio::spawn(async move {
             let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                 let (code, body) = if req.uri().path() == "/metrics" {

@@ -43,6 +43,11 @@ impl Cluster {
     /// `"controller"`, the controller in the fabric netns), in its own session, logging to
     /// `logs/<node>-<kind>.log` (`logs/controller.log`). Does not wait for readiness.
     pub fn start_process(&mut self, node: &str, kind: &str) -> Result<()> {
+        self.start_process_with(node, kind, &[])
+    }
+
+    /// [`Cluster::start_process`] with `extra` arguments after the usual ones.
+    pub fn start_process_with(&mut self, node: &str, kind: &str, extra: &[&str]) -> Result<()> {
         check_kind(node, kind)?;
         if kind == CONTROLLER {
             return self.start_controller();
@@ -79,6 +84,9 @@ impl Cluster {
                 cmd.arg("--cgroup-root").arg(self.node_cgroup(node));
             }
             cmd.args(&self.opts.proxy_args);
+            // Every proxy serves a hand-over socket of its own node, so a successor can take
+            // its listeners over (`start_successor_proxy`).
+            cmd.arg("--handover-socket").arg(self.handover_socket(node));
             // The proxy runs below the node's cgroup root, as a DaemonSet pod runs below the
             // host's: its sockets are seen by the node's sockops program, which splices the
             // local legs (pod ↔ proxy) in the kernel.
@@ -97,8 +105,66 @@ impl Cluster {
         cmd.arg("--bpffs")
             .arg(&bpffs)
             .args(["--proxy-ip", &node_ip(i)])
-            .args(["--proxy-ip6", &super::net::node_ip6(i)]);
+            .args(["--proxy-ip6", &super::net::node_ip6(i)])
+            .args(extra);
         self.spawn_logged(node, kind, cmd)
+    }
+
+    /// The node proxy's hand-over socket (`--handover-socket`), in the cluster's state folder.
+    pub fn handover_socket(&self, node: &str) -> std::path::PathBuf {
+        self.state_dir.join(format!("{node}-proxy-handover.sock"))
+    }
+
+    /// Starts a new proxy on `node` beside the running one, with the same flags plus `extra`
+    /// (`--takeover` for a hand-over). From now on the new one is the node's `proxy`; the
+    /// previous one is the node's "old proxy" ([`Cluster::wait_old_proxy_exit`]). Returns
+    /// the previous one's pid. Does not wait for readiness.
+    pub fn start_successor_proxy(&mut self, node: &str, extra: &[&str]) -> Result<u32> {
+        let key = key(node, "proxy");
+        let old_key = format!("{key}-old");
+        if let Some(mut older) = self.children.remove(&old_key)
+            && matches!(older.try_wait(), Ok(None))
+        {
+            self.children.insert(old_key.clone(), older);
+            bail!("{node}: an earlier old proxy is still running");
+        }
+        let pid = self
+            .pids
+            .remove(&key)
+            .with_context(|| format!("{key} was not started"))?;
+        self.pids.insert(old_key.clone(), pid);
+        if let Some(child) = self.children.remove(&key) {
+            self.children.insert(old_key, child);
+        }
+        self.start_process_with(node, "proxy", extra)?;
+        Ok(pid)
+    }
+
+    /// Waits (up to `timeout`) for the node's old proxy (see
+    /// [`Cluster::start_successor_proxy`]) to exit; its exit status and how long the wait took.
+    pub fn wait_old_proxy_exit(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, Duration)> {
+        let old_key = format!("{}-old", key(node, "proxy"));
+        let child = self
+            .children
+            .get_mut(&old_key)
+            .with_context(|| format!("{node} has no old proxy"))?;
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().context("waiting for the old proxy")? {
+                return Ok((st, start.elapsed()));
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{node}: the old proxy (pid {}) did not exit within {timeout:?}",
+                    child.id()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Start `mesh-node controller` in `<prefix>-net`, listening on 198.18.0.254:15012, with

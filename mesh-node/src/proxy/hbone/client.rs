@@ -100,36 +100,60 @@ pub async fn open(
     connect_timeout: Duration,
 ) -> Result<H2Stream, TunnelError> {
     let key = req.pool_key();
-    let sender = match pool.ready(&key) {
-        Some(s) => s,
-        None => {
-            let lock = pool.dial_lock(&key);
-            let _one_dialer = lock.lock().await;
-            match pool.ready(&key) {
-                Some(s) => s,
-                None => {
-                    let s = dial(
-                        req.cert,
-                        &req.dst_identity,
-                        req.src_netns.as_ref(),
-                        req.tunnel_addr,
-                        connect_timeout,
-                    )
-                    .await?;
-                    pool.insert(key, s.clone());
-                    s
+    let mut retried = false;
+    loop {
+        let sender = match pool.ready(&key) {
+            Some(s) => s,
+            None => {
+                let lock = pool.dial_lock(&key);
+                let _one_dialer = lock.lock().await;
+                match pool.ready(&key) {
+                    Some(s) => s,
+                    None => {
+                        let s = dial(
+                            req.cert,
+                            &req.dst_identity,
+                            req.src_netns.as_ref(),
+                            req.tunnel_addr,
+                            connect_timeout,
+                        )
+                        .await?;
+                        pool.insert(key.clone(), s.clone());
+                        s
+                    }
                 }
             }
+        };
+        match request(&sender, &req).await {
+            // The peer said GOAWAY (its proxy drains, e.g. after a hand-over to a successor):
+            // the stream was never served, so it is opened again on a new connection, which
+            // reaches whoever accepts on the peer's listener now.
+            Err(TunnelError::H2(e)) if !retried && going_away(&e) => {
+                debug!(addr = %req.tunnel_addr, error = %e, "pooled HBONE connection going away; opening a new one");
+                sender.set_closed();
+                retried = true;
+            }
+            r => return r,
         }
-    };
-    let mut sender = sender.h2.ready().await?;
-    let connect = connect_request(&req)?;
-    let (resp, send) = sender.send_request(connect, false)?;
+    }
+}
+
+/// Opens the tunnel's stream on a pooled connection.
+async fn request(sender: &Sender, req: &TunnelRequest<'_>) -> Result<H2Stream, TunnelError> {
+    let mut h2 = sender.h2.clone().ready().await?;
+    let connect = connect_request(req)?;
+    let (resp, send) = h2.send_request(connect, false)?;
     let resp = resp.await?;
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Status(resp.status()));
     }
     Ok(H2Stream::new(send, resp.into_body()))
+}
+
+/// A stream refused because the connection is closing (GOAWAY, or `REFUSED_STREAM`): the
+/// peer processed nothing of it, so opening it again elsewhere is safe.
+fn going_away(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// The `CONNECT` of a tunnel, HTTP/2 or HTTP/3 alike: `:authority` the target, and the

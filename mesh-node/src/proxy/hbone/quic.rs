@@ -31,6 +31,8 @@ use crate::identity::certs::peer_identity;
 use crate::identity::manager::WorkloadCert;
 use crate::proxy::socket::PodNetns;
 
+/// HTTP/3's "no error" code, closing a connection gracefully.
+const H3_NO_ERROR: u32 = 0x100;
 /// ALPN of HBONE over QUIC.
 pub const ALPN: &[u8] = b"h3";
 /// Per-stream receive window: as the HTTP/2 stream window (`STREAM_WINDOW`), so one tunnel
@@ -136,6 +138,8 @@ pub enum QuicError {
     },
     #[error("QUIC connection to {addr} not answered within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("QUIC endpoint {addr} takes no new connections (CONNECTION_REFUSED)")]
+    NotAccepting { addr: SocketAddr },
     #[error("TLS settings: {0}")]
     Config(String),
     #[error("HTTP/3: {0}")]
@@ -151,7 +155,9 @@ impl QuicError {
     pub fn refusal(&self) -> (Refusal, bool) {
         match self {
             QuicError::Handshake { reason, .. } => (*reason, false),
-            QuicError::Socket { .. } | QuicError::Timeout { .. } => (Refusal::Unreachable, true),
+            QuicError::Socket { .. }
+            | QuicError::Timeout { .. }
+            | QuicError::NotAccepting { .. } => (Refusal::Unreachable, true),
             QuicError::Status(StatusCode::SERVICE_UNAVAILABLE) => (Refusal::Unreachable, true),
             QuicError::Status(StatusCode::TOO_MANY_REQUESTS) => (Refusal::RateLimited, false),
             QuicError::Status(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -163,7 +169,10 @@ impl QuicError {
 
     /// The destination never answered (no QUIC path): worth trying HTTP/2.
     pub fn no_answer(&self) -> bool {
-        matches!(self, QuicError::Timeout { .. })
+        matches!(
+            self,
+            QuicError::Timeout { .. } | QuicError::NotAccepting { .. }
+        )
     }
 }
 
@@ -380,6 +389,13 @@ impl Clients {
             Ok(Err(quinn::ConnectionError::TimedOut)) => {
                 return Err(QuicError::Timeout { addr, timeout });
             }
+            // The endpoint takes no new connections (a proxy closing its QUIC side at the end
+            // of its drain, `proxy::handover`): as no answer, so the tunnel uses HTTP/2.
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                return Err(QuicError::NotAccepting { addr });
+            }
             Ok(Err(e)) => {
                 return Err(QuicError::Handshake {
                     addr,
@@ -409,35 +425,52 @@ pub async fn open(
     connect_timeout: Duration,
 ) -> Result<DuplexStream, QuicError> {
     let key = req.pool_key();
-    let pooled = match clients.ready(&key) {
-        Some(p) => p,
-        None => {
-            let lock = match clients.dialing.lock() {
-                Ok(mut m) => m.entry(key.clone()).or_default().clone(),
-                Err(_) => Arc::default(),
-            };
-            let _one_dialer = lock.lock().await;
-            match clients.ready(&key) {
-                Some(p) => p,
-                None => {
-                    let p = clients
-                        .dial(
-                            req.cert,
-                            &req.dst_identity,
-                            req.src_netns.as_ref(),
-                            req.tunnel_addr,
-                            connect_timeout,
-                        )
-                        .await?;
-                    if let Ok(mut m) = clients.conns.lock() {
-                        m.insert(key, p.clone());
+    let mut retried = false;
+    loop {
+        let (pooled, fresh) = match clients.ready(&key) {
+            Some(p) => (p, false),
+            None => {
+                let lock = match clients.dialing.lock() {
+                    Ok(mut m) => m.entry(key.clone()).or_default().clone(),
+                    Err(_) => Arc::default(),
+                };
+                let _one_dialer = lock.lock().await;
+                match clients.ready(&key) {
+                    Some(p) => (p, false),
+                    None => {
+                        let p = clients
+                            .dial(
+                                req.cert,
+                                &req.dst_identity,
+                                req.src_netns.as_ref(),
+                                req.tunnel_addr,
+                                connect_timeout,
+                            )
+                            .await?;
+                        if let Ok(mut m) = clients.conns.lock() {
+                            m.insert(key.clone(), p.clone());
+                        }
+                        (p, true)
                     }
-                    p
                 }
             }
+        };
+        match request(&pooled, &req).await {
+            // The pooled connection was closed under us (the peer's proxy ended its drain
+            // after a hand-over, `proxy::handover`): the stream was never served; open it
+            // on a new connection.
+            Err(QuicError::H3(e)) if !fresh && !retried && pooled.conn.close_reason().is_some() => {
+                debug!(addr = %req.tunnel_addr, error = %e, "pooled QUIC connection closed; opening a new one");
+                retried = true;
+            }
+            r => return r,
         }
-    };
-    let connect = super::client::connect_request(&req)?;
+    }
+}
+
+/// Opens the tunnel's `CONNECT` stream on a QUIC connection.
+async fn request(pooled: &Pooled, req: &TunnelRequest<'_>) -> Result<DuplexStream, QuicError> {
+    let connect = super::client::connect_request(req)?;
     let mut send = pooled.send.clone();
     let mut stream = send
         .send_request(connect)
@@ -478,7 +511,20 @@ pub async fn serve_pod(
         }
     };
     info!(%pod, addr = ?addr, "HBONE/QUIC listener open");
-    while let Some(incoming) = ep.accept().await {
+    // The proxy's drain is over (`proxy::handover`): close the connections (CONNECTION_CLOSE,
+    // so peers drop them from their pools at once) and free the UDP port for a successor.
+    let mut closing = crate::proxy::handover::closing();
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => i,
+            _ = crate::proxy::handover::until(&mut closing) => {
+                ep.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"proxy exiting");
+                let _ = tokio::time::timeout(Duration::from_millis(50), ep.wait_idle()).await;
+                info!(%pod, addr = ?addr, "HBONE/QUIC listener closed");
+                return;
+            }
+        };
+        let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
         let (pod, identity, ips, mesh) = (pod.clone(), identity.clone(), ips.clone(), mesh.clone());
         let span = info_span!("hbone", %peer, %pod, transport = "quic");
@@ -585,7 +631,8 @@ async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
             }
         };
         let info = info.clone();
-        tokio::spawn(async move {
+        // Tracked: a draining proxy waits for its tunnels.
+        crate::proxy::handover::tasks().spawn(async move {
             let (req, stream) = match resolver.resolve_request().await {
                 Ok(r) => r,
                 Err(e) => {

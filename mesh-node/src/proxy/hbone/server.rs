@@ -65,8 +65,22 @@ where
             return;
         }
     };
-    // Accepting also drives the connection: it runs until the connection ends.
-    while let Some(accepted) = h2c.accept().await {
+    // Accepting also drives the connection: it runs until the connection ends. When the
+    // proxy stops accepting (a successor took over, or SIGTERM) the client is told GOAWAY
+    // (graceful: streams in flight are still served) and opens its next tunnels elsewhere.
+    let mut stopping = crate::proxy::handover::stopping();
+    let mut goaway = false;
+    loop {
+        if !goaway && *stopping.borrow_and_update() {
+            h2c.graceful_shutdown();
+            goaway = true;
+            tracing::debug!("GOAWAY sent: the proxy drains");
+        }
+        let accepted = tokio::select! {
+            a = h2c.accept() => a,
+            _ = stopping.changed(), if !goaway => continue,
+        };
+        let Some(accepted) = accepted else { break };
         let (req, respond) = match accepted {
             Ok(r) => r,
             Err(e) => {
