@@ -27,6 +27,10 @@ use tokio::net::TcpStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections being opened at once before the timed load.
+const IDLE_RAMP: usize = 64;
+/// The longest the idle connections may take to open before the timed load starts anyway.
+const IDLE_RAMP_LIMIT: Duration = Duration::from_secs(180);
 /// At most this many failures are listed one by one (the counts go on).
 const MAX_LISTED_FAILURES: usize = 20_000;
 /// New connections in flight at once; a tick finding this many open is counted as
@@ -166,7 +170,8 @@ pub struct LoadReport {
 }
 
 struct Shared {
-    started: Instant,
+    /// Unix ms when the timed load began (0 before).
+    started_ms: AtomicU64,
     stop: AtomicBool,
     failures: Mutex<(Vec<Failure>, u64)>,
     /// (minute, kind 0 = conn / 1 = http, latency µs).
@@ -181,6 +186,7 @@ struct Shared {
     stream_corrupted: AtomicU64,
     idle_opened: AtomicU64,
     idle_open: AtomicU64,
+    idle_first_done: AtomicU64,
     idle_held: AtomicU64,
     http1_attempted: AtomicU64,
     h2_attempted: AtomicU64,
@@ -202,7 +208,7 @@ impl Shared {
     }
 
     fn sample(&self, kind: u8, d: Duration) {
-        let minute = self.started.elapsed().as_secs() / 60;
+        let minute = now_ms().saturating_sub(self.started_ms.load(Ordering::Relaxed)) / 60_000;
         let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
         self.samples
             .lock()
@@ -399,14 +405,30 @@ async fn stream_once(sh: &Shared, to: SocketAddr, seed: u64, bps: u64) -> Result
 
 /// One idle keep-alive connection: opened, watched for a close (then reopened after a second,
 /// so the set stays whole across faults that cut it), and at the end checked with one echo.
-async fn idle_one(sh: Arc<Shared>, to: SocketAddr, mut done: tokio::sync::watch::Receiver<bool>) {
+async fn idle_one(
+    sh: Arc<Shared>,
+    to: SocketAddr,
+    mut done: tokio::sync::watch::Receiver<bool>,
+    ramp: Arc<tokio::sync::Semaphore>,
+) {
     let mut first = true;
     while !sh.stopped() {
         if !first {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        // The first opening, before the timed load, takes turns with the others.
+        let permit = if first {
+            ramp.acquire().await.ok()
+        } else {
+            None
+        };
+        let opened = open(to).await;
+        drop(permit);
+        if first {
+            sh.idle_first_done.fetch_add(1, Ordering::Relaxed);
+        }
         first = false;
-        let mut rd = match open(to).await {
+        let mut rd = match opened {
             Ok(rd) => rd,
             Err(e) => {
                 sh.fail("idle", to, format!("opening: {e:#}"));
@@ -567,6 +589,7 @@ fn percentile(sorted: &[u32], pct: usize) -> f64 {
 
 /// `testpod soak-load`: runs everything of [`LoadArgs`] for `seconds`, then checks the idle
 /// connections, closes the streams (their last bytes verified) and prints the report.
+/// Prints `started <unix ms>` when the timed load begins (after the idle connections).
 pub fn load(a: LoadArgs) -> Result<LoadReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -574,9 +597,8 @@ pub fn load(a: LoadArgs) -> Result<LoadReport> {
         .build()
         .context("tokio runtime")?;
     rt.block_on(async move {
-        let started_ms = now_ms();
         let sh = Arc::new(Shared {
-            started: Instant::now(),
+            started_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             failures: Mutex::new((Vec::new(), 0)),
             samples: Mutex::new(Vec::new()),
@@ -590,24 +612,42 @@ pub fn load(a: LoadArgs) -> Result<LoadReport> {
             stream_corrupted: AtomicU64::new(0),
             idle_opened: AtomicU64::new(0),
             idle_open: AtomicU64::new(0),
+            idle_first_done: AtomicU64::new(0),
             idle_held: AtomicU64::new(0),
             http1_attempted: AtomicU64::new(0),
             h2_attempted: AtomicU64::new(0),
         });
-        // Idle connections first, opened 200 at a time, so they are held for the whole run.
+        // Idle connections first, `IDLE_RAMP` opening at a time; the timed load starts once
+        // every one has been tried (at most `IDLE_RAMP_LIMIT`).
         let (done_tx, done) = tokio::sync::watch::channel(false);
+        let ramp = Arc::new(tokio::sync::Semaphore::new(IDLE_RAMP));
         let mut idle = Vec::new();
         if !a.idle_to.is_empty() {
             for i in 0..a.idle {
                 let to = a.idle_to[i % a.idle_to.len()];
-                idle.push(tokio::spawn(idle_one(sh.clone(), to, done.clone())));
-                if i % 200 == 199 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                idle.push(tokio::spawn(idle_one(
+                    sh.clone(),
+                    to,
+                    done.clone(),
+                    ramp.clone(),
+                )));
             }
         }
+        let ramp_end = Instant::now() + IDLE_RAMP_LIMIT;
+        while sh.idle_first_done.load(Ordering::Relaxed) < idle.len() as u64
+            && Instant::now() < ramp_end
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started_ms = now_ms();
+        sh.started_ms.store(started_ms, Ordering::Relaxed);
+        println!("started {started_ms}");
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(conn_loop(sh.clone(), a.conn_to.clone(), a.rate)));
+        tasks.push(tokio::spawn(conn_loop(
+            sh.clone(),
+            a.conn_to.clone(),
+            a.rate,
+        )));
         if !a.stream_to.is_empty() {
             for i in 0..a.streams {
                 let to = a.stream_to[i % a.stream_to.len()];
@@ -635,12 +675,17 @@ pub fn load(a: LoadArgs) -> Result<LoadReport> {
         while sh.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut samples = std::mem::take(&mut *sh.samples.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut samples =
+            std::mem::take(&mut *sh.samples.lock().unwrap_or_else(|p| p.into_inner()));
         samples.sort_unstable();
         let mut minutes: BTreeMap<u64, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
         for (m, kind, us) in samples {
             let e = minutes.entry(m).or_default();
-            if kind == 0 { e.0.push(us) } else { e.1.push(us) }
+            if kind == 0 {
+                e.0.push(us)
+            } else {
+                e.1.push(us)
+            }
         }
         let minutes = minutes
             .into_iter()

@@ -5,8 +5,9 @@
 //!
 //! Pods (per node `i`, the other node `o`):
 //! - `node<i>-pod1`: the client, `testpod soak-load` (`sidenode_tests::soak`): new connections
-//!   to `node<o>-pod2`/`-pod3` port 8080 (one in ten to port 9090, the policy's port), streams
-//!   and idle connections to `node<o>-pod2:8080`, HTTP/1.1 and h2c to the Service `web`;
+//!   to `node<o>-pod2`/`-pod3` port 8080 (one in ten to port 9090, the policy's port), idle
+//!   connections to both on 8080, streams to `node<o>-pod2:8080`, HTTP/1.1 and h2c to the
+//!   Service `web`;
 //! - `node<i>-pod2`: `testpod soak-serve` on 8080 and 9090, and `testpod http-serve` on 9080
 //!   (`web` subset `v<i>`);
 //! - `node<i>-pod3`: `testpod soak-serve` on 8080 and 9090 (`node2-pod3` is the pod killed and
@@ -55,13 +56,15 @@ pub struct Opts {
 }
 
 impl Opts {
-    /// The CI smoke test of `cargo xtask test`: one minute, the same load.
+    /// The CI smoke test of `cargo xtask test`: one minute, scaled down to what the debug
+    /// build sustains on 2 shared vCPUs and to the HBONE pool's 100 concurrent tunnels per
+    /// (source pod, destination pod) (docs/operations.md, "Soak").
     pub fn smoke() -> Self {
         Opts {
             minutes: 1.0,
             json: false,
-            rate: 500,
-            idle: 10_000,
+            rate: 100,
+            idle: 100,
             streams: 8,
             http_rate: 20,
         }
@@ -199,7 +202,7 @@ fn takeover_supported(mesh_node: &Path) -> Result<bool> {
 
 /// Upgrade a node's proxy: a new proxy with the same command line plus `--takeover` beside the
 /// old one, which hands over its listeners and drains (when `mesh-node proxy` has
-/// `--takeover`); otherwise the old one is stopped (SIGTERM) and a new one started. Returns
+/// `--takeover`); otherwise the old one is killed (SIGKILL) and a new one started. Returns
 /// the window of failures it was meant to cause.
 fn upgrade_proxy(c: &mut Cluster, node: &str, takeover: bool) -> Result<Window> {
     let from_ms = now_ms();
@@ -232,7 +235,10 @@ fn upgrade_proxy(c: &mut Cluster, node: &str, takeover: bool) -> Result<Window> 
             kinds: vec!["stream", "idle", "http1", "h2"],
         })
     } else {
-        c.restart_process(node, "proxy")?;
+        c.kill_process(node, "proxy", libc::SIGKILL)?;
+        let offset = c.log_len(node, "proxy");
+        c.start_process(node, "proxy")?;
+        c.wait_for_log_after(node, "proxy", offset, "proxy ready", READY_TIMEOUT)?;
         Ok(Window {
             cause: format!("{node} proxy upgrade (kill + restart, no --takeover)"),
             from_ms,
@@ -270,7 +276,10 @@ fn start_server(c: &Cluster, pod: &str, args: &[&str], log: &Path) -> Result<Pro
     if line.trim() != "serving" {
         let _ = child.kill();
         let _ = child.wait();
-        bail!("testpod {args:?} in {pod} did not start: {line:?} (see {})", log.display());
+        bail!(
+            "testpod {args:?} in {pod} did not start: {line:?} (see {})",
+            log.display()
+        );
     }
     Ok(Proc {
         name: format!("{pod} {}", args.first().copied().unwrap_or("")),
@@ -405,7 +414,11 @@ fn preflight(c: &Cluster) -> Result<()> {
                     if v["results"][0]["echo_ok"] == json!(true) {
                         return Ok(true);
                     }
-                    bail!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+                    bail!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    )
                 },
             )?;
         }
@@ -423,7 +436,11 @@ fn preflight(c: &Cluster) -> Result<()> {
                 if v["statuses"]["200"] == json!(4) {
                     return Ok(true);
                 }
-                bail!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+                bail!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
             },
         )?;
     }
@@ -465,13 +482,7 @@ fn sample(c: &Cluster) -> Value {
     Value::Object(m)
 }
 
-fn load_args(
-    client: &str,
-    other: usize,
-    o: &Opts,
-    seconds: u64,
-    clients: usize,
-) -> Vec<String> {
+fn load_args(client: &str, other: usize, o: &Opts, seconds: u64, clients: usize) -> Vec<String> {
     let echo = |j: usize, port: u16| format!("{}:{port}", pod_ip(other, j));
     let mut a = vec![
         "soak-load".to_string(),
@@ -497,6 +508,8 @@ fn load_args(
         (o.streams / clients).to_string(),
         "--idle-to".into(),
         echo(2, ECHO_PORT),
+        "--idle-to".into(),
+        echo(3, ECHO_PORT),
         "--idle".into(),
         (o.idle / clients).to_string(),
         "--http-to".into(),
@@ -514,6 +527,7 @@ fn start_load(
     client: &str,
     args: &[String],
     log: &Path,
+    started: std::sync::mpsc::Sender<bool>,
 ) -> Result<(Proc, std::thread::JoinHandle<Result<String>>)> {
     let err = std::fs::OpenOptions::new()
         .create(true)
@@ -527,10 +541,26 @@ fn start_load(
         .stderr(Stdio::from(err))
         .spawn()
         .with_context(|| format!("starting testpod soak-load in {client}"))?;
-    let mut out = child.stdout.take().context("load stdout")?;
+    let out = child.stdout.take().context("load stdout")?;
+    let mut out = BufReader::new(out);
+    let log = log.to_path_buf();
+    let who = client.to_string();
     let reader = std::thread::spawn(move || -> Result<String> {
+        // `started <ms>`: the idle connections are open, the timed load begins.
+        let mut first = String::new();
+        out.read_line(&mut first)
+            .context("reading the load's first line")?;
+        let ok = first.starts_with("started ");
+        let _ = started.send(ok);
+        if !ok {
+            bail!(
+                "soak-load in {who} did not start: {first:?} (see {})",
+                log.display()
+            );
+        }
         let mut s = String::new();
-        out.read_to_string(&mut s).context("reading the load report")?;
+        out.read_to_string(&mut s)
+            .context("reading the load report")?;
         Ok(s)
     });
     Ok((
@@ -562,7 +592,11 @@ pub fn run(o: Opts) -> Result<()> {
     eprintln!(
         "soak: cluster {prefix}, {:.1} min, proxy upgrade by {}, cert TTL {ttl}, RLIMIT_NOFILE {nofile}",
         o.minutes,
-        if takeover { "--takeover" } else { "kill + restart" }
+        if takeover {
+            "--takeover"
+        } else {
+            "kill + restart"
+        }
     );
     let mut c = TestCluster::up(ClusterOpts {
         prefix: prefix.clone(),
@@ -575,8 +609,7 @@ pub fn run(o: Opts) -> Result<()> {
         ..ClusterOpts::default()
     })?;
     let out_dir = crate::workspace_root().join("target").join("soak");
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let logs = c.state_dir.join("logs");
     let result = soak(&mut c, &o, &sched, takeover, nofile, &logs);
     // Keep the logs of a run that went wrong.
@@ -594,7 +627,11 @@ pub fn run(o: Opts) -> Result<()> {
     } else {
         println!("{table}");
     }
-    eprintln!("soak: JSON in {}, logs in {}", path.display(), kept.display());
+    eprintln!(
+        "soak: JSON in {}, logs in {}",
+        path.display(),
+        kept.display()
+    );
     let unexpected = report["failures"]["unexpected"].as_u64().unwrap_or(0);
     let corrupted = report["bytes"]["corrupted"].as_u64().unwrap_or(0);
     if unexpected > 0 || corrupted > 0 {
@@ -645,11 +682,26 @@ fn soak(
     let mut stats = BTreeMap::new();
     stats.insert("start", sample(c));
     let mut loads = Vec::new();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     for (i, client) in ["node1-pod1", "node2-pod1"].iter().enumerate() {
         let other = 2 - i;
         let args = load_args(client, other, o, secs, 2);
-        loads.push(start_load(c, client, &args, &logs.join(format!("{client}-load.log")))?);
+        loads.push(start_load(
+            c,
+            client,
+            &args,
+            &logs.join(format!("{client}-load.log")),
+            started_tx.clone(),
+        )?);
     }
+    // Both clients have opened their idle connections.
+    for _ in 0..loads.len() {
+        match started_rx.recv_timeout(Duration::from_secs(240)) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => bail!("a soak-load did not start (see {})", logs.display()),
+        }
+    }
+    stats.insert("idle_open", sample(c));
     let t0 = Instant::now();
     let start_ms = now_ms();
     let mut windows: Vec<Window> = Vec::new();
@@ -812,6 +864,9 @@ fn soak(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    if !end_sampled {
+        stats.insert("end", sample(c));
+    }
     if let Some(from_ms) = policy_on.take() {
         windows.push(Window {
             cause: "denied by the AuthorizationPolicy".into(),
@@ -823,7 +878,8 @@ fn soak(
         });
     }
     if ctl_killed && !ctl_back {
-        c.restart_controller().context("bringing the controller back")?;
+        c.restart_controller()
+            .context("bringing the controller back")?;
     }
     let mut reports = Vec::new();
     for (proc, reader) in loads {
@@ -833,9 +889,8 @@ fn soak(
             .join()
             .map_err(|_| anyhow::anyhow!("load reader panicked"))??;
         let line = out.lines().last().unwrap_or_default();
-        let r: LoadReport = serde_json::from_str(line).with_context(|| {
-            format!("{} ({status}) printed no report: {out:?}", proc.name)
-        })?;
+        let r: LoadReport = serde_json::from_str(line)
+            .with_context(|| format!("{} ({status}) printed no report: {out:?}", proc.name))?;
         reports.push(r);
     }
     std::thread::sleep(Duration::from_secs(5));
@@ -917,7 +972,7 @@ fn summarize(
                 *unexpected
                     .entry(format!("{}: {}", f.kind, error_kind(&f.error)))
                     .or_default() += 1;
-                if unexpected_samples.len() < 20 {
+                if unexpected_samples.len() < 2_000 {
                     unexpected_samples.push(json!({
                         "at_s": (f.t_ms.saturating_sub(x.start_ms)) as f64 / 1000.0,
                         "kind": f.kind,
@@ -1005,12 +1060,16 @@ fn summarize(
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
         })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -1030,15 +1089,32 @@ fn table(r: &Value) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let g = |p: &str| r.pointer(p).cloned().unwrap_or(Value::Null);
-    let _ = writeln!(s, "soak: {} min on {} (commit {}, {} build)", g("/minutes"), g("/machine").as_str().unwrap_or(""), g("/commit").as_str().unwrap_or(""), g("/build").as_str().unwrap_or(""));
-    let _ = writeln!(s, "proxy upgrade: {}", g("/settings/proxy_upgrade").as_str().unwrap_or(""));
+    let _ = writeln!(
+        s,
+        "soak: {} min on {} (commit {}, {} build)",
+        g("/minutes"),
+        g("/machine").as_str().unwrap_or(""),
+        g("/commit").as_str().unwrap_or(""),
+        g("/build").as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "proxy upgrade: {}",
+        g("/settings/proxy_upgrade").as_str().unwrap_or("")
+    );
     let _ = writeln!(s, "\n{:<44} {:>14}", "measure", "value");
     for (name, p) in [
         ("new connections attempted", "/connections/attempted"),
         ("new connections completed", "/connections/completed"),
         ("new connections failed", "/connections/failed"),
-        ("sustained new connections / s", "/connections/sustained_per_s"),
-        ("ticks skipped (generator saturated)", "/connections/skipped_generator_saturated"),
+        (
+            "sustained new connections / s",
+            "/connections/sustained_per_s",
+        ),
+        (
+            "ticks skipped (generator saturated)",
+            "/connections/skipped_generator_saturated",
+        ),
         ("stream connections", "/streams/connections"),
         ("stream bytes verified", "/bytes/verified"),
         ("stream bytes corrupted", "/bytes/corrupted"),
@@ -1049,8 +1125,14 @@ fn table(r: &Value) -> String {
         ("h2 requests", "/http/h2_attempted"),
         ("failures meant by a fault or policy", "/failures/expected"),
         ("failures NOT meant (unexpected)", "/failures/unexpected"),
-        ("VirtualService flips", "/config_changes/virtualservice_flips"),
-        ("AuthorizationPolicy changes", "/config_changes/policy_changes"),
+        (
+            "VirtualService flips",
+            "/config_changes/virtualservice_flips",
+        ),
+        (
+            "AuthorizationPolicy changes",
+            "/config_changes/policy_changes",
+        ),
         ("certificate renewals (proxies)", "/certificate_renewals"),
     ] {
         let v = g(p);
@@ -1061,30 +1143,63 @@ fn table(r: &Value) -> String {
         let _ = writeln!(s, "{name:<44} {v:>14}");
     }
     let _ = writeln!(s, "\nrequest statuses: {}", g("/http/status"));
-    let _ = writeln!(s, "meant failures by cause: {}", g("/failures/expected_by_cause"));
-    let _ = writeln!(s, "unexpected failures by kind: {}", g("/failures/unexpected_by_kind"));
-    let _ = writeln!(s, "failures by kind [meant, unexpected]: {}", g("/failures/by_kind_expected_unexpected"));
-    if let Some(list) = g("/faults_that_failed").as_array().filter(|l| !l.is_empty()) {
+    let _ = writeln!(
+        s,
+        "meant failures by cause: {}",
+        g("/failures/expected_by_cause")
+    );
+    let _ = writeln!(
+        s,
+        "unexpected failures by kind: {}",
+        g("/failures/unexpected_by_kind")
+    );
+    let _ = writeln!(
+        s,
+        "failures by kind [meant, unexpected]: {}",
+        g("/failures/by_kind_expected_unexpected")
+    );
+    if let Some(list) = g("/faults_that_failed")
+        .as_array()
+        .filter(|l| !l.is_empty())
+    {
         let _ = writeln!(s, "faults that could not be applied: {list:?}");
     }
     let _ = writeln!(s, "\nlatency per minute (ms), per client:");
-    let _ = writeln!(s, "{:<12} {:>4} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9}", "client", "min", "conns", "conn p50", "conn p99", "reqs", "req p50", "req p99");
-    for c in g("/latency_per_minute").as_array().cloned().unwrap_or_default() {
+    let _ = writeln!(
+        s,
+        "{:<12} {:>4} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "client", "min", "conns", "conn p50", "conn p99", "reqs", "req p50", "req p99"
+    );
+    for c in g("/latency_per_minute")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         for m in c["minutes"].as_array().cloned().unwrap_or_default() {
             let _ = writeln!(
                 s,
                 "{:<12} {:>4} {:>8} {:>9.2} {:>9.2} {:>8} {:>9.2} {:>9.2}",
                 c["client"].as_str().unwrap_or(""),
-                m["minute"], m["conn_count"],
-                m["conn_p50_ms"].as_f64().unwrap_or(0.0), m["conn_p99_ms"].as_f64().unwrap_or(0.0),
+                m["minute"],
+                m["conn_count"],
+                m["conn_p50_ms"].as_f64().unwrap_or(0.0),
+                m["conn_p99_ms"].as_f64().unwrap_or(0.0),
                 m["http_count"],
-                m["http_p50_ms"].as_f64().unwrap_or(0.0), m["http_p99_ms"].as_f64().unwrap_or(0.0),
+                m["http_p50_ms"].as_f64().unwrap_or(0.0),
+                m["http_p99_ms"].as_f64().unwrap_or(0.0),
             );
         }
     }
     let _ = writeln!(s, "\nprocesses: RSS MiB / fds / tasks");
-    let _ = writeln!(s, "{:<16} {:>18} {:>18} {:>18} {:>18}", "process", "start", "middle", "end", "after");
-    let procs: Vec<String> = g("/processes/start").as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "{:<16} {:>18} {:>18} {:>18} {:>18} {:>18}",
+        "process", "start", "idle open", "middle", "end", "after"
+    );
+    let procs: Vec<String> = g("/processes/start")
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     for p in procs {
         let cell = |when: &str| {
             let v = g(&format!("/processes/{when}/{p}"));
@@ -1098,15 +1213,32 @@ fn table(r: &Value) -> String {
                 v["tasks"]
             )
         };
-        let _ = writeln!(s, "{p:<16} {:>18} {:>18} {:>18} {:>18}", cell("start"), cell("middle"), cell("end"), cell("after"));
+        let _ = writeln!(
+            s,
+            "{p:<16} {:>18} {:>18} {:>18} {:>18} {:>18}",
+            cell("start"),
+            cell("idle_open"),
+            cell("middle"),
+            cell("end"),
+            cell("after")
+        );
     }
     let _ = writeln!(s, "\nfaults:");
     for f in g("/faults").as_array().cloned().unwrap_or_default() {
-        let _ = writeln!(s, "  {:>7.1} s  {} ({} ms)", f["at_s"].as_f64().unwrap_or(0.0), f["what"].as_str().unwrap_or(""), f["took_ms"]);
+        let _ = writeln!(
+            s,
+            "  {:>7.1} s  {} ({} ms)",
+            f["at_s"].as_f64().unwrap_or(0.0),
+            f["what"].as_str().unwrap_or(""),
+            f["took_ms"]
+        );
     }
-    if let Some(list) = g("/failures/unexpected_samples").as_array().filter(|l| !l.is_empty()) {
-        let _ = writeln!(s, "\nfirst unexpected failures:");
-        for f in list {
+    if let Some(list) = g("/failures/unexpected_samples")
+        .as_array()
+        .filter(|l| !l.is_empty())
+    {
+        let _ = writeln!(s, "\nfirst unexpected failures (up to 2000 in the JSON):");
+        for f in list.iter().take(20) {
             let _ = writeln!(s, "  {f}");
         }
     }
