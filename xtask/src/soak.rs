@@ -999,6 +999,19 @@ fn summarize(
         .enumerate()
         .map(|(i, r)| json!({ "client": format!("node{}-pod1", i + 1), "minutes": r.minutes }))
         .collect();
+    // RSS growth from the middle to the end of the load, for processes not restarted between.
+    let mut growth = serde_json::Map::new();
+    if let (Some(mid), Some(end)) = (stats.get("middle"), stats.get("end")) {
+        for (p, e) in end.as_object().into_iter().flatten() {
+            let m = &mid[p.as_str()];
+            let same = m["pid"] == e["pid"] && !m["pid"].is_null();
+            let v = match (m["rss_kb"].as_f64(), e["rss_kb"].as_f64()) {
+                (Some(a), Some(b)) if same && a > 0.0 => json!((b - a) / a * 100.0),
+                _ => Value::Null,
+            };
+            growth.insert(p.clone(), v);
+        }
+    }
     let secs = x.sched.total.as_secs_f64();
     let attempted = sum(&|r| r.conn_attempted);
     json!({
@@ -1056,6 +1069,7 @@ fn summarize(
         "config_changes": {"virtualservice_flips": x.config_changes.0, "policy_changes": x.config_changes.1},
         "certificate_renewals": x.cert_renewals,
         "processes": stats,
+        "rss_growth_middle_to_end_pct": growth,
     })
 }
 
@@ -1223,6 +1237,11 @@ fn table(r: &Value) -> String {
             cell("after")
         );
     }
+    let _ = writeln!(
+        s,
+        "RSS growth middle -> end (same process only): {}",
+        g("/rss_growth_middle_to_end_pct")
+    );
     let _ = writeln!(s, "\nfaults:");
     for f in g("/faults").as_array().cloned().unwrap_or_default() {
         let _ = writeln!(
