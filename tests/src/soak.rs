@@ -32,7 +32,7 @@ const IDLE_RAMP: usize = 64;
 /// The longest the idle connections may take to open before the timed load starts anyway.
 const IDLE_RAMP_LIMIT: Duration = Duration::from_secs(180);
 /// At most this many failures are listed one by one (the counts go on).
-const MAX_LISTED_FAILURES: usize = 20_000;
+const MAX_LISTED_FAILURES: usize = 200_000;
 /// New connections in flight at once; a tick finding this many open is counted as
 /// `skipped` (the generator, not the mesh, is saturated).
 const MAX_IN_FLIGHT: u64 = 2_000;

@@ -704,6 +704,7 @@ fn soak(
     stats.insert("idle_open", sample(c));
     let t0 = Instant::now();
     let start_ms = now_ms();
+    let commit = commit();
     let mut windows: Vec<Window> = Vec::new();
     let mut events: Vec<Event> = Vec::new();
     let record = |events: &mut Vec<Event>, what: String, started: Instant| {
@@ -911,6 +912,7 @@ fn soak(
             start_ms,
             config_changes,
             cert_renewals: count_renewals(c),
+            commit: commit.clone(),
         },
     ))
 }
@@ -935,6 +937,8 @@ struct SummaryCtx<'a> {
     start_ms: u64,
     config_changes: (u64, u64),
     cert_renewals: u64,
+    /// HEAD when the soak started (the code that ran).
+    commit: String,
 }
 
 /// Shorten an error to its kind (the last `: ` part, without addresses and numbers).
@@ -1016,7 +1020,7 @@ fn summarize(
     let attempted = sum(&|r| r.conn_attempted);
     json!({
         "machine": machine(),
-        "commit": commit(),
+        "commit": x.commit,
         "build": "debug",
         "minutes": x.o.minutes,
         "settings": {
