@@ -564,6 +564,10 @@ async fn http_loop(sh: Arc<Shared>, to: SocketAddr, rate: u64, h2: bool) {
                 Ok(Ok(status)) => {
                     sh.status(proto, status.as_str());
                     sh.sample(1, t.elapsed());
+                    // An answer that is not a success is a failed request too.
+                    if !status.is_success() {
+                        sh.fail(proto, to, format!("status {}", status.as_u16()));
+                    }
                 }
                 Ok(Err(e)) => {
                     sh.fail(proto, to, format!("request: {e}"));
