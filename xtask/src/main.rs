@@ -8,6 +8,7 @@ mod demo;
 mod fuzz;
 mod layers;
 mod setup;
+mod soak;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -30,8 +31,12 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, then run every test (needs root: real eBPF, netns, cgroups).
+    /// Set up, build, then run every test (needs root: real eBPF, netns, cgroups), then a
+    /// one-minute soak (`soak --minutes 1`) as a smoke test.
     Test {
+        /// Skip the one-minute soak.
+        #[arg(long)]
+        no_soak: bool,
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -78,6 +83,33 @@ enum Cmd {
         #[arg(long, default_value = "address")]
         sanitizer: String,
     },
+    /// A simulated mesh cluster (2 nodes, 6 meshed pods) under sustained mixed load while
+    /// faults run (agent kill, proxy upgrade, eBPF upgrade, controller down, certificate
+    /// rotation, config churn, a pod killed); exits non-zero on any failure no fault or policy
+    /// was meant to cause, or corrupted bytes. JSON to target/soak/latest.json.
+    Soak {
+        /// Length of the load (the fault schedule scales with it).
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Print the JSON report on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// New connections per second across the cluster (target).
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Idle keep-alive connections across the cluster.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// Long-lived checksummed streams across the cluster.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        /// HTTP requests per second per protocol (HTTP/1.1, h2) per client pod.
+        #[arg(long, default_value_t = 20)]
+        http_rate: u64,
+        /// Skip setup and the debug build: use target/debug as it is.
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
     Docs,
@@ -94,10 +126,39 @@ fn main() -> Result<()> {
             setup::run()?;
             build(release)
         }
-        Cmd::Test { args } => {
+        Cmd::Test { no_soak, args } => {
             setup::run()?;
             build(false)?;
-            test(&args)
+            let tests = test(&args);
+            if no_soak {
+                return tests;
+            }
+            // The smoke soak runs even when a test failed; both results count.
+            let soaked = soak::run(soak::Opts::smoke());
+            tests?;
+            soaked
+        }
+        Cmd::Soak {
+            minutes,
+            json,
+            rate,
+            idle,
+            streams,
+            http_rate,
+            no_build,
+        } => {
+            if !no_build {
+                setup::run()?;
+                build(false)?;
+            }
+            soak::run(soak::Opts {
+                minutes,
+                json,
+                rate,
+                idle,
+                streams,
+                http_rate,
+            })
         }
         Cmd::Cluster { cmd } => cluster::run(cmd),
         Cmd::Demo => {

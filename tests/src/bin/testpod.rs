@@ -36,6 +36,11 @@
 //! - `hbone-server --listen IP:15008 --cert C --key K --ca CA [--client-id SPIFFE] --log FILE`:
 //!   an HBONE server answering as ztunnel's inbound (prints `serving` once listening); one JSON
 //!   line per `CONNECT` in FILE.
+//! - `soak-serve --port P [..]`: `serve` on an asynchronous runtime (tens of thousands of
+//!   connections), for `cargo xtask soak`.
+//! - `soak-load --seconds S [--conn-to A --rate R] [--stream-to A --streams N --stream-bps B]
+//!   [--idle-to A --idle N] [--http-to A --http-rate R]`: the soak's mixed load
+//!   (`sidenode_tests::soak`); one JSON report line.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -162,6 +167,39 @@ enum Cmd {
         #[arg(long)]
         samples: bool,
     },
+    /// `serve` on an asynchronous runtime (holds tens of thousands of connections).
+    SoakServe {
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+    /// The soak's mixed load for `--seconds`; one JSON report line (`sidenode_tests::soak`).
+    SoakLoad {
+        #[arg(long)]
+        seconds: u64,
+        /// Targets of new connections (round robin).
+        #[arg(long = "conn-to")]
+        conn_to: Vec<SocketAddr>,
+        /// New connections per second.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long = "stream-to")]
+        stream_to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 0)]
+        streams: usize,
+        /// Bytes per second each stream writes and reads back.
+        #[arg(long, default_value_t = 256 * 1024)]
+        stream_bps: u64,
+        #[arg(long = "idle-to")]
+        idle_to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 0)]
+        idle: usize,
+        /// The HTTP service (HTTP/1.1 and h2c requests).
+        #[arg(long)]
+        http_to: Option<SocketAddr>,
+        /// Requests per second of each protocol.
+        #[arg(long, default_value_t = 20)]
+        http_rate: u64,
+    },
     /// An HBONE client as Istio ztunnel sends (tests/src/hbone_wire.rs): mutual TLS to
     /// `--tunnel`, `CONNECT --target` with ztunnel's headers, then `--payload` through the
     /// tunnel to a `serve` echo. Prints one JSON line: status, TLS alert, echo.
@@ -218,6 +256,34 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Serve { ports } => serve(&ports),
+        Cmd::SoakServe { ports } => sidenode_tests::soak::serve(&ports),
+        Cmd::SoakLoad {
+            seconds,
+            conn_to,
+            rate,
+            stream_to,
+            streams,
+            stream_bps,
+            idle_to,
+            idle,
+            http_to,
+            http_rate,
+        } => sidenode_tests::soak::load(sidenode_tests::soak::LoadArgs {
+            seconds,
+            conn_to,
+            rate,
+            stream_to,
+            streams,
+            stream_bps,
+            idle_to,
+            idle,
+            http_to,
+            http_rate,
+        })
+        .and_then(|r| {
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
         Cmd::HboneClient {
             cert,
             key,
