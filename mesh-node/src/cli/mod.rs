@@ -155,6 +155,13 @@ struct AgentArgs {
     /// `SN_META`), so it replaces the installed programs in place as a newer object would.
     #[arg(long, hide = true, default_value_t = 0)]
     ebpf_build_id: u64,
+    /// Entries of the original-destination map (`SN_ORIG_DST`, LRU): captured connections
+    /// open at once on this node. Used when the agent creates the map; a map already pinned
+    /// keeps its size (remove it with `mesh-node uninstall` to resize). When full, the least
+    /// recently used entry is evicted; a connection whose entry went before the proxy read it
+    /// is closed by the proxy, never mis-routed (docs/security.md).
+    #[arg(long, default_value_t = mesh_common::ORIG_DST_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    orig_dst_max: u32,
 }
 
 /// How to reach the controller (all three together).
@@ -403,6 +410,30 @@ struct ProxyArgs {
     /// /proc/sys is read-only: mount the host's there).
     #[arg(long, default_value = defaults::PROC_SYS_NET)]
     proc_sys_net: PathBuf,
+    /// Captured connections carried at once; past it a new one is reset at accept (counted in
+    /// `sidenode_connections_refused_total{direction="outbound",reason="proxy_limit"}`).
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS, value_parser = parse_limit)]
+    max_connections: usize,
+    /// Captured connections of one source pod at once; past it the pod's new ones are reset
+    /// (`reason="source_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS_PER_WORKLOAD, value_parser = parse_limit)]
+    max_connections_per_workload: usize,
+    /// Inbound tunnels (HBONE streams over HTTP/2 or QUIC, same-node connections) served at
+    /// once; past it a `CONNECT` is answered 503 (`direction="inbound",reason="proxy_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_INBOUND_TUNNELS, value_parser = parse_limit)]
+    max_inbound_tunnels: usize,
+    /// Inbound tunnels from one peer identity at once (`reason="source_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_INBOUND_TUNNELS_PER_IDENTITY, value_parser = parse_limit)]
+    max_inbound_tunnels_per_identity: usize,
+}
+
+/// A connection limit: a whole number of at least 1.
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err(format!("`{s}`: a limit must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}`: expected a whole number of connections")),
+    }
 }
 
 pub fn main() -> Result<()> {
@@ -439,6 +470,7 @@ pub fn main() -> Result<()> {
                 }),
                 object: crate::kernel::load::ObjectChoice {
                     build_id: a.ebpf_build_id,
+                    orig_dst_max: Some(a.orig_dst_max),
                 },
             };
             runtime(None)?.block_on(crate::agent::run(cfg))
@@ -478,6 +510,12 @@ pub fn main() -> Result<()> {
                 keep_client_address: p.keep_client_address,
                 tunnel_from_pod: p.tunnel_from_pod,
                 proc_sys_net: p.proc_sys_net,
+                conn_limits: crate::proxy::ConnLimits {
+                    max_connections: p.max_connections,
+                    max_connections_per_workload: p.max_connections_per_workload,
+                    max_inbound_tunnels: p.max_inbound_tunnels,
+                    max_inbound_tunnels_per_identity: p.max_inbound_tunnels_per_identity,
+                },
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg))

@@ -319,6 +319,7 @@ async fn accept_loop(
                     tunnels: mesh.authz.clone(),
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
+                    tunnel_limits: mesh.tunnel_limits.clone(),
                 });
                 server::serve(tls, conn).await;
             }

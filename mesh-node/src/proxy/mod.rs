@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod connlimit;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -73,6 +74,28 @@ pub struct ProxyConfig {
     pub tunnel_from_pod: bool,
     /// Where `/proc/sys/net` is writable (`--proc-sys-net`).
     pub proc_sys_net: PathBuf,
+    /// Concurrent connection limits (`--max-connections` and the like).
+    pub conn_limits: ConnLimits,
+}
+
+/// Concurrent connection limits of one proxy (defaults in `defaults`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub max_connections_per_workload: usize,
+    pub max_inbound_tunnels: usize,
+    pub max_inbound_tunnels_per_identity: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: crate::defaults::MAX_CONNECTIONS,
+            max_connections_per_workload: crate::defaults::MAX_CONNECTIONS_PER_WORKLOAD,
+            max_inbound_tunnels: crate::defaults::MAX_INBOUND_TUNNELS,
+            max_inbound_tunnels_per_identity: crate::defaults::MAX_INBOUND_TUNNELS_PER_IDENTITY,
+        }
+    }
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -92,6 +115,8 @@ pub struct Mesh {
     /// Local pods' namespaces: the proxy connects to them from their clients' addresses, and
     /// tunnels leave from them.
     pub pods: Arc<pod::Pods>,
+    /// Inbound tunnels open at once, in all and per peer identity (`--max-inbound-tunnels`).
+    pub tunnel_limits: Arc<connlimit::Limiter>,
 }
 
 impl Mesh {
@@ -126,6 +151,9 @@ pub struct Shared {
     pub health: route::Health,
     /// Connection pool limits per service and subset (`DestinationRule` `connectionPool`).
     pub limits: route::Limits,
+    /// Captured connections open at once, in all and per source pod (`--max-connections`);
+    /// `None` (the gateway): its own `--max-connections` applies instead.
+    pub conn_limits: Option<Arc<connlimit::Limiter>>,
 }
 
 pub async fn run(cfg: ProxyConfig) -> Result<()> {
@@ -169,6 +197,11 @@ pub async fn run(cfg: ProxyConfig) -> Result<()> {
         balancer: Default::default(),
         health: Default::default(),
         limits: Default::default(),
+        conn_limits: Some(connlimit::Limiter::new(
+            "outbound",
+            cfg.conn_limits.max_connections,
+            cfg.conn_limits.max_connections_per_workload,
+        )),
     });
     crate::telemetry::node::NodeCollector::register(shared.clone());
     info!(node = %cfg.node, outbound = ?listens, mesh = shared.mesh.is_some(), "proxy ready");
@@ -227,6 +260,11 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
             cfg.tunnel_from_pod,
             cfg.proc_sys_net.clone(),
         )),
+        tunnel_limits: connlimit::Limiter::new(
+            "inbound",
+            cfg.conn_limits.max_inbound_tunnels,
+            cfg.conn_limits.max_inbound_tunnels_per_identity,
+        ),
     });
     tokio::spawn(certs.renew_forever());
     tokio::spawn(crate::telemetry::istio::sweep_forever(mesh.state.clone()));

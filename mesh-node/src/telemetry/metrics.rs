@@ -7,6 +7,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 pub struct Metrics {
     pub registry: Registry,
     pub hbone_refused: IntCounterVec,
+    pub conns_refused: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -22,9 +23,20 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(hbone_refused.clone()));
+        let conns_refused = IntCounterVec::new(
+            Opts::new(
+                "sidenode_connections_refused_total",
+                "Connections and tunnels refused by a proxy resource limit, by direction and \
+                 reason (proxy_limit, source_limit, no_orig_dst)",
+            ),
+            &["direction", "reason"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(conns_refused.clone()));
         Metrics {
             registry,
             hbone_refused,
+            conns_refused,
         }
     })
 }
@@ -33,6 +45,15 @@ pub fn count_refusal(direction: &str, reason: crate::proxy::hbone::Refusal) {
     metrics()
         .hbone_refused
         .with_label_values(&[direction, reason.as_str()])
+        .inc();
+}
+
+/// A connection refused by a resource limit (`proxy::connlimit`) or because the kernel had no
+/// original destination for it (`reason="no_orig_dst"`).
+pub fn count_conn_refused(direction: &str, reason: &str) {
+    metrics()
+        .conns_refused
+        .with_label_values(&[direction, reason])
         .inc();
 }
 

@@ -554,6 +554,7 @@ pub async fn serve_pod(
                     tunnels: mesh.authz.clone(),
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
+                    tunnel_limits: mesh.tunnel_limits.clone(),
                 });
                 serve_conn(conn, conn_info).await;
             }
