@@ -294,3 +294,39 @@ fn full_orig_dst_map_refuses_cleanly_never_misroutes() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
+    let _turn = serial();
+    let c = limited_cluster(true, &[], &[])?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_hbone_listener(&c, SERVER_POD)?;
+    // One HTTP/2 connection carries at most MAX_STREAMS tunnels. 150 held at once (each
+    // longer than testpod's 5 s read timeout): any tunnel queued behind the first 100 would
+    // wait for its HELLO past that timeout.
+    let n = mesh_node::proxy::hbone::MAX_STREAMS as usize + 50;
+    let results = sidenode_tests::workload::dial(
+        &c,
+        &testpod(),
+        "node1-pod1",
+        &[TARGET.to_string()],
+        n,
+        n,
+        6_000,
+    )?;
+    let failed: Vec<_> = results.iter().filter(|r| !r.echo_ok).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {n} concurrent tunnels failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let pooled = metric_value(
+        &proxy_metrics(&c, "node1")?,
+        "sidenode_hbone_pool_connections",
+        &[("transport", "h2")],
+    );
+    eprintln!("{n} concurrent tunnels over {pooled} pooled HBONE connections");
+    Ok(())
+}

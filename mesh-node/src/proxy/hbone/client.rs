@@ -83,7 +83,7 @@ pub async fn open(
     connect_timeout: Duration,
 ) -> Result<H2Stream, TunnelError> {
     let key = req.pool_key();
-    let sender = match pool.ready(&key) {
+    let (sender, slot) = match pool.ready(&key) {
         Some(s) => s,
         None => {
             let lock = pool.dial_lock(&key);
@@ -91,6 +91,7 @@ pub async fn open(
             match pool.ready(&key) {
                 Some(s) => s,
                 None => {
+                    // Every pooled connection of this key is full (or there is none).
                     let s = dial(
                         req.cert,
                         &req.dst_identity,
@@ -100,7 +101,10 @@ pub async fn open(
                     )
                     .await?;
                     pool.insert(key, s.clone());
-                    s
+                    let slot = s
+                        .try_reserve()
+                        .ok_or(TunnelError::Status(StatusCode::SERVICE_UNAVAILABLE))?;
+                    (s, slot)
                 }
             }
         }
@@ -112,7 +116,7 @@ pub async fn open(
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Status(resp.status()));
     }
-    Ok(H2Stream::new(send, resp.into_body()))
+    Ok(H2Stream::new(send, resp.into_body()).holding(slot))
 }
 
 /// The `CONNECT` of a tunnel, HTTP/2 or HTTP/3 alike: `:authority` the target, and the
