@@ -3,7 +3,7 @@
 //!
 //! - `sidenode_capture_events_total{event}`: the kernel's capture counters (`SN_STATS`,
 //!   summed over CPUs: captured, excluded, proxy_own, recorded, closed, map_errors,
-//!   strict_dropped);
+//!   strict_dropped, splice_*, refused);
 //! - `sidenode_enrolled_netns`: network namespaces enrolled on this node (`SN_ENROLLED`);
 //! - `sidenode_certificate_expiration_timestamp_seconds{identity}`: when each workload
 //!   certificate the proxy holds expires (Unix seconds; alert on `- time()`);
