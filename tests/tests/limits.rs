@@ -295,19 +295,14 @@ fn full_orig_dst_map_refuses_cleanly_never_misroutes() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
-    let _turn = serial();
-    let c = limited_cluster(true, &[], &[])?;
-    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
-    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
-    wait_hbone_listener(&c, SERVER_POD)?;
-    // One HTTP/2 connection carries at most MAX_STREAMS tunnels. 150 held at once (each
-    // longer than testpod's 5 s read timeout): any tunnel queued behind the first 100 would
-    // wait for its HELLO past that timeout.
+/// 150 tunnels held at once from one pod to one destination (more than the 100 streams one
+/// HTTP/2 or QUIC connection carries), each longer than testpod's 5 s read timeout: any tunnel
+/// queued behind the first 100 would wait for its HELLO past that timeout. Returns the pooled
+/// connections of `transport` on node1 afterwards.
+fn many_tunnels_to_one_destination(c: &TestCluster, transport: &str) -> Result<f64> {
     let n = mesh_node::proxy::hbone::MAX_STREAMS as usize + 50;
     let results = sidenode_tests::workload::dial(
-        &c,
+        c,
         &testpod(),
         "node1-pod1",
         &[TARGET.to_string()],
@@ -318,15 +313,53 @@ fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
     let failed: Vec<_> = results.iter().filter(|r| !r.echo_ok).collect();
     ensure!(
         failed.is_empty(),
-        "{} of {n} concurrent tunnels failed, first: {:?}",
+        "{transport}: {} of {n} concurrent tunnels failed, first: {:?}",
         failed.len(),
         failed.first()
     );
     let pooled = metric_value(
-        &proxy_metrics(&c, "node1")?,
+        &proxy_metrics(c, "node1")?,
         "sidenode_hbone_pool_connections",
-        &[("transport", "h2")],
+        &[("transport", transport)],
     );
-    eprintln!("{n} concurrent tunnels over {pooled} pooled HBONE connections");
+    eprintln!("{n} concurrent tunnels; {pooled} pooled {transport} connections on node1");
+    Ok(pooled)
+}
+
+#[test]
+fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
+    let _turn = serial();
+    let c = limited_cluster(true, &[], &[])?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod2")?;
+    wait_hbone_listener(&c, SERVER_POD)?;
+    let h2 = many_tunnels_to_one_destination(&c, "h2")?;
+    ensure!(h2 >= 2.0, "150 tunnels over {h2} HTTP/2 connections");
+
+    // The same over QUIC (`tunnelProtocol: quic`), once node1 dials QUIC (seen from pod2).
+    c.write_config_file(
+        "meshconfig.yaml",
+        "apiVersion: sidenode.io/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: default\n\
+         spec:\n  tunnelProtocol: quic\n",
+    )?;
+    let ok = wait_until(Duration::from_secs(20), || {
+        dial_one(&c, "node1-pod2", TARGET)?;
+        Ok(metric_value(
+            &proxy_metrics(&c, "node1")?,
+            "sidenode_hbone_pool_connections",
+            &[("transport", "quic")],
+        ) >= 1.0)
+    })?;
+    ensure!(
+        ok,
+        "node1 never pooled a QUIC connection after tunnelProtocol: quic"
+    );
+    let quic = many_tunnels_to_one_destination(&c, "quic")?;
+    // pod2's probe connection, and at least two for pod1's 150.
+    ensure!(
+        quic >= 3.0,
+        "150 tunnels over {quic} QUIC connections (with pod2's)"
+    );
     Ok(())
 }

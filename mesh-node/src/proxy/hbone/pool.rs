@@ -39,6 +39,16 @@ pub struct Sender {
 #[derive(Debug)]
 pub struct StreamSlot(Arc<AtomicUsize>);
 
+/// Takes one of `max` places counted by `streams`, if one is free (HTTP/2 and QUIC pools).
+pub(super) fn reserve(streams: &Arc<AtomicUsize>, max: usize) -> Option<StreamSlot> {
+    streams
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| StreamSlot(streams.clone()))
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -66,12 +76,7 @@ impl Sender {
     /// Takes a place for one more tunnel, if the connection has one.
     pub fn try_reserve(&self) -> Option<StreamSlot> {
         let max = (super::MAX_STREAMS as usize).min(self.h2.current_max_send_streams().max(1));
-        self.streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| StreamSlot(self.streams.clone()))
+        reserve(&self.streams, max)
     }
 
     /// Tunnels open on it now.
