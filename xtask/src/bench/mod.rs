@@ -250,9 +250,12 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
-/// `cargo xtask bench --idle N`: see [`idle`].
+/// `cargo xtask bench --idle N`: see [`idle`]. The binaries of `target/release`, or of
+/// `target/$SIDENODE_BENCH_PROFILE` (e.g. `debug`, with `--no-build`: a quick look, not a
+/// figure to publish).
 pub fn run_idle(n: usize) -> Result<()> {
-    let release = target_dir().join("release");
+    let profile = std::env::var("SIDENODE_BENCH_PROFILE").unwrap_or_else(|_| "release".into());
+    let release = target_dir().join(profile);
     let (mesh_node, testpod) = (release.join("mesh-node"), release.join("testpod"));
     for bin in [&mesh_node, &testpod] {
         if !bin.exists() {
