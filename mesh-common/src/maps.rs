@@ -11,6 +11,14 @@ pub const ENROLLED: &str = "SN_ENROLLED";
 pub const PENDING: &str = "SN_PENDING";
 /// Original destinations of established captured connections: the client's local address
 /// ([`SockKey`]) → [`OrigDst`] (LRU). Entries are removed when the client socket closes.
+///
+/// Full (more captured connections open at once than [`ORIG_DST_MAX`], or the agent's
+/// `--orig-dst-max`): a new entry evicts the least recently used one. The proxy reads an
+/// entry once, right after `accept()`, so an evicted entry of a connection already accepted
+/// costs nothing; one evicted before the proxy read it leaves the proxy without a
+/// destination, and the proxy closes that connection (`no_orig_dst`) — never guesses one.
+/// An insert the kernel refuses removes any stale entry under the same key for the same
+/// reason.
 pub const ORIG_DST: &str = "SN_ORIG_DST";
 /// Capture settings: one [`ProxyConfig`] at index 0 (array).
 pub const CONFIG: &str = "SN_CONFIG";
@@ -284,8 +292,12 @@ pub enum Stat {
     SpliceBytes = 9,
     /// A member's first message found no peer: the socket takes the normal path.
     SplicePlain = 10,
+    /// A `connect()` to capture was refused (`EPERM`): its original destination could not be
+    /// kept ([`PENDING`] refused the entry), and it must neither bypass the mesh nor reach
+    /// the proxy unrecorded.
+    Refused = 11,
 }
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 12;
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "captured",
     "excluded",
@@ -298,6 +310,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "splice_msgs",
     "splice_bytes",
     "splice_plain",
+    "refused",
 ];
 
 #[cfg(feature = "user")]

@@ -53,6 +53,10 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// `connect()` goes on (with the rewritten address, if any).
 const ALLOW: i32 = 1;
+/// `connect()` fails with `EPERM`: a connection to capture whose original destination could
+/// not be kept. It must neither reach the proxy (which could not forward it) nor bypass the
+/// mesh by going to its destination directly.
+const REFUSE: i32 = 0;
 
 #[map(name = "SN_ENROLLED")]
 static SN_ENROLLED: HashMap<u64, Workload> = HashMap::pinned(ENROLLED_MAX, 0);
@@ -183,17 +187,18 @@ fn add(stat: Stat, n: u64) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sn_connect4(ctx: SockAddrContext) -> i32 {
-    capture_connect4(&ctx);
-    ALLOW
+    capture_connect4(&ctx)
 }
 
+/// [`ALLOW`], or [`REFUSE`] when the connection should be captured but its original
+/// destination could not be kept.
 #[inline(always)]
-fn capture_connect4(ctx: &SockAddrContext) {
+fn capture_connect4(ctx: &SockAddrContext) -> i32 {
     let Some((netns, cfg)) = capturable(ctx) else {
-        return;
+        return ALLOW;
     };
     if cfg.proxy_ip4 == 0 {
-        return;
+        return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect4.
@@ -211,7 +216,7 @@ fn capture_connect4(ctx: &SockAddrContext) {
                 dst_port
             );
         }
-        return;
+        return ALLOW;
     }
     let orig = OrigDst {
         addr: addr_from_v4(dst_ip),
@@ -221,7 +226,8 @@ fn capture_connect4(ctx: &SockAddrContext) {
         netns_cookie: netns,
     };
     if !record(ctx, orig) {
-        return;
+        bump(Stat::Refused);
+        return REFUSE;
     }
     // SAFETY: user_ip4/user_port are writable in connect4; the port is network order.
     unsafe {
@@ -238,6 +244,7 @@ fn capture_connect4(ctx: &SockAddrContext) {
             dst_port
         );
     }
+    ALLOW
 }
 
 /// What both connect programs check first: the socket's network namespace is enrolled, it is
@@ -270,7 +277,8 @@ fn capturable(ctx: &SockAddrContext) -> Option<(u64, &'static ProxyConfig)> {
 }
 
 /// Keeps the original destination under the socket's cookie. False when the map refused it:
-/// without a record the proxy could not forward the connection, so it is left alone.
+/// without a record the proxy could not forward the connection, and letting it go straight
+/// to its destination would bypass the mesh, so `connect()` is refused.
 #[inline(always)]
 fn record(ctx: &SockAddrContext, orig: OrigDst) -> bool {
     // SAFETY: the helper takes the program's context, which `ctx` is.
@@ -323,17 +331,16 @@ fn proxy_port(cfg: &ProxyConfig, port: u16) -> bool {
 
 #[cgroup_sock_addr(connect6)]
 pub fn sn_connect6(ctx: SockAddrContext) -> i32 {
-    capture_connect6(&ctx);
-    ALLOW
+    capture_connect6(&ctx)
 }
 
 /// IPv6 sockets: an IPv4-mapped destination (`::ffff:a.b.c.d`, a dual-stack socket reaching an
 /// IPv4 peer) is handled as IPv4 and sent to the proxy's IPv4 address (mapped); a native IPv6
 /// destination goes to the proxy's IPv6 address, when one is configured.
 #[inline(always)]
-fn capture_connect6(ctx: &SockAddrContext) {
+fn capture_connect6(ctx: &SockAddrContext) -> i32 {
     let Some((netns, cfg)) = capturable(ctx) else {
-        return;
+        return ALLOW;
     };
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the kernel-provided context; these fields are readable in connect6.
@@ -351,22 +358,22 @@ fn capture_connect6(ctx: &SockAddrContext) {
     let mapped = d0 == 0 && d1 == 0 && d2 == V4_MAPPED_WORD;
     let (to, family) = if mapped {
         if cfg.proxy_ip4 == 0 {
-            return;
+            return ALLOW;
         }
         if let Some(why) = excluded_v4(cfg, d3, dst_port) {
             bump(Stat::Excluded);
             log_excluded6(ctx, netns, why, &dst, dst_port);
-            return;
+            return ALLOW;
         }
         (addr_from_v4(cfg.proxy_ip4), FAMILY_V4)
     } else {
         if cfg.proxy_ip6 == [0; 4] {
-            return;
+            return ALLOW;
         }
         if let Some(why) = excluded_v6(cfg, &dst, dst_port) {
             bump(Stat::Excluded);
             log_excluded6(ctx, netns, why, &dst, dst_port);
-            return;
+            return ALLOW;
         }
         (cfg.proxy_ip6, FAMILY_V6)
     };
@@ -378,7 +385,8 @@ fn capture_connect6(ctx: &SockAddrContext) {
         netns_cookie: netns,
     };
     if !record(ctx, orig) {
-        return;
+        bump(Stat::Refused);
+        return REFUSE;
     }
     // SAFETY: user_ip6/user_port are writable in connect6 (4-byte stores); network order.
     unsafe {
@@ -401,6 +409,7 @@ fn capture_connect6(ctx: &SockAddrContext) {
             ),
         }
     }
+    ALLOW
 }
 
 #[inline(always)]
@@ -472,6 +481,10 @@ fn on_sock_ops(ctx: &SockOpsContext) {
                 let orig = unsafe { *orig };
                 if SN_ORIG_DST.insert(local_key(&conn), orig, 0).is_err() {
                     bump(Stat::MapErrors);
+                    // An entry left under this key (a socket whose close went unseen) must not
+                    // stand for this connection: without one the proxy closes it, never
+                    // sends it to another connection's destination.
+                    let _ = SN_ORIG_DST.remove(local_key(&conn));
                     if logging(orig.netns_cookie) {
                         warn!(
                             ctx,

@@ -42,6 +42,18 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// decides which namespace a write reaches. The DaemonSet mounts the host's at
 /// `/host/proc/sys/net` (a container's own `/proc/sys` is read-only).
 pub const PROC_SYS_NET: &str = "/proc/sys/net";
+/// Captured (outbound) connections one proxy carries at once (`mesh-node proxy
+/// --max-connections`); past it a new one is reset at accept. Each takes two file descriptors
+/// and, idle, a few KiB (docs/performance.md, "Memory per connection").
+pub const MAX_CONNECTIONS: usize = 100_000;
+/// Captured connections of one source pod at once (`--max-connections-per-workload`): one
+/// misbehaving pod cannot take the whole node's share.
+pub const MAX_CONNECTIONS_PER_WORKLOAD: usize = 20_000;
+/// Inbound tunnels (HBONE streams over HTTP/2 or QUIC, and same-node connections) one proxy
+/// serves at once (`--max-inbound-tunnels`); past it a `CONNECT` is answered `503`.
+pub const MAX_INBOUND_TUNNELS: usize = 100_000;
+/// Inbound tunnels from one peer identity at once (`--max-inbound-tunnels-per-identity`).
+pub const MAX_INBOUND_TUNNELS_PER_IDENTITY: usize = 20_000;
 /// Proxy runtime worker threads (see `mesh-node proxy --worker-threads`).
 pub const PROXY_WORKERS: usize = 1;
 /// How often the controller looks for changes from the Kubernetes API (a flag check; the

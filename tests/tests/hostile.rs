@@ -1013,3 +1013,229 @@ fn the_certificate_service_signs_only_what_the_calling_node_may_have() -> Result
     );
     Ok(())
 }
+
+/// A hostile HTTP/2 client written frame by frame (an honest client library would never
+/// exceed the server's limits): mTLS to node2-pod1's listener, the connection preface and an
+/// empty SETTINGS.
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+/// What the listener sent back on a [`RawH2`] connection.
+#[derive(Debug, Default)]
+struct H2Seen {
+    /// `HEADERS` frames (answers), by stream.
+    answered: std::collections::BTreeSet<u32>,
+    /// `RST_STREAM` error codes, by stream.
+    resets: std::collections::BTreeMap<u32, u32>,
+    /// `GOAWAY` error code.
+    goaway: Option<u32>,
+    /// The connection ended (EOF or error).
+    closed: bool,
+}
+
+const H2_HEADERS: u8 = 0x1;
+const H2_RST_STREAM: u8 = 0x3;
+const H2_SETTINGS: u8 = 0x4;
+const H2_GOAWAY: u8 = 0x7;
+const REFUSED_STREAM: u32 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const CANCEL: u32 = 0x8;
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A `CONNECT authority` header block: HPACK literals without indexing, names from the static
+/// table (`:method` 2, `:authority` 1), plain strings.
+fn connect_block(authority: &str) -> Vec<u8> {
+    let mut b = vec![0x02, 7];
+    b.extend_from_slice(b"CONNECT");
+    b.push(0x01);
+    b.push(authority.len() as u8);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+impl RawH2 {
+    async fn open(c: &Cluster, dir: &Path) -> Result<RawH2> {
+        use tokio::io::AsyncWriteExt;
+        let tcp = listener_conn(c)?;
+        let mut tls = tokio_rustls::TlsConnector::from(mesh_client_config(c, dir)?)
+            .connect(
+                ServerName::IpAddress(std::net::Ipv4Addr::new(198, 19, 2, 2).into()),
+                tcp,
+            )
+            .await
+            .context("mTLS handshake with the HBONE listener")?;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        tls.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[])).await?;
+        tls.flush().await?;
+        Ok(RawH2 {
+            tls,
+            buf: Vec::new(),
+        })
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.tls.write_all(bytes).await?;
+        self.tls.flush().await?;
+        Ok(())
+    }
+
+    /// Reads frames (acknowledging the server's SETTINGS) until `done` says so, the connection
+    /// ends, or `within` passes.
+    async fn read_until(
+        &mut self,
+        within: Duration,
+        done: impl Fn(&H2Seen) -> bool,
+    ) -> Result<H2Seen> {
+        use tokio::io::AsyncReadExt;
+        let mut seen = H2Seen::default();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while !done(&seen) {
+            while self.buf.len() >= 9 {
+                let len = (usize::from(self.buf[0]) << 16)
+                    | (usize::from(self.buf[1]) << 8)
+                    | usize::from(self.buf[2]);
+                if self.buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (self.buf[3], self.buf[4]);
+                let stream =
+                    u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]])
+                        & 0x7fff_ffff;
+                let payload: Vec<u8> = self.buf[9..9 + len].to_vec();
+                self.buf.drain(..9 + len);
+                let code = |at: usize| {
+                    payload
+                        .get(at..at + 4)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                };
+                match kind {
+                    H2_HEADERS => {
+                        seen.answered.insert(stream);
+                    }
+                    H2_RST_STREAM => {
+                        seen.resets.insert(stream, code(0).unwrap_or(u32::MAX));
+                    }
+                    H2_GOAWAY => seen.goaway = code(4),
+                    H2_SETTINGS if flags & 1 == 0 => {
+                        self.send(&h2_frame(H2_SETTINGS, 1, 0, &[])).await?;
+                    }
+                    _ => {}
+                }
+            }
+            if done(&seen) {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.tls.read(&mut chunk)).await {
+                Err(_) => break,
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    seen.closed = true;
+                    break;
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Ok(seen)
+    }
+}
+
+#[test]
+fn too_many_streams_on_one_connection_are_refused() -> Result<()> {
+    let _turn = serial();
+    let (mut c, _srv) = mesh_with_server()?;
+    let dir = c.state_dir.join("hostile-client");
+    client_cert(&c, &dir, "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1")?;
+    let max = mesh_node::proxy::hbone::MAX_STREAMS;
+    let opened = max + 50;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut h2 = RawH2::open(&c, &dir).await?;
+        // Every CONNECT at once, without waiting for the server's SETTINGS or answers.
+        let mut burst = Vec::new();
+        for i in 0..opened {
+            burst.extend(h2_frame(H2_HEADERS, 0x4, 2 * i + 1, &connect_block(TARGET)));
+        }
+        h2.send(&burst).await?;
+        let seen = h2
+            .read_until(Duration::from_secs(15), |s| {
+                s.answered.len() + s.resets.len() >= opened as usize || s.goaway.is_some()
+            })
+            .await?;
+        let refused = seen
+            .resets
+            .values()
+            .filter(|c| **c == REFUSED_STREAM)
+            .count();
+        eprintln!(
+            "{opened} CONNECTs at once: {} answered, {refused} refused (REFUSED_STREAM), resets {:?}, goaway {:?}",
+            seen.answered.len(),
+            seen.resets.values().collect::<std::collections::BTreeSet<_>>(),
+            seen.goaway
+        );
+        ensure!(
+            seen.answered.len() <= max as usize,
+            "{} streams answered on one connection; the limit is {max}",
+            seen.answered.len()
+        );
+        ensure!(
+            refused >= (opened - max) as usize,
+            "only {refused} of the {} streams over the limit were refused",
+            opened - max
+        );
+        Ok(())
+    })?;
+    expect_still_serving(&mut c)
+}
+
+#[test]
+fn rapid_reset_closes_the_connection_and_others_are_served() -> Result<()> {
+    let _turn = serial();
+    let (mut c, _srv) = mesh_with_server()?;
+    let dir = c.state_dir.join("hostile-client");
+    client_cert(&c, &dir, "spiffe://cluster.local/ns/mesh/sa/sa-node1-pod1")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut h2 = RawH2::open(&c, &dir).await?;
+        // CVE-2023-44487: open a stream and cancel it at once, over and over.
+        let mut burst = Vec::new();
+        for i in 0..500u32 {
+            let id = 2 * i + 1;
+            burst.extend(h2_frame(H2_HEADERS, 0x4, id, &connect_block(TARGET)));
+            burst.extend(h2_frame(H2_RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+        }
+        // The server may close before the whole burst is written.
+        let _ = h2.send(&burst).await;
+        let seen = h2
+            .read_until(Duration::from_secs(10), |s| s.goaway.is_some())
+            .await?;
+        eprintln!(
+            "rapid reset: goaway {:?}, closed {}, {} answered",
+            seen.goaway,
+            seen.closed,
+            seen.answered.len()
+        );
+        ensure!(
+            seen.goaway == Some(ENHANCE_YOUR_CALM),
+            "no GOAWAY ENHANCE_YOUR_CALM after 500 opened-and-cancelled streams: {seen:?}"
+        );
+        // And the connection is gone for good.
+        let after = h2.read_until(Duration::from_secs(5), |s| s.closed).await?;
+        ensure!(after.closed, "the connection stayed open after GOAWAY");
+        Ok(())
+    })?;
+    expect_still_serving(&mut c)
+}

@@ -68,6 +68,10 @@ enum Cmd {
         /// TLS settings and backend); JSON to target/bench/gateway.json.
         #[arg(long, conflicts_with = "splice")]
         gateway: bool,
+        /// Instead: hold N idle connections pod → pod through the mesh and report each
+        /// proxy's memory per connection; JSON to target/bench/idle.json.
+        #[arg(long, value_name = "N", conflicts_with_all = ["splice", "gateway"])]
+        idle: Option<usize>,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -172,10 +176,14 @@ fn main() -> Result<()> {
             no_build,
             splice,
             gateway,
+            idle,
         } => {
             if !no_build {
                 setup::run()?;
                 build(true)?;
+            }
+            if let Some(n) = idle {
+                return bench::run_idle(n);
             }
             if gateway {
                 return bench::run_gateway(rounds, quick);

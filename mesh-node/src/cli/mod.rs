@@ -155,6 +155,13 @@ struct AgentArgs {
     /// `SN_META`), so it replaces the installed programs in place as a newer object would.
     #[arg(long, hide = true, default_value_t = 0)]
     ebpf_build_id: u64,
+    /// Entries of the original-destination map (`SN_ORIG_DST`, LRU): captured connections
+    /// open at once on this node. Used when the agent creates the map; a map already pinned
+    /// keeps its size (remove it with `mesh-node uninstall` to resize). When full, the least
+    /// recently used entry is evicted; a connection whose entry went before the proxy read it
+    /// is closed by the proxy, never mis-routed (docs/security.md).
+    #[arg(long, default_value_t = mesh_common::ORIG_DST_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    orig_dst_max: u32,
 }
 
 /// How to reach the controller (all three together).
@@ -422,6 +429,21 @@ struct ProxyArgs {
     /// closes them and exits (`30s`, `2m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Captured connections carried at once; past it a new one is reset at accept (counted in
+    /// `sidenode_connections_refused_total{direction="outbound",reason="proxy_limit"}`).
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS, value_parser = parse_limit)]
+    max_connections: usize,
+    /// Captured connections of one source pod at once; past it the pod's new ones are reset
+    /// (`reason="source_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS_PER_WORKLOAD, value_parser = parse_limit)]
+    max_connections_per_workload: usize,
+    /// Inbound tunnels (HBONE streams over HTTP/2 or QUIC, same-node connections) served at
+    /// once; past it a `CONNECT` is answered 503 (`direction="inbound",reason="proxy_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_INBOUND_TUNNELS, value_parser = parse_limit)]
+    max_inbound_tunnels: usize,
+    /// Inbound tunnels from one peer identity at once (`reason="source_limit"`).
+    #[arg(long, default_value_t = defaults::MAX_INBOUND_TUNNELS_PER_IDENTITY, value_parser = parse_limit)]
+    max_inbound_tunnels_per_identity: usize,
 }
 
 /// The admin API for the proxy to bind (or take over) and serve.
@@ -433,6 +455,15 @@ fn admin_endpoint(settings: crate::admin::Settings) -> crate::proxy::AdminEndpoi
         serve: std::sync::Arc::new(|listener, status| {
             tokio::spawn(crate::admin::serve(listener, status));
         }),
+    }
+}
+
+/// A connection limit: a whole number of at least 1.
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err(format!("`{s}`: a limit must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}`: expected a whole number of connections")),
     }
 }
 
@@ -470,6 +501,7 @@ pub fn main() -> Result<()> {
                 }),
                 object: crate::kernel::load::ObjectChoice {
                     build_id: a.ebpf_build_id,
+                    orig_dst_max: Some(a.orig_dst_max),
                 },
             };
             runtime(None)?.block_on(crate::agent::run(cfg))
@@ -512,6 +544,12 @@ pub fn main() -> Result<()> {
                 handover_socket: p.handover_socket,
                 takeover: p.takeover,
                 pod_uid: p.pod_uid,
+                conn_limits: crate::proxy::ConnLimits {
+                    max_connections: p.max_connections,
+                    max_connections_per_workload: p.max_connections_per_workload,
+                    max_inbound_tunnels: p.max_inbound_tunnels,
+                    max_inbound_tunnels_per_identity: p.max_inbound_tunnels_per_identity,
+                },
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());

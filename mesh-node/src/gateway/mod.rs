@@ -251,6 +251,12 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
         node: format!("gateway:{name}"),
         // No local pods: its tunnels leave from its own pod's address anyway.
         pods: Arc::new(crate::proxy::pod::Pods::default()),
+        // It serves no tunnels (no inbound listener); never consulted.
+        tunnel_limits: crate::proxy::connlimit::Limiter::new(
+            "inbound",
+            crate::defaults::MAX_INBOUND_TUNNELS,
+            crate::defaults::MAX_INBOUND_TUNNELS_PER_IDENTITY,
+        ),
     });
     tokio::spawn(certs.renew_forever());
     admin.set_mesh(mesh.clone());
@@ -263,6 +269,7 @@ pub async fn run(cfg: GatewayConfig) -> Result<()> {
         balancer: Default::default(),
         health: Default::default(),
         limits: Default::default(),
+        conn_limits: None,
     });
     let src = mesh_common::Workload {
         addr: Default::default(),

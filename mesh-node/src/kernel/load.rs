@@ -64,6 +64,9 @@ pub enum Install {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ObjectChoice {
     pub build_id: u64,
+    /// Entries of `SN_ORIG_DST` when the agent creates it (`mesh-node agent --orig-dst-max`;
+    /// `None`: `mesh_common::ORIG_DST_MAX`). A map already pinned keeps its size.
+    pub orig_dst_max: Option<u32>,
 }
 
 impl ObjectChoice {
@@ -115,7 +118,7 @@ pub fn install(
             .chain(&[mesh_common::PROG_SPLICE_MSG])
             .copied()
             .collect();
-        attach(pins, cgroup_root, &[], &all)?;
+        attach(pins, cgroup_root, object, &[], &all)?;
         info!(bpffs = %pins.bpffs().display(), programs = ?all, "replaced the pinned programs in place with this agent's (BPF_LINK_UPDATE); maps kept");
         Install::Replaced
     } else {
@@ -135,7 +138,7 @@ pub fn install(
         if !kept.is_empty() {
             check_layout(pins, recorded.map(|(layout, _)| layout))?;
         }
-        attach(pins, cgroup_root, &missing, &kept)?;
+        attach(pins, cgroup_root, object, &missing, &kept)?;
         if missing.len() == PROGRAMS.len() + 1 {
             info!(cgroup = %cgroup_root.display(), bpffs = %pins.bpffs().display(), "attached capture programs");
             Install::Fresh
@@ -145,6 +148,17 @@ pub fn install(
         }
     };
     write_meta(pins, object)?;
+    if let Some(want) = object.orig_dst_max
+        && let Ok(info) = aya::maps::MapInfo::from_pin(pins.map(mesh_common::ORIG_DST))
+        && info.max_entries() != want
+    {
+        warn!(
+            pinned = info.max_entries(),
+            asked = want,
+            "SN_ORIG_DST is pinned with another size and keeps it (`mesh-node uninstall` and a \
+             fresh install resize it)"
+        );
+    }
     let maps = NodeMaps::open(pins)?;
     if maps.stats_slots() < mesh_common::STAT_COUNT {
         warn!(
@@ -183,14 +197,18 @@ macro_rules! attach_pinned {
 fn attach(
     pins: &Pins,
     cgroup_root: &Path,
+    object: ObjectChoice,
     which: &[&'static str],
     replace: &[&'static str],
 ) -> Result<(), KernelError> {
     // The programs use no CO-RE relocations, so the kernel's BTF (megabytes to parse) is not
     // loaded: it would only raise the agent's peak memory.
-    let mut ebpf: Ebpf = EbpfLoader::new()
-        .btf(None)
-        .default_map_pin_directory(pins.maps_dir())
+    let mut loader = EbpfLoader::new();
+    loader.btf(None).default_map_pin_directory(pins.maps_dir());
+    if let Some(n) = object.orig_dst_max {
+        loader.map_max_entries(mesh_common::ORIG_DST, n);
+    }
+    let mut ebpf: Ebpf = loader
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))?;
     let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Io {

@@ -372,6 +372,7 @@ async fn accept_loop(
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
                     transport: Some(Transport::H2),
+                    tunnel_limits: mesh.tunnel_limits.clone(),
                 });
                 server::serve(tls, conn).await;
             }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod connlimit;
 pub mod gauges;
 pub mod handover;
 pub mod hbone;
@@ -105,6 +106,28 @@ pub struct ProxyConfig {
     pub takeover: bool,
     /// This proxy's pod (`--pod-uid`, Kubernetes): marked retired after a hand-over.
     pub pod_uid: Option<String>,
+    /// Concurrent connection limits (`--max-connections` and the like).
+    pub conn_limits: ConnLimits,
+}
+
+/// Concurrent connection limits of one proxy (defaults in `defaults`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub max_connections_per_workload: usize,
+    pub max_inbound_tunnels: usize,
+    pub max_inbound_tunnels_per_identity: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: crate::defaults::MAX_CONNECTIONS,
+            max_connections_per_workload: crate::defaults::MAX_CONNECTIONS_PER_WORKLOAD,
+            max_inbound_tunnels: crate::defaults::MAX_INBOUND_TUNNELS,
+            max_inbound_tunnels_per_identity: crate::defaults::MAX_INBOUND_TUNNELS_PER_IDENTITY,
+        }
+    }
 }
 
 /// The mesh side of the proxy (present with a controller).
@@ -124,6 +147,8 @@ pub struct Mesh {
     /// Local pods' namespaces: the proxy connects to them from their clients' addresses, and
     /// tunnels leave from them.
     pub pods: Arc<pod::Pods>,
+    /// Inbound tunnels open at once, in all and per peer identity (`--max-inbound-tunnels`).
+    pub tunnel_limits: Arc<connlimit::Limiter>,
 }
 
 impl Mesh {
@@ -158,6 +183,9 @@ pub struct Shared {
     pub health: route::Health,
     /// Connection pool limits per service and subset (`DestinationRule` `connectionPool`).
     pub limits: route::Limits,
+    /// Captured connections open at once, in all and per source pod (`--max-connections`);
+    /// `None` (the gateway): its own `--max-connections` applies instead.
+    pub conn_limits: Option<Arc<connlimit::Limiter>>,
 }
 
 /// Runs the proxy until SIGTERM, Ctrl-C or a successor's hand-over, then drains. `admin` is the
@@ -294,6 +322,11 @@ pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
         balancer: Default::default(),
         health: Default::default(),
         limits: Default::default(),
+        conn_limits: Some(connlimit::Limiter::new(
+            "outbound",
+            cfg.conn_limits.max_connections,
+            cfg.conn_limits.max_connections_per_workload,
+        )),
     });
     gauges::NodeCollector::register(shared.clone());
 
@@ -412,6 +445,11 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
             cfg.tunnel_from_pod,
             cfg.proc_sys_net.clone(),
         )),
+        tunnel_limits: connlimit::Limiter::new(
+            "inbound",
+            cfg.conn_limits.max_inbound_tunnels,
+            cfg.conn_limits.max_inbound_tunnels_per_identity,
+        ),
     });
     tokio::spawn(certs.renew_forever());
     tokio::spawn(crate::telemetry::conn::sweep_forever(mesh.state.clone()));

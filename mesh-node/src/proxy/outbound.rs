@@ -136,7 +136,9 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     };
     let Some(orig) = maps.orig_dst(peer) else {
-        // Never guess: a connection without a recorded destination goes nowhere.
+        // Never guess: a connection without a recorded destination goes nowhere (its entry
+        // was evicted from a full `SN_ORIG_DST`, or never made: docs/security.md).
+        crate::telemetry::metrics::count_conn_refused("outbound", "no_orig_dst");
         warn!("no original destination recorded for this connection; closing it");
         reset(inbound);
         return;
@@ -151,6 +153,19 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let src_workload = src
         .map(|w| format!("{}/{}", name_str(&w.namespace), name_str(&w.name)))
         .unwrap_or_else(|| "unknown".into());
+    // Concurrent connection limits, per proxy and per source pod (its network namespace):
+    // over one, the connection is reset now, never queued.
+    let _permit = match &shared.conn_limits {
+        Some(limits) => match limits.try_acquire(&orig.netns_cookie.to_string()) {
+            Ok(p) => Some(p),
+            Err(hit) => {
+                debug!(%src_workload, %dst, reason = hit.as_str(), open = limits.open(), "over a connection limit; resetting");
+                reset(inbound);
+                return;
+            }
+        },
+        None => None,
+    };
     let _ = inbound.set_nodelay(true);
 
     let st = shared.mesh.as_ref().map(|m| m.state.borrow().clone());
@@ -555,6 +570,7 @@ async fn local(
         limiter: mesh.limiter.clone(),
         pods: mesh.pods.clone(),
         transport: None,
+        tunnel_limits: mesh.tunnel_limits.clone(),
     });
     let span = info_span!("inbound", src_identity = %src_id, target = %dst, client = %c.peer, local = true);
     match server::admit(&conn, dst, c.peer.ip(), &span).await {

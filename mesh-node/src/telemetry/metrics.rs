@@ -11,6 +11,7 @@ pub struct Metrics {
     /// took the listening sockets over). The process that gives them away hands over its
     /// metrics port too, so it counts nothing a scrape could see.
     pub handovers: IntCounterVec,
+    pub conns_refused: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -35,10 +36,21 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(handovers.clone()));
+        let conns_refused = IntCounterVec::new(
+            Opts::new(
+                "sidenode_connections_refused_total",
+                "Connections and tunnels refused by a proxy resource limit, by direction and \
+                 reason (proxy_limit, source_limit, no_orig_dst)",
+            ),
+            &["direction", "reason"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(conns_refused.clone()));
         Metrics {
             registry,
             hbone_refused,
             handovers,
+            conns_refused,
         }
     })
 }
@@ -48,6 +60,15 @@ pub fn count_refusal(direction: &str, transport: &str, reason: &str) {
     metrics()
         .hbone_refused
         .with_label_values(&[direction, transport, reason])
+        .inc();
+}
+
+/// A connection refused by a resource limit (`proxy::connlimit`) or because the kernel had no
+/// original destination for it (`reason="no_orig_dst"`).
+pub fn count_conn_refused(direction: &str, reason: &str) {
+    metrics()
+        .conns_refused
+        .with_label_values(&[direction, reason])
         .inc();
 }
 

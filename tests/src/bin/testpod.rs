@@ -5,6 +5,12 @@
 //! - `dial --to IP:PORT [..] --conns N --concurrency C [--hold-ms MS]`: N echo round trips,
 //!   C at a time, one JSON report line.
 //! - `session --to IP:PORT`: one connection driven by stdin lines.
+//! - `idle-serve --port P`: greets each connection with the `serve` HELLO line, then reads
+//!   until EOF (no echo); one task per connection, not a thread, so it holds tens of
+//!   thousands.
+//! - `idle --to IP:PORT --conns N [--parallel P]`: opens N connections (P connecting at once),
+//!   reading each one's HELLO; prints one JSON line (`open`, `failed`, `first_error`,
+//!   `elapsed_ms`), then holds them all idle until stdin closes.
 //! - `rr --to IP:PORT --count N --size B [--warmup W]`: one kept-open connection to a `serve`
 //!   echo; N timed round trips of B bytes; one JSON line of latency percentiles (µs).
 //! - `transfer --to IP:PORT --bytes N [--conns C]`: C connections at once to a `serve` echo,
@@ -68,6 +74,20 @@ enum Cmd {
     Serve {
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
+    },
+    /// Greet each connection, then read until EOF (for many idle connections).
+    IdleServe {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Open many connections and hold them idle until stdin closes.
+    Idle {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        parallel: usize,
     },
     /// Open many echo connections and report what each side saw.
     Dial {
@@ -284,6 +304,12 @@ fn main() {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }),
+        Cmd::IdleServe { port } => idle_serve(port),
+        Cmd::Idle {
+            to,
+            conns,
+            parallel,
+        } => idle(to, conns, parallel),
         Cmd::HboneClient {
             cert,
             key,
@@ -1267,4 +1293,136 @@ fn transfer_one(to: SocketAddr, bytes: u64, seed: u64) -> TransferConn {
         out.error = Some(format!("{e:#}"));
     }
     out
+}
+
+/// Raises the open-files limit to its hard limit (idle modes hold one descriptor per
+/// connection).
+fn raise_nofile() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn idle_serve(port: u16) -> Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("binding :{port}"))?;
+        println!("serving");
+        std::io::stdout().flush().context("flushing stdout")?;
+        loop {
+            let (mut s, peer) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("testpod idle-serve: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let local = match s.local_addr() {
+                    Ok(a) => a,
+                    Err(_) => return,
+                };
+                if s.write_all(format!("HELLO local={local} peer={peer}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    open: usize,
+    failed: usize,
+    first_error: Option<String>,
+    elapsed_ms: u64,
+}
+
+fn idle(to: SocketAddr, conns: usize, parallel: usize) -> Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let held = rt.block_on(async move {
+        use tokio::io::AsyncBufReadExt;
+        let started = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let sem = sem.clone();
+            tasks.spawn(async move {
+                let _p = sem.acquire().await.map_err(|e| e.to_string())?;
+                let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(to))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| format!("connect: {e}"))?;
+                let mut r = tokio::io::BufReader::new(s);
+                let mut hello = String::new();
+                tokio::time::timeout(READ_TIMEOUT, r.read_line(&mut hello))
+                    .await
+                    .map_err(|_| "no HELLO in time".to_string())?
+                    .map_err(|e| format!("reading HELLO: {e}"))?;
+                if !hello.starts_with("HELLO ") {
+                    return Err(format!("unexpected greeting {hello:?}"));
+                }
+                Ok(r.into_inner())
+            });
+        }
+        let mut held = Vec::with_capacity(conns);
+        let mut failed = 0;
+        let mut first_error = None;
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        let report = IdleReport {
+            open: held.len(),
+            failed,
+            first_error,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        let _ = std::io::stdout().flush();
+        held
+    });
+    // Hold until stdin closes.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(held);
+    Ok(())
 }

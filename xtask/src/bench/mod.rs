@@ -19,11 +19,15 @@
 //! Prints a table of medians and the targets of issue 12, and writes every value to
 //! `target/bench/latest.json`.
 //!
+//! `cargo xtask bench --idle N` is another: memory per idle connection through the mesh; see
+//! [`idle`] and docs/performance.md ("Memory per connection").
+//!
 //! `cargo xtask bench --gateway` is another bench: HTTPS through the sidenode gateway against an
 //! Envoy gateway; see [`gateway`] and docs/performance.md ("Gateway").
 
 mod envoy;
 mod gateway;
+mod idle;
 mod measure;
 mod report;
 mod util;
@@ -244,6 +248,21 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::workspace_root().join("target"))
+}
+
+/// `cargo xtask bench --idle N`: see [`idle`]. The binaries of `target/release`, or of
+/// `target/$SIDENODE_BENCH_PROFILE` (e.g. `debug`, with `--no-build`: a quick look, not a
+/// figure to publish).
+pub fn run_idle(n: usize) -> Result<()> {
+    let profile = std::env::var("SIDENODE_BENCH_PROFILE").unwrap_or_else(|_| "release".into());
+    let release = target_dir().join(profile);
+    let (mesh_node, testpod) = (release.join("mesh-node"), release.join("testpod"));
+    for bin in [&mesh_node, &testpod] {
+        if !bin.exists() {
+            bail!("{} not found; build with --release first", bin.display());
+        }
+    }
+    idle::run(n, &mesh_node, &testpod)
 }
 
 /// `cargo xtask bench --gateway`: see [`gateway`].

@@ -102,7 +102,7 @@ pub async fn open(
     let key = req.pool_key();
     let mut retried = false;
     loop {
-        let sender = match pool.ready(&key) {
+        let (sender, slot) = match pool.ready(&key) {
             Some(s) => s,
             None => {
                 let lock = pool.dial_lock(&key);
@@ -110,6 +110,7 @@ pub async fn open(
                 match pool.ready(&key) {
                     Some(s) => s,
                     None => {
+                        // Every pooled connection of this key is full (or there is none).
                         let s = dial(
                             req.cert,
                             &req.dst_identity,
@@ -119,7 +120,10 @@ pub async fn open(
                         )
                         .await?;
                         pool.insert(key.clone(), s.clone());
-                        s
+                        let slot = s
+                            .try_reserve()
+                            .ok_or(TunnelError::Status(StatusCode::SERVICE_UNAVAILABLE))?;
+                        (s, slot)
                     }
                 }
             }
@@ -133,7 +137,7 @@ pub async fn open(
                 sender.set_closed();
                 retried = true;
             }
-            r => return r,
+            r => return r.map(|stream| stream.holding(slot)),
         }
     }
 }

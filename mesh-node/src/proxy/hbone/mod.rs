@@ -49,6 +49,14 @@ pub const TLS_READ_BUF: usize = 64 * 1024;
 /// Streams one HTTP/2 connection carries at once (ztunnel's server allows 200, its client
 /// opens at most 100 per connection, as ours does).
 pub const MAX_STREAMS: u32 = 100;
+/// Rapid-reset protection (CVE-2023-44487): streams a peer opened and reset before the
+/// server accepted them, at once on one connection; past it the connection is closed with
+/// `GOAWAY ENHANCE_YOUR_CALM` (h2's default, 20, written down).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams this side reset because the peer broke the protocol (a malformed or oversized
+/// header block among them), per connection; past it the connection is closed with
+/// `GOAWAY ENHANCE_YOUR_CALM` (h2's default, 1024, written down).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// Pooled client connections ping their peer this often and give up on it after
 /// `KEEPALIVE_TIMEOUT` without an answer.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);

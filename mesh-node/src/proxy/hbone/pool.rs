@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,11 +23,36 @@ pub struct PoolKey {
     pub dst_identity: Identity,
 }
 
-/// A pooled HTTP/2 connection: opens streams; closed once its connection task ended.
+/// A pooled HTTP/2 connection: opens streams; closed once its connection task ended. It
+/// carries at most [`super::MAX_STREAMS`] tunnels at once (the peer's limit too: ztunnel's
+/// server allows 200, ours 100): past that the pool opens another connection for the same key
+/// rather than queue the tunnel in h2 until a stream ends (an idle connection may never end).
 #[derive(Clone)]
 pub struct Sender {
     pub h2: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Tunnels open on it now (held by [`StreamSlot`]s).
+    streams: Arc<AtomicUsize>,
+}
+
+/// One tunnel's place on a pooled connection, given back when the tunnel ends.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+/// Takes one of `max` places counted by `streams`, if one is free (HTTP/2 and QUIC pools).
+pub(super) fn reserve(streams: &Arc<AtomicUsize>, max: usize) -> Option<StreamSlot> {
+    streams
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| StreamSlot(streams.clone()))
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Sender {
@@ -35,6 +60,7 @@ impl Sender {
         Sender {
             h2,
             closed: Arc::default(),
+            streams: Arc::default(),
         }
     }
 
@@ -46,26 +72,39 @@ impl Sender {
     pub fn set_closed(&self) {
         self.closed.store(true, Ordering::Relaxed);
     }
+
+    /// Takes a place for one more tunnel, if the connection has one.
+    pub fn try_reserve(&self) -> Option<StreamSlot> {
+        let max = (super::MAX_STREAMS as usize).min(self.h2.current_max_send_streams().max(1));
+        reserve(&self.streams, max)
+    }
+
+    /// Tunnels open on it now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Sender>>,
+    conns: Mutex<HashMap<PoolKey, Vec<Sender>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pool {
-    /// A live connection for `key`, if the pool has one.
-    pub fn ready(&self, key: &PoolKey) -> Option<Sender> {
+    /// A live connection for `key` with room for one more tunnel (the place taken), if the
+    /// pool has one. Closed connections are dropped on the way.
+    pub fn ready(&self, key: &PoolKey) -> Option<(Sender, StreamSlot)> {
         let mut m = self.conns.lock().ok()?;
-        match m.get(key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            Some(_) => {
-                m.remove(key);
-                None
-            }
-            None => None,
+        let list = m.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        let found = list
+            .iter()
+            .find_map(|s| s.try_reserve().map(|slot| (s.clone(), slot)));
+        if list.is_empty() {
+            m.remove(key);
         }
+        found
     }
 
     /// Serializes dialing per key so a burst of new connections shares one handshake.
@@ -76,15 +115,19 @@ impl Pool {
         }
     }
 
+    /// Adds a new connection for `key` (beside those that are full).
     pub fn insert(&self, key: PoolKey, sender: Sender) {
         if let Ok(mut m) = self.conns.lock() {
-            m.insert(key, sender);
+            m.entry(key).or_default().push(sender);
         }
     }
 
     /// Number of pooled connections (for metrics).
     pub fn len(&self) -> usize {
-        self.conns.lock().map(|m| m.len()).unwrap_or(0)
+        self.conns
+            .lock()
+            .map(|m| m.values().map(Vec::len).sum())
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

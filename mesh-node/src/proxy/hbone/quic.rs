@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::client::TunnelRequest;
-use super::pool::PoolKey;
+use super::pool::{PoolKey, StreamSlot};
 use super::server::{self, Conn};
 use super::{Refusal, Transport, count_refusal};
 use crate::identity::Identity;
@@ -62,11 +62,17 @@ const UDP_BUF: usize = 4 * 1024 * 1024;
 /// other end. EOF read from the pipe finishes the stream (FIN); the stream's end shuts the
 /// pipe's write side.
 macro_rules! bridge {
-    ($send:expr, $recv:expr) => {{
+    ($send:expr, $recv:expr) => {
+        bridge!($send, $recv, ())
+    };
+    ($send:expr, $recv:expr, $hold:expr) => {{
         let (mut send, mut recv) = ($send, $recv);
+        let hold = $hold;
         let (app, mine) = tokio::io::duplex(BRIDGE_BUF);
         let (mut rd, mut wr) = tokio::io::split(mine);
         tokio::spawn(async move {
+            // Kept (e.g. a pooled connection's stream slot) until the stream is done.
+            let _hold = hold;
             let up = async move {
                 let mut buf = BytesMut::with_capacity(CHUNK);
                 loop {
@@ -263,6 +269,9 @@ fn client_config(cert: &WorkloadCert, dst: &Identity) -> Result<quinn::ClientCon
 struct Pooled {
     conn: quinn::Connection,
     send: SendRequest,
+    /// Tunnels open on it now: at [`MAX_STREAMS`] (the bidirectional streams a peer
+    /// allows) another connection is dialled for the key rather than waiting for a stream.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Outbound QUIC: client endpoints by source (pod uid or the node, and address family) and
@@ -270,7 +279,7 @@ struct Pooled {
 #[derive(Default)]
 pub struct Clients {
     endpoints: Mutex<HashMap<(Option<String>, bool), quinn::Endpoint>>,
-    conns: Mutex<HashMap<PoolKey, Pooled>>,
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Destinations (`podIP:15008`) that did not answer over QUIC, reached over HTTP/2 until
     /// the time given.
@@ -305,23 +314,28 @@ impl Clients {
 
     /// Number of pooled QUIC connections (for metrics).
     pub fn len(&self) -> usize {
-        self.conns.lock().map(|m| m.len()).unwrap_or(0)
+        self.conns
+            .lock()
+            .map(|m| m.values().map(Vec::len).sum())
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn ready(&self, key: &PoolKey) -> Option<Pooled> {
+    /// A live pooled connection for `key` with a free stream (taken), if there is one.
+    fn ready(&self, key: &PoolKey) -> Option<(Pooled, StreamSlot)> {
         let mut m = self.conns.lock().ok()?;
-        match m.get(key) {
-            Some(p) if p.conn.close_reason().is_none() => Some(p.clone()),
-            Some(_) => {
-                m.remove(key);
-                None
-            }
-            None => None,
+        let list = m.get_mut(key)?;
+        list.retain(|p| p.conn.close_reason().is_none());
+        let found = list.iter().find_map(|p| {
+            super::pool::reserve(&p.streams, MAX_STREAMS as usize).map(|slot| (p.clone(), slot))
+        });
+        if list.is_empty() {
+            m.remove(key);
         }
+        found
     }
 
     fn endpoint(
@@ -412,7 +426,11 @@ impl Clients {
             let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             debug!(%addr, error = %e, "HBONE/QUIC connection ended");
         });
-        Ok(Pooled { conn, send })
+        Ok(Pooled {
+            conn,
+            send,
+            streams: Arc::default(),
+        })
     }
 }
 
@@ -427,8 +445,8 @@ pub async fn open(
     let key = req.pool_key();
     let mut retried = false;
     loop {
-        let (pooled, fresh) = match clients.ready(&key) {
-            Some(p) => (p, false),
+        let (pooled, slot, fresh) = match clients.ready(&key) {
+            Some((p, slot)) => (p, slot, false),
             None => {
                 let lock = match clients.dialing.lock() {
                     Ok(mut m) => m.entry(key.clone()).or_default().clone(),
@@ -436,7 +454,7 @@ pub async fn open(
                 };
                 let _one_dialer = lock.lock().await;
                 match clients.ready(&key) {
-                    Some(p) => (p, false),
+                    Some((p, slot)) => (p, slot, false),
                     None => {
                         let p = clients
                             .dial(
@@ -447,15 +465,17 @@ pub async fn open(
                                 connect_timeout,
                             )
                             .await?;
+                        let slot = super::pool::reserve(&p.streams, MAX_STREAMS as usize)
+                            .ok_or(QuicError::Status(StatusCode::SERVICE_UNAVAILABLE))?;
                         if let Ok(mut m) = clients.conns.lock() {
-                            m.insert(key.clone(), p.clone());
+                            m.entry(key.clone()).or_default().push(p.clone());
                         }
-                        (p, true)
+                        (p, slot, true)
                     }
                 }
             }
         };
-        match request(&pooled, &req).await {
+        match request(&pooled, &req, slot).await {
             // The pooled connection was closed under us (the peer's proxy ended its drain
             // after a hand-over, `proxy::handover`): the stream was never served; open it
             // on a new connection.
@@ -469,7 +489,11 @@ pub async fn open(
 }
 
 /// Opens the tunnel's `CONNECT` stream on a QUIC connection.
-async fn request(pooled: &Pooled, req: &TunnelRequest<'_>) -> Result<DuplexStream, QuicError> {
+async fn request(
+    pooled: &Pooled,
+    req: &TunnelRequest<'_>,
+    slot: super::pool::StreamSlot,
+) -> Result<DuplexStream, QuicError> {
     let connect = super::client::connect_request(req)?;
     let mut send = pooled.send.clone();
     let mut stream = send
@@ -484,7 +508,7 @@ async fn request(pooled: &Pooled, req: &TunnelRequest<'_>) -> Result<DuplexStrea
         return Err(QuicError::Status(resp.status()));
     }
     let (send, recv) = stream.split();
-    Ok(bridge!(send, recv))
+    Ok(bridge!(send, recv, slot))
 }
 
 /// Serves HBONE over QUIC on one pod's UDP socket until the task is aborted: each
@@ -601,6 +625,7 @@ pub async fn serve_pod(
                     limiter: mesh.limiter.clone(),
                     pods: mesh.pods.clone(),
                     transport: Some(Transport::Quic),
+                    tunnel_limits: mesh.tunnel_limits.clone(),
                 });
                 serve_conn(conn, conn_info).await;
             }

@@ -13,8 +13,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::stream::{self, H2Stream};
 use super::{
-    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUF, MAX_STREAMS, Refusal,
-    STREAM_WINDOW, Transport, count_refusal, request,
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_LOCAL_ERROR_RESET_STREAMS,
+    MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_SEND_BUF, MAX_STREAMS, Refusal, STREAM_WINDOW, Transport,
+    count_refusal, request,
 };
 use crate::identity::Identity;
 use crate::proxy::COPY_BUF;
@@ -43,6 +44,8 @@ pub struct Conn {
     pub pods: Arc<crate::proxy::pod::Pods>,
     /// The listener's transport (`None`: a same-node connection, no tunnel).
     pub transport: Option<Transport>,
+    /// Inbound tunnels open at once, in all and per peer identity (`--max-inbound-tunnels`).
+    pub tunnel_limits: Arc<crate::proxy::connlimit::Limiter>,
 }
 
 pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
@@ -56,6 +59,8 @@ where
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUF)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .handshake::<_, Bytes>(io)
         .await;
     let mut h2c = match handshake {
@@ -271,6 +276,7 @@ async fn carry_h2(
         meta,
         peer,
         accepted,
+        permit: _permit,
         ..
     } = a;
     let tracked = Tracked::open_since(meta, accepted);
@@ -306,6 +312,8 @@ pub struct Admitted {
     /// Authorized (and traced) request by request: an HTTP port with L7 rules or limits.
     pub per_request: bool,
     pub accepted: Instant,
+    /// Its place under the inbound tunnel limits, held until it ends.
+    pub permit: crate::proxy::connlimit::Permit,
 }
 
 /// The destination's side of a new connection from `conn.peer_identity` (the client at
@@ -318,6 +326,23 @@ pub async fn admit(
     client_ip: IpAddr,
     span: &tracing::Span,
 ) -> Result<Admitted, StatusCode> {
+    // Concurrent tunnel limits, per proxy and per peer identity: refused at once (503).
+    let permit = match conn
+        .tunnel_limits
+        .try_acquire(&conn.peer_identity.to_string())
+    {
+        Ok(p) => p,
+        Err(hit) => {
+            span.in_scope(|| {
+                tracing::debug!(
+                    reason = hit.as_str(),
+                    open = conn.tunnel_limits.open(),
+                    "over an inbound tunnel limit; refusing"
+                )
+            });
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     // AuthorizationPolicy: the connection now, or each request on HTTP ports with L7 rules.
     let peer = authz::Peer::new(Some(&conn.peer_identity), client_ip, target);
     let accepted = Instant::now();
@@ -411,6 +436,7 @@ pub async fn admit(
         peer,
         per_request,
         accepted,
+        permit,
     })
 }
 
@@ -434,6 +460,7 @@ where
         peer,
         per_request,
         accepted,
+        permit: _permit,
     } = a;
     let target = meta.dst_addr;
     let http_labels = Labels {

@@ -39,11 +39,23 @@ pub const MAX_BUF: usize = 256 * 1024;
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
+    /// A client tunnel's place on its pooled connection, given back when the stream ends.
+    slot: Option<super::pool::StreamSlot>,
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv }
+        H2Stream {
+            send,
+            recv,
+            slot: None,
+        }
+    }
+
+    /// The stream holds `slot` until it is dropped.
+    pub fn holding(mut self, slot: super::pool::StreamSlot) -> H2Stream {
+        self.slot = Some(slot);
+        self
     }
 
     /// The stream as an ordinary byte pipe (`AsyncRead + AsyncWrite`), for the paths that
@@ -114,7 +126,11 @@ pub async fn copy(
     from_tcp: &mut Meter,
     from_h2: &mut Meter,
 ) -> io::Result<(u64, u64)> {
-    let H2Stream { send, recv } = stream;
+    let H2Stream {
+        send,
+        recv,
+        slot: _slot,
+    } = stream;
     let (r, w) = tcp.split();
     tokio::try_join!(tcp_to_h2(r, send, from_tcp), h2_to_tcp(recv, w, from_h2))
 }

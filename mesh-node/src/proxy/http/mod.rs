@@ -67,6 +67,16 @@ pub struct GatewayConn {
     pub scheme: &'static str,
 }
 
+/// Limits on a captured client's HTTP connection (Envoy's defaults where it has one): request
+/// headers at most this many bytes (HTTP/1.1 read buffer, HTTP/2 header list; Envoy 60 KiB);
+/// a bigger block gets `431` or a stream reset.
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Request header fields on HTTP/1.1 (Envoy: 100).
+pub const MAX_HEADERS: usize = 100;
+/// Concurrent HTTP/2 streams of one client connection (Envoy: 2^31-1; ours as HBONE's: 100);
+/// rapid-reset and error-reset limits as on HBONE (`hbone::MAX_PENDING_ACCEPT_RESET_STREAMS`).
+pub const MAX_STREAMS: u32 = 100;
+
 /// Serves one captured client connection to an HTTP service port until it closes.
 pub async fn serve(
     inbound: TcpStream,
@@ -88,7 +98,17 @@ pub async fn serve(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_pending_accept_reset_streams(crate::proxy::hbone::MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(crate::proxy::hbone::MAX_LOCAL_ERROR_RESET_STREAMS);
     if let Err(e) = builder.serve_connection(TokioIo::new(inbound), svc).await {
         debug!(error = %e, "HTTP client connection ended");
     }

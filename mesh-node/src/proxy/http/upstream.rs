@@ -435,6 +435,7 @@ async fn dial(
                 limiter: mesh.limiter.clone(),
                 pods: mesh.pods.clone(),
                 transport: None,
+                tunnel_limits: mesh.tunnel_limits.clone(),
             });
             let span = tracing::info_span!("inbound", src_identity = %src_id, target = %endpoint, local = true);
             let admitted = server::admit(&conn, endpoint, *client_ip, &span)
