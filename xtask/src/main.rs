@@ -62,6 +62,11 @@ enum Cmd {
         /// TLS settings and backend); JSON to target/bench/gateway.json.
         #[arg(long, conflicts_with = "splice")]
         gateway: bool,
+        /// Only the HBONE transports: `mesh` (HTTP/2) and `mesh-quic` on the clean link, and the
+        /// lossy-link scenario (no Envoy, no direct or same-node paths); JSON to
+        /// target/bench/latest-quic.json.
+        #[arg(long, conflicts_with = "gateway")]
+        quic_only: bool,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -107,6 +112,7 @@ fn main() -> Result<()> {
             no_build,
             splice,
             gateway,
+            quic_only,
         } => {
             if !no_build {
                 setup::run()?;
@@ -115,7 +121,7 @@ fn main() -> Result<()> {
             if gateway {
                 return bench::run_gateway(rounds, quick);
             }
-            bench::run(rounds, quick, splice)
+            bench::run(rounds, quick, splice, quic_only)
         }
         Cmd::Fuzz {
             seconds,
