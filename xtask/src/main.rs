@@ -82,6 +82,15 @@ enum Cmd {
         #[arg(long, default_value = "address")]
         sanitizer: String,
     },
+    /// (For the bench's lossy link) accept every packet of NFQUEUE `--queue` in this network
+    /// namespace `--delay-us` after it arrived; runs until killed.
+    #[command(hide = true)]
+    NetemDelay {
+        #[arg(long)]
+        queue: u16,
+        #[arg(long)]
+        delay_us: u64,
+    },
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
     Docs,
@@ -128,6 +137,9 @@ fn main() -> Result<()> {
             target,
             sanitizer,
         } => fuzz::run(seconds, target.as_deref(), &sanitizer),
+        Cmd::NetemDelay { queue, delay_us } => {
+            bench::delay_queue(queue, std::time::Duration::from_micros(delay_us))
+        }
         Cmd::Docs => run_cmd(
             Command::new(env!("CARGO"))
                 .current_dir(workspace_root())

@@ -349,6 +349,8 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
+pub use lossy::delay_queue;
+
 /// `cargo xtask bench --gateway`: see [`gateway`].
 pub fn run_gateway(rounds: usize, quick: bool) -> Result<()> {
     gateway::run(rounds, quick)
