@@ -100,7 +100,7 @@ struct Ctx<'a> {
 /// A tunnel's stream: an HTTP/2 stream, or an HTTP/3 one bridged to a pipe (`hbone::quic`).
 enum TunnelIo {
     H2(H2Stream),
-    Quic(super::hbone::quic::QuicStream),
+    Quic(tokio::io::DuplexStream),
 }
 
 enum Upstream {

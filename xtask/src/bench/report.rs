@@ -474,7 +474,7 @@ impl Report {
         })
         .collect();
         text.push_str(&format!(
-            "\nlossy link (netem {} on both nodes' eth0), {} connections at once over one tunnel, {} round trips each (medians of the rounds)\n{}",
+            "\nlossy link ({} on both nodes' eth0 egress: iptables statistic DROP + NFQUEUE delayer), {} connections at once over one tunnel, {} round trips each (medians of the rounds)\n{}",
             super::lossy::NETEM.join(" "),
             p.lossy_conns,
             p.lossy_count,

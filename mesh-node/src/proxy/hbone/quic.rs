@@ -6,20 +6,20 @@
 //! bidirectional stream per tunnelled connection. Client endpoints (UDP sockets) are made per
 //! source pod inside its namespace, or the node's own.
 //!
-//! A tunnel's stream is handed to the proxy's copy loops as a byte stream ([`QuicStream`]:
-//! `AsyncRead`/`AsyncWrite` straight on the HTTP/3 stream's halves, no pipe and no task in
-//! between); a finished stream (FIN) is a half-close both ways.
+//! A tunnel's stream is handed to the proxy's copy loops as a byte stream: a task pumps between
+//! the HTTP/3 stream and one end of an in-memory duplex pipe ([`bridge`]); a finished stream
+//! (FIN) is a half-close both ways.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::client::TunnelRequest;
@@ -48,7 +48,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// Streams (tunnels) one QUIC connection carries at once, as HTTP/2's `MAX_STREAMS`.
 pub const MAX_STREAMS: u32 = 100;
-/// Largest write sent as one DATA frame.
+/// Size of the in-memory pipe between an HTTP/3 stream and the proxy's copy loops.
+pub const BRIDGE_BUF: usize = 256 * 1024;
+/// Largest read from the pipe sent as one DATA frame.
 const CHUNK: usize = 64 * 1024;
 /// Largest UDP payload an endpoint accepts (the transport parameter `max_udp_payload_size`):
 /// a full datagram on a 1500-byte MTU link (MTU discovery's ceiling, 1452, is below it).
@@ -60,187 +62,69 @@ pub const MAX_UDP_PAYLOAD: u16 = 1472;
 /// bulk flow before quinn reads them.
 const UDP_BUF: usize = 4 * 1024 * 1024;
 
-/// A tunnel's HTTP/3 stream as a byte stream for the proxy's copy loops: reads take the DATA
-/// frames' payloads as they come (no copy until the caller's buffer), a write becomes one
-/// DATA frame handed to quinn at once (quinn copies it into its send buffer), shutdown
-/// finishes the stream (FIN). A stream the peer resets reads as its end (as a TCP reset
-/// would not: docs/architecture.md, "HBONE over QUIC", limits). No task and no pipe between
-/// the stream and the copy loop: each byte is copied once less, and a round trip wakes one
-/// task less.
-pub struct QuicStream {
-    send: Option<Box<dyn SendHalf>>,
-    /// A DATA frame (or the FIN) quinn has not taken yet: the send half comes back with it.
-    pending: Option<SendFut>,
-    recv: Box<dyn RecvHalf>,
-    /// Received payload not yet read.
-    rbuf: Bytes,
-    read_done: bool,
-    /// Lives as long as the stream (the client side keeps its connection's request sender,
-    /// so a connection the pool forgot closes only once its last tunnel ends: h3 closes a
-    /// connection when its last sender is dropped).
-    _keep: Option<SendRequest>,
-}
-
-type SendFut = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (Box<dyn SendHalf>, Result<(), StreamError>)> + Send>,
->;
-type StreamError = h3::error::StreamError;
-
-/// The sending half of a client or server request stream.
-trait SendHalf: Send + 'static {
-    fn send(self: Box<Self>, data: Bytes) -> SendFut;
-    fn finish(self: Box<Self>) -> SendFut;
-}
-
-/// The receiving half of a client or server request stream.
-trait RecvHalf: Send + 'static {
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
-    fn stop(&mut self);
-}
-
-macro_rules! halves {
-    ($send:ty, $recv:ty) => {
-        impl SendHalf for $send {
-            fn send(mut self: Box<Self>, data: Bytes) -> SendFut {
-                Box::pin(async move {
-                    let r = self.send_data(data).await;
-                    (self as Box<dyn SendHalf>, r)
-                })
-            }
-            fn finish(mut self: Box<Self>) -> SendFut {
-                Box::pin(async move {
-                    let r = (*self).finish().await;
-                    (self as Box<dyn SendHalf>, r)
-                })
-            }
-        }
-        impl RecvHalf for $recv {
-            fn poll_data(
-                &mut self,
-                cx: &mut Context<'_>,
-            ) -> Poll<Result<Option<Bytes>, StreamError>> {
-                self.poll_recv_data(cx)
-                    .map_ok(|o| o.map(|mut b| b.copy_to_bytes(b.remaining())))
-            }
-            fn stop(&mut self) {
-                self.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
-            }
-        }
-    };
-}
-
-halves!(
-    h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    h3::client::RequestStream<h3_quinn::RecvStream, Bytes>
-);
-halves!(
-    h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    h3::server::RequestStream<h3_quinn::RecvStream, Bytes>
-);
-
-impl QuicStream {
-    fn new(send: Box<dyn SendHalf>, recv: Box<dyn RecvHalf>, keep: Option<SendRequest>) -> Self {
-        QuicStream {
-            send: Some(send),
-            pending: None,
-            recv,
-            rbuf: Bytes::new(),
-            read_done: false,
-            _keep: keep,
-        }
-    }
-
-    /// Drives the DATA frame or FIN in flight; Ready once quinn took it.
-    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let Some(fut) = self.pending.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let (half, res) = std::task::ready!(fut.as_mut().poll(cx));
-        self.pending = None;
-        self.send = Some(half);
-        Poll::Ready(res.map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e)))
-    }
-}
-
-impl tokio::io::AsyncRead for QuicStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        while this.rbuf.is_empty() && !this.read_done {
-            match std::task::ready!(this.recv.poll_data(cx)) {
-                Ok(Some(b)) => this.rbuf = b,
-                Ok(None) => this.read_done = true,
-                Err(e) => {
-                    debug!(error = %e, "HBONE/QUIC stream reset");
-                    this.read_done = true;
+/// Pumps between an HTTP/3 stream's halves and a new duplex pipe; evaluates to the pipe's
+/// other end. EOF read from the pipe finishes the stream (FIN); the stream's end shuts the
+/// pipe's write side. `$keep` lives as long as the pumps (the client side keeps its
+/// connection's request sender, so a connection the pool forgot closes only once its last
+/// tunnel ends: h3 closes a connection when its last sender is dropped).
+macro_rules! bridge {
+    ($send:expr, $recv:expr, $keep:expr) => {{
+        let (mut send, mut recv, keep) = ($send, $recv, $keep);
+        let (app, mine) = tokio::io::duplex(BRIDGE_BUF);
+        let (mut rd, mut wr) = tokio::io::split(mine);
+        tokio::spawn(async move {
+            let _keep = keep;
+            let up = async move {
+                let mut buf = BytesMut::with_capacity(CHUNK);
+                loop {
+                    buf.reserve(CHUNK);
+                    match rd.read_buf(&mut buf).await {
+                        Ok(0) => {
+                            let _ = send.finish().await;
+                            return;
+                        }
+                        Ok(_) => {
+                            if send.send_data(buf.split().freeze()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                            return;
+                        }
+                    }
                 }
-            }
-        }
-        let n = this.rbuf.len().min(buf.remaining());
-        buf.put_slice(&this.rbuf.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl tokio::io::AsyncWrite for QuicStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        std::task::ready!(this.poll_pending(cx))?;
-        let Some(half) = this.send.take() else {
-            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
-        };
-        let n = buf.len().min(CHUNK);
-        this.pending = Some(half.send(Bytes::copy_from_slice(&buf[..n])));
-        // Hand it to quinn now; if it must wait (flow control), the next write or flush
-        // drives it.
-        if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.poll_pending(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        std::task::ready!(this.poll_pending(cx))?;
-        match this.send.take() {
-            Some(half) => {
-                this.pending = Some(half.finish());
-                let r = this.poll_pending(cx);
-                // Finished: no more writes.
-                if r.is_ready() {
-                    this.send = None;
+            };
+            let down = async move {
+                loop {
+                    match recv.recv_data().await {
+                        Ok(Some(mut b)) => {
+                            while b.has_remaining() {
+                                let chunk = b.copy_to_bytes(b.chunk().len());
+                                if wr.write_all(&chunk).await.is_err() {
+                                    recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                        Err(e) => {
+                            // A pipe carries no reset: the other side sees the end of the
+                            // stream (docs/architecture.md, "HBONE over QUIC", limits).
+                            debug!(error = %e, "HBONE/QUIC stream reset");
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                    }
                 }
-                r
-            }
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Drop for QuicStream {
-    fn drop(&mut self) {
-        // Nothing more will be read: tell the peer to stop sending.
-        if !self.read_done {
-            self.recv.stop();
-        }
-    }
+            };
+            tokio::join!(up, down);
+        });
+        app
+    }};
 }
 
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -539,7 +423,7 @@ pub async fn open(
     clients: &Clients,
     req: TunnelRequest<'_>,
     connect_timeout: Duration,
-) -> Result<QuicStream, QuicError> {
+) -> Result<DuplexStream, QuicError> {
     let key = req.pool_key();
     let pooled = match clients.ready(&key) {
         Some(p) => p,
@@ -583,11 +467,7 @@ pub async fn open(
         return Err(QuicError::Status(resp.status()));
     }
     let (send, recv) = stream.split();
-    Ok(QuicStream::new(
-        Box::new(send),
-        Box::new(recv),
-        Some(pooled.send),
-    ))
+    Ok(bridge!(send, recv, pooled.send))
 }
 
 /// Serves HBONE over QUIC on one pod's UDP socket until the task is aborted: each
@@ -803,7 +683,7 @@ async fn handle(
         return;
     }
     let (send, recv) = stream.split();
-    let io = QuicStream::new(Box::new(send), Box::new(recv), None);
+    let io = bridge!(send, recv, ());
     server::carry(io, admitted, &conn, &trace, "hbone")
         .instrument(span)
         .await;
