@@ -72,6 +72,11 @@ enum Cmd {
         /// proxy's memory per connection; JSON to target/bench/idle.json.
         #[arg(long, value_name = "N", conflicts_with_all = ["splice", "gateway"])]
         idle: Option<usize>,
+        /// Only the HBONE transports: `mesh` (HTTP/2) and `mesh-quic` on the clean link, and the
+        /// lossy-link scenario (no Envoy, no direct or same-node paths); JSON to
+        /// target/bench/latest-quic.json.
+        #[arg(long, conflicts_with = "gateway")]
+        quic_only: bool,
     },
     /// Run the cargo-fuzz targets of `fuzz/` (needs `cargo install cargo-fuzz`), each for
     /// `--seconds`, and print executions per target.
@@ -113,6 +118,15 @@ enum Cmd {
         /// Skip setup and the debug build: use target/debug as it is.
         #[arg(long)]
         no_build: bool,
+    },
+    /// (For the bench's lossy link) accept every packet of NFQUEUE `--queue` in this network
+    /// namespace `--delay-us` after it arrived; runs until killed.
+    #[command(hide = true)]
+    NetemDelay {
+        #[arg(long)]
+        queue: u16,
+        #[arg(long)]
+        delay_us: u64,
     },
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
@@ -177,6 +191,7 @@ fn main() -> Result<()> {
             splice,
             gateway,
             idle,
+            quic_only,
         } => {
             if !no_build {
                 setup::run()?;
@@ -188,7 +203,7 @@ fn main() -> Result<()> {
             if gateway {
                 return bench::run_gateway(rounds, quick);
             }
-            bench::run(rounds, quick, splice)
+            bench::run(rounds, quick, splice, quic_only)
         }
         Cmd::Fuzz {
             seconds,
@@ -196,6 +211,9 @@ fn main() -> Result<()> {
             sanitizer,
         } => fuzz::run(seconds, target.as_deref(), &sanitizer),
         Cmd::Layers => layers::run(),
+        Cmd::NetemDelay { queue, delay_us } => {
+            bench::delay_queue(queue, std::time::Duration::from_micros(delay_us))
+        }
         Cmd::Docs => run_cmd(
             Command::new(env!("CARGO"))
                 .current_dir(workspace_root())

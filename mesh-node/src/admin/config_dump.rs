@@ -132,6 +132,8 @@ pub struct SettingsView {
     pub exclude_cidrs: Vec<String>,
     /// Istio's root namespace (policies there apply mesh-wide).
     pub root_namespace: String,
+    /// Transport of new HBONE tunnels (`MeshConfig.spec.tunnelProtocol`: `h2` or `quic`).
+    pub tunnel_protocol: String,
 }
 
 /// A held workload certificate: identity, validity and the public chain. Never a key.
@@ -233,6 +235,7 @@ pub fn build(
         .collect();
     dump.settings.exclude_ports = st.settings.exclude_ports.clone();
     dump.settings.exclude_cidrs = st.settings.exclude_cidrs.clone();
+    dump.settings.tunnel_protocol = st.settings.tunnel_protocol.clone();
     dump.trust_bundle = crate::identity::certs::certs_from_pem(&st.trust_bundle_pem)
         .unwrap_or_default()
         .iter()

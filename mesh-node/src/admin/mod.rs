@@ -146,12 +146,16 @@ impl Reply {
 }
 
 /// The endpoints, for `GET /`.
-pub const ENDPOINTS: [(&str, &str); 5] = [
+pub const ENDPOINTS: [(&str, &str); 6] = [
     (
         "GET /config_dump",
         "workloads, services (with endpoints), policies and routing objects, mesh settings, certificates (public parts only)",
     ),
     ("GET /connections", "open connections"),
+    (
+        "POST /pool/forget",
+        "forget every pooled HBONE connection (HTTP/2 and QUIC): the next tunnels dial afresh; open tunnels finish on theirs",
+    ),
     (
         "GET /healthz/ready",
         "200 `ready` when serving, else 503 and the reason",
@@ -172,6 +176,7 @@ pub fn route(admin: &Status, method: &Method, path: &str, query: Option<&str>) -
     let allowed: &[Method] = match path {
         "/logging" => &[Method::GET, Method::POST],
         "/" | "/config_dump" | "/connections" | "/healthz/ready" => &[Method::GET],
+        "/pool/forget" => &[Method::POST],
         _ => {
             return Reply::error(
                 StatusCode::NOT_FOUND,
@@ -198,6 +203,18 @@ pub fn route(admin: &Status, method: &Method, path: &str, query: Option<&str>) -
         ),
         "/config_dump" => Reply::json(StatusCode::OK, &config_dump(admin)),
         "/connections" => Reply::json(StatusCode::OK, &crate::telemetry::conn::open_connections()),
+        "/pool/forget" => match admin.mesh() {
+            Some(m) => Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "forgotten": {"h2": m.pool.forget_all(), "quic": m.quic.forget_all()},
+                }),
+            ),
+            None => Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no mesh side (plain mode, or not started yet): no tunnel pool",
+            ),
+        },
         "/healthz/ready" => match admin.readiness() {
             Ok(()) => Reply::text(StatusCode::OK, "ready\n".into()),
             Err(why) => Reply::text(

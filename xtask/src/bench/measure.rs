@@ -1,6 +1,7 @@
 //! One path's measurements in one round: one stream (with the proxies' CPU time), request/
 //! response unpinned and with every process of the path pinned to one CPU, and new
-//! connections (pinned) in batches with TIME_WAIT drained between them.
+//! connections (pinned) in batches with TIME_WAIT drained between them, with the tunnel pool
+//! warm and (paths through a tunnel) cold.
 
 use super::util::{Output, checked, cpu_seconds, json_line, output, percentile};
 use super::{Env, PIN_CPU, Route};
@@ -19,6 +20,8 @@ pub struct Sample {
     pub rr_pinned: Value,
     pub rr_unpinned: Value,
     pub connlat: Value,
+    /// New connections with node1's tunnel pool forgotten before each (`Null`: not measured).
+    pub connlat_cold: Value,
 }
 
 impl Sample {
@@ -37,6 +40,7 @@ impl Sample {
             "rr_pinned": self.rr_pinned,
             "rr_unpinned": self.rr_unpinned,
             "connlat_pinned": self.connlat,
+            "connlat_cold_pinned": self.connlat_cold,
         })
     }
 }
@@ -44,11 +48,16 @@ impl Sample {
 pub fn measure(e: &Env, path: Route) -> Result<Sample> {
     let (throughput_bps, bytes, proxy_cpu_s) = stream(e, path)?;
     let rr_unpinned = rr(e, path, false).context("rr, unpinned")?;
-    let (rr_pinned, connlat) = {
+    let (rr_pinned, connlat, connlat_cold) = {
         let _pinned = Pinned::new(e.path_pids(path)?, &e.all_cpus)?;
         let rr_pinned = rr(e, path, true).context("rr, pinned")?;
         let connlat = connlat(e, path).context("connlat, pinned")?;
-        (rr_pinned, connlat)
+        let cold = if path.tunnelled() {
+            connlat_cold(e, path).context("connlat with a cold pool, pinned")?
+        } else {
+            Value::Null
+        };
+        (rr_pinned, connlat, cold)
     };
     if let Some(n) = connlat.get("errors").and_then(Value::as_u64)
         && n > 0
@@ -66,7 +75,70 @@ pub fn measure(e: &Env, path: Route) -> Result<Sample> {
         rr_pinned,
         rr_unpinned,
         connlat,
+        connlat_cold,
     })
+}
+
+/// New connections, each with node1's tunnel pool empty: `POST /pool/forget` on node1's
+/// proxy, then one `testpod connlat` connection (connect, HELLO, one echo, close), so each
+/// dials a new tunnel (TCP + TLS + HTTP/2, or QUIC + HTTP/3) before its CONNECT. From the
+/// second connection on, what was forgotten must be exactly the one tunnel of the previous
+/// connection, of the path's transport (so the figure is that transport's, with no fallback).
+fn connlat_cold(e: &Env, path: Route) -> Result<Value> {
+    let to = e.echo_target(path)?;
+    drain_time_wait(e, path)?;
+    let mut samples: Vec<f64> = Vec::with_capacity(e.p.cold_count);
+    let (mut errors, mut first_error) = (0u64, Value::Null);
+    let quic = path.tunnel_protocol() == "quic";
+    let (mut i, mut prev_ok) = (0, false);
+    while i < e.p.cold_count {
+        let (h2, q) = e.forget_pool()?;
+        let (mine, other) = if quic { (q, h2) } else { (h2, q) };
+        if i > 0 && (other > 0 || mine > 1 || (mine == 0 && prev_ok)) {
+            bail!(
+                "{} path: node1's pool held {h2} HTTP/2 and {q} QUIC connections after one new connection; expected one {} tunnel",
+                path.name(),
+                path.tunnel_protocol()
+            );
+        }
+        let mut cmd = client_command(e, path, true)?;
+        cmd.args(["connlat", "--to", &to])
+            .args(["--count", "1", "--warmup", "0"])
+            .args(["--size", &e.p.rr_size.to_string()])
+            .args(["--fin", "--samples"]);
+        let v = json_line(
+            output(cmd, Duration::from_secs(30), "testpod connlat")?,
+            "connlat",
+        )?;
+        let got: Vec<f64> = v
+            .get("samples_us")
+            .and_then(Value::as_array)
+            .context("testpod connlat: no samples_us")?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        errors += v.get("errors").and_then(Value::as_u64).unwrap_or(0);
+        if first_error.is_null() {
+            first_error = v.get("first_error").cloned().unwrap_or(Value::Null);
+        }
+        if got.is_empty() && errors > 3 {
+            bail!(
+                "testpod connlat with a cold pool: {errors} connections failed; first: {first_error}"
+            );
+        }
+        prev_ok = !got.is_empty();
+        samples.extend(got);
+        i += 1;
+    }
+    Ok(json!({
+        "count": samples.len(),
+        "p50_us": percentile(&samples, 50),
+        "p90_us": percentile(&samples, 90),
+        "p99_us": percentile(&samples, 99),
+        "errors": errors,
+        "first_error": first_error,
+        "how": "POST /pool/forget on node1's proxy before each connection",
+    }))
 }
 
 /// One long stream, unpinned: bits/s, bytes received, the proxies' CPU-seconds.

@@ -5,7 +5,9 @@
 //! Paths (the same `iperf3` and `testpod` clients and servers for all):
 //! - `direct`: a plain (not enrolled) pod → a plain pod on the other node;
 //! - `mesh`: an enrolled pod → an enrolled pod on the other node (capture → node proxy → HBONE
-//!   → the other node's proxy);
+//!   → the other node's proxy), HBONE over HTTP/2 (`MeshConfig.spec.tunnelProtocol: h2`);
+//! - `mesh-quic`: the same pods, HBONE over HTTP/3 over QUIC (`tunnelProtocol: quic`; the
+//!   bench rewrites the MeshConfig before each path and waits until node1's proxy has it);
 //! - `envoy`: the `direct` pods with an Envoy sidecar pair between them (mutual TLS 1.3,
 //!   see [`envoy`]);
 //! - `direct-local`: a plain pod → a plain pod on the same node;
@@ -15,9 +17,13 @@
 //! CPU time of the path's proxies; request/response on a kept connection (`testpod rr`),
 //! unpinned and with every process of the path pinned to one CPU; new connections
 //! (`testpod connlat`: connect, HELLO, one echo, close), pinned, in batches with TIME_WAIT
-//! drained before each. The memory of every agent, proxy and Envoy idle and after the load.
-//! Prints a table of medians and the targets of issue 12, and writes every value to
-//! `target/bench/latest.json`.
+//! drained before each, with the tunnel pool warm; for `mesh` and `mesh-quic` also with the
+//! pool cold (node1's pool forgotten through its admin API, `POST /pool/forget`, before each
+//! connection, so each one dials a new tunnel). Then the lossy scenario ([`lossy`]): `tc
+//! netem` on both nodes' links, 16 connections at once over one tunnel, HTTP/2 vs QUIC. The memory of every agent, proxy and Envoy idle and after the load.
+//! Prints a table of medians, the targets of issue 12 and of issue 16 (QUIC), and writes every
+//! value to `target/bench/latest.json`. `--quic-only`: only `mesh` and `mesh-quic` and the
+//! lossy scenario (no Envoy), JSON to `target/bench/latest-quic.json`.
 //!
 //! `cargo xtask bench --idle N` is another: memory per idle connection through the mesh; see
 //! [`idle`] and docs/performance.md ("Memory per connection").
@@ -28,6 +34,7 @@
 mod envoy;
 mod gateway;
 mod idle;
+mod lossy;
 mod measure;
 mod report;
 mod util;
@@ -68,6 +75,7 @@ pub const PIN_CPU: &str = "1";
 pub enum Route {
     Direct,
     Mesh,
+    MeshQuic,
     Envoy,
     DirectLocal,
     MeshLocal,
@@ -75,9 +83,10 @@ pub enum Route {
 
 impl Route {
     /// The table's column order; odd rounds run in this order, even rounds reversed.
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 6] = [
         Route::Direct,
         Route::Mesh,
+        Route::MeshQuic,
         Route::Envoy,
         Route::DirectLocal,
         Route::MeshLocal,
@@ -87,6 +96,7 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Mesh => "mesh",
+            Route::MeshQuic => "mesh-quic",
             Route::Envoy => "envoy",
             Route::DirectLocal => "direct-local",
             Route::MeshLocal => "mesh-local",
@@ -95,7 +105,7 @@ impl Route {
 
     pub fn client(self) -> &'static str {
         match self {
-            Route::Mesh | Route::MeshLocal => MESH_CLIENT,
+            Route::Mesh | Route::MeshQuic | Route::MeshLocal => MESH_CLIENT,
             Route::Direct | Route::Envoy | Route::DirectLocal => PLAIN_CLIENT,
         }
     }
@@ -103,7 +113,7 @@ impl Route {
     pub fn server(self) -> &'static str {
         match self {
             Route::Direct | Route::Envoy => PLAIN_SERVER,
-            Route::Mesh => MESH_SERVER,
+            Route::Mesh | Route::MeshQuic => MESH_SERVER,
             Route::DirectLocal => PLAIN_LOCAL_SERVER,
             Route::MeshLocal => MESH_LOCAL_SERVER,
         }
@@ -112,7 +122,7 @@ impl Route {
     /// What the path is compared with: the direct path between pods placed the same way.
     pub fn baseline(self) -> Option<Route> {
         match self {
-            Route::Mesh | Route::Envoy => Some(Route::Direct),
+            Route::Mesh | Route::MeshQuic | Route::Envoy => Some(Route::Direct),
             Route::MeshLocal => Some(Route::DirectLocal),
             Route::Direct | Route::DirectLocal => None,
         }
@@ -120,7 +130,21 @@ impl Route {
 
     /// Through the node proxies (node1's capture must count its connections).
     fn meshed(self) -> bool {
-        matches!(self, Route::Mesh | Route::MeshLocal)
+        matches!(self, Route::Mesh | Route::MeshQuic | Route::MeshLocal)
+    }
+
+    /// The MeshConfig `tunnelProtocol` the path runs with (`h2` for every path but
+    /// `mesh-quic`, so the other figures stay HTTP/2's).
+    pub fn tunnel_protocol(self) -> &'static str {
+        match self {
+            Route::MeshQuic => "quic",
+            _ => "h2",
+        }
+    }
+
+    /// Crosses a tunnel between the nodes: new connections are also measured with a cold pool.
+    pub fn tunnelled(self) -> bool {
+        matches!(self, Route::Mesh | Route::MeshQuic)
     }
 }
 
@@ -138,6 +162,13 @@ pub struct Params {
     pub conn_batch: usize,
     /// Untimed connections at the start of each batch.
     pub conn_warmup: usize,
+    /// New connections with a cold pool (each after `POST /pool/forget`), per round and path.
+    pub cold_count: usize,
+    /// Only `mesh`, `mesh-quic` and the lossy scenario.
+    pub quic_only: bool,
+    /// The lossy scenario: connections at once, round trips per connection.
+    pub lossy_conns: usize,
+    pub lossy_count: usize,
 }
 
 impl Params {
@@ -153,6 +184,19 @@ impl Params {
             conn_count: if quick { 500 } else { 2_000 },
             conn_batch: 250,
             conn_warmup: 10,
+            cold_count: if quick { 40 } else { 150 },
+            quic_only: false,
+            lossy_conns: 16,
+            lossy_count: if quick { 300 } else { 1_000 },
+        }
+    }
+
+    /// The paths measured, in the table's order.
+    pub fn routes(&self) -> Vec<Route> {
+        if self.quic_only {
+            vec![Route::Mesh, Route::MeshQuic]
+        } else {
+            Route::ALL.to_vec()
         }
     }
 }
@@ -173,11 +217,70 @@ pub struct Env<'a> {
     pub all_cpus: String,
     /// Server pod → pids of its echo server and `iperf3 -s`.
     servers: BTreeMap<&'static str, Vec<u32>>,
-    /// Envoy A and B.
-    envoy_pids: [u32; 2],
+    /// Envoy A and B (`None` with `--quic-only`).
+    envoy_pids: Option<[u32; 2]>,
+    /// The `tunnelProtocol` last written and seen by node1's proxy.
+    protocol: std::cell::RefCell<Option<&'static str>>,
 }
 
+/// node1's proxy admin API, in node1's netns.
+const ADMIN_URL: &str = "http://127.0.0.1:15000";
+
 impl Env<'_> {
+    /// `curl` to node1's proxy admin API; the JSON answer.
+    pub fn admin(&self, method: &str, path: &str) -> Result<Value> {
+        let mut cmd = self.c.node_command("node1", "curl")?;
+        cmd.args(["-sS", "--fail-with-body", "--max-time", "5", "-X", method])
+            .arg(format!("{ADMIN_URL}{path}"));
+        let out = util::checked(cmd, Duration::from_secs(10), "curl (node1 admin API)")?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("node1 admin {method} {path}: not JSON: {}", out.stdout))
+    }
+
+    /// `POST /pool/forget` on node1's proxy: (HTTP/2, QUIC) connections it had pooled.
+    pub fn forget_pool(&self) -> Result<(u64, u64)> {
+        let v = self.admin("POST", "/pool/forget")?;
+        let n = |k: &str| {
+            v.pointer(&format!("/forgotten/{k}"))
+                .and_then(Value::as_u64)
+                .with_context(|| format!("POST /pool/forget: no forgotten.{k} in {v}"))
+        };
+        Ok((n("h2")?, n("quic")?))
+    }
+
+    /// Writes `MeshConfig.spec.tunnelProtocol` (unless already in force) and waits until
+    /// node1's proxy reports it (`/config_dump` `settings.tunnel_protocol`).
+    pub fn set_protocol(&self, proto: &'static str) -> Result<()> {
+        if *self.protocol.borrow() == Some(proto) {
+            return Ok(());
+        }
+        self.c.write_config_file(
+            "meshconfig.yaml",
+            &format!(
+                "apiVersion: sidenode.io/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: default\n\
+                 spec:\n  tunnelProtocol: {proto}\n"
+            ),
+        )?;
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.admin("GET", "/config_dump")?;
+            let got = v
+                .pointer("/settings/tunnel_protocol")
+                .and_then(Value::as_str);
+            if got == Some(proto) {
+                break;
+            }
+            if Instant::now() > end {
+                bail!(
+                    "node1's proxy still reports tunnel_protocol {got:?} 30 s after MeshConfig tunnelProtocol: {proto}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        *self.protocol.borrow_mut() = Some(proto);
+        Ok(())
+    }
+
     /// The proxies a path crosses (name, pid); their CPU time is the path's "proxy CPU".
     pub fn proxies(&self, path: Route) -> Vec<(String, u32)> {
         let node = |n: &str| {
@@ -185,15 +288,15 @@ impl Env<'_> {
             pid.map(|p| (format!("{n}-proxy"), p))
         };
         match path {
-            Route::Mesh => [node("node1"), node("node2")]
+            Route::Mesh | Route::MeshQuic => [node("node1"), node("node2")]
                 .into_iter()
                 .flatten()
                 .collect(),
             Route::MeshLocal => node("node1").into_iter().collect(),
-            Route::Envoy => vec![
-                ("envoy-a".into(), self.envoy_pids[0]),
-                ("envoy-b".into(), self.envoy_pids[1]),
-            ],
+            Route::Envoy => self
+                .envoy_pids
+                .map(|[a, b]| vec![("envoy-a".into(), a), ("envoy-b".into(), b)])
+                .unwrap_or_default(),
             Route::Direct | Route::DirectLocal => Vec::new(),
         }
     }
@@ -265,14 +368,17 @@ pub fn run_idle(n: usize) -> Result<()> {
     idle::run(n, &mesh_node, &testpod)
 }
 
+pub use lossy::delay_queue;
+
 /// `cargo xtask bench --gateway`: see [`gateway`].
 pub fn run_gateway(rounds: usize, quick: bool) -> Result<()> {
     gateway::run(rounds, quick)
 }
 
-pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {
+pub fn run(rounds: usize, quick: bool, splice: bool, quic_only: bool) -> Result<()> {
     let params = Params {
         splice,
+        quic_only,
         ..Params::new(rounds, quick)
     };
     let release = target_dir().join("release");
@@ -283,11 +389,13 @@ pub fn run(rounds: usize, quick: bool, splice: bool) -> Result<()> {
             bail!("{} not found; build with --release first", bin.display());
         }
     }
-    for tool in ["iperf3", "taskset", "ss", "openssl", "getconf"] {
+    for tool in [
+        "iperf3", "taskset", "ss", "openssl", "getconf", "curl", "tc",
+    ] {
         which(tool).with_context(|| format!("{tool} not found (run `cargo xtask setup`)"))?;
     }
     let envoy = crate::setup::envoy_bin();
-    if crate::setup::envoy_version().is_none() {
+    if !quic_only && crate::setup::envoy_version().is_none() {
         bail!("{} does not run (run `cargo xtask setup`)", envoy.display());
     }
     // A cluster left by an interrupted run would block `up`.
@@ -368,19 +476,24 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         bg.push(echo);
         bg.push(iperf);
     }
-    let pair = envoy::start(
-        c,
-        envoy_bin,
-        PLAIN_CLIENT,
-        PLAIN_SERVER,
-        ECHO_PORT,
-        IPERF_PORT,
-    )?;
-    println!(
-        "bench: Envoy {} sidecar pair up ({PLAIN_CLIENT} 127.0.0.1 → mTLS 1.3 → {PLAIN_SERVER}), concurrency {}",
-        pair.version,
-        envoy::CONCURRENCY
-    );
+    let pair = if p.quic_only {
+        None
+    } else {
+        let pair = envoy::start(
+            c,
+            envoy_bin,
+            PLAIN_CLIENT,
+            PLAIN_SERVER,
+            ECHO_PORT,
+            IPERF_PORT,
+        )?;
+        println!(
+            "bench: Envoy {} sidecar pair up ({PLAIN_CLIENT} 127.0.0.1 → mTLS 1.3 → {PLAIN_SERVER}), concurrency {}",
+            pair.version,
+            envoy::CONCURRENCY
+        );
+        Some(pair)
+    };
     let env = Env {
         c,
         testpod,
@@ -388,7 +501,8 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         clk_tck: util::clk_tck(),
         all_cpus: util::online_cpus(),
         servers,
-        envoy_pids: [pair.a.pid(), pair.b.pid()],
+        envoy_pids: pair.as_ref().map(|p| [p.a.pid(), p.b.pid()]),
+        protocol: std::cell::RefCell::new(None),
     };
 
     // Idle memory: after startup, before any traffic.
@@ -401,16 +515,17 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
     let mut rounds: Vec<Round> = Vec::new();
     let mut orders = Vec::new();
     for r in 1..=p.rounds {
-        let mut order = Route::ALL.to_vec();
+        let mut order = p.routes();
         if r % 2 == 0 {
             order.reverse();
         }
         let mut round = Round::new();
         for path in &order {
+            env.set_protocol(path.tunnel_protocol())?;
             let s =
                 measure(&env, *path).with_context(|| format!("round {r}, {} path", path.name()))?;
             println!(
-                "round {r}/{} {:<12} {:>6.2} Gbit/s  cpu/GB {:>5}  rr p50 pinned {:>6.1} unpinned {:>6.1} µs  conn p50 {:>6.1} p99 {:>6.1} µs",
+                "round {r}/{} {:<12} {:>6.2} Gbit/s  cpu/GB {:>5}  rr p50 pinned {:>6.1} unpinned {:>6.1} µs  conn p50 {:>6.1} p99 {:>6.1} µs  cold p50 {:>6.1} µs",
                 p.rounds,
                 path.name(),
                 s.throughput_bps / 1e9,
@@ -420,6 +535,7 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
                 num(&s.rr_unpinned, "p50_us"),
                 num(&s.connlat, "p50_us"),
                 num(&s.connlat, "p99_us"),
+                num(&s.connlat_cold, "p50_us"),
             );
             round.insert(*path, s);
         }
@@ -429,7 +545,9 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
     // Right after the load.
     let mem_after = memory(&env);
 
-    let report = Report::new(p, &rounds, &mem_idle, &mem_after);
+    let lossy = lossy::run(&env).context("lossy scenario")?;
+
+    let report = Report::new(p, &rounds, &mem_idle, &mem_after, &lossy);
     print!("{}", report.text);
 
     let rounds_json: Vec<Value> = rounds
@@ -451,7 +569,8 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         .duration_since(UNIX_EPOCH)
         .context("clock before 1970")?
         .as_secs();
-    let paths: serde_json::Map<String, Value> = Route::ALL
+    let paths: serde_json::Map<String, Value> = p
+        .routes()
         .iter()
         .map(|r| {
             (
@@ -462,6 +581,7 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
                     "baseline": r.baseline().map(Route::name),
                     "proxies": env.proxies(*r).into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
                     "pinned": pinned_names(&env, *r),
+                    "tunnel_protocol": r.meshed().then(|| r.tunnel_protocol()),
                 }),
             )
         })
@@ -475,6 +595,10 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
             "rounds": p.rounds,
             "quick": p.quick,
             "splice": p.splice,
+            "quic_only": p.quic_only,
+            "connlat_cold_count": p.cold_count,
+            "lossy_conns": p.lossy_conns,
+            "lossy_count": p.lossy_count,
             "iperf3_seconds": p.iperf_secs,
             "rr_count": p.rr_count,
             "rr_warmup": p.rr_warmup,
@@ -484,14 +608,16 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
             "connlat_warmup_per_batch": p.conn_warmup,
             "pinned_cpu": PIN_CPU,
             "binaries": "target/release",
-            "envoy_version": pair.version,
+            "envoy_version": pair.as_ref().map(|p| p.version.clone()),
             "envoy_concurrency": envoy::CONCURRENCY,
         },
         "method": {
             "pinned": "client under taskset -c PIN; its server (echo, iperf3 -s) and every proxy/Envoy of the path pinned with taskset -a -p (all threads)",
             "unpinned": "no affinity; on this VM an idle vCPU halts and a cross-CPU wake-up costs ~30 µs, so the unpinned figure mostly counts wake-ups",
             "throughput": "iperf3 -c, one stream, unpinned",
-            "connlat": "testpod connlat --size rr_size --fin: connect, HELLO, one echo, close(); batches of connlat_batch with TIME_WAIT emptied before each in every netns of the path (ss -K state time-wait; waited out if any remain)",
+            "connlat": "testpod connlat --size rr_size --fin: connect, HELLO, one echo, close(); batches of connlat_batch with TIME_WAIT emptied before each in every netns of the path (ss -K state time-wait; waited out if any remain); the tunnel pool warm",
+            "connlat_cold": "mesh and mesh-quic: before each of connlat_cold_count connections (pinned), POST /pool/forget on node1's proxy admin API (127.0.0.1:15000): the pool holds no tunnel, so the connection dials a new one (TCP + TLS 1.3 + HTTP/2, or QUIC + HTTP/3) before its CONNECT; what was forgotten is checked to be of the path's transport",
+            "tunnel_protocol": "the bench writes MeshConfig spec.tunnelProtocol (h2 for every path but mesh-quic) and waits until node1's proxy reports it in /config_dump",
             "proxy_cpu": "utime+stime from /proc/<pid>/stat of the path's proxies before and after the iperf3 run, divided by the bytes iperf3 received",
             "rss": "VmRSS (and VmHWM as the peak) of each agent, proxy, the controller and both Envoys; idle = after startup before any traffic, after_load = after the last round",
         },
@@ -502,10 +628,14 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         "vs_baseline": report.vs_baseline,
         "memory": {"idle": mem(&mem_idle), "after_load": mem(&mem_after)},
         "targets": report.targets,
+        "quic": report.quic,
+        "lossy": lossy.json,
     });
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join(if p.splice {
+    let out = dir.join(if p.quic_only {
+        "latest-quic.json"
+    } else if p.splice {
         "latest-splice.json"
     } else {
         "latest.json"
@@ -539,7 +669,8 @@ fn num(v: &Value, key: &str) -> f64 {
 fn sanity(e: &Env) -> Result<Value> {
     let c = e.c;
     let mut out = serde_json::Map::new();
-    for path in Route::ALL {
+    for path in e.p.routes() {
+        e.set_protocol(path.tunnel_protocol())?;
         let client = path.client();
         let to = e.echo_target(path)?;
         let before = captured(c)?;
@@ -654,8 +785,10 @@ fn memory(e: &Env) -> BTreeMap<String, Mem> {
         .flat_map(|n| ["agent", "proxy"].map(|k| (format!("{n}-{k}"), c.pid(&n, k))))
         .collect();
     procs.push((CONTROLLER.into(), c.pid(CONTROLLER, CONTROLLER)));
-    procs.push(("envoy-a".into(), Some(e.envoy_pids[0])));
-    procs.push(("envoy-b".into(), Some(e.envoy_pids[1])));
+    if let Some([a, b]) = e.envoy_pids {
+        procs.push(("envoy-a".into(), Some(a)));
+        procs.push(("envoy-b".into(), Some(b)));
+    }
     procs
         .into_iter()
         .filter_map(|(name, pid)| Some((name, Mem::read(pid?)?)))

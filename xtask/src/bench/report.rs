@@ -1,6 +1,7 @@
 //! The table (path × measure, medians of the rounds, with what each path adds to its
 //! baseline), the memory table, the targets of issue 12, and `target/bench/latest.json`.
 
+use super::lossy::Lossy;
 use super::measure::Sample;
 use super::util::{Mem, median};
 use super::{Params, Route};
@@ -17,6 +18,9 @@ const TARGET_RR_ADDED_P50_US: f64 = 35.0;
 const TARGET_CONN_ADDED_P50_US: f64 = 250.0;
 const TARGET_LOCAL_TP_OF_DIRECT: f64 = 0.80;
 const TARGET_RSS_MB: f64 = 20.0;
+// Targets of issue 16 (HBONE over QUIC).
+const TARGET_LOSSY_P99_QUIC_OF_H2: f64 = 0.5;
+const TARGET_QUIC_TP_OF_H2: f64 = 0.8;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -90,6 +94,18 @@ fn measures(p: &Params) -> Vec<Measure> {
             kind: Kind::Added,
             get: |s| num(&s.connlat, "p99_us"),
         },
+        Measure {
+            key: "connlat_cold_pinned_p50_us",
+            label: "same, pool cold (new tunnel) p50, pinned, µs".into(),
+            kind: Kind::Added,
+            get: |s| num(&s.connlat_cold, "p50_us"),
+        },
+        Measure {
+            key: "connlat_cold_pinned_p99_us",
+            label: "same, pool cold (new tunnel) p99, pinned, µs".into(),
+            kind: Kind::Added,
+            get: |s| num(&s.connlat_cold, "p99_us"),
+        },
     ]
 }
 
@@ -98,6 +114,8 @@ pub struct Report {
     pub medians: Value,
     pub vs_baseline: Value,
     pub targets: Value,
+    /// HTTP/2 vs QUIC on the clean link, and the targets of issue 16.
+    pub quic: Value,
 }
 
 fn fmt_val(v: f64, kind: Kind) -> String {
@@ -153,7 +171,9 @@ impl Report {
         rounds: &[Round],
         idle: &BTreeMap<String, Mem>,
         after: &BTreeMap<String, Mem>,
+        lossy: &Lossy,
     ) -> Report {
+        let routes = p.routes();
         let ms = measures(p);
         let med = |r: Route, f: fn(&Sample) -> f64| -> f64 {
             let v: Vec<f64> = rounds.iter().filter_map(|x| x.get(&r)).map(f).collect();
@@ -161,7 +181,7 @@ impl Report {
         };
         let mut medians = Map::new();
         let mut vs = Map::new();
-        for r in Route::ALL {
+        for r in routes.iter().copied() {
             let mut m = Map::new();
             for x in &ms {
                 m.insert(x.key.into(), json!(nan_null(med(r, x.get))));
@@ -191,11 +211,11 @@ impl Report {
 
         // The path × measure table.
         let mut header = vec!["measure (medians)".to_string()];
-        header.extend(Route::ALL.iter().map(|r| r.name().to_string()));
+        header.extend(routes.iter().map(|r| r.name().to_string()));
         let mut rows = Vec::new();
         for x in &ms {
             let mut row = vec![x.label.clone()];
-            for r in Route::ALL {
+            for r in routes.iter().copied() {
                 let v = med(r, x.get);
                 let cell = match (x.kind, r.baseline()) {
                     (Kind::Ratio, Some(b)) if !v.is_nan() => {
@@ -222,8 +242,8 @@ impl Report {
         }
         let mut text = String::new();
         text.push_str(&format!(
-            "\n{} round(s); mesh and envoy are compared with direct, mesh-local with direct-local \
-             (same node): (+x) = added µs, (x %) = % of the baseline's throughput.\n\n",
+            "\n{} round(s); mesh, mesh-quic and envoy are compared with direct, mesh-local with \
+             direct-local (same node): (+x) = added µs, (x %) = % of the baseline's throughput.\n\n",
             rounds.len()
         ));
         text.push_str(&table(&header, &rows));
@@ -235,9 +255,11 @@ impl Report {
         text.push_str(&format!(
             "New connections: {} per round in batches of {}, an ordinary close (FIN); TIME_WAIT \
              emptied (ss -K, else waited out) in every namespace of the path before each batch.\n\
+             Pool cold: node1's tunnel pool forgotten (admin POST /pool/forget) before each of {} \
+             new connections, so each dials a new tunnel.\n\
              CPU per GB: utime+stime of the path's proxies (mesh: both node proxies; mesh-local: \
              node1's; envoy: both Envoys) over the iperf3 run, divided by the bytes received.\n",
-            p.conn_count, p.conn_batch
+            p.conn_count, p.conn_batch, p.cold_count
         ));
 
         // Memory.
@@ -365,32 +387,158 @@ impl Report {
                 rss_max <= TARGET_RSS_MB,
             ),
         ];
-        let trows: Vec<Vec<String>> = targets
-            .iter()
-            .map(|(target, measured, j)| {
-                vec![
-                    target.clone(),
-                    measured.clone(),
-                    if j.get("met") == Some(&Value::Bool(true)) {
-                        "met".into()
-                    } else {
-                        "missed".into()
-                    },
-                ]
-            })
-            .collect();
+        let trows = |targets: &[(String, String, Value)]| -> Vec<Vec<String>> {
+            targets
+                .iter()
+                .map(|(target, measured, j)| {
+                    vec![
+                        target.clone(),
+                        measured.clone(),
+                        if j.get("met") == Some(&Value::Bool(true)) {
+                            "met".into()
+                        } else {
+                            "missed".into()
+                        },
+                    ]
+                })
+                .collect()
+        };
+        let theader = ["target".into(), "measured".into(), "met/missed".into()];
+        // Issue 12's targets need every path (not with --quic-only).
+        let targets = if p.quic_only {
+            Vec::new()
+        } else {
+            text.push_str(&format!(
+                "\ntargets (issue 12)\n{}",
+                table(&theader, &trows(&targets))
+            ));
+            targets.to_vec()
+        };
+
+        // HTTP/2 vs QUIC, clean link then lossy, and issue 16's targets.
+        let (m, q) = (Route::Mesh, Route::MeshQuic);
+        let mut qrows = Vec::new();
+        let mut qjson = Map::new();
+        for key in [
+            "throughput_gbps",
+            "proxy_cpu_s_per_gb",
+            "rr_pinned_p50_us",
+            "rr_unpinned_p50_us",
+            "connlat_pinned_p50_us",
+            "connlat_cold_pinned_p50_us",
+            "connlat_cold_pinned_p99_us",
+        ] {
+            let Some(x) = ms.iter().find(|x| x.key == key) else {
+                continue;
+            };
+            let (h, k) = (med(m, x.get), med(q, x.get));
+            qrows.push(vec![
+                x.label.clone(),
+                fmt_val(h, x.kind),
+                fmt_val(k, x.kind),
+                format!("{:.2}", k / h),
+            ]);
+            qjson.insert(
+                key.into(),
+                json!({"h2": nan_null(h), "quic": nan_null(k), "quic_over_h2": nan_null(k / h)}),
+            );
+        }
         text.push_str(&format!(
-            "\ntargets (issue 12)\n{}",
+            "\nHBONE over HTTP/2 (mesh) vs over QUIC (mesh-quic), clean link (medians)\n{}",
             table(
-                &["target".into(), "measured".into(), "met/missed".into()],
-                &trows
+                &[
+                    "measure".into(),
+                    "h2".into(),
+                    "quic".into(),
+                    "quic / h2".into()
+                ],
+                &qrows
             )
         ));
+        let lh = lossy.medians.get("h2").copied().unwrap_or([f64::NAN; 4]);
+        let lq = lossy.medians.get("quic").copied().unwrap_or([f64::NAN; 4]);
+        let lrows: Vec<Vec<String>> = [
+            ("64 B RR p50, median of the connections, µs", 0),
+            ("64 B RR p90, median of the connections, µs", 1),
+            ("64 B RR p99, median of the connections, µs", 2),
+            ("64 B RR p99, worst connection, µs", 3),
+        ]
+        .iter()
+        .map(|(label, i)| {
+            vec![
+                label.to_string(),
+                format!("{:.0}", lh[*i]),
+                format!("{:.0}", lq[*i]),
+                format!("{:.2}", lq[*i] / lh[*i]),
+            ]
+        })
+        .collect();
+        text.push_str(&format!(
+            "\nlossy link ({} on both nodes' eth0 egress: iptables statistic DROP + NFQUEUE delayer), {} connections at once over one tunnel, {} round trips each (medians of the rounds)\n{}",
+            super::lossy::NETEM.join(" "),
+            p.lossy_conns,
+            p.lossy_count,
+            table(
+                &[
+                    "measure".into(),
+                    "h2".into(),
+                    "quic".into(),
+                    "quic / h2".into()
+                ],
+                &lrows
+            )
+        ));
+        let tp_ratio = g(q, tp) / g(m, tp);
+        let cold = "connlat_cold_pinned_p50_us";
+        let (cold_h2, cold_quic) = (g(m, cold), g(q, cold));
+        let p99_ratio = lq[2] / lh[2];
+        let qtargets = [
+            t(
+                format!(
+                    "lossy link: quic 64 B RR p99 ≤ {TARGET_LOSSY_P99_QUIC_OF_H2} × h2's (median of the connections)"
+                ),
+                format!("{:.0} vs {:.0} µs ({p99_ratio:.2} ×)", lq[2], lh[2]),
+                "lossy_p99_quic_over_h2",
+                p99_ratio,
+                p99_ratio <= TARGET_LOSSY_P99_QUIC_OF_H2,
+            ),
+            t(
+                format!(
+                    "clean link: quic throughput ≥ {:.0} % of h2's",
+                    TARGET_QUIC_TP_OF_H2 * 100.0
+                ),
+                format!(
+                    "{:.2} vs {:.2} Gbit/s ({:.0} %)",
+                    g(q, tp),
+                    g(m, tp),
+                    tp_ratio * 100.0
+                ),
+                "quic_throughput_of_h2",
+                tp_ratio,
+                tp_ratio >= TARGET_QUIC_TP_OF_H2,
+            ),
+            t(
+                "clean link: new connection with a cold pool, quic p50 < h2's".into(),
+                format!("{cold_quic:.0} vs {cold_h2:.0} µs"),
+                "connlat_cold_p50_quic_minus_h2_us",
+                cold_quic - cold_h2,
+                cold_quic < cold_h2,
+            ),
+        ];
+        text.push_str(&format!(
+            "\ntargets (issue 16, QUIC)\n{}",
+            table(&theader, &trows(&qtargets))
+        ));
+        let quic = json!({
+            "clean": qjson,
+            "targets": qtargets.into_iter().map(|(_, _, j)| j).collect::<Vec<_>>(),
+        });
         Report {
             text,
             medians: Value::Object(medians),
             vs_baseline: Value::Object(vs),
             targets: Value::Array(targets.into_iter().map(|(_, _, j)| j).collect()),
+            quic,
         }
     }
 }

@@ -75,6 +75,18 @@ impl Bg {
         Ok(Bg { child, what })
     }
 
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(st) = self
+            .child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.what))?
+        {
+            bail!("{} exited: {st}", self.what);
+        }
+        Ok(())
+    }
+
     /// Until every port listens (TCP) in the pod's netns; fails if the process exits first.
     pub fn wait_listening(
         &mut self,

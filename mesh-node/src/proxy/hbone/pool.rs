@@ -122,6 +122,16 @@ impl Pool {
         }
     }
 
+    /// Forgets every pooled connection (admin `POST /pool/forget`): the next tunnel to any
+    /// destination dials afresh; open tunnels finish on their connection, which closes once
+    /// its last stream ends. Returns how many were pooled.
+    pub fn forget_all(&self) -> usize {
+        self.conns
+            .lock()
+            .map(|mut m| m.drain().count())
+            .unwrap_or(0)
+    }
+
     /// Number of pooled connections (for metrics).
     pub fn len(&self) -> usize {
         self.conns
