@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod fuzz;
+mod kernels;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -77,6 +78,33 @@ enum Cmd {
         #[arg(long, default_value = "address")]
         sanitizer: String,
     },
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run the kernel-facing
+    /// end-to-end tests inside each; print kernel × test → pass/fail/skipped (JSON to
+    /// target/kernels/results.json). Downloads are cached in ~/.cache/sidenode/kernels.
+    Kernels {
+        /// 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Comma-separated test ids (capture, capture-ipv6, original-destination,
+        /// program-replace, strict, same-node, hbone), `all`, or `ci` (the CI subset).
+        #[arg(long, default_value = "all")]
+        tests: String,
+        /// Look for newer kernel packages in the archive even when some are cached.
+        #[arg(long)]
+        refresh: bool,
+        /// Use the binaries as they are (no cargo build).
+        #[arg(long)]
+        no_build: bool,
+        /// Seconds one test may take inside the VM.
+        #[arg(long, default_value_t = 900)]
+        test_timeout: u64,
+        /// The VM's memory (MiB).
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// The VM's CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
     Docs,
@@ -122,6 +150,29 @@ fn main() -> Result<()> {
             target,
             sanitizer,
         } => fuzz::run(seconds, target.as_deref(), &sanitizer),
+        Cmd::Kernels {
+            kernel,
+            tests,
+            refresh,
+            no_build,
+            test_timeout,
+            memory,
+            cpus,
+        } => {
+            let ok = kernels::run(kernels::Opts {
+                kernel,
+                tests,
+                refresh,
+                no_build,
+                test_timeout,
+                memory_mb: memory,
+                cpus,
+            })?;
+            if !ok {
+                bail!("some kernel tests failed");
+            }
+            Ok(())
+        }
         Cmd::Docs => run_cmd(
             Command::new(env!("CARGO"))
                 .current_dir(workspace_root())
