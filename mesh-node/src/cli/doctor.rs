@@ -371,7 +371,7 @@ fn kernel_check(release: Result<String, String>) -> Check {
             return Check::warn(
                 KERNEL,
                 format!("cannot read /proc/sys/kernel/osrelease: {e}"),
-                "check `uname -r`: sidenode needs Linux >= 5.8",
+                "check `uname -r`: sidenode needs Linux >= 5.14",
             );
         }
     };
@@ -384,12 +384,12 @@ fn kernel_check(release: Result<String, String>) -> Check {
                  probes below say what is missing",
                 MIN_KERNEL.0, MIN_KERNEL.1
             ),
-            "upgrade the node's kernel to Linux >= 5.8",
+            "upgrade the node's kernel to Linux >= 5.14",
         ),
         None => Check::warn(
             KERNEL,
             format!("cannot read a version in `{release}`"),
-            "check `uname -r`: sidenode needs Linux >= 5.8",
+            "check `uname -r`: sidenode needs Linux >= 5.14",
         ),
     }
 }
@@ -426,7 +426,10 @@ fn probe_checks(caps: Option<Caps>) -> Vec<Check> {
     let family = |v: Vec<crate::kernel::probe::Probed>| -> Vec<(String, &'static str, Result<bool, String>)> {
         v.into_iter().map(|p| (p.name, p.since, p.supported)).collect()
     };
-    let (programs, maps, helpers) = (family(f.programs), family(f.maps), family(f.helpers));
+    let (programs, maps) = (family(f.programs), family(f.maps));
+    // The agent's socket option is listed with the helpers: both are "can the agent use it".
+    let mut helpers = family(f.helpers);
+    helpers.extend(family(f.sockopts));
     vec![
         probe_check(PROGRAM_TYPES, "program types", &programs),
         probe_check(MAP_TYPES, "map types", &maps),
@@ -985,7 +988,7 @@ mod tests {
         assert_eq!(kernel_check(Ok("6.1.0".into())).status, Status::Ok);
         let old = kernel_check(Ok("5.4.0-generic".into()));
         assert_eq!(old.status, Status::Warn);
-        assert!(old.fix.is_some_and(|f| f.contains("5.8")));
+        assert!(old.fix.is_some_and(|f| f.contains("5.14")));
     }
 
     #[test]
@@ -1019,23 +1022,23 @@ mod tests {
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("b (Linux >= 5.7)"), "{c:?}");
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.14 ")),
             "{c:?}"
         );
         // A need newer than the documented minimum is what the fix names.
         let r2 = [
-            ("c".to_string(), "6.3", Ok(false)),
+            ("c".to_string(), "6.15", Ok(false)),
             ("d".to_string(), "4.19", Ok(false)),
         ];
         let c = probe_check(HELPERS, "helpers", &r2);
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 6.3 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 6.15 ")),
             "{c:?}"
         );
         let r3 = [("e".to_string(), "4.19", Ok(false))];
         let c = probe_check(HELPERS, "helpers", &r3);
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.14 ")),
             "{c:?}"
         );
         let ok = probe_check(HELPERS, "helpers", &r[..1]);

@@ -7,9 +7,10 @@ use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::BpfHelper;
 
-/// The oldest kernel sidenode is documented for (docs/kubernetes.md): the decision logs'
-/// ring buffer (5.8) is the newest feature every program object needs.
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
+/// The oldest kernel sidenode is documented for (docs/kubernetes.md): `SO_NETNS_COOKIE`
+/// (5.14), which the agent reads to enroll a pod, is the newest feature it needs (found on
+/// Debian 11's 5.10 by `cargo xtask kernels`: the programs load there, enrollment cannot work).
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
 
 /// The program types the capture programs are, and the kernel each appeared in.
 pub const PROGRAM_TYPES: [(ProgramType, &str, &str); 4] = [
@@ -90,6 +91,23 @@ pub struct Features {
     pub programs: Vec<Probed>,
     pub maps: Vec<Probed>,
     pub helpers: Vec<Probed>,
+    /// Socket options the agent itself reads (`SO_NETNS_COOKIE`: a pod's netns cookie).
+    pub sockopts: Vec<Probed>,
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): how the agent learns a pod's network namespace cookie,
+/// the key of `SN_ENROLLED`. `ENOPROTOOPT`: the kernel lacks it.
+fn netns_cookie_sockopt() -> Probed {
+    let supported = match super::netns::socket_cookie() {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    };
+    Probed {
+        name: "SO_NETNS_COOKIE socket option (pod enrollment)".into(),
+        since: "5.14",
+        supported,
+    }
 }
 
 /// Probes every program type, map type and helper of the tables above.
@@ -119,6 +137,7 @@ pub fn probe() -> Features {
                 supported: aya::sys::is_helper_supported(*t, *h).map_err(|e| e.to_string()),
             })
             .collect(),
+        sockopts: vec![netns_cookie_sockopt()],
     }
 }
 
@@ -169,6 +188,7 @@ pub fn missing(f: &Features) -> Vec<&Probed> {
         .iter()
         .chain(&f.maps)
         .chain(&f.helpers)
+        .chain(&f.sockopts)
         .filter(|p| matches!(p.supported, Ok(false)))
         .collect()
 }
@@ -196,7 +216,13 @@ pub fn require() -> Result<(), Unsupported> {
     let release =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "unknown".into());
     let f = probe();
-    for p in f.programs.iter().chain(&f.maps).chain(&f.helpers) {
+    for p in f
+        .programs
+        .iter()
+        .chain(&f.maps)
+        .chain(&f.helpers)
+        .chain(&f.sockopts)
+    {
         if let Err(e) = &p.supported {
             tracing::warn!(feature = %p.name, error = %e, "kernel feature probe failed");
         }
@@ -243,6 +269,7 @@ mod tests {
                     Err("EPERM".into()),
                 ),
             ],
+            sockopts: vec![p("SO_NETNS_COOKIE", "5.14", Ok(false))],
         };
         let e = judge(&f, "5.4.0-150-generic\n").expect_err("refused");
         let line = e.to_string();
@@ -257,7 +284,8 @@ mod tests {
             !line.contains("skb_load_bytes"),
             "a failed probe is not a missing feature"
         );
-        assert_eq!(e.need, (5, 8));
+        assert!(line.contains("SO_NETNS_COOKIE (Linux >= 5.14)"), "{line}");
+        assert_eq!(e.need, (5, 14));
         // Older features than the minimum still advise the minimum.
         let old = [p("x", "4.10", Ok(false))];
         assert_eq!(kernel_for(&old.iter().collect::<Vec<_>>()), MIN_KERNEL);
@@ -265,6 +293,7 @@ mod tests {
             programs: vec![p("a", "4.10", Ok(true))],
             maps: vec![p("b", "4.10", Err("EPERM".into()))],
             helpers: vec![],
+            sockopts: vec![],
         };
         assert!(judge(&ok, "6.1.0").is_ok());
     }
