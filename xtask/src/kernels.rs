@@ -109,6 +109,13 @@ pub const TESTS: &[VmTest] = &[
         bin: "hbone",
         filter: "meshed_traffic_is_encrypted_on_the_wire",
         tools: &["tcpdump"],
+        ci: false,
+    },
+    VmTest {
+        id: "hbone-ipv6",
+        bin: "hbone",
+        filter: "ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel",
+        tools: &[],
         ci: true,
     },
 ];
@@ -969,8 +976,12 @@ fn common_initramfs(
         table.push_str(&format!("{} {} {}\n", t.id, t.bin, t.filter));
     }
     std::fs::write(root.join("sn/tests"), table)?;
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    // tcpdump drops to its own user after opening the capture.
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:101:101::/nonexistent:/bin/false\n",
+    )?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\ntcpdump:x:101:\n")?;
     std::fs::write(
         root.join("etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n",
@@ -1127,11 +1138,23 @@ fn failure_reason(rc: &str, lines: &[String]) -> String {
     if rc == "137" {
         return "killed after the per-test timeout (--test-timeout)".into();
     }
+    // libtest prints `test NAME ... ` and then the test's `Error: …` on the same line.
     let pick = lines
         .iter()
-        .find(|l| l.starts_with("Error: "))
-        .or_else(|| lines.iter().find(|l| l.contains("panicked at")))
-        .or_else(|| lines.iter().rev().find(|l| !l.trim().is_empty()));
+        .find_map(|l| l.find("Error: ").map(|at| &l[at..]))
+        .or_else(|| {
+            lines
+                .iter()
+                .find(|l| l.contains("panicked at"))
+                .map(|l| l.as_str())
+        })
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.as_str())
+        });
     match pick {
         Some(l) => {
             let l = l.trim();
