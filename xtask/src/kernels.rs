@@ -7,7 +7,7 @@
 //! Downloads (`apt-get download` against a sources list of our own, so the host's apt state
 //! is untouched) and the initramfs parts are cached in `<cache>/kernels/` (`$SIDENODE_CACHE`,
 //! by default `~/.cache/sidenode`): about 85 MB of packages, 40 MB of kernels and modules,
-//! and one initramfs (~100 MB) rebuilt only when a binary changed. The Debian archive is the
+//! apt lists (~50 MB) and one initramfs (~135 MB) rebuilt only when a binary changed; about 300 MB in all. The Debian archive is the
 //! only network used, and only when a kernel is not cached yet (or with `--refresh`).
 
 use anyhow::{Context, Result, bail};
@@ -246,7 +246,10 @@ pub fn run(o: Opts) -> Result<bool> {
             log.display()
         );
         let t0 = Instant::now();
-        let mut outcomes = boot(img, &initrd, &run_ids, &o, &log)?;
+        let booted = boot(img, &initrd, &run_ids, &o, &log);
+        // The per-kernel archive is the common one plus a few modules: not worth keeping.
+        let _ = std::fs::remove_file(&initrd);
+        let mut outcomes = booted?;
         boots.push((k.name, t0.elapsed()));
         if let Some(r) = outcomes.remove("__release") {
             releases.insert(k.name, r);
