@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod fuzz;
+mod kernels;
 mod layers;
 mod setup;
 mod soak;
@@ -128,6 +129,33 @@ enum Cmd {
         #[arg(long)]
         delay_us: u64,
     },
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run the kernel-facing
+    /// end-to-end tests inside each; print kernel × test → pass/fail/skipped (JSON to
+    /// target/kernels/results.json). Downloads are cached in ~/.cache/sidenode/kernels.
+    Kernels {
+        /// 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Comma-separated test ids (capture, capture-ipv6, original-destination,
+        /// program-replace, strict, same-node, hbone, hbone-ipv6), `all`, or `ci` (the CI subset).
+        #[arg(long, default_value = "all")]
+        tests: String,
+        /// Look for newer kernel packages in the archive even when some are cached.
+        #[arg(long)]
+        refresh: bool,
+        /// Use the binaries as they are (no cargo build).
+        #[arg(long)]
+        no_build: bool,
+        /// Seconds one test may take inside the VM.
+        #[arg(long, default_value_t = 900)]
+        test_timeout: u64,
+        /// The VM's memory (MiB).
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// The VM's CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
     /// Regenerate the generated docs (docs/cli.md from the CLI's definitions); a unit test
     /// fails while the committed copy differs.
     Docs,
@@ -213,6 +241,29 @@ fn main() -> Result<()> {
         Cmd::Layers => layers::run(),
         Cmd::NetemDelay { queue, delay_us } => {
             bench::delay_queue(queue, std::time::Duration::from_micros(delay_us))
+        }
+        Cmd::Kernels {
+            kernel,
+            tests,
+            refresh,
+            no_build,
+            test_timeout,
+            memory,
+            cpus,
+        } => {
+            let ok = kernels::run(kernels::Opts {
+                kernel,
+                tests,
+                refresh,
+                no_build,
+                test_timeout,
+                memory_mb: memory,
+                cpus,
+            })?;
+            if !ok {
+                bail!("some kernel tests failed");
+            }
+            Ok(())
         }
         Cmd::Docs => run_cmd(
             Command::new(env!("CARGO"))

@@ -30,6 +30,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     // `cargo xtask bench --gateway`'s HTTPS load generator (h2load).
     "nghttp2-client",
+    // `cargo xtask kernels`: Debian's kernels booted under qemu (TCG), with a busybox
+    // initramfs (the busybox-static package is also downloaded as a .deb for the VM).
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 /// Packages whose maintainer scripts start and enable a system service on install; the

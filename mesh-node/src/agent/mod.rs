@@ -71,6 +71,8 @@ pub struct AgentConfig {
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let pins = Pins::new(&cfg.bpffs);
+    // A kernel without a feature the programs need: one clear line, not a verifier dump.
+    crate::kernel::probe::require()?;
     let (mut maps, how) =
         load::install(&pins, &cfg.cgroup_root, cfg.object).with_context(|| {
             format!(

@@ -25,9 +25,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use aya::maps::MapType;
-use aya::programs::ProgramType;
-use aya::sys::BpfHelper;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -155,70 +152,7 @@ pub const CONTROLLER: &str = "controller";
 pub const CERTIFICATES: &str = "certificates";
 pub const ENROLLMENT: &str = "enrollment";
 
-/// The oldest kernel sidenode is documented for (docs/kubernetes.md).
-const MIN_KERNEL: (u32, u32) = (5, 8);
-
-/// The program types the capture programs are, and the kernel each appeared in.
-const PROGRAM_TYPE_NEEDS: [(ProgramType, &str, &str); 4] = [
-    (
-        ProgramType::CgroupSockAddr,
-        "cgroup_sock_addr (sn_connect4/6)",
-        "4.17",
-    ),
-    (ProgramType::SockOps, "sock_ops (sn_sockops)", "4.13"),
-    (ProgramType::CgroupSkb, "cgroup_skb (sn_strict_in)", "4.10"),
-    (ProgramType::SkMsg, "sk_msg (sn_splice_msg)", "4.17"),
-];
-
-/// The map types of `mesh-common`'s maps, and the kernel each appeared in.
-const MAP_TYPE_NEEDS: [(MapType, &str, &str); 6] = [
-    (MapType::Hash, "hash", "3.19"),
-    (MapType::Array, "array", "3.19"),
-    (MapType::PerCpuArray, "percpu_array", "4.6"),
-    (MapType::LruHash, "lru_hash", "4.10"),
-    (MapType::LpmTrie, "lpm_trie", "4.11"),
-    (MapType::SockHash, "sockhash", "4.18"),
-];
-
-/// The helpers the programs call, from which program type, and the kernel that allowed it.
-const HELPER_NEEDS: [(ProgramType, BpfHelper, &str, &str); 6] = [
-    (
-        ProgramType::CgroupSockAddr,
-        BpfHelper::BPF_FUNC_get_netns_cookie,
-        "get_netns_cookie from cgroup_sock_addr",
-        "5.7",
-    ),
-    (
-        ProgramType::CgroupSockAddr,
-        BpfHelper::BPF_FUNC_get_socket_cookie,
-        "get_socket_cookie from cgroup_sock_addr",
-        "4.19",
-    ),
-    (
-        ProgramType::SockOps,
-        BpfHelper::BPF_FUNC_get_socket_cookie,
-        "get_socket_cookie from sock_ops",
-        "4.19",
-    ),
-    (
-        ProgramType::SockOps,
-        BpfHelper::BPF_FUNC_sock_hash_update,
-        "sock_hash_update from sock_ops",
-        "4.18",
-    ),
-    (
-        ProgramType::SkMsg,
-        BpfHelper::BPF_FUNC_msg_redirect_hash,
-        "msg_redirect_hash from sk_msg",
-        "4.18",
-    ),
-    (
-        ProgramType::CgroupSkb,
-        BpfHelper::BPF_FUNC_skb_load_bytes,
-        "skb_load_bytes from cgroup_skb",
-        "4.10",
-    ),
-];
+use crate::kernel::probe::{MIN_KERNEL, kernel_version};
 
 pub async fn run(a: DoctorArgs) -> Result<bool> {
     let report = diagnose(&a).await;
@@ -430,20 +364,6 @@ fn capabilities_check(caps: Result<Caps, String>) -> (Check, Option<Caps>) {
 
 // ---- kernel -------------------------------------------------------------------------------
 
-/// `6.18.44-fc` → (6, 18).
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.trim().split(['.', '-']);
-    let major = it.next()?.parse().ok()?;
-    let minor = it
-        .next()?
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()?;
-    Some((major, minor))
-}
-
 fn kernel_check(release: Result<String, String>) -> Check {
     let release = match release {
         Ok(r) => r.trim().to_string(),
@@ -451,7 +371,7 @@ fn kernel_check(release: Result<String, String>) -> Check {
             return Check::warn(
                 KERNEL,
                 format!("cannot read /proc/sys/kernel/osrelease: {e}"),
-                "check `uname -r`: sidenode needs Linux >= 5.8",
+                "check `uname -r`: sidenode needs Linux >= 5.14",
             );
         }
     };
@@ -464,12 +384,12 @@ fn kernel_check(release: Result<String, String>) -> Check {
                  probes below say what is missing",
                 MIN_KERNEL.0, MIN_KERNEL.1
             ),
-            "upgrade the node's kernel to Linux >= 5.8",
+            "upgrade the node's kernel to Linux >= 5.14",
         ),
         None => Check::warn(
             KERNEL,
             format!("cannot read a version in `{release}`"),
-            "check `uname -r`: sidenode needs Linux >= 5.8",
+            "check `uname -r`: sidenode needs Linux >= 5.14",
         ),
     }
 }
@@ -502,36 +422,14 @@ fn probe_checks(caps: Option<Caps>) -> Vec<Check> {
             Check::skipped(HELPERS, why),
         ];
     }
-    let programs: Vec<(String, &str, Result<bool, String>)> = PROGRAM_TYPE_NEEDS
-        .iter()
-        .map(|(t, name, since)| {
-            (
-                name.to_string(),
-                *since,
-                aya::sys::is_program_supported(*t).map_err(|e| e.to_string()),
-            )
-        })
-        .collect();
-    let maps: Vec<(String, &str, Result<bool, String>)> = MAP_TYPE_NEEDS
-        .iter()
-        .map(|(t, name, since)| {
-            (
-                name.to_string(),
-                *since,
-                aya::sys::is_map_supported(*t).map_err(|e| e.to_string()),
-            )
-        })
-        .collect();
-    let helpers: Vec<(String, &str, Result<bool, String>)> = HELPER_NEEDS
-        .iter()
-        .map(|(t, h, name, since)| {
-            (
-                name.to_string(),
-                *since,
-                aya::sys::is_helper_supported(*t, *h).map_err(|e| e.to_string()),
-            )
-        })
-        .collect();
+    let f = crate::kernel::probe::probe();
+    let family = |v: Vec<crate::kernel::probe::Probed>| -> Vec<(String, &'static str, Result<bool, String>)> {
+        v.into_iter().map(|p| (p.name, p.since, p.supported)).collect()
+    };
+    let (programs, maps) = (family(f.programs), family(f.maps));
+    // The agent's socket option is listed with the helpers: both are "can the agent use it".
+    let mut helpers = family(f.helpers);
+    helpers.extend(family(f.sockopts));
     vec![
         probe_check(PROGRAM_TYPES, "program types", &programs),
         probe_check(MAP_TYPES, "map types", &maps),
@@ -1090,7 +988,7 @@ mod tests {
         assert_eq!(kernel_check(Ok("6.1.0".into())).status, Status::Ok);
         let old = kernel_check(Ok("5.4.0-generic".into()));
         assert_eq!(old.status, Status::Warn);
-        assert!(old.fix.is_some_and(|f| f.contains("5.8")));
+        assert!(old.fix.is_some_and(|f| f.contains("5.14")));
     }
 
     #[test]
@@ -1124,23 +1022,23 @@ mod tests {
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("b (Linux >= 5.7)"), "{c:?}");
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.14 ")),
             "{c:?}"
         );
         // A need newer than the documented minimum is what the fix names.
         let r2 = [
-            ("c".to_string(), "6.3", Ok(false)),
+            ("c".to_string(), "6.15", Ok(false)),
             ("d".to_string(), "4.19", Ok(false)),
         ];
         let c = probe_check(HELPERS, "helpers", &r2);
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 6.3 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 6.15 ")),
             "{c:?}"
         );
         let r3 = [("e".to_string(), "4.19", Ok(false))];
         let c = probe_check(HELPERS, "helpers", &r3);
         assert!(
-            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.8 ")),
+            c.fix.as_deref().is_some_and(|f| f.contains(">= 5.14 ")),
             "{c:?}"
         );
         let ok = probe_check(HELPERS, "helpers", &r[..1]);

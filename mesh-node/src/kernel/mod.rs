@@ -16,6 +16,7 @@ pub mod maps;
 pub mod mounts;
 pub mod netns;
 pub mod podns;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 

@@ -54,7 +54,7 @@ fn cookie_inside(ns: &File) -> std::io::Result<u64> {
     socket_cookie()
 }
 
-fn socket_cookie() -> std::io::Result<u64> {
+pub(crate) fn socket_cookie() -> std::io::Result<u64> {
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
