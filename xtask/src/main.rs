@@ -38,6 +38,10 @@ enum Cmd {
         /// Skip the one-minute soak.
         #[arg(long)]
         no_soak: bool,
+        /// Skip the kernel matrix's CI subset (`kernels --tests ci`: capture and an HBONE
+        /// tunnel under Debian's 5.10, 6.1 and 6.12 kernels in qemu, ~3 minutes).
+        #[arg(long)]
+        no_kernels: bool,
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -172,17 +176,32 @@ fn main() -> Result<()> {
             setup::run()?;
             build(release)
         }
-        Cmd::Test { no_soak, args } => {
+        Cmd::Test {
+            no_soak,
+            no_kernels,
+            args,
+        } => {
             setup::run()?;
             build(false)?;
             let tests = test(&args);
-            if no_soak {
-                return tests;
-            }
-            // The smoke soak runs even when a test failed; both results count.
-            let soaked = soak::run(soak::Opts::smoke());
+            // The smoke soak and the kernel matrix run even when a test failed; every result
+            // counts.
+            let soaked = if no_soak {
+                Ok(())
+            } else {
+                soak::run(soak::Opts::smoke())
+            };
+            let kernels = if no_kernels {
+                Ok(true)
+            } else {
+                kernels::run(kernels::Opts::ci())
+            };
             tests?;
-            soaked
+            soaked?;
+            if !kernels? {
+                bail!("the kernel matrix (cargo xtask kernels --tests ci) failed");
+            }
+            Ok(())
         }
         Cmd::Soak {
             minutes,
