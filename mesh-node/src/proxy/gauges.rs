@@ -60,25 +60,14 @@ const BUCKETS: (&str, &str) = (
 
 impl NodeCollector {
     pub fn new(shared: Arc<Shared>) -> Self {
-        let descs = [
-            (CAPTURE, vec!["event"]),
-            (ENROLLED, vec![]),
-            (CERT_EXPIRY, vec!["identity"]),
-            (POOL, vec!["transport"]),
-            (OPEN, vec!["reporter"]),
-            (BUCKETS, vec![]),
-        ]
-        .into_iter()
-        .filter_map(|((name, help), labels)| {
-            Desc::new(
-                name.to_string(),
-                help.to_string(),
-                labels.into_iter().map(String::from).collect(),
-                Default::default(),
-            )
-            .ok()
-        })
-        .collect();
+        let descs = crate::telemetry::metrics::descs(&[
+            (CAPTURE, &["event"]),
+            (ENROLLED, &[]),
+            (CERT_EXPIRY, &["identity"]),
+            (POOL, &["transport"]),
+            (OPEN, &["reporter"]),
+            (BUCKETS, &[]),
+        ]);
         NodeCollector { shared, descs }
     }
 

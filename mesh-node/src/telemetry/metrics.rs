@@ -72,6 +72,22 @@ pub fn count_conn_refused(direction: &str, reason: &str) {
         .inc();
 }
 
+/// The descriptions of a collector's metric families: `((name, help), label names)` each.
+pub fn descs(families: &[((&str, &str), &[&str])]) -> Vec<prometheus::core::Desc> {
+    families
+        .iter()
+        .filter_map(|((name, help), labels)| {
+            prometheus::core::Desc::new(
+                name.to_string(),
+                help.to_string(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )
+            .ok()
+        })
+        .collect()
+}
+
 /// The text exposition of every metric.
 pub fn render() -> String {
     let mut out = String::new();

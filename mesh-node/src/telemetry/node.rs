@@ -42,23 +42,12 @@ impl StateCollector {
     pub fn register() {
         static DONE: OnceLock<()> = OnceLock::new();
         DONE.get_or_init(|| {
-            let descs = [
-                (STATE_VERSION, vec![]),
-                (STATE_UPDATES, vec!["kind"]),
-                (STATE_LAG, vec![]),
-                (STATE_CONNECTED, vec![]),
-            ]
-            .into_iter()
-            .filter_map(|((name, help), labels)| {
-                Desc::new(
-                    name.to_string(),
-                    help.to_string(),
-                    labels.into_iter().map(String::from).collect(),
-                    Default::default(),
-                )
-                .ok()
-            })
-            .collect();
+            let descs = super::metrics::descs(&[
+                (STATE_VERSION, &[]),
+                (STATE_UPDATES, &["kind"]),
+                (STATE_LAG, &[]),
+                (STATE_CONNECTED, &[]),
+            ]);
             let _ = crate::telemetry::metrics::metrics()
                 .registry
                 .register(Box::new(StateCollector { descs }));
