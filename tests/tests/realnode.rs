@@ -426,9 +426,12 @@ spec:
         "direction=\"inbound\"".to_string(),
         "transport=\"hbone\"".to_string(),
         "security=\"mutual_tls\"".to_string(),
-        format!("client={first_ip}}}"),
         format!("src.identity={}", principal(CLIENT)),
     ];
+    // The whole address: the field ends the span (`}`) or another field follows (` `).
+    let client_is = |l: &str| {
+        l.contains(&format!("client={first_ip}}}")) || l.contains(&format!("client={first_ip} "))
+    };
     cx.c.wait_for(
         "node 2's proxy logs the tunnel of the first connection",
         WAIT,
@@ -437,7 +440,7 @@ spec:
                 cx.c.kubectl(&["logs", "-n", MESH_NS, &cx.c.node_pod(2)?, "-c", "proxy"])?;
             Ok(log
                 .lines()
-                .any(|l| want.iter().all(|w| l.contains(w.as_str())))
+                .any(|l| want.iter().all(|w| l.contains(w.as_str())) && client_is(l))
                 .then_some(()))
         },
     )?;
