@@ -9,6 +9,8 @@
 //! - `GET /connections` — the open connections (`telemetry::conn`);
 //! - `GET /healthz/ready` — `200 ready` once the proxy serves (listeners bound; in mesh mode the
 //!   first state received), else `503` with the reason;
+//! - `POST /pool/forget` — empty the HTTP/2 and QUIC tunnel pools: the next connections dial
+//!   new tunnels, open ones finish (the benchmark's cold-pool measure);
 //! - `GET /logging`, `POST /logging?level=LEVEL` or `?filter=DIRECTIVES` — the log filter, read
 //!   or replaced at run time (`logging`).
 //!

@@ -358,9 +358,9 @@ struct ProxyArgs {
     /// Prometheus metrics address (default: proxy-ip:15020).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
-    /// Admin API address (`/config_dump`, `/connections`, `/healthz/ready`, `/logging`). It
-    /// has no authentication, so only a loopback address is accepted without
-    /// --admin-allow-remote.
+    /// Admin API address (`/config_dump`, `/connections`, `/healthz/ready`, `/logging`,
+    /// `/pool/forget`). It has no authentication, so only a loopback address is accepted
+    /// without --admin-allow-remote.
     #[arg(long, default_value_t = defaults::ADMIN_ADDR)]
     admin: std::net::SocketAddr,
     /// Accept a non-loopback --admin address: anyone who reaches it can read the mesh's
