@@ -245,8 +245,14 @@ fn testpod_bin() -> PathBuf {
     crate::mesh_node_bin().with_file_name("testpod")
 }
 
-/// Start a `testpod` server mode in a pod and wait for its `serving` line.
-fn start_server(c: &Cluster, pod: &str, args: &[&str], log: &Path) -> Result<Proc> {
+/// Starts `testpod` with `args` in a pod, its stderr appended to `log`; its stdout is returned
+/// to be read.
+fn spawn_testpod(
+    c: &Cluster,
+    pod: &str,
+    args: &[impl AsRef<std::ffi::OsStr> + std::fmt::Debug],
+    log: &Path,
+) -> Result<(std::process::Child, std::process::ChildStdout)> {
     let err = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -259,7 +265,13 @@ fn start_server(c: &Cluster, pod: &str, args: &[&str], log: &Path) -> Result<Pro
         .stderr(Stdio::from(err))
         .spawn()
         .with_context(|| format!("starting testpod {args:?} in {pod}"))?;
-    let out = child.stdout.take().context("server stdout")?;
+    let out = child.stdout.take().context("testpod stdout")?;
+    Ok((child, out))
+}
+
+/// Start a `testpod` server mode in a pod and wait for its `serving` line.
+fn start_server(c: &Cluster, pod: &str, args: &[&str], log: &Path) -> Result<Proc> {
+    let (mut child, out) = spawn_testpod(c, pod, args, log)?;
     let mut line = String::new();
     BufReader::new(out)
         .read_line(&mut line)
@@ -520,19 +532,7 @@ fn start_load(
     log: &Path,
     started: std::sync::mpsc::Sender<bool>,
 ) -> Result<(Proc, std::thread::JoinHandle<Result<String>>)> {
-    let err = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let mut child = c
-        .pod_command(client, testpod_bin())?
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err))
-        .spawn()
-        .with_context(|| format!("starting testpod soak-load in {client}"))?;
-    let out = child.stdout.take().context("load stdout")?;
+    let (child, out) = spawn_testpod(c, client, args, log)?;
     let mut out = BufReader::new(out);
     let log = log.to_path_buf();
     let who = client.to_string();
