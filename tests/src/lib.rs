@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod hbone_wire;
 pub mod kube;
+pub mod openssl;
 pub mod realnode;
 pub mod soak;
 pub mod tls;
