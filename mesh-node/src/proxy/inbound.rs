@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Mesh;
-use super::hbone::{Refusal, TLS_READ_BUF, Transport, count_refusal, server};
+use super::hbone::{Refusal, TLS_READ_BUF, TLS_SEND_BUF, Transport, count_refusal, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::kernel::netns::{bind_in_netns, netns_id};
@@ -328,7 +328,7 @@ async fn accept_loop(
                     }
                 };
                 let acceptor = TlsAcceptor::from(cert.server_config.clone());
-                let tls = match tokio::time::timeout(
+                let mut tls = match tokio::time::timeout(
                     crate::defaults::HBONE_HANDSHAKE_TIMEOUT,
                     acceptor.accept(tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)),
                 )
@@ -347,6 +347,7 @@ async fn accept_loop(
                         return;
                     }
                 };
+                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUF));
                 let Some(peer_identity) = tls
                     .get_ref()
                     .1

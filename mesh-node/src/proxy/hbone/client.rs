@@ -13,7 +13,7 @@ use super::pool::{Pool, PoolKey, Sender};
 use super::stream::H2Stream;
 use super::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST,
-    MAX_SEND_BUF, Refusal, STREAM_WINDOW, TLS_READ_BUF,
+    MAX_SEND_BUF, Refusal, STREAM_WINDOW, TLS_READ_BUF, TLS_SEND_BUF,
 };
 use crate::identity::Identity;
 use crate::identity::manager::WorkloadCert;
@@ -198,7 +198,7 @@ async fn dial(
         .await
         .map_err(|source| TunnelError::Connect { addr, source })?;
     let connector = TlsConnector::from(cert.client_config(dst_identity.clone())?);
-    let tls = connector
+    let mut tls = connector
         .connect(
             ServerName::IpAddress(addr.ip().into()),
             tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp),
@@ -209,6 +209,7 @@ async fn dial(
             reason: Refusal::of_tls(&source),
             source,
         })?;
+    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUF));
     let (h2, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -34,8 +34,17 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// allocation (90 % of the destination proxy's page faults under a bulk flow); at 64 KiB the
 /// buffers come from the allocator's free lists, and a frame is still one socket write.
 /// ztunnel advertises 1 MiB; the two need not agree (each side sends frames no larger than
-/// the peer's setting), so this stays ours, chosen for performance.
-pub const MAX_FRAME: u32 = 64 * 1024;
+/// the peer's setting), so this stays ours, chosen for performance. 9 bytes short of 64 KiB so
+/// that a full frame and its 9-byte header fill exactly four 16 KiB TLS records: at 64 KiB
+/// every frame left a fifth record of 9 bytes, written (TCP_NODELAY) as a packet of its own.
+pub const MAX_FRAME: u32 = 64 * 1024 - FRAME_HEADER;
+/// An HTTP/2 frame header's size.
+const FRAME_HEADER: u32 = 9;
+/// Encrypted bytes rustls queues for the socket before it stops taking plaintext (rustls'
+/// default is 64 KiB). A full DATA frame plus its header and the records' overhead is more
+/// than 64 KiB, so at the default h2's write of one frame was taken in two parts and went out
+/// in two `writev`s; with room for a few frames a frame is always one `writev`.
+pub const TLS_SEND_BUF: usize = 256 * 1024;
 /// Bytes h2 queues per stream before the sender must wait (hyper's client default, 1 MiB).
 pub const MAX_SEND_BUF: usize = 1024 * 1024;
 /// Largest header block accepted (hyper's default, 16 KiB; ztunnel's client also 16 KiB, its
