@@ -372,6 +372,91 @@ fn splicing_is_off_unless_asked_for() -> Result<()> {
     Ok(())
 }
 
+/// Without `--splice` a same-node connection's two sockets are joined by `splice(2)` in the
+/// proxy (`proxy::zero_copy`): every byte arrives in order both ways (100 MB, half-close,
+/// 16 at once), both reporters count exactly the bytes that moved, a reset client ends the
+/// copy, and the destination's policy still closes an open connection.
+#[test]
+fn same_node_bytes_move_in_the_kernel_and_count_exactly() -> Result<()> {
+    let _g = serial();
+    let (c, _remote, _local) = splice_cluster(&[])?;
+    let sel = |reporter: &'static str| {
+        [
+            ("reporter", reporter),
+            ("destination_workload", LOCAL_POD),
+            ("source_workload", CLIENT),
+        ]
+    };
+    let bytes = |m: &str, name: &str, reporter: &'static str| metric_value(m, name, &sel(reporter));
+    let before = proxy_metrics(&c, "node1")?;
+    let (conns, payload) = (17u64, 100 * MB + 16 * 4 * MB);
+    transfer(&c, CLIENT, LOCAL, 100 * MB, 1)?;
+    transfer(&c, CLIENT, LOCAL, 4 * MB, 16)?;
+    // Counters are published when a connection closes; the last close may trail the client.
+    let mut last = String::new();
+    let settled = wait_until(Duration::from_secs(10), || {
+        last = proxy_metrics(&c, "node1")?;
+        Ok(["source", "destination"].iter().all(|r| {
+            bytes(&last, "istio_tcp_received_bytes_total", r)
+                - bytes(&before, "istio_tcp_received_bytes_total", r)
+                >= payload as f64
+        }))
+    })?;
+    ensure!(settled, "the byte counters did not reach {payload}");
+    for reporter in ["source", "destination"] {
+        let received = bytes(&last, "istio_tcp_received_bytes_total", reporter)
+            - bytes(&before, "istio_tcp_received_bytes_total", reporter);
+        let sent = bytes(&last, "istio_tcp_sent_bytes_total", reporter)
+            - bytes(&before, "istio_tcp_sent_bytes_total", reporter);
+        ensure!(
+            received == payload as f64,
+            "{reporter}: {received} bytes counted received, the clients sent {payload}"
+        );
+        // Back: the echo plus one HELLO line (under 64 bytes) per connection.
+        let hello = sent - payload as f64;
+        ensure!(
+            hello > 0.0 && hello < (64 * conns) as f64,
+            "{reporter}: {sent} bytes counted sent for an echo of {payload} and {conns} greetings"
+        );
+    }
+    // 200 connections closed by the client with a reset after one echo: each copy ends and
+    // its sockets and pipes go (pipes back to the proxy's pool: its fds return to where the
+    // transfers above left them).
+    let proxy = c.pid("node1", "proxy").context("no node1 proxy pid")?;
+    let fds = open_fds(proxy)?;
+    let out = c
+        .pod_command(CLIENT, testpod())?
+        .args(["connlat", "--to", LOCAL, "--count", "200", "--size", "64"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running testpod connlat")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("\"errors\":0"),
+        "connlat {CLIENT} -> {LOCAL}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = wait_until(Duration::from_secs(10), || Ok(open_fds(proxy)? <= fds))?;
+    ensure!(
+        back,
+        "the proxy holds {} fds after 200 reset connections (had {fds})",
+        open_fds(proxy)?
+    );
+    // The destination's policy closes an open zero-copy connection.
+    let mut s = Session::open(&c, &testpod(), CLIENT, LOCAL)?;
+    ensure!(s.echo("one")? == "one", "first echo");
+    c.write_config_file(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-pod1\n  namespace: mesh\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/mesh/sa/sa-node1-pod1\"]\n    to:\n    - operation:\n        ports: [\"8081\"]\n",
+    )?;
+    let closed = wait_until(Duration::from_secs(10), || Ok(s.echo("still?").is_err()))?;
+    ensure!(
+        closed,
+        "the open same-node connection outlived the DENY policy"
+    );
+    Ok(())
+}
+
 /// Connections from the client to the same-node server that node1 reported as their
 /// destination, authenticated as a tunnel would be (`metrics`: node1's page).
 fn same_node_opened(metrics: &str) -> f64 {

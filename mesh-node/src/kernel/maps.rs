@@ -120,6 +120,9 @@ pub struct ProxyMaps {
     pub orig_dst: HashMap<MapData, SockKey, OrigDst>,
     /// The capture counters (read for the proxy's metrics).
     pub stats: PerCpuArray<MapData, u64>,
+    /// The kernel-spliced sockets' state (`SN_SPLICE_ST`); `None` on pins of a version
+    /// without splicing.
+    pub splice_state: Option<HashMap<MapData, SpliceKey, u32>>,
 }
 
 impl ProxyMaps {
@@ -128,7 +131,26 @@ impl ProxyMaps {
             enrolled: typed!(pins, mesh_common::ENROLLED),
             orig_dst: typed!(pins, mesh_common::ORIG_DST),
             stats: typed!(pins, mesh_common::STATS),
+            splice_state: open_typed(pins, mesh_common::SPLICE_STATE).ok(),
         })
+    }
+
+    /// Whether the agent's kernel splicing (`agent --splice`) holds the socket of this
+    /// connection (`local` its own address): such a socket's received bytes skip its receive
+    /// queue, so they must be read, never `splice(2)`d (`proxy::zero_copy`). Membership is
+    /// settled once the connection is established (`sn_sockops`). When the map cannot answer,
+    /// the socket counts as spliced (the ordinary copy is always safe).
+    pub fn spliced(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        let Some(state) = &self.splice_state else {
+            return false;
+        };
+        let key = SpliceKey {
+            local: ip_to_addr(local.ip()),
+            remote: ip_to_addr(remote.ip()),
+            local_port: local.port(),
+            remote_port: remote.port(),
+        };
+        !matches!(state.get(&key, 0), Err(aya::maps::MapError::KeyNotFound))
     }
 
     /// The original destination of an accepted connection, by its peer address.

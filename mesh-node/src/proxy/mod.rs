@@ -27,6 +27,7 @@ pub mod reply;
 pub mod route;
 pub mod socket;
 pub mod status;
+pub mod zero_copy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -19,13 +19,14 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::hbone::client::TunnelRequest;
 use super::hbone::dial::{self, Tunnel};
+use super::hbone::server::{self, Downstream};
 use super::hbone::stream;
-use super::hbone::{Refusal, Transport, count_refusal, server};
+use super::hbone::{Refusal, Transport, count_refusal};
 use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
-use super::{COPY_BUF, Mesh, Shared};
+use super::{COPY_BUF, Mesh, Shared, zero_copy};
 use crate::identity::Identity;
-use crate::kernel::maps::orig_dst_addr;
+use crate::kernel::maps::{ProxyMaps, orig_dst_addr};
 use crate::state::NodeState;
 use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
 use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
@@ -224,7 +225,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 match open_upstream(&direct, dst, shared.connect_timeout).await {
                     Ok(up) => {
                         let m = meta(Some(&up));
-                        splice(inbound, up, m, started, &direct.trace).await
+                        splice(inbound, up, m, started, &direct.trace, Some(maps)).await
                     }
                     Err(f) => {
                         failed_with(meta(None), &f, started);
@@ -255,7 +256,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     match open_upstream(&ctx, dst, shared.connect_timeout).await {
         Ok(up) => {
             let meta = conn_meta(&ctx, dst, None, Some(&up));
-            splice(inbound, up, meta, started, &ctx.trace).await
+            splice(inbound, up, meta, started, &ctx.trace, Some(maps)).await
         }
         Err(f) => {
             if let Some(reason) = f.refusal {
@@ -410,7 +411,7 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
                         .report(&r.cluster, endpoint, Outcome::Success, od);
                 }
                 let meta = conn_meta(c, endpoint, Some(&r.service), Some(&up));
-                splice(inbound, up, meta, started, &c.trace).await;
+                splice(inbound, up, meta, started, &c.trace, shared.maps.as_ref()).await;
                 drop(active);
                 return;
             }
@@ -656,6 +657,19 @@ async fn tunnel(
     }
 }
 
+/// Whether the agent's kernel splicing (`agent --splice`) holds any of these sockets: their
+/// bytes must then be read and written, not moved with `splice(2)` (`zero_copy`).
+fn held_by_kernel_splicing(maps: Option<&ProxyMaps>, sockets: &[&TcpStream]) -> bool {
+    let Some(maps) = maps else { return false };
+    sockets
+        .iter()
+        .any(|s| match (s.local_addr(), s.peer_addr()) {
+            (Ok(local), Ok(peer)) => maps.spliced(local, peer),
+            // Closing already: the ordinary copy sees it through.
+            _ => true,
+        })
+}
+
 /// Copies both ways until both sides are done; the connection's bytes are counted as they
 /// flow and its access-log line is written at the end (`telemetry::conn`).
 async fn splice(
@@ -664,6 +678,7 @@ async fn splice(
     meta: ConnMeta,
     started: Instant,
     trace: &crate::telemetry::trace::Span,
+    maps: Option<&ProxyMaps>,
 ) {
     let dst = meta.dst_addr;
     let transport = meta.transport;
@@ -689,6 +704,13 @@ async fn splice(
             let r = stream::copy(&mut inbound, io, &mut received, &mut sent).await;
             (r, "hbone")
         }
+        Upstream::Tcp(s) if !held_by_kernel_splicing(maps, &[&inbound, &s]) => {
+            let (received, sent) = tracked.meters();
+            (
+                zero_copy::copy_bidirectional(&inbound, &s, &mut [received], &mut [sent]).await,
+                "tcp",
+            )
+        }
         Upstream::Tcp(mut s) => {
             let mut down = tracked.count(inbound);
             (
@@ -703,8 +725,12 @@ async fn splice(
             span,
             ..
         } => {
-            let down = tracked.count(inbound);
             let none = crate::telemetry::trace::Span::none();
+            let down = if held_by_kernel_splicing(maps, &[&inbound, &admitted.upstream]) {
+                Downstream::Stream(tracked.count(inbound))
+            } else {
+                Downstream::Socket(inbound, &tracked)
+            };
             let carried = server::carry(down, *admitted, &conn, &none, "local")
                 .instrument(span)
                 .await;

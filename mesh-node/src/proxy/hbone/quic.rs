@@ -728,7 +728,13 @@ async fn handle(
     }
     let (send, recv) = stream.split();
     let io = bridge!(send, recv, ());
-    server::carry(io, admitted, &conn, &trace, "hbone")
-        .instrument(span)
-        .await;
+    server::carry(
+        server::Downstream::Stream(io),
+        admitted,
+        &conn,
+        &trace,
+        "hbone",
+    )
+    .instrument(span)
+    .await;
 }

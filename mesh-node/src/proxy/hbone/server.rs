@@ -22,6 +22,7 @@ use crate::proxy::COPY_BUF;
 use crate::proxy::authz;
 use crate::proxy::pod;
 use crate::proxy::ratelimit;
+use crate::proxy::zero_copy;
 use crate::state::{NodeState, StateRx};
 use crate::telemetry::conn::{self as telemetry, ConnMeta, Tracked};
 use crate::telemetry::istio::{self, Labels, Reporter, ServiceName, Side};
@@ -253,9 +254,15 @@ async fn handle(
     let tunnel = H2Stream::new(send, recv);
     if admitted.per_request {
         // Request by request: the tunnel as a byte stream under the L7 layer.
-        carry(tunnel.into_io(), admitted, &conn, &trace, "hbone")
-            .instrument(span)
-            .await;
+        carry(
+            Downstream::Stream(tunnel.into_io()),
+            admitted,
+            &conn,
+            &trace,
+            "hbone",
+        )
+        .instrument(span)
+        .await;
         return;
     }
     carry_h2(tunnel, admitted, &conn, &trace)
@@ -440,12 +447,23 @@ pub async fn admit(
     })
 }
 
-/// Carries an admitted connection between `io` (the tunnel's stream, or for a same-node
+/// What an admitted connection is carried from.
+pub enum Downstream<'a, IO> {
+    /// The tunnel's stream, or any stream to be read and written as one.
+    Stream(IO),
+    /// A same-node client's own socket and the client side's record of the connection: both
+    /// ends are plain sockets, so the bytes move in the kernel ([`zero_copy`]) and each side's
+    /// counters see them. Only for sockets the agent's kernel splicing does not hold
+    /// (`ProxyMaps::spliced`).
+    Socket(TcpStream, &'a Tracked),
+}
+
+/// Carries an admitted connection between `down` (the tunnel's stream, or for a same-node
 /// connection the client's own socket) and the pod, counted as the destination reports it,
 /// until both sides are done or a policy change closes it. The copy's result, or `None` when
 /// the connection was served request by request.
 pub async fn carry<IO>(
-    io: IO,
+    down: Downstream<'_, IO>,
     a: Admitted,
     conn: &Conn,
     trace: &crate::telemetry::trace::Span,
@@ -479,15 +497,39 @@ where
             labels: http_labels,
             transport: conn.transport.map(Transport::as_str),
         };
-        let io = tracked.count(io);
-        authz::l7::serve(io, Arc::new(tunnel), upstream).await;
+        match down {
+            Downstream::Stream(io) => {
+                authz::l7::serve(tracked.count(io), Arc::new(tunnel), upstream).await
+            }
+            Downstream::Socket(s, client) => {
+                let io = tracked.count(client.count(s));
+                authz::l7::serve(io, Arc::new(tunnel), upstream).await
+            }
+        }
         tracked.close("-", None);
         return None;
     }
-    let mut tunnel = tracked.count(io);
     let registration = conn.tunnels.register(&conn.pod, peer);
+    let copy = async {
+        match down {
+            Downstream::Stream(io) => {
+                let mut tunnel = tracked.count(io);
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut tunnel,
+                    &mut upstream,
+                    COPY_BUF,
+                    COPY_BUF,
+                )
+                .await
+            }
+            Downstream::Socket(s, client) => {
+                let ((cr, cs), (r, sent)) = (client.meters(), tracked.meters());
+                zero_copy::copy_bidirectional(&s, &upstream, &mut [cr, r], &mut [cs, sent]).await
+            }
+        }
+    };
     let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUF, COPY_BUF) => r,
+        r = copy => r,
         _ = registration.closed() => {
             crate::proxy::socket::reset(upstream);
             tracked.close("UAEX", Some(CLOSED_BY_POLICY));

@@ -445,7 +445,14 @@ async fn dial(
             tokio::spawn(
                 async move {
                     let none = crate::telemetry::trace::Span::none();
-                    server::carry(far, admitted, &conn, &none, "local").await;
+                    server::carry(
+                        server::Downstream::Stream(far),
+                        admitted,
+                        &conn,
+                        &none,
+                        "local",
+                    )
+                    .await;
                 }
                 .instrument(span),
             );
