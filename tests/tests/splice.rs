@@ -78,6 +78,32 @@ fn transfer(c: &Cluster, pod: &str, to: &str, bytes: u64, conns: usize) -> Resul
     Ok(())
 }
 
+/// `n` connections from the client to `to`, each closed with a reset (SO_LINGER 0) after one
+/// echo; fails unless every one worked.
+fn resets(c: &Cluster, to: &str, n: usize) -> Result<()> {
+    let out = c
+        .pod_command(CLIENT, testpod())?
+        .args([
+            "connlat",
+            "--to",
+            to,
+            "--count",
+            &n.to_string(),
+            "--size",
+            "64",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running testpod connlat")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("\"errors\":0"),
+        "connlat {CLIENT} -> {to}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Bytes handed straight to peer sockets on each node while `f` ran.
 fn spliced_during(c: &Cluster, f: impl FnOnce() -> Result<()>) -> Result<(u64, u64)> {
     let (a1, a2) = (
@@ -125,18 +151,7 @@ fn spliced_legs_carry_every_byte_in_order() -> Result<()> {
     let proxy_pid = c.pid("node1", "proxy").context("no node1 proxy pid")?;
     let fds_before = open_fds(proxy_pid)?;
     for to in [REMOTE, LOCAL] {
-        let out = c
-            .pod_command(CLIENT, testpod())?
-            .args(["connlat", "--to", to, "--count", "200", "--size", "64"])
-            .stdin(Stdio::null())
-            .output()
-            .context("running testpod connlat")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success() && text.contains("\"errors\":0"),
-            "connlat {CLIENT} -> {to}: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        resets(&c, to, 200)?;
     }
     let client_ip = c.pod(CLIENT)?.ip.clone();
     let drained = wait_until(Duration::from_secs(10), || {
@@ -424,18 +439,7 @@ fn same_node_bytes_move_in_the_kernel_and_count_exactly() -> Result<()> {
     // transfers above left them).
     let proxy = c.pid("node1", "proxy").context("no node1 proxy pid")?;
     let fds = open_fds(proxy)?;
-    let out = c
-        .pod_command(CLIENT, testpod())?
-        .args(["connlat", "--to", LOCAL, "--count", "200", "--size", "64"])
-        .stdin(Stdio::null())
-        .output()
-        .context("running testpod connlat")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success() && text.contains("\"errors\":0"),
-        "connlat {CLIENT} -> {LOCAL}: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resets(&c, LOCAL, 200)?;
     let back = wait_until(Duration::from_secs(10), || Ok(open_fds(proxy)? <= fds))?;
     ensure!(
         back,

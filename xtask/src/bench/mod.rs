@@ -707,9 +707,10 @@ fn sanity(e: &Env) -> Result<Value> {
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        let hbone = hbone_conns(c, "node1");
+        // The proxy dials a pod's tunnels from the pod's own network namespace.
+        let hbone = hbone_conns(c, client);
         println!(
-            "check {:<12} {client} ({}) -> {to} ({}): echo ok, server saw peer={peer}, node1 captured +{captured_delta}, node1 :15008 connections {}",
+            "check {:<12} {client} ({}) -> {to} ({}): echo ok, server saw peer={peer}, node1 captured +{captured_delta}, :15008 connections in {client} {}",
             path.name(),
             c.pod(client)?.ip,
             path.server(),
@@ -737,7 +738,7 @@ fn sanity(e: &Env) -> Result<Value> {
         }
         if path == Route::Mesh && hbone == Some(0) {
             eprintln!(
-                "warning: no connection to or from port 15008 on node1 after the mesh check: is the proxy tunnelling over HBONE?"
+                "warning: no connection to port 15008 in {client}'s network namespace after the mesh check: is the proxy tunnelling over HBONE?"
             );
         }
         out.insert(
@@ -763,9 +764,9 @@ fn captured(c: &Cluster) -> Result<u64> {
         .context("mesh-node maps --json: no stats.captured")
 }
 
-/// Established TCP connections with port 15008 on either end, in the node's netns.
-fn hbone_conns(c: &Cluster, node: &str) -> Option<usize> {
-    let mut cmd = c.node_command(node, "ss").ok()?;
+/// Established TCP connections with port 15008 on either end, in `pod`'s network namespace.
+fn hbone_conns(c: &Cluster, pod: &str) -> Option<usize> {
+    let mut cmd = c.pod_command(pod, "ss").ok()?;
     cmd.args([
         "-Htn",
         "state",
