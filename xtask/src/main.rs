@@ -120,7 +120,10 @@ enum Cmd {
         /// HTTP requests per second per protocol (HTTP/1.1, h2) per client pod.
         #[arg(long, default_value_t = 20)]
         http_rate: u64,
-        /// Skip setup and the debug build: use target/debug as it is.
+        /// Build and run the release binaries (target/release) instead of the debug ones.
+        #[arg(long)]
+        release: bool,
+        /// Skip setup and the build: use target/debug (target/release) as it is.
         #[arg(long)]
         no_build: bool,
     },
@@ -210,11 +213,12 @@ fn main() -> Result<()> {
             idle,
             streams,
             http_rate,
+            release,
             no_build,
         } => {
             if !no_build {
                 setup::run()?;
-                build(false)?;
+                build(release)?;
             }
             soak::run(soak::Opts {
                 minutes,
@@ -223,6 +227,7 @@ fn main() -> Result<()> {
                 idle,
                 streams,
                 http_rate,
+                release,
             })
         }
         Cmd::Cluster { cmd } => cluster::run(cmd),

@@ -53,6 +53,8 @@ pub struct Opts {
     pub streams: usize,
     /// HTTP requests per second per protocol per client.
     pub http_rate: u64,
+    /// Run the binaries of target/release (else target/debug).
+    pub release: bool,
 }
 
 impl Opts {
@@ -67,6 +69,7 @@ impl Opts {
             idle: 100,
             streams: 8,
             http_rate: 20,
+            release: false,
         }
     }
 }
@@ -241,8 +244,9 @@ fn upgrade_proxy(c: &mut Cluster, node: &str, takeover: bool) -> Result<Window> 
     }
 }
 
-fn testpod_bin() -> PathBuf {
-    crate::mesh_node_bin().with_file_name("testpod")
+/// `testpod` of the build the cluster runs (next to its `mesh-node`).
+fn testpod_bin(c: &Cluster) -> PathBuf {
+    c.opts.mesh_node.with_file_name("testpod")
 }
 
 /// Starts `testpod` with `args` in a pod, its stderr appended to `log`; its stdout is returned
@@ -259,7 +263,7 @@ fn spawn_testpod(
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let mut child = c
-        .pod_command(pod, testpod_bin())?
+        .pod_command(pod, testpod_bin(c))?
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(err))
@@ -409,7 +413,7 @@ fn preflight(c: &Cluster) -> Result<()> {
                 Duration::from_secs(30),
                 || {
                     let out = c
-                        .pod_command(client, testpod_bin())?
+                        .pod_command(client, testpod_bin(c))?
                         .args(["dial", "--to", &to, "--conns", "1"])
                         .output()
                         .context("running testpod dial")?;
@@ -431,7 +435,7 @@ fn preflight(c: &Cluster) -> Result<()> {
             Duration::from_secs(30),
             || {
                 let out = c
-                    .pod_command(client, testpod_bin())?
+                    .pod_command(client, testpod_bin(c))?
                     .args(["http-get", "--url", &url, "--count", "4"])
                     .output()
                     .context("running testpod http-get")?;
@@ -567,8 +571,16 @@ pub fn run(o: Opts) -> Result<()> {
     if !(0.5..=24.0 * 60.0).contains(&o.minutes) {
         bail!("--minutes must be between 0.5 and 1440, not {}", o.minutes);
     }
-    let mesh_node = crate::mesh_node_bin();
-    for b in [mesh_node.clone(), testpod_bin()] {
+    let mesh_node = if o.release {
+        crate::mesh_node_bin()
+            .parent()
+            .and_then(Path::parent)
+            .map(|t| t.join("release").join("mesh-node"))
+            .context("the target directory of mesh-node")?
+    } else {
+        crate::mesh_node_bin()
+    };
+    for b in [mesh_node.clone(), mesh_node.with_file_name("testpod")] {
         if !b.exists() {
             bail!("{} not found: run `cargo xtask build` first", b.display());
         }
@@ -1012,7 +1024,7 @@ fn summarize(
     json!({
         "machine": machine(),
         "commit": x.commit,
-        "build": "debug",
+        "build": if x.o.release { "release" } else { "debug" },
         "minutes": x.o.minutes,
         "settings": {
             "rate_target_per_s": x.o.rate,

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Mesh;
-use super::hbone::{Refusal, TLS_READ_BUF, TLS_SEND_BUF, Transport, count_refusal, server};
+use super::hbone::{Refusal, TLS_READ_BUF, TLS_SEND_BUF, Transport, refuse_handshake, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::kernel::netns::{bind_in_netns, netns_id};
@@ -322,8 +322,7 @@ async fn accept_loop(
                 let cert = match mesh.certs.get(&spec.identity).await {
                     Ok(c) => c,
                     Err(e) => {
-                        count_refusal("inbound", Some(Transport::H2), Refusal::NoCertificate);
-                        warn!(error = %e, "no certificate for this pod; refusing the tunnel");
+                        refuse_handshake(Transport::H2, Refusal::NoCertificate, Some(&e));
                         return;
                     }
                 };
@@ -336,14 +335,11 @@ async fn accept_loop(
                 {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
-                        let reason = Refusal::of_tls(&e);
-                        count_refusal("inbound", Some(Transport::H2), reason);
-                        warn!(reason = reason.as_str(), error = %e, "refused an HBONE client");
+                        refuse_handshake(Transport::H2, Refusal::of_tls(&e), Some(&e));
                         return;
                     }
                     Err(_) => {
-                        count_refusal("inbound", Some(Transport::H2), Refusal::Handshake);
-                        warn!(reason = "handshake", "HBONE handshake timed out");
+                        refuse_handshake(Transport::H2, Refusal::Handshake, None);
                         return;
                     }
                 };
@@ -355,11 +351,7 @@ async fn accept_loop(
                     .and_then(|c| c.first())
                     .and_then(|c| peer_identity(c).ok())
                 else {
-                    count_refusal("inbound", Some(Transport::H2), Refusal::Untrusted);
-                    warn!(
-                        reason = "untrusted",
-                        "HBONE client without a SPIFFE identity"
-                    );
+                    refuse_handshake(Transport::H2, Refusal::Untrusted, None);
                     return;
                 };
                 let conn = Arc::new(server::Conn {

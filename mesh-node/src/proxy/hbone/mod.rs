@@ -109,6 +109,36 @@ pub fn count_refusal(direction: &str, transport: Option<Transport>, reason: Refu
     );
 }
 
+/// Counts and logs one refusal by an inbound listener (TCP 15008 and UDP 15008 alike) before
+/// a tunnel was served: in `sidenode_hbone_refused_total{direction="inbound", transport,
+/// reason}` and as a warning. `error`: the handshake's error; `None` with `Handshake` means it
+/// timed out (`HBONE_HANDSHAKE_TIMEOUT`), `None` with `Untrusted` a client certificate without
+/// a SPIFFE identity.
+pub fn refuse_handshake(
+    transport: Transport,
+    reason: Refusal,
+    error: Option<&dyn std::fmt::Display>,
+) {
+    count_refusal("inbound", Some(transport), reason);
+    let name = match transport {
+        Transport::H2 => "HBONE",
+        Transport::Quic => "HBONE/QUIC",
+    };
+    let r = reason.as_str();
+    match (reason, error) {
+        (Refusal::NoCertificate, e) => {
+            let e = e.map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(error = %e, "no certificate for this pod; refusing the tunnel")
+        }
+        (_, Some(e)) => tracing::warn!(reason = r, error = %e, "refused an {name} client"),
+        (Refusal::Handshake, None) => tracing::warn!(reason = r, "{name} handshake timed out"),
+        (Refusal::Untrusted, None) => {
+            tracing::warn!(reason = r, "{name} client without a SPIFFE identity")
+        }
+        (_, None) => tracing::warn!(reason = r, "refused an {name} client"),
+    }
+}
+
 /// The destination pod's HBONE address for a connection to `target` (one of its addresses):
 /// `target`'s own IP, as ztunnel tunnels to the pod address of the connection's family (its
 /// listener refuses a CONNECT naming an address of the other family with `400`); else the

@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::client::TunnelRequest;
 use super::pool::{PoolKey, StreamSlot};
 use super::server::{self, Conn};
-use super::{Refusal, Transport, count_refusal};
+use super::{Refusal, Transport, refuse_handshake};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
 use crate::identity::manager::WorkloadCert;
@@ -572,8 +572,7 @@ pub async fn serve_pod(
                 let cert = match mesh.certs.get(&identity).await {
                     Ok(c) => c,
                     Err(e) => {
-                        count_refusal("inbound", Some(Transport::Quic), Refusal::NoCertificate);
-                        warn!(error = %e, "no certificate for this pod; refusing the tunnel");
+                        refuse_handshake(Transport::Quic, Refusal::NoCertificate, Some(&e));
                         incoming.refuse();
                         return;
                     }
@@ -601,14 +600,11 @@ pub async fn serve_pod(
                 {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
-                        let reason = handshake_refusal(&e);
-                        count_refusal("inbound", Some(Transport::Quic), reason);
-                        warn!(reason = reason.as_str(), error = %e, "refused an HBONE/QUIC client");
+                        refuse_handshake(Transport::Quic, handshake_refusal(&e), Some(&e));
                         return;
                     }
                     Err(_) => {
-                        count_refusal("inbound", Some(Transport::Quic), Refusal::Handshake);
-                        warn!(reason = "handshake", "HBONE/QUIC handshake timed out");
+                        refuse_handshake(Transport::Quic, Refusal::Handshake, None);
                         return;
                     }
                 };
@@ -620,11 +616,7 @@ pub async fn serve_pod(
                     })
                     .and_then(|c| c.first().and_then(|c| peer_identity(c).ok()))
                 else {
-                    count_refusal("inbound", Some(Transport::Quic), Refusal::Untrusted);
-                    warn!(
-                        reason = "untrusted",
-                        "HBONE/QUIC client without a SPIFFE identity"
-                    );
+                    refuse_handshake(Transport::Quic, Refusal::Untrusted, None);
                     conn.close(quinn::VarInt::from_u32(0x0101), b"no identity");
                     return;
                 };
