@@ -411,10 +411,41 @@ enum Family {
 /// A workload as the book keys it: (namespace, workload name).
 pub type WorkloadKey = (String, String);
 
-/// Label sets in use, with the workloads they name.
+/// Label sets in use, with the workloads they name and, for the TCP family, the series'
+/// counters once resolved: a new connection then costs one lookup here instead of a
+/// `with_label_values` per metric (each hashes every label value and takes the vector's lock)
+/// and a copy of the label values.
 #[derive(Default)]
 struct Book {
-    series: HashMap<(Family, Vec<String>), [WorkloadKey; 2]>,
+    series: HashMap<(Family, Vec<String>), Series>,
+}
+
+/// One label set of the book.
+struct Series {
+    workloads: [WorkloadKey; 2],
+    /// `Tcp` only, indexed by [`TcpMetric`]; resolved when first counted, so a label set
+    /// only ever closed (flags other than `-`) exports no zero `opened` series.
+    tcp: [Option<IntCounter>; 4],
+}
+
+/// The TCP family's counters, in [`Series::tcp`] order.
+#[derive(Clone, Copy)]
+enum TcpMetric {
+    Opened = 0,
+    Closed = 1,
+    Sent = 2,
+    Received = 3,
+}
+
+impl TcpMetric {
+    fn vec(self, f: &Families) -> &IntCounterVec {
+        match self {
+            TcpMetric::Opened => &f.tcp_opened,
+            TcpMetric::Closed => &f.tcp_closed,
+            TcpMetric::Sent => &f.tcp_sent,
+            TcpMetric::Received => &f.tcp_received,
+        }
+    }
 }
 
 fn book() -> &'static Mutex<Book> {
@@ -422,11 +453,33 @@ fn book() -> &'static Mutex<Book> {
     B.get_or_init(Default::default)
 }
 
-fn remember(family: Family, values: &[String], labels: &Labels) {
+/// Records the label set `values` of `family` in the book (with the workloads it names, for
+/// [`sweep`]) and returns the TCP counters `wanted` of it, resolved once per label set.
+fn remember<const N: usize>(
+    family: Family,
+    values: Vec<String>,
+    labels: &Labels,
+    wanted: [TcpMetric; N],
+) -> [IntCounter; N] {
+    let f = families();
     let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
-    b.series
-        .entry((family, values.to_vec()))
-        .or_insert_with(|| labels.workloads());
+    let key = (family, values);
+    let resolve = |slot: &mut Option<IntCounter>, m: TcpMetric| {
+        slot.get_or_insert_with(|| m.vec(f).with_label_values(&refs(&key.1)))
+            .clone()
+    };
+    match b.series.get_mut(&key) {
+        Some(series) => wanted.map(|m| resolve(&mut series.tcp[m as usize], m)),
+        None => {
+            let mut series = Series {
+                workloads: labels.workloads(),
+                tcp: Default::default(),
+            };
+            let got = wanted.map(|m| resolve(&mut series.tcp[m as usize], m));
+            b.series.insert(key, series);
+            got
+        }
+    }
 }
 
 fn refs(values: &[String]) -> Vec<&str> {
@@ -441,25 +494,25 @@ pub struct TcpCounters {
 
 /// Counts a TCP connection opened and returns its byte counters.
 pub fn tcp_opened(labels: &Labels) -> TcpCounters {
-    let f = families();
-    let values = labels.tcp_values("-");
-    remember(Family::Tcp, &values, labels);
-    let v = refs(&values);
-    f.tcp_opened.with_label_values(&v).inc();
-    TcpCounters {
-        sent: f.tcp_sent.with_label_values(&v),
-        received: f.tcp_received.with_label_values(&v),
-    }
+    let [opened, sent, received] = remember(
+        Family::Tcp,
+        labels.tcp_values("-"),
+        labels,
+        [TcpMetric::Opened, TcpMetric::Sent, TcpMetric::Received],
+    );
+    opened.inc();
+    TcpCounters { sent, received }
 }
 
 /// Counts a TCP connection closed, with its Envoy-style response flags (`-`: none).
 pub fn tcp_closed(labels: &Labels, flags: &str) {
-    let values = labels.tcp_values(flags);
-    remember(Family::Tcp, &values, labels);
-    families()
-        .tcp_closed
-        .with_label_values(&refs(&values))
-        .inc();
+    let [closed] = remember(
+        Family::Tcp,
+        labels.tcp_values(flags),
+        labels,
+        [TcpMetric::Closed],
+    );
+    closed.inc();
 }
 
 /// Counts one HTTP request and its duration.
@@ -467,11 +520,12 @@ pub fn request(labels: &Labels, flags: &str, status: u16, grpc_status: Option<&s
     let mut values = labels.tcp_values(flags);
     values.push(status.to_string());
     values.push(grpc_status.unwrap_or("").to_string());
-    remember(Family::Http, &values, labels);
     let f = families();
     let v = refs(&values);
     f.requests.with_label_values(&v).inc();
     f.duration.with_label_values(&v).observe(ms);
+    drop(v);
+    remember(Family::Http, values, labels, []);
 }
 
 /// Drops every series naming a workload (`namespace`, `workload`) that is not `live` (and not
@@ -481,8 +535,8 @@ pub fn sweep(live: impl Fn(&WorkloadKey) -> bool) -> usize {
     let f = families();
     let gone = |k: &WorkloadKey| k.1 != UNKNOWN && !live(k);
     let mut removed = 0;
-    b.series.retain(|(family, values), workloads| {
-        if !workloads.iter().any(gone) {
+    b.series.retain(|(family, values), series| {
+        if !series.workloads.iter().any(gone) {
             return true;
         }
         let v = refs(values);
@@ -714,5 +768,56 @@ mod tests {
         let text = crate::telemetry::metrics::render();
         assert!(!text.contains("destination_workload=\"gone\""), "{text}");
         assert!(text.contains("destination_workload=\"b\""));
+    }
+
+    /// The counters a label set resolved once serve its later connections, a label set only
+    /// closed exports no `opened` series, and after a sweep the label set counts afresh.
+    #[test]
+    fn resolved_counters_are_reused_and_swept() {
+        let _g = crate::telemetry::test_lock();
+        let labels = Labels {
+            reporter: Reporter::Destination,
+            source: Side::named("cache-test", "a"),
+            destination: Side::named("cache-test", "b"),
+            service: None,
+            protocol: "tcp".into(),
+            security: "mutual_tls",
+        };
+        let series = |name: &str, flags: &str| {
+            let f = families();
+            let vec = match name {
+                "opened" => &f.tcp_opened,
+                "closed" => &f.tcp_closed,
+                _ => &f.tcp_sent,
+            };
+            vec.with_label_values(&refs(&labels.tcp_values(flags)))
+                .get()
+        };
+        for _ in 0..3 {
+            let c = tcp_opened(&labels);
+            c.sent.inc_by(10);
+            tcp_closed(&labels, "-");
+        }
+        tcp_closed(&labels, "UF");
+        assert_eq!(series("opened", "-"), 3);
+        assert_eq!(series("sent", "-"), 30);
+        assert_eq!(series("closed", "-"), 3);
+        assert_eq!(series("closed", "UF"), 1);
+        let text = crate::telemetry::metrics::render();
+        let opened_uf = text.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("destination_workload=\"b\"")
+                && l.contains("response_flags=\"UF\"")
+        });
+        assert!(
+            !opened_uf,
+            "a closed-only label set exported an opened series:\n{text}"
+        );
+        let gone = |k: &WorkloadKey| k.0 == "cache-test";
+        assert_eq!(sweep(|k| !gone(k)), 2);
+        tcp_opened(&labels).sent.inc_by(1);
+        assert_eq!(series("opened", "-"), 1, "a swept label set counts afresh");
+        assert_eq!(series("sent", "-"), 1);
+        assert_eq!(sweep(|k| !gone(k)), 1);
     }
 }
