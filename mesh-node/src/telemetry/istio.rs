@@ -402,33 +402,24 @@ pub fn families() -> &'static Families {
 
 // ------------------------------------------------------------------------------ book
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Family {
-    Tcp,
-    Http,
-}
-
 /// A workload as the book keys it: (namespace, workload name).
 pub type WorkloadKey = (String, String);
 
-/// Label sets in use, with the workloads they name and, for the TCP family, the series'
-/// counters once resolved: a new connection then costs one lookup here instead of a
-/// `with_label_values` per metric (each hashes every label value and takes the vector's lock)
-/// and a copy of the label values.
+/// Label sets in use: HTTP ones by their values, with the workloads they name; TCP ones by
+/// the connection's [`Labels`] and response flags, with their counters once resolved. A new
+/// connection costs one lookup here (hashing the `Labels` it already has) instead of a
+/// `with_label_values` per metric, each of which hashes 23 label values made for it.
 #[derive(Default)]
 struct Book {
-    series: HashMap<(Family, Vec<String>), Series>,
+    http: HashMap<Vec<String>, [WorkloadKey; 2]>,
+    tcp: HashMap<Labels, HashMap<String, TcpSlots>>,
 }
 
-/// One label set of the book.
-struct Series {
-    workloads: [WorkloadKey; 2],
-    /// `Tcp` only, indexed by [`TcpMetric`]; resolved when first counted, so a label set
-    /// only ever closed (flags other than `-`) exports no zero `opened` series.
-    tcp: [Option<IntCounter>; 4],
-}
+/// A TCP label set's counters, indexed by [`TcpMetric`]; each resolved when first counted, so
+/// a label set only ever closed (flags other than `-`) exports no zero `opened` series.
+type TcpSlots = [Option<IntCounter>; 4];
 
-/// The TCP family's counters, in [`Series::tcp`] order.
+/// The TCP family's counters, in [`TcpSlots`] order.
 #[derive(Clone, Copy)]
 enum TcpMetric {
     Opened = 0,
@@ -438,6 +429,13 @@ enum TcpMetric {
 }
 
 impl TcpMetric {
+    const ALL: [TcpMetric; 4] = [
+        TcpMetric::Opened,
+        TcpMetric::Closed,
+        TcpMetric::Sent,
+        TcpMetric::Received,
+    ];
+
     fn vec(self, f: &Families) -> &IntCounterVec {
         match self {
             TcpMetric::Opened => &f.tcp_opened,
@@ -453,32 +451,48 @@ fn book() -> &'static Mutex<Book> {
     B.get_or_init(Default::default)
 }
 
-/// Records the label set `values` of `family` in the book (with the workloads it names, for
-/// [`sweep`]) and returns the TCP counters `wanted` of it, resolved once per label set.
-fn remember<const N: usize>(
-    family: Family,
-    values: Vec<String>,
+/// The counters `wanted` of the TCP label set (`labels`, `flags`), recorded in the book (for
+/// [`sweep`]) and resolved once per label set.
+fn tcp_counters<const N: usize>(
     labels: &Labels,
+    flags: &str,
     wanted: [TcpMetric; N],
 ) -> [IntCounter; N] {
     let f = families();
-    let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
-    let key = (family, values);
-    let resolve = |slot: &mut Option<IntCounter>, m: TcpMetric| {
-        slot.get_or_insert_with(|| m.vec(f).with_label_values(&refs(&key.1)))
-            .clone()
-    };
-    match b.series.get_mut(&key) {
-        Some(series) => wanted.map(|m| resolve(&mut series.tcp[m as usize], m)),
-        None => {
-            let mut series = Series {
-                workloads: labels.workloads(),
-                tcp: Default::default(),
-            };
-            let got = wanted.map(|m| resolve(&mut series.tcp[m as usize], m));
-            b.series.insert(key, series);
-            got
+    let mut values: Option<Vec<String>> = None;
+    let mut resolve = |slot: Option<&mut Option<IntCounter>>, m: TcpMetric| {
+        let mut make = || {
+            let v = values.get_or_insert_with(|| labels.tcp_values(flags));
+            m.vec(f).with_label_values(&refs(v))
+        };
+        match slot {
+            Some(slot) => slot.get_or_insert_with(make).clone(),
+            None => make(),
         }
+    };
+    let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
+    if !b.tcp.contains_key(labels) {
+        b.tcp.insert(labels.clone(), HashMap::new());
+    }
+    let by_flags = b.tcp.get_mut(labels);
+    let slots = by_flags.map(|m| {
+        if !m.contains_key(flags) {
+            m.insert(flags.to_string(), Default::default());
+        }
+        m.get_mut(flags)
+    });
+    match slots.flatten() {
+        Some(slots) => wanted.map(|m| resolve(Some(&mut slots[m as usize]), m)),
+        // Not reached (inserted above); counted without the book rather than not at all.
+        None => wanted.map(|m| resolve(None, m)),
+    }
+}
+
+/// Records an HTTP label set in the book, with the workloads it names (for [`sweep`]).
+fn remember_http(values: &[String], labels: &Labels) {
+    let mut b = book().lock().unwrap_or_else(|p| p.into_inner());
+    if !b.http.contains_key(values) {
+        b.http.insert(values.to_vec(), labels.workloads());
     }
 }
 
@@ -494,10 +508,9 @@ pub struct TcpCounters {
 
 /// Counts a TCP connection opened and returns its byte counters.
 pub fn tcp_opened(labels: &Labels) -> TcpCounters {
-    let [opened, sent, received] = remember(
-        Family::Tcp,
-        labels.tcp_values("-"),
+    let [opened, sent, received] = tcp_counters(
         labels,
+        "-",
         [TcpMetric::Opened, TcpMetric::Sent, TcpMetric::Received],
     );
     opened.inc();
@@ -506,12 +519,7 @@ pub fn tcp_opened(labels: &Labels) -> TcpCounters {
 
 /// Counts a TCP connection closed, with its Envoy-style response flags (`-`: none).
 pub fn tcp_closed(labels: &Labels, flags: &str) {
-    let [closed] = remember(
-        Family::Tcp,
-        labels.tcp_values(flags),
-        labels,
-        [TcpMetric::Closed],
-    );
+    let [closed] = tcp_counters(labels, flags, [TcpMetric::Closed]);
     closed.inc();
 }
 
@@ -524,8 +532,7 @@ pub fn request(labels: &Labels, flags: &str, status: u16, grpc_status: Option<&s
     let v = refs(&values);
     f.requests.with_label_values(&v).inc();
     f.duration.with_label_values(&v).observe(ms);
-    drop(v);
-    remember(Family::Http, values, labels, []);
+    remember_http(&values, labels);
 }
 
 /// Drops every series naming a workload (`namespace`, `workload`) that is not `live` (and not
@@ -535,23 +542,30 @@ pub fn sweep(live: impl Fn(&WorkloadKey) -> bool) -> usize {
     let f = families();
     let gone = |k: &WorkloadKey| k.1 != UNKNOWN && !live(k);
     let mut removed = 0;
-    b.series.retain(|(family, values), series| {
-        if !series.workloads.iter().any(gone) {
+    b.http.retain(|values, workloads| {
+        if !workloads.iter().any(gone) {
             return true;
         }
         let v = refs(values);
-        match family {
-            Family::Tcp => {
-                for vec in [&f.tcp_opened, &f.tcp_closed, &f.tcp_sent, &f.tcp_received] {
-                    let _ = vec.remove_label_values(&v);
+        let _ = f.requests.remove_label_values(&v);
+        let _ = f.duration.remove_label_values(&v);
+        removed += 1;
+        false
+    });
+    b.tcp.retain(|labels, by_flags| {
+        if !labels.workloads().iter().any(gone) {
+            return true;
+        }
+        for (flags, slots) in by_flags.iter() {
+            let values = labels.tcp_values(flags);
+            let v = refs(&values);
+            for m in TcpMetric::ALL {
+                if slots[m as usize].is_some() {
+                    let _ = m.vec(f).remove_label_values(&v);
                 }
             }
-            Family::Http => {
-                let _ = f.requests.remove_label_values(&v);
-                let _ = f.duration.remove_label_values(&v);
-            }
+            removed += 1;
         }
-        removed += 1;
         false
     });
     removed
