@@ -24,7 +24,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -136,7 +136,7 @@ pub async fn copy(
 }
 
 async fn tcp_to_h2(
-    r: ReadHalf<'_>,
+    mut r: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     meter: &mut Meter,
 ) -> io::Result<u64> {
@@ -150,16 +150,22 @@ async fn tcp_to_h2(
         if buf.capacity() < size / 2 {
             buf.reserve(size);
         }
-        let offered = buf.capacity();
-        let n = match r.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The flow pauses: publish its count, then wait.
-                meter.flush();
-                r.readable().await?;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let offered = buf.capacity().saturating_sub(buf.len());
+        // Through `poll_read`, not `try_read_buf`: tokio's `poll_read` takes a read that did
+        // not fill the buffer as proof the socket is drained (epoll is edge-triggered) and
+        // waits for the next edge, where `try_read_buf` would make one more `recvfrom` to
+        // learn it (one wasted system call per read of a chatty connection). When the read
+        // must wait, the flow pauses: publish its count first.
+        let n = {
+            let mut read = std::pin::pin!(r.read_buf(&mut buf));
+            poll_fn(|cx| match read.as_mut().poll(cx) {
+                Poll::Pending => {
+                    meter.flush();
+                    Poll::Pending
+                }
+                done => done,
+            })
+            .await?
         };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
