@@ -363,3 +363,76 @@ fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
     );
     Ok(())
 }
+
+fn pooled_h2(c: &TestCluster) -> Result<f64> {
+    Ok(metric_value(
+        &proxy_metrics(c, "node1")?,
+        "sidenode_hbone_pool_connections",
+        &[("transport", "h2")],
+    ))
+}
+
+/// Pooled HBONE connections that carry no tunnel for `--pool-idle-timeout` are closed (those
+/// a burst of 150 opened included), one carrying a long-lived tunnel stays, and a tunnel after
+/// the reaping dials afresh.
+#[test]
+fn idle_pooled_connections_are_closed_busy_ones_stay() -> Result<()> {
+    let _turn = serial();
+    let c = limited_cluster(true, &[], &["--pool-idle-timeout", "2s"])?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
+    wait_enrolled(&c, "node1", "mesh", "node1-pod2")?;
+    wait_hbone_listener(&c, SERVER_POD)?;
+
+    // A long-lived tunnel from pod1: its connection must stay.
+    let mut session = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
+    ensure!(session.through_proxy(), "pod1's session not captured");
+    ensure!(session.echo("first")? == "first", "pod1's session: echo");
+    // A burst from pod2: 150 tunnels at once need two connections or more.
+    let n = mesh_node::proxy::hbone::MAX_STREAMS as usize + 50;
+    let burst = sidenode_tests::workload::dial(
+        &c,
+        &testpod(),
+        "node1-pod2",
+        &[TARGET.to_string()],
+        n,
+        n,
+        500,
+    )?;
+    ensure!(
+        burst.iter().all(|r| r.echo_ok),
+        "the burst from pod2 had failures"
+    );
+    let after_burst = pooled_h2(&c)?;
+    ensure!(
+        after_burst >= 3.0,
+        "pooled after the burst: {after_burst} (pod1's and at least two of pod2's)"
+    );
+    // pod2's connections go idle and are closed; pod1's stays while its tunnel is open.
+    let reaped = wait_until(Duration::from_secs(20), || Ok(pooled_h2(&c)? == 1.0))?;
+    ensure!(
+        reaped,
+        "pod2's idle connections never closed: {} pooled",
+        pooled_h2(&c)?
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        pooled_h2(&c)? == 1.0,
+        "the connection of pod1's open tunnel was closed"
+    );
+    ensure!(
+        session.echo("still")? == "still",
+        "pod1's session after the reaping"
+    );
+    drop(session);
+    let empty = wait_until(Duration::from_secs(20), || Ok(pooled_h2(&c)? == 0.0))?;
+    ensure!(empty, "pod1's connection never closed once idle");
+    // A new tunnel dials afresh.
+    let r = dial_one(&c, "node1-pod1", TARGET)?;
+    ensure!(r.echo_ok, "a tunnel after the pool emptied: {r:?}");
+    ensure!(
+        pooled_h2(&c)? == 1.0,
+        "the new tunnel's connection is pooled"
+    );
+    Ok(())
+}

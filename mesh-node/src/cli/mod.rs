@@ -429,6 +429,10 @@ struct ProxyArgs {
     /// closes them and exits (`30s`, `2m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+    /// A pooled outbound HBONE connection (HTTP/2) that carried no tunnel for this long is
+    /// closed (`5m`, `30s`; ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pool_idle_timeout: std::time::Duration,
     /// Captured connections carried at once; past it a new one is reset at accept (counted in
     /// `sidenode_connections_refused_total{direction="outbound",reason="proxy_limit"}`).
     #[arg(long, default_value_t = defaults::MAX_CONNECTIONS, value_parser = parse_limit)]
@@ -515,6 +519,7 @@ pub fn main() -> Result<()> {
                 outbound_port: p.outbound_port,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
                 drain_timeout: p.drain_timeout,
+                pool_idle_timeout: p.pool_idle_timeout,
                 controller: p.controller.settings(),
                 direct_unmeshed: !p.no_direct_unmeshed,
                 metrics_addr: Some(

@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     pub outbound_port: u16,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// A pooled HBONE connection without a tunnel for this long is closed.
+    pub pool_idle_timeout: Duration,
     /// With a controller: HBONE mTLS between meshed pods. Without: plain forwarding.
     pub controller: Option<ControllerSettings>,
     /// Destinations outside the mesh get a direct plaintext connection (else refused).
@@ -436,7 +438,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
     let mesh = Arc::new(Mesh {
         state: rx,
         certs: certs.clone(),
-        pool: Default::default(),
+        pool: hbone::pool::Pool::new(cfg.pool_idle_timeout),
         quic: Default::default(),
         authz: Default::default(),
         limiter: Default::default(),

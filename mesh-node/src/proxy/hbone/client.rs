@@ -117,6 +117,7 @@ pub async fn open(
                             req.src_netns.as_ref(),
                             req.tunnel_addr,
                             connect_timeout,
+                            pool.idle_timeout(),
                         )
                         .await?;
                         pool.insert(key.clone(), s.clone());
@@ -193,6 +194,7 @@ async fn dial(
     from: Option<&PodNetns>,
     addr: SocketAddr,
     timeout: Duration,
+    idle_timeout: Duration,
 ) -> Result<Sender, TunnelError> {
     let tcp = connect_from(from, addr, timeout)
         .await
@@ -228,6 +230,7 @@ async fn dial(
                 debug!(%addr, error = %e, "HBONE connection ended");
             },
             why = keepalive(ping) => debug!(%addr, why, "HBONE connection closed"),
+            () = alive.idle(idle_timeout) => debug!(%addr, "HBONE connection idle; closed"),
         }
         alive.set_closed();
     });

@@ -2,11 +2,15 @@
 //! (source identity and certificate generation, source pod when the tunnel leaves from its
 //! namespace, destination address, destination identity) — ztunnel's in-pod key.
 //! A renewed certificate gets new connections; old ones finish their streams and close.
+//! A connection that carried no tunnel for the pool's idle timeout (`--pool-idle-timeout`,
+//! ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`) is retired and closed, so the connections a burst
+//! opened, or those to destinations no longer used, do not stay open for ever.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -31,9 +35,14 @@ pub struct PoolKey {
 pub struct Sender {
     pub h2: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
-    /// Tunnels open on it now (held by [`StreamSlot`]s).
+    /// Tunnels open on it now (held by [`StreamSlot`]s); [`RETIRED`] once retired.
     streams: Arc<AtomicUsize>,
+    /// Tunnels it was given in all (the idle watch compares it between looks).
+    uses: Arc<AtomicU64>,
 }
+
+/// The stream count of a retired connection: no place can be taken on it any more.
+const RETIRED: usize = usize::MAX;
 
 /// One tunnel's place on a pooled connection, given back when the tunnel ends.
 #[derive(Debug)]
@@ -61,6 +70,7 @@ impl Sender {
             h2,
             closed: Arc::default(),
             streams: Arc::default(),
+            uses: Arc::default(),
         }
     }
 
@@ -76,7 +86,43 @@ impl Sender {
     /// Takes a place for one more tunnel, if the connection has one.
     pub fn try_reserve(&self) -> Option<StreamSlot> {
         let max = (super::MAX_STREAMS as usize).min(self.h2.current_max_send_streams().max(1));
-        reserve(&self.streams, max)
+        let slot = reserve(&self.streams, max)?;
+        self.uses.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Retires the connection if it carries no tunnel now: from then on no place can be
+    /// taken on it (the count and the check are one atomic step, so a tunnel being placed at
+    /// the same moment either gets its place first, and the connection stays, or finds none
+    /// and the pool dials anew). Returns whether it was retired.
+    pub fn retire_if_unused(&self) -> bool {
+        let retired = self
+            .streams
+            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if retired {
+            self.set_closed();
+        }
+        retired
+    }
+
+    /// Waits until the connection has carried no tunnel for `timeout`, then retires it
+    /// (the connection's task then closes it). Looks every quarter of `timeout`.
+    pub async fn idle(&self, timeout: Duration) {
+        let step = (timeout / 4).max(Duration::from_millis(50));
+        let mut seen = self.uses.load(Ordering::Relaxed);
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(step).await;
+            let uses = self.uses.load(Ordering::Relaxed);
+            if uses != seen || self.streams() != 0 {
+                (seen, since) = (uses, tokio::time::Instant::now());
+                continue;
+            }
+            if since.elapsed() >= timeout && self.retire_if_unused() {
+                return;
+            }
+        }
     }
 
     /// Tunnels open on it now.
@@ -85,13 +131,32 @@ impl Sender {
     }
 }
 
-#[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Sender>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// A connection without a tunnel for this long is closed (`--pool-idle-timeout`).
+    idle_timeout: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(crate::defaults::POOL_IDLE_TIMEOUT)
+    }
 }
 
 impl Pool {
+    pub fn new(idle_timeout: Duration) -> Pool {
+        Pool {
+            conns: Default::default(),
+            dialing: Default::default(),
+            idle_timeout,
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     /// A live connection for `key` with room for one more tunnel (the place taken), if the
     /// pool has one. Closed connections are dropped on the way.
     pub fn ready(&self, key: &PoolKey) -> Option<(Sender, StreamSlot)> {
@@ -115,9 +180,15 @@ impl Pool {
         }
     }
 
-    /// Adds a new connection for `key` (beside those that are full).
+    /// Adds a new connection for `key` (beside those that are full), and drops the closed
+    /// ones of every key (those retired while idle included), so keys no longer asked for
+    /// do not stay in the pool.
     pub fn insert(&self, key: PoolKey, sender: Sender) {
         if let Ok(mut m) = self.conns.lock() {
+            m.retain(|_, list| {
+                list.retain(|s| !s.is_closed());
+                !list.is_empty()
+            });
             m.entry(key).or_default().push(sender);
         }
     }
@@ -132,11 +203,11 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    /// Number of pooled connections (for metrics).
+    /// Number of pooled connections that are not closed (for metrics).
     pub fn len(&self) -> usize {
         self.conns
             .lock()
-            .map(|m| m.values().map(Vec::len).sum())
+            .map(|m| m.values().flatten().filter(|s| !s.is_closed()).count())
             .unwrap_or(0)
     }
 
