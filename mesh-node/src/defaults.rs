@@ -26,7 +26,7 @@ pub const RENEW_RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the proxy waits for a destination to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A pooled outbound HBONE connection (HTTP/2) that carried no tunnel for this long is
+/// A pooled outbound HBONE connection (HTTP/2 or QUIC) that carried no tunnel for this long is
 /// closed (`mesh-node proxy --pool-idle-timeout`; ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`
 /// is 5 minutes too).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);

@@ -434,5 +434,41 @@ fn idle_pooled_connections_are_closed_busy_ones_stay() -> Result<()> {
         pooled_h2(&c)? == 1.0,
         "the new tunnel's connection is pooled"
     );
+
+    // The same for QUIC (`tunnelProtocol: quic`): pod2's connection closes once idle.
+    c.write_config_file(
+        "meshconfig.yaml",
+        "apiVersion: sidenode.io/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: default\n\
+         spec:\n  tunnelProtocol: quic\n",
+    )?;
+    let pooled_quic = || -> Result<f64> {
+        Ok(metric_value(
+            &proxy_metrics(&c, "node1")?,
+            "sidenode_hbone_pool_connections",
+            &[("transport", "quic")],
+        ))
+    };
+    let mut session = None;
+    let dialled = wait_until(Duration::from_secs(20), || {
+        let s = Session::open(&c, &testpod(), "node1-pod2", TARGET)?;
+        session = Some(s);
+        Ok(pooled_quic()? >= 1.0)
+    })?;
+    ensure!(dialled, "node1 never pooled a QUIC connection");
+    let mut session = session.context("a QUIC session")?;
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        pooled_quic()? >= 1.0 && session.echo("quic")? == "quic",
+        "the QUIC connection of an open tunnel was closed"
+    );
+    drop(session);
+    let empty = wait_until(Duration::from_secs(20), || Ok(pooled_quic()? == 0.0))?;
+    ensure!(
+        empty,
+        "idle QUIC connections never closed: {} pooled",
+        pooled_quic()?
+    );
+    let r = dial_one(&c, "node1-pod2", TARGET)?;
+    ensure!(r.echo_ok, "a tunnel after the QUIC pool emptied: {r:?}");
     Ok(())
 }

@@ -429,8 +429,8 @@ struct ProxyArgs {
     /// closes them and exits (`30s`, `2m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
-    /// A pooled outbound HBONE connection (HTTP/2) that carried no tunnel for this long is
-    /// closed (`5m`, `30s`; ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`).
+    /// A pooled outbound HBONE connection (HTTP/2 or QUIC) that carried no tunnel for this
+    /// long is closed (`5m`, `30s`; ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pool_idle_timeout: std::time::Duration,
     /// Captured connections carried at once; past it a new one is reset at accept (counted in

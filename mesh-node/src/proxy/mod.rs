@@ -439,7 +439,7 @@ async fn start_mesh(c: &ControllerSettings, cfg: &ProxyConfig) -> Result<Arc<Mes
         state: rx,
         certs: certs.clone(),
         pool: hbone::pool::Pool::new(cfg.pool_idle_timeout),
-        quic: Default::default(),
+        quic: hbone::quic::Clients::new(cfg.pool_idle_timeout),
         authz: Default::default(),
         limiter: Default::default(),
         node: cfg.node.clone(),

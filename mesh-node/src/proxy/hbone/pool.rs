@@ -27,14 +27,10 @@ pub struct PoolKey {
     pub dst_identity: Identity,
 }
 
-/// A pooled HTTP/2 connection: opens streams; closed once its connection task ended. It
-/// carries at most [`super::MAX_STREAMS`] tunnels at once (the peer's limit too: ztunnel's
-/// server allows 200, ours 100): past that the pool opens another connection for the same key
-/// rather than queue the tunnel in h2 until a stream ends (an idle connection may never end).
-#[derive(Clone)]
-pub struct Sender {
-    pub h2: h2::client::SendRequest<Bytes>,
-    closed: Arc<AtomicBool>,
+/// What a pooled connection (HTTP/2 or QUIC) carries: its tunnels now, and in all. Both pools
+/// take places on a connection and retire idle ones through it.
+#[derive(Clone, Default)]
+pub struct Usage {
     /// Tunnels open on it now (held by [`StreamSlot`]s); [`RETIRED`] once retired.
     streams: Arc<AtomicUsize>,
     /// Tunnels it was given in all (the idle watch compares it between looks).
@@ -48,47 +44,27 @@ const RETIRED: usize = usize::MAX;
 #[derive(Debug)]
 pub struct StreamSlot(Arc<AtomicUsize>);
 
-/// Takes one of `max` places counted by `streams`, if one is free (HTTP/2 and QUIC pools).
-pub(super) fn reserve(streams: &Arc<AtomicUsize>, max: usize) -> Option<StreamSlot> {
-    streams
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| StreamSlot(streams.clone()))
-}
-
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-impl Sender {
-    pub fn new(h2: h2::client::SendRequest<Bytes>) -> Sender {
-        Sender {
-            h2,
-            closed: Arc::default(),
-            streams: Arc::default(),
-            uses: Arc::default(),
-        }
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
-    }
-
-    /// Called by the connection's task when it ends.
-    pub fn set_closed(&self) {
-        self.closed.store(true, Ordering::Relaxed);
-    }
-
-    /// Takes a place for one more tunnel, if the connection has one.
-    pub fn try_reserve(&self) -> Option<StreamSlot> {
-        let max = (super::MAX_STREAMS as usize).min(self.h2.current_max_send_streams().max(1));
-        let slot = reserve(&self.streams, max)?;
+impl Usage {
+    /// Takes one of `max` places, if one is free (none once retired).
+    pub fn reserve(&self, max: usize) -> Option<StreamSlot> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
         self.uses.fetch_add(1, Ordering::Relaxed);
-        Some(slot)
+        Some(StreamSlot(self.streams.clone()))
+    }
+
+    /// Tunnels open now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Acquire)
     }
 
     /// Retires the connection if it carries no tunnel now: from then on no place can be
@@ -96,18 +72,13 @@ impl Sender {
     /// the same moment either gets its place first, and the connection stays, or finds none
     /// and the pool dials anew). Returns whether it was retired.
     pub fn retire_if_unused(&self) -> bool {
-        let retired = self
-            .streams
+        self.streams
             .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if retired {
-            self.set_closed();
-        }
-        retired
+            .is_ok()
     }
 
-    /// Waits until the connection has carried no tunnel for `timeout`, then retires it
-    /// (the connection's task then closes it). Looks every quarter of `timeout`.
+    /// Waits until the connection has carried no tunnel for `timeout`, then retires it (the
+    /// caller closes it). Looks every quarter of `timeout`.
     pub async fn idle(&self, timeout: Duration) {
         let step = (timeout / 4).max(Duration::from_millis(50));
         let mut seen = self.uses.load(Ordering::Relaxed);
@@ -124,10 +95,53 @@ impl Sender {
             }
         }
     }
+}
+
+/// A pooled HTTP/2 connection: opens streams; closed once its connection task ended. It
+/// carries at most [`super::MAX_STREAMS`] tunnels at once (the peer's limit too: ztunnel's
+/// server allows 200, ours 100): past that the pool opens another connection for the same key
+/// rather than queue the tunnel in h2 until a stream ends (an idle connection may never end).
+#[derive(Clone)]
+pub struct Sender {
+    pub h2: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+    usage: Usage,
+}
+
+impl Sender {
+    pub fn new(h2: h2::client::SendRequest<Bytes>) -> Sender {
+        Sender {
+            h2,
+            closed: Arc::default(),
+            usage: Usage::default(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Called by the connection's task when it ends.
+    pub fn set_closed(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes a place for one more tunnel, if the connection has one.
+    pub fn try_reserve(&self) -> Option<StreamSlot> {
+        let max = (super::MAX_STREAMS as usize).min(self.h2.current_max_send_streams().max(1));
+        self.usage.reserve(max)
+    }
+
+    /// Waits until the connection has carried no tunnel for `timeout`, then retires it and
+    /// marks it closed (its task then closes it).
+    pub async fn idle(&self, timeout: Duration) {
+        self.usage.idle(timeout).await;
+        self.set_closed();
+    }
 
     /// Tunnels open on it now.
     pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Acquire)
+        self.usage.streams()
     }
 }
 

@@ -275,15 +275,17 @@ fn client_config(cert: &WorkloadCert, dst: &Identity) -> Result<quinn::ClientCon
 struct Pooled {
     conn: quinn::Connection,
     send: SendRequest,
-    /// Tunnels open on it now: at [`MAX_STREAMS`] (the bidirectional streams a peer
-    /// allows) another connection is dialled for the key rather than waiting for a stream.
-    streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Its tunnels: at [`MAX_STREAMS`] open (the bidirectional streams a peer allows)
+    /// another connection is dialled for the key rather than waiting for a stream; without
+    /// one for the pool's idle timeout it is retired and closed.
+    usage: super::pool::Usage,
 }
 
 /// Outbound QUIC: client endpoints by source (pod uid or the node, and address family) and
 /// pooled connections by [`PoolKey`].
-#[derive(Default)]
 pub struct Clients {
+    /// A pooled connection without a tunnel for this long is closed (`--pool-idle-timeout`).
+    idle_timeout: Duration,
     endpoints: Mutex<HashMap<(Option<String>, bool), quinn::Endpoint>>,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -292,7 +294,23 @@ pub struct Clients {
     h2_until: Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
 
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new(crate::defaults::POOL_IDLE_TIMEOUT)
+    }
+}
+
 impl Clients {
+    pub fn new(idle_timeout: Duration) -> Clients {
+        Clients {
+            idle_timeout,
+            endpoints: Default::default(),
+            conns: Default::default(),
+            dialing: Default::default(),
+            h2_until: Default::default(),
+        }
+    }
+
     /// May a tunnel to `dst` try QUIC (it has not fallen back recently)?
     pub fn may_try(&self, dst: SocketAddr) -> bool {
         let Ok(mut m) = self.h2_until.lock() else {
@@ -327,11 +345,16 @@ impl Clients {
             .unwrap_or(0)
     }
 
-    /// Number of pooled QUIC connections (for metrics).
+    /// Number of pooled QUIC connections that are not closed (for metrics).
     pub fn len(&self) -> usize {
         self.conns
             .lock()
-            .map(|m| m.values().map(Vec::len).sum())
+            .map(|m| {
+                m.values()
+                    .flatten()
+                    .filter(|p| p.conn.close_reason().is_none())
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -345,7 +368,9 @@ impl Clients {
         let list = m.get_mut(key)?;
         list.retain(|p| p.conn.close_reason().is_none());
         let found = list.iter().find_map(|p| {
-            super::pool::reserve(&p.streams, MAX_STREAMS as usize).map(|slot| (p.clone(), slot))
+            p.usage
+                .reserve(MAX_STREAMS as usize)
+                .map(|slot| (p.clone(), slot))
         });
         if list.is_empty() {
             m.remove(key);
@@ -437,15 +462,21 @@ impl Clients {
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
             .await
             .map_err(|e| QuicError::H3(e.to_string()))?;
+        let usage = super::pool::Usage::default();
+        let (idle, idle_conn, idle_timeout) = (usage.clone(), conn.clone(), self.idle_timeout);
         tokio::spawn(async move {
-            let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            debug!(%addr, error = %e, "HBONE/QUIC connection ended");
+            tokio::select! {
+                e = std::future::poll_fn(|cx| driver.poll_close(cx)) => {
+                    debug!(%addr, error = %e, "HBONE/QUIC connection ended");
+                }
+                () = idle.idle(idle_timeout) => {
+                    // `H3_NO_ERROR`: the connection is done, nothing was cut.
+                    idle_conn.close(quinn::VarInt::from_u32(0x100), b"idle");
+                    debug!(%addr, "HBONE/QUIC connection idle; closed");
+                }
+            }
         });
-        Ok(Pooled {
-            conn,
-            send,
-            streams: Arc::default(),
-        })
+        Ok(Pooled { conn, send, usage })
     }
 }
 
@@ -480,9 +511,16 @@ pub async fn open(
                                 connect_timeout,
                             )
                             .await?;
-                        let slot = super::pool::reserve(&p.streams, MAX_STREAMS as usize)
+                        let slot = p
+                            .usage
+                            .reserve(MAX_STREAMS as usize)
                             .ok_or(QuicError::Status(StatusCode::SERVICE_UNAVAILABLE))?;
                         if let Ok(mut m) = clients.conns.lock() {
+                            // Closed connections (idle ones retired included) leave the pool.
+                            m.retain(|_, list| {
+                                list.retain(|p| p.conn.close_reason().is_none());
+                                !list.is_empty()
+                            });
                             m.entry(key.clone()).or_default().push(p.clone());
                         }
                         (p, slot, true)
