@@ -511,6 +511,7 @@ pub fn main() -> Result<()> {
             runtime(None)?.block_on(crate::agent::run(cfg))
         }
         Cmd::Proxy(p) => {
+            crate::kernel::rlimit::raise_nofile_logged("proxy");
             let cfg = crate::proxy::ProxyConfig {
                 node: p.node,
                 bpffs: p.bpffs,

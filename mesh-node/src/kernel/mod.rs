@@ -17,6 +17,7 @@ pub mod mounts;
 pub mod netns;
 pub mod podns;
 pub mod probe;
+pub mod rlimit;
 
 use std::path::{Path, PathBuf};
 
