@@ -38,7 +38,7 @@ fn get() -> Result<libc::rlimit, RlimitError> {
 /// the hard limit).
 pub fn raise_nofile() -> Result<Nofile, RlimitError> {
     let l = get()?;
-    let before = l.rlim_cur as u64;
+    let before = l.rlim_cur;
     if l.rlim_cur < l.rlim_max {
         let new = libc::rlimit {
             rlim_cur: l.rlim_max,
@@ -47,7 +47,7 @@ pub fn raise_nofile() -> Result<Nofile, RlimitError> {
         // SAFETY: a valid pointer to an owned rlimit.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
             return Err(RlimitError::Set {
-                want: l.rlim_max as u64,
+                want: l.rlim_max,
                 source: std::io::Error::last_os_error(),
             });
         }
@@ -55,8 +55,8 @@ pub fn raise_nofile() -> Result<Nofile, RlimitError> {
     let after = get()?;
     Ok(Nofile {
         before,
-        soft: after.rlim_cur as u64,
-        hard: after.rlim_max as u64,
+        soft: after.rlim_cur,
+        hard: after.rlim_max,
     })
 }
 
@@ -99,9 +99,9 @@ mod tests {
         // SAFETY: a valid pointer to an owned rlimit.
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
         let n = raise_nofile().expect("raise");
-        assert_eq!(n.before, low.rlim_cur as u64);
-        assert_eq!(n.soft, l.rlim_max as u64);
-        assert_eq!(n.hard, l.rlim_max as u64);
+        assert_eq!(n.before, low.rlim_cur);
+        assert_eq!(n.soft, l.rlim_max);
+        assert_eq!(n.hard, l.rlim_max);
         let again = get().expect("getrlimit");
         assert_eq!(again.rlim_cur, again.rlim_max);
     }
