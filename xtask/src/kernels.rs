@@ -119,6 +119,13 @@ pub const TESTS: &[VmTest] = &[
         ci: false,
     },
     VmTest {
+        id: "ktls",
+        bin: "ktls",
+        filter: "tunnels_use_kernel_tls_and_interoperate_with_userspace_tls",
+        tools: &["tcpdump"],
+        ci: false,
+    },
+    VmTest {
         id: "hbone-ipv6",
         bin: "hbone",
         filter: "ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel",
@@ -644,8 +651,9 @@ struct KernelImage {
     modules: Vec<PathBuf>,
 }
 
-/// Modules the tests need that Debian's cloud kernels build as modules.
-const MODULES: &[&str] = &["veth", "bridge"];
+/// Modules the tests need that Debian's cloud kernels build as modules (`tls`: the TLS ULP
+/// for the `ktls` test; a kernel without it skips the module).
+const MODULES: &[&str] = &["veth", "bridge", "tls"];
 
 fn unpack_kernel(cache: &Path, deb: &Path) -> Result<KernelImage> {
     let package = deb
@@ -654,10 +662,18 @@ fn unpack_kernel(cache: &Path, deb: &Path) -> Result<KernelImage> {
         .and_then(|f| f.split('_').next())
         .context("package file name")?
         .to_string();
-    let dir = cache.join("kernel").join(&package);
+    // The module set is part of the folder's name: a new module unpacks the kernel again
+    // (from the cached package) instead of reusing a folder without it.
+    let dir = cache
+        .join("kernel")
+        .join(format!("{package}+{}", MODULES.join("+")));
     let done = dir.join("ready");
     if !done.exists() {
-        let tmp = cache.join("kernel").join(format!("{package}.tmp"));
+        let tmp = cache.join("kernel").join(format!(
+            "{package}+{}.tmp.{}",
+            MODULES.join("+"),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         run_cmd(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;

@@ -355,6 +355,10 @@ struct ProxyArgs {
     /// Refuse (instead of connecting directly) destinations outside the mesh.
     #[arg(long)]
     no_direct_unmeshed: bool,
+    /// Kernel TLS for HBONE/TCP tunnels after the rustls handshake: `auto` uses it when the
+    /// kernel has the TLS ULP and the negotiated cipher (else userspace TLS), `off` never.
+    #[arg(long, env = "SIDENODE_KTLS", value_enum, default_value_t = crate::proxy::hbone::ktls::Mode::Auto)]
+    ktls: crate::proxy::hbone::ktls::Mode,
     /// Prometheus metrics address (default: proxy-ip:15020).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
@@ -558,6 +562,7 @@ pub fn main() -> Result<()> {
                 },
             };
             crate::policy::set_root_namespace(&p.root_namespace);
+            crate::proxy::hbone::ktls::set_mode(p.ktls);
             let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg, status))
         }

@@ -50,6 +50,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // kTLS (`proxy::hbone::ktls`) takes the session keys after the handshake; and no TLS 1.3
+    // session tickets (never used: clients do not resume), so no handshake messages follow it.
+    cfg.enable_secret_extraction = true;
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -71,6 +75,8 @@ pub fn client_config(
         .with_client_auth_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.enable_sni = false;
+    // kTLS (`proxy::hbone::ktls`) takes the session keys after the handshake.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Mesh;
+use super::hbone::ktls::{HandshakeIo, Handshaken};
 use super::hbone::{Refusal, TLS_READ_BUF, TLS_SEND_BUF, Transport, refuse_handshake, server};
 use crate::identity::Identity;
 use crate::identity::certs::peer_identity;
@@ -327,11 +328,20 @@ async fn accept_loop(
                     }
                 };
                 let acceptor = TlsAcceptor::from(cert.server_config.clone());
-                let mut tls = match tokio::time::timeout(
-                    crate::defaults::HBONE_HANDSHAKE_TIMEOUT,
-                    acceptor.accept(tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)),
-                )
-                .await
+                let hs = async {
+                    match super::hbone::ktls::handshake_io(tcp, TLS_READ_BUF).await {
+                        HandshakeIo::Buffered(io) => acceptor
+                            .accept(io)
+                            .await
+                            .map(|t| Handshaken::Buffered(tokio_rustls::TlsStream::Server(t))),
+                        HandshakeIo::Corked(io) => acceptor
+                            .accept(io)
+                            .await
+                            .map(|t| Handshaken::Corked(tokio_rustls::TlsStream::Server(t))),
+                    }
+                };
+                let tls = match tokio::time::timeout(crate::defaults::HBONE_HANDSHAKE_TIMEOUT, hs)
+                    .await
                 {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
@@ -343,16 +353,21 @@ async fn accept_loop(
                         return;
                     }
                 };
-                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUF));
                 let Some(peer_identity) = tls
-                    .get_ref()
-                    .1
+                    .common()
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| peer_identity(c).ok())
                 else {
                     refuse_handshake(Transport::H2, Refusal::Untrusted, None);
                     return;
+                };
+                let tls = match super::hbone::ktls::finish(tls, TLS_SEND_BUF, "inbound").await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        refuse_handshake(Transport::H2, Refusal::Handshake, Some(&e));
+                        return;
+                    }
                 };
                 let conn = Arc::new(server::Conn {
                     pod,

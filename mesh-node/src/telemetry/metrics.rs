@@ -12,6 +12,9 @@ pub struct Metrics {
     /// metrics port too, so it counts nothing a scrape could see.
     pub handovers: IntCounterVec,
     pub conns_refused: IntCounterVec,
+    /// HBONE/TCP tunnel connections by which TLS carries their bytes after the handshake:
+    /// `path="kernel"` (kTLS, `proxy::hbone::ktls`) or `path="userspace"` (rustls).
+    pub hbone_tls: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -46,11 +49,21 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(conns_refused.clone()));
+        let hbone_tls = IntCounterVec::new(
+            Opts::new(
+                "sidenode_hbone_tls_connections_total",
+                "HBONE/TCP connections by direction and the TLS path after the handshake (kernel, userspace)",
+            ),
+            &["direction", "path"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(hbone_tls.clone()));
         Metrics {
             registry,
             hbone_refused,
             handovers,
             conns_refused,
+            hbone_tls,
         }
     })
 }
@@ -60,6 +73,15 @@ pub fn count_refusal(direction: &str, transport: &str, reason: &str) {
     metrics()
         .hbone_refused
         .with_label_values(&[direction, transport, reason])
+        .inc();
+}
+
+/// One HBONE/TCP connection set up, by `direction` (outbound, inbound) and TLS `path`
+/// (kernel, userspace).
+pub fn count_hbone_tls(direction: &str, path: &str) {
+    metrics()
+        .hbone_tls
+        .with_label_values(&[direction, path])
         .inc();
 }
 

@@ -9,6 +9,7 @@ use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
+use super::ktls::{HandshakeIo, Handshaken};
 use super::pool::{Pool, PoolKey, Sender};
 use super::stream::H2Stream;
 use super::{
@@ -200,18 +201,29 @@ async fn dial(
         .await
         .map_err(|source| TunnelError::Connect { addr, source })?;
     let connector = TlsConnector::from(cert.client_config(dst_identity.clone())?);
-    let mut tls = connector
-        .connect(
-            ServerName::IpAddress(addr.ip().into()),
-            tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp),
-        )
+    let name = ServerName::IpAddress(addr.ip().into());
+    let tls = match super::ktls::handshake_io(tcp, TLS_READ_BUF).await {
+        HandshakeIo::Buffered(io) => connector
+            .connect(name, io)
+            .await
+            .map(|t| Handshaken::Buffered(tokio_rustls::TlsStream::Client(t))),
+        HandshakeIo::Corked(io) => connector
+            .connect(name, io)
+            .await
+            .map(|t| Handshaken::Corked(tokio_rustls::TlsStream::Client(t))),
+    }
+    .map_err(|source| TunnelError::Tls {
+        addr,
+        reason: Refusal::of_tls(&source),
+        source,
+    })?;
+    let tls = super::ktls::finish(tls, TLS_SEND_BUF, "outbound")
         .await
-        .map_err(|source| TunnelError::Tls {
+        .map_err(|e| TunnelError::Tls {
             addr,
-            reason: Refusal::of_tls(&source),
-            source,
+            reason: Refusal::Handshake,
+            source: std::io::Error::other(e),
         })?;
-    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUF));
     let (h2, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

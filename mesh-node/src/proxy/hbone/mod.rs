@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod dial;
+pub mod ktls;
 pub mod pool;
 pub mod quic;
 pub mod request;

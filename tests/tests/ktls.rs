@@ -1,0 +1,322 @@
+//! Kernel TLS for HBONE/TCP tunnels (`--ktls`, docs/architecture.md). Run as root:
+//! `cargo test -p sidenode-tests --test ktls`.
+//!
+//! On a kernel with the TLS ULP (`tls` module; under qemu: `cargo xtask kernels --tests
+//! ktls`) both proxies move their tunnel connections to the kernel: echo and checksummed
+//! transfers both ways, the secret never on the wire, `/proc/net/tls_stat` counters rising in
+//! the namespaces holding the tunnel sockets (node1's for the outbound side, the server pod's
+//! for its listener), `sidenode_hbone_tls_connections_total{path="kernel"}` counted; then
+//! node2's proxy restarts with `--ktls off` and a kTLS client keeps talking to a userspace
+//! server (the records are the same). On a kernel without it (no `/proc/net/tls_stat`), `auto`
+//! must fall back: the same traffic, counted as `path="userspace"` on both sides.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use sidenode_tests::cluster::Cluster;
+use sidenode_tests::workload::{Server, Session};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const SERVER_POD: &str = "node2-pod1";
+const TARGET: &str = "198.19.2.2:8080";
+const CLIENT_POD: &str = "node1-pod1";
+const TLS_METRIC: &str = "sidenode_hbone_tls_connections_total";
+const MB: u64 = 1 << 20;
+
+/// `/proc/net/tls_stat` of a namespace (`cat` run in it), or `None` without the TLS ULP.
+fn tls_stat(mut cat: Command) -> Result<Option<BTreeMap<String, u64>>> {
+    let out = cat
+        .arg("/proc/net/tls_stat")
+        .stdin(Stdio::null())
+        .output()
+        .context("running cat /proc/net/tls_stat")?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let mut m = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split_whitespace();
+        if let (Some(k), Some(v)) = (f.next(), f.next()) {
+            m.insert(k.to_string(), v.parse::<u64>().unwrap_or(0));
+        }
+    }
+    Ok(Some(m))
+}
+
+fn stat_of(c: &Cluster, node: Option<&str>, pod: Option<&str>) -> Result<BTreeMap<String, u64>> {
+    let cmd = match (node, pod) {
+        (Some(n), _) => c.node_command(n, "cat")?,
+        (_, Some(p)) => c.pod_command(p, "cat")?,
+        _ => bail!("neither node nor pod"),
+    };
+    tls_stat(cmd)?.context("/proc/net/tls_stat went away")
+}
+
+fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
+    m.get(k).copied().unwrap_or(0)
+}
+
+fn tls_count(c: &Cluster, node: &str, direction: &str, path: &str) -> Result<f64> {
+    Ok(metric_value(
+        &proxy_metrics(c, node)?,
+        TLS_METRIC,
+        &[("direction", direction), ("path", path)],
+    ))
+}
+
+/// Echo of three lines carrying `secret` over one captured connection.
+fn echo(c: &Cluster, secret: &str) -> Result<()> {
+    let mut s = Session::open(c, &testpod(), CLIENT_POD, TARGET)?;
+    ensure!(s.through_proxy(), "not through a proxy: {}", s.hello);
+    for i in 0..3 {
+        let line = format!("{secret}-{i}");
+        ensure!(s.echo(&line)? == line, "echo mismatch");
+    }
+    s.close()
+}
+
+/// `testpod transfer`: `conns` connections each sending `bytes`, half-closing, and checking
+/// the whole echo (FNV-1a). Fails unless every connection got back exactly what it sent.
+fn transfer(c: &Cluster, bytes: u64, conns: usize) -> Result<()> {
+    let out = c
+        .pod_command(CLIENT_POD, testpod())?
+        .args(["transfer", "--to", TARGET, "--bytes"])
+        .arg(bytes.to_string())
+        .args(["--conns", &conns.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .context("running testpod transfer")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "testpod transfer failed ({}): {text} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("transfer report {text}"))?;
+    let ok = v["ok"].as_u64().context("transfer report without ok")?;
+    ensure!(
+        ok == conns as u64,
+        "{ok} of {conns} connections got back exactly what they sent: {v}"
+    );
+    Ok(())
+}
+
+// ---- tcpdump --------------------------------------------------------------------------------
+
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(c: &Cluster, node: &str, file: &Path) -> Result<Capture> {
+        let mut child = c
+            .node_command(node, "tcpdump")?
+            .args(["-i", "eth0", "-n", "-U", "--immediate-mode", "-w"])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let err = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => break,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("tcpdump in {node} did not start listening: {e}");
+                }
+            }
+        }
+        Ok(Capture {
+            child,
+            file: file.to_path_buf(),
+        })
+    }
+
+    fn stop(mut self) -> Result<Vec<u8>> {
+        // SAFETY: plain syscall on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let start = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("tcpdump did not exit after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Echo (captured on node1's link: the secret must not appear, port 15008 must) and
+/// checksummed transfers.
+fn traffic(c: &Cluster, tag: &str) -> Result<()> {
+    let pcap = c.state_dir.join(format!("node1-eth0-{tag}.pcap"));
+    let cap = Capture::start(c, "node1", &pcap)?;
+    let secret = format!("SIDENODE-SECRET-{}", random_hex(12)?);
+    echo(c, &secret)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let bytes = cap.stop()?;
+    ensure!(
+        !contains(&bytes, secret.as_bytes()),
+        "{tag}: the secret {secret} appears in clear text on node1's eth0"
+    );
+    ensure!(
+        contains(&bytes, &15008u16.to_be_bytes()),
+        "{tag}: no port-15008 packets captured"
+    );
+    transfer(c, 32 * MB, 1)?;
+    transfer(c, 4 * MB, 4)?;
+    eprintln!(
+        "{tag}: echo encrypted on the wire ({} capture bytes), 32 MB + 4x4 MB echoed intact",
+        bytes.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
+    let _turn = serial();
+    let c = mesh_cluster(2, None)?;
+    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+    wait_enrolled(&c, "node1", "mesh", CLIENT_POD)?;
+    wait_enrolled(&c, "node2", "mesh", SERVER_POD)?;
+    wait_hbone_listener(&c, SERVER_POD)?;
+
+    let Some(out0) = tls_stat(c.node_command("node1", "cat")?)? else {
+        // No TLS ULP: `auto` falls back to userspace TLS on both sides.
+        traffic(&c, "fallback")?;
+        let out = tls_count(&c, "node1", "outbound", "userspace")?;
+        let inb = tls_count(&c, "node2", "inbound", "userspace")?;
+        let kernel = tls_count(&c, "node1", "outbound", "kernel")?
+            + tls_count(&c, "node2", "inbound", "kernel")?;
+        ensure!(
+            out >= 1.0,
+            "node1: {TLS_METRIC} outbound userspace is {out}"
+        );
+        ensure!(inb >= 1.0, "node2: {TLS_METRIC} inbound userspace is {inb}");
+        ensure!(
+            kernel == 0.0,
+            "{kernel} kernel-TLS connections without TLS ULP"
+        );
+        eprintln!(
+            "no TLS ULP on this kernel (no /proc/net/tls_stat): fallback to userspace TLS \
+             checked ({out} outbound, {inb} inbound connections)"
+        );
+        return Ok(());
+    };
+    let in0 = stat_of(&c, None, Some(SERVER_POD))?;
+
+    // 1. Both sides kTLS.
+    traffic(&c, "ktls-both")?;
+    let out1 = stat_of(&c, Some("node1"), None)?;
+    let in1 = stat_of(&c, None, Some(SERVER_POD))?;
+    eprintln!("node1 tls_stat before {out0:?}\nnode1 tls_stat after {out1:?}");
+    eprintln!("{SERVER_POD} tls_stat before {in0:?}\n{SERVER_POD} tls_stat after {in1:?}");
+    for (who, a, b) in [("node1", &out0, &out1), (SERVER_POD, &in0, &in1)] {
+        for k in ["TlsTxSw", "TlsRxSw"] {
+            ensure!(
+                get(b, k) > get(a, k),
+                "{who}: {k} did not rise ({} -> {})",
+                get(a, k),
+                get(b, k)
+            );
+        }
+        ensure!(
+            get(b, "TlsDecryptError") == get(a, "TlsDecryptError"),
+            "{who}: TlsDecryptError rose"
+        );
+    }
+    let k_out = tls_count(&c, "node1", "outbound", "kernel")?;
+    let k_in = tls_count(&c, "node2", "inbound", "kernel")?;
+    ensure!(
+        k_out >= 1.0,
+        "node1: {TLS_METRIC} outbound kernel is {k_out}"
+    );
+    ensure!(k_in >= 1.0, "node2: {TLS_METRIC} inbound kernel is {k_in}");
+
+    // 2. node2's proxy forced to userspace TLS: a kTLS client and a rustls server.
+    let mut c = c;
+    let offset = c.log_len("node2", "proxy");
+    c.kill_process("node2", "proxy", libc::SIGTERM)
+        .or_else(|_| c.kill_process("node2", "proxy", libc::SIGKILL))?;
+    c.start_process_with("node2", "proxy", &["--ktls", "off"])?;
+    c.wait_for_log_after(
+        "node2",
+        "proxy",
+        offset,
+        "proxy ready",
+        Duration::from_secs(30),
+    )?;
+    wait_log_all(
+        &c,
+        "node2",
+        "proxy",
+        offset,
+        &["HBONE listener open", "addr=198.19.2.2:15008"],
+        Duration::from_secs(10),
+    )?;
+    // The pooled connection to the previous proxy is gone; the first dial after the restart
+    // may meet it closing.
+    let mut first = Ok(());
+    let fresh = wait_until(Duration::from_secs(10), || {
+        first = echo(&c, "warm-up");
+        Ok(first.is_ok())
+    })?;
+    ensure!(fresh, "no tunnel to the restarted proxy: {first:?}");
+    let out2 = stat_of(&c, Some("node1"), None)?;
+    traffic(&c, "ktls-client-userspace-server")?;
+    let out3 = stat_of(&c, Some("node1"), None)?;
+    ensure!(
+        get(&out3, "TlsTxSw") > get(&out1, "TlsTxSw"),
+        "node1: no new kTLS session towards the userspace server"
+    );
+    ensure!(
+        get(&out3, "TlsDecryptError") == get(&out2, "TlsDecryptError"),
+        "node1: TlsDecryptError rose against the userspace server"
+    );
+    let u_in = tls_count(&c, "node2", "inbound", "userspace")?;
+    let k_in = tls_count(&c, "node2", "inbound", "kernel")?;
+    ensure!(
+        u_in >= 1.0,
+        "node2 (--ktls off): inbound userspace is {u_in}"
+    );
+    ensure!(k_in == 0.0, "node2 (--ktls off): inbound kernel is {k_in}");
+    eprintln!("node1 tls_stat with a userspace server: {out3:?}");
+    Ok(())
+}
