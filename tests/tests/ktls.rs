@@ -58,6 +58,39 @@ fn stat_of(c: &Cluster, node: Option<&str>, pod: Option<&str>) -> Result<BTreeMa
     tls_stat(cmd)?.context("/proc/net/tls_stat went away")
 }
 
+/// The proxies' lines about kernel TLS (the probe's verdict, setup failures).
+fn ktls_lines(c: &Cluster) -> String {
+    ["node1", "node2"]
+        .iter()
+        .flat_map(|n| {
+            std::fs::read_to_string(c.log_path(n, "proxy"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("kernel TLS") || l.contains("TLS path"))
+                .map(|l| format!("{n}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The sum of a node's and its pod's counters: outbound tunnel sockets live in the source
+/// pod's namespace (`--tunnel-from-pod`, the default) or the proxy's.
+fn add(a: BTreeMap<String, u64>, b: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    let mut m = a;
+    for (k, v) in b {
+        *m.entry(k).or_insert(0) += v;
+    }
+    m
+}
+
+fn outbound_stat(c: &Cluster) -> Result<BTreeMap<String, u64>> {
+    Ok(add(
+        stat_of(c, Some("node1"), None)?,
+        stat_of(c, None, Some(CLIENT_POD))?,
+    ))
+}
+
 fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
     m.get(k).copied().unwrap_or(0)
 }
@@ -218,7 +251,7 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
     wait_enrolled(&c, "node2", "mesh", SERVER_POD)?;
     wait_hbone_listener(&c, SERVER_POD)?;
 
-    let Some(out0) = tls_stat(c.node_command("node1", "cat")?)? else {
+    let Some(_) = tls_stat(c.node_command("node1", "cat")?)? else {
         // No TLS ULP: `auto` falls back to userspace TLS on both sides.
         traffic(&c, "fallback")?;
         let out = tls_count(&c, "node1", "outbound", "userspace")?;
@@ -240,15 +273,17 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
         );
         return Ok(());
     };
+    let out0 = outbound_stat(&c)?;
     let in0 = stat_of(&c, None, Some(SERVER_POD))?;
 
     // 1. Both sides kTLS.
     traffic(&c, "ktls-both")?;
-    let out1 = stat_of(&c, Some("node1"), None)?;
+    let out1 = outbound_stat(&c)?;
     let in1 = stat_of(&c, None, Some(SERVER_POD))?;
-    eprintln!("node1 tls_stat before {out0:?}\nnode1 tls_stat after {out1:?}");
+    eprintln!("{}", ktls_lines(&c));
+    eprintln!("node1+{CLIENT_POD} tls_stat before {out0:?}\nnode1 tls_stat after {out1:?}");
     eprintln!("{SERVER_POD} tls_stat before {in0:?}\n{SERVER_POD} tls_stat after {in1:?}");
-    for (who, a, b) in [("node1", &out0, &out1), (SERVER_POD, &in0, &in1)] {
+    for (who, a, b) in [("node1+client pod", &out0, &out1), (SERVER_POD, &in0, &in1)] {
         for k in ["TlsTxSw", "TlsRxSw"] {
             ensure!(
                 get(b, k) > get(a, k),
@@ -299,9 +334,9 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
         Ok(first.is_ok())
     })?;
     ensure!(fresh, "no tunnel to the restarted proxy: {first:?}");
-    let out2 = stat_of(&c, Some("node1"), None)?;
+    let out2 = outbound_stat(&c)?;
     traffic(&c, "ktls-client-userspace-server")?;
-    let out3 = stat_of(&c, Some("node1"), None)?;
+    let out3 = outbound_stat(&c)?;
     ensure!(
         get(&out3, "TlsTxSw") > get(&out1, "TlsTxSw"),
         "node1: no new kTLS session towards the userspace server"

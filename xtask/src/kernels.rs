@@ -122,7 +122,7 @@ pub const TESTS: &[VmTest] = &[
         id: "ktls",
         bin: "ktls",
         filter: "tunnels_use_kernel_tls_and_interoperate_with_userspace_tls",
-        tools: &["tcpdump"],
+        tools: &["tcpdump", "curl"],
         ci: false,
     },
     VmTest {
@@ -652,8 +652,10 @@ struct KernelImage {
 }
 
 /// Modules the tests need that Debian's cloud kernels build as modules (`tls`: the TLS ULP
-/// for the `ktls` test; a kernel without it skips the module).
-const MODULES: &[&str] = &["veth", "bridge", "tls"];
+/// for the `ktls` test, with the AES-GCM pieces it asks the crypto API for at `TLS_TX`/`TLS_RX`
+/// time — loaded on demand through modprobe on a real system, which the VM has not; a kernel
+/// without one skips it).
+const MODULES: &[&str] = &["veth", "bridge", "tls", "gcm", "ghash_generic", "ctr"];
 
 fn unpack_kernel(cache: &Path, deb: &Path) -> Result<KernelImage> {
     let package = deb

@@ -144,7 +144,7 @@ enum Cmd {
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Comma-separated test ids (capture, capture-ipv6, original-destination,
-        /// program-replace, strict, same-node, hbone, hbone-ipv6), `all`, or `ci` (the CI subset).
+        /// program-replace, strict, same-node, hbone, hbone-ipv6, ktls), `all`, or `ci` (the CI subset).
         #[arg(long, default_value = "all")]
         tests: String,
         /// Look for newer kernel packages in the archive even when some are cached.

@@ -235,6 +235,30 @@ pub fn require() -> Result<(), Unsupported> {
     Ok(())
 }
 
+/// Whether the kernel accepts `TCP_ULP "tls"` on a connected loopback TCP socket (the
+/// error says why not: `ENOENT` no `tls` module).
+pub fn tls_ulp() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let s = std::net::TcpStream::connect(l.local_addr()?)?;
+    let _peer = l.accept()?;
+    let name = b"tls";
+    // SAFETY: setsockopt on a socket we own, with a valid buffer and its length.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

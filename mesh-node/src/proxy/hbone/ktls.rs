@@ -58,6 +58,10 @@ async fn support() -> Option<&'static CompatibleCiphers> {
                 info!("kernel TLS off (--ktls off): HBONE tunnels use userspace TLS");
                 return None;
             }
+            if let Err(e) = crate::kernel::probe::tls_ulp() {
+                info!(error = %e, "kernel TLS unavailable (TCP_ULP \"tls\" refused): HBONE tunnels use userspace TLS");
+                return None;
+            }
             match CompatibleCiphers::new().await {
                 Ok(c) if c.tls13.aes_gcm_256 || c.tls13.aes_gcm_128 || c.tls13.chacha20_poly1305 => {
                     info!(ciphers = ?c.tls13, "kernel TLS available: HBONE tunnels move to kTLS after the handshake");
@@ -167,7 +171,7 @@ pub async fn finish(
             }
         }
     };
-    debug!(direction, path = io.path(), "HBONE connection TLS path");
+    info!(direction, path = io.path(), "HBONE connection TLS path");
     crate::telemetry::metrics::count_hbone_tls(direction, io.path());
     Ok(io)
 }
