@@ -192,7 +192,20 @@ impl AsyncRead for TunnelIo {
         match self.get_mut() {
             TunnelIo::User(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             TunnelIo::UserCorked(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
-            TunnelIo::Kernel(k) => Pin::new(k).poll_read(cx, buf),
+            TunnelIo::Kernel(k) => {
+                // The `ktls` crate panics on some records a peer can send after the handshake
+                // (an encrypted ChangeCipherSpec, an empty alert): such a peer ends its own
+                // connection with an error instead of unwinding through the tunnel's task.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Pin::new(&mut *k).poll_read(cx, buf)
+                })) {
+                    Ok(r) => r,
+                    Err(_) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "kernel TLS: a record the ktls crate cannot handle (ChangeCipherSpec or an empty alert)",
+                    ))),
+                }
+            }
         }
     }
 }
