@@ -10,10 +10,8 @@ use common::*;
 use sidenode_tests::cluster::Cluster;
 use sidenode_tests::openssl::{new_csr, openssl, sign_with_cluster_ca, write_ext};
 use sidenode_tests::workload::{Server, Session, dial};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SERVER_POD: &str = "node2-pod1";
@@ -45,86 +43,6 @@ fn wait_conn_line(c: &Cluster, local: &str, offset: u64, needles: &[&str]) -> Re
 
 // ---- tcpdump --------------------------------------------------------------------------------
 
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// `tcpdump -i eth0 -w FILE -U --immediate-mode` in the node's netns; returns once it is listening.
-    fn start(c: &Cluster, node: &str, file: &Path) -> Result<Capture> {
-        let mut child = c
-            .node_command(node, "tcpdump")?
-            // Immediate mode: without it, packets still in the capture ring's current block when
-            // SIGINT arrives are never written.
-            .args(["-i", "eth0", "-n", "-U", "--immediate-mode", "-w"])
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tcpdump")?;
-        let err = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => break,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("tcpdump in {node} did not start listening: {e}");
-                }
-            }
-        }
-        Ok(Capture {
-            child,
-            file: file.to_path_buf(),
-        })
-    }
-
-    /// SIGINT, wait, and return the pcap bytes.
-    fn stop(mut self) -> Result<Vec<u8>> {
-        // SAFETY: plain syscall on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let start = Instant::now();
-        let mut termed = false;
-        while self.child.try_wait()?.is_none() {
-            if start.elapsed() > Duration::from_secs(5) && !termed {
-                // SAFETY: as above.
-                unsafe {
-                    libc::kill(self.child.id() as i32, libc::SIGTERM);
-                }
-                termed = true;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("tcpdump did not exit after SIGINT and SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `tcpdump -r FILE -nn FILTER` output lines.
 fn pcap_lines(file: &Path, filter: &str) -> Result<Vec<String>> {
     let out = Command::new("tcpdump")
@@ -146,16 +64,12 @@ fn pcap_lines(file: &Path, filter: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn meshed_traffic_is_encrypted_on_the_wire() -> Result<()> {
     let _turn = serial();
     let (c, _srv) = mesh_with_server(None)?;
     let pcap = c.state_dir.join("node1-eth0.pcap");
-    let cap = Capture::start(&c, "node1", &pcap)?;
+    let cap = Capture::start(&c, "node1", &pcap, 0)?;
     let secret = format!("SIDENODE-SECRET-{}", random_hex(12)?);
     let offset = c.log_len("node1", "proxy");
 

@@ -7,7 +7,8 @@
 //! the namespaces holding the tunnel sockets (node1's for the outbound side, the server pod's
 //! for its listener), `sidenode_hbone_tls_connections_total{path="kernel"}` counted; then
 //! node2's proxy restarts with `--ktls off` and a kTLS client keeps talking to a userspace
-//! server (the records are the same). On a kernel without it (no `/proc/net/tls_stat`), `auto`
+//! server, and last node1's restarts with `--ktls off` and node2's with kernel TLS again: a
+//! userspace client talking to a kTLS server (the records are the same either way). On a kernel without it (no `/proc/net/tls_stat`), `auto`
 //! must fall back: the same traffic, counted as `path="userspace"` on both sides.
 
 mod common;
@@ -17,11 +18,8 @@ use common::*;
 use sidenode_tests::cluster::Cluster;
 use sidenode_tests::workload::{Server, Session};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const SERVER_POD: &str = "node2-pod1";
 const TARGET: &str = "198.19.2.2:8080";
@@ -142,85 +140,11 @@ fn transfer(c: &Cluster, bytes: u64, conns: usize) -> Result<()> {
     Ok(())
 }
 
-// ---- tcpdump --------------------------------------------------------------------------------
-
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(c: &Cluster, node: &str, file: &Path) -> Result<Capture> {
-        let mut child = c
-            .node_command(node, "tcpdump")?
-            .args(["-i", "eth0", "-n", "-U", "--immediate-mode", "-w"])
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tcpdump")?;
-        let err = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => break,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("tcpdump in {node} did not start listening: {e}");
-                }
-            }
-        }
-        Ok(Capture {
-            child,
-            file: file.to_path_buf(),
-        })
-    }
-
-    fn stop(mut self) -> Result<Vec<u8>> {
-        // SAFETY: plain syscall on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let start = Instant::now();
-        while self.child.try_wait()?.is_none() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("tcpdump did not exit after SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Echo (captured on node1's link: the secret must not appear, port 15008 must) and
 /// checksummed transfers.
 fn traffic(c: &Cluster, tag: &str) -> Result<()> {
     let pcap = c.state_dir.join(format!("node1-eth0-{tag}.pcap"));
-    let cap = Capture::start(c, "node1", &pcap)?;
+    let cap = Capture::start(c, "node1", &pcap, 0)?;
     let secret = format!("SIDENODE-SECRET-{}", random_hex(12)?);
     echo(c, &secret)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -307,33 +231,7 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
 
     // 2. node2's proxy forced to userspace TLS: a kTLS client and a rustls server.
     let mut c = c;
-    let offset = c.log_len("node2", "proxy");
-    c.kill_process("node2", "proxy", libc::SIGTERM)
-        .or_else(|_| c.kill_process("node2", "proxy", libc::SIGKILL))?;
-    c.start_process_with("node2", "proxy", &["--ktls", "off"])?;
-    c.wait_for_log_after(
-        "node2",
-        "proxy",
-        offset,
-        "proxy ready",
-        Duration::from_secs(30),
-    )?;
-    wait_log_all(
-        &c,
-        "node2",
-        "proxy",
-        offset,
-        &["HBONE listener open", "addr=198.19.2.2:15008"],
-        Duration::from_secs(10),
-    )?;
-    // The pooled connection to the previous proxy is gone; the first dial after the restart
-    // may meet it closing.
-    let mut first = Ok(());
-    let fresh = wait_until(Duration::from_secs(10), || {
-        first = echo(&c, "warm-up");
-        Ok(first.is_ok())
-    })?;
-    ensure!(fresh, "no tunnel to the restarted proxy: {first:?}");
+    restart_proxy(&mut c, "node2", &["--ktls", "off"])?;
     let out2 = outbound_stat(&c)?;
     traffic(&c, "ktls-client-userspace-server")?;
     let out3 = outbound_stat(&c)?;
@@ -353,5 +251,67 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
     );
     ensure!(k_in == 0.0, "node2 (--ktls off): inbound kernel is {k_in}");
     eprintln!("node1 tls_stat with a userspace server: {out3:?}");
+
+    // 3. The other way round: node1's proxy on userspace TLS, node2's back on kernel TLS.
+    restart_proxy(&mut c, "node2", &[])?;
+    restart_proxy(&mut c, "node1", &["--ktls", "off"])?;
+    let in4 = stat_of(&c, None, Some(SERVER_POD))?;
+    traffic(&c, "userspace-client-ktls-server")?;
+    let in5 = stat_of(&c, None, Some(SERVER_POD))?;
+    eprintln!("{SERVER_POD} tls_stat with a userspace client: {in4:?} -> {in5:?}");
+    for k in ["TlsTxSw", "TlsRxSw"] {
+        ensure!(
+            get(&in5, k) > get(&in4, k),
+            "{SERVER_POD}: {k} did not rise for a userspace client ({} -> {})",
+            get(&in4, k),
+            get(&in5, k)
+        );
+    }
+    ensure!(
+        get(&in5, "TlsDecryptError") == get(&in4, "TlsDecryptError"),
+        "{SERVER_POD}: TlsDecryptError rose with a userspace client"
+    );
+    let u_out = tls_count(&c, "node1", "outbound", "userspace")?;
+    let k_out = tls_count(&c, "node1", "outbound", "kernel")?;
+    let k_in = tls_count(&c, "node2", "inbound", "kernel")?;
+    ensure!(
+        u_out >= 1.0 && k_out == 0.0,
+        "node1 (--ktls off): outbound userspace {u_out}, kernel {k_out}"
+    );
+    ensure!(k_in >= 1.0, "node2: inbound kernel is {k_in}");
+    Ok(())
+}
+
+/// Restarts `node`'s proxy with `args` and waits until a tunnel through it carries an echo
+/// (pooled connections to the previous process may meet it closing).
+fn restart_proxy(c: &mut Cluster, node: &str, args: &[&str]) -> Result<()> {
+    let offset = c.log_len(node, "proxy");
+    c.kill_process(node, "proxy", libc::SIGTERM)
+        .or_else(|_| c.kill_process(node, "proxy", libc::SIGKILL))?;
+    c.start_process_with(node, "proxy", args)?;
+    c.wait_for_log_after(
+        node,
+        "proxy",
+        offset,
+        "proxy ready",
+        Duration::from_secs(30),
+    )?;
+    wait_log_all(
+        c,
+        node,
+        "proxy",
+        offset,
+        &["HBONE listener open"],
+        Duration::from_secs(10),
+    )?;
+    let mut first = Ok(());
+    let fresh = wait_until(Duration::from_secs(10), || {
+        first = echo(c, "warm-up");
+        Ok(first.is_ok())
+    })?;
+    ensure!(
+        fresh,
+        "no tunnel through {node}'s restarted proxy: {first:?}"
+    );
     Ok(())
 }

@@ -15,13 +15,11 @@ use common::*;
 use sidenode_tests::cluster::Cluster;
 use sidenode_tests::openssl::{new_csr, openssl, sign_with_cluster_ca, write_ext};
 use sidenode_tests::workload::{Server, Session};
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SERVER_POD: &str = "node2-pod1";
 const TARGET: &str = "198.19.2.2:8080";
@@ -104,78 +102,6 @@ fn lines_after(c: &Cluster, node: &str, kind: &str, offset: u64, needle: &str) -
 
 // ---- tcpdump --------------------------------------------------------------------------------
 
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// `tcpdump -i eth0 -s SNAP -w FILE` in the node's netns; returns once it is listening.
-    fn start(c: &Cluster, node: &str, file: &Path, snap: u32) -> Result<Capture> {
-        let mut child = c
-            .node_command(node, "tcpdump")?
-            .args(["-i", "eth0", "-n", "-U", "--immediate-mode", "-s"])
-            .arg(snap.to_string())
-            .arg("-w")
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tcpdump")?;
-        let err = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => break,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("tcpdump in {node} did not start listening: {e}");
-                }
-            }
-        }
-        Ok(Capture {
-            child,
-            file: file.to_path_buf(),
-        })
-    }
-
-    /// SIGINT, wait, and return the pcap bytes.
-    fn stop(mut self) -> Result<Vec<u8>> {
-        // SAFETY: plain syscall on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let start = Instant::now();
-        while self.child.try_wait()?.is_none() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("tcpdump did not exit after SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Packets of a pcap file matching `filter`.
 fn pcap_count(file: &Path, filter: &str) -> Result<usize> {
     let out = Command::new("tcpdump")
@@ -191,10 +117,6 @@ fn pcap_count(file: &Path, filter: &str) -> Result<usize> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// `testpod transfer`: `conns` connections each sending `bytes`, half-closing, and checking

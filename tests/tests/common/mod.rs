@@ -1,12 +1,15 @@
 //! Shared helpers for the e2e tests.
 #![allow(dead_code)]
 
+pub mod tcpdump;
 use anyhow::{Context, Result, bail};
 use sidenode_tests::cluster::{Cluster, ClusterOpts, TestCluster, unique_prefix};
 use sidenode_tests::workload::{DialResult, dial, mesh_node_path};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+#[allow(unused_imports)]
+pub use tcpdump::{Capture, contains};
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
