@@ -30,6 +30,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// closed (`mesh-node proxy --pool-idle-timeout`; ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`
 /// is 5 minutes too).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the proxy looks at its heap and returns freed pages to the kernel when more than
+/// 4 MiB are free (`kernel::heap`; docs/operations.md, "Memory after a burst").
+pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a client has to complete the TLS handshake on an HBONE listener (a peer that
 /// stalls mid-handshake is dropped and counted as `reason="handshake"`).
 pub const HBONE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

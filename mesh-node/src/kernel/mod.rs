@@ -8,6 +8,7 @@
 //! While the pins exist the programs stay attached, so capture goes on while the agent is down.
 
 pub mod fdpass;
+pub mod heap;
 pub mod inpod;
 pub mod inspect;
 pub mod load;

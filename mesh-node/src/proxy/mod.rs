@@ -217,6 +217,10 @@ pub async fn run(cfg: ProxyConfig, admin: Arc<status::Status>) -> Result<()> {
         }
         return Ok(());
     }
+    // Freed heap goes back to the kernel after a burst (docs/operations.md).
+    tokio::spawn(crate::kernel::heap::trim_forever(
+        crate::defaults::HEAP_TRIM_INTERVAL,
+    ));
     let mut admin_listener = None;
     if let (Some(a), None) = (&cfg.admin, takeover) {
         let l = (a.bind)()?;

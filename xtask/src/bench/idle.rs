@@ -236,6 +236,10 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
             std::thread::sleep(Duration::from_millis(500));
         };
         let closed_in_s = closing.elapsed().as_secs_f64();
+        // The proxy returns freed heap to the kernel every 10 s (`kernel::heap`): what it
+        // keeps once that has run.
+        std::thread::sleep(Duration::from_secs(12));
+        let settled = (snap(out_pid)?, snap(in_pid)?);
         if open != n {
             bail!(
                 "only {open} of {n} connections opened: {report} (proxy RSS held {} / {} kB)",
@@ -243,13 +247,14 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
                 held.1.rss_kb
             );
         }
-        let side = |name: &str, b: Snap, h: Snap, a: Snap| {
+        let side = |name: &str, b: Snap, h: Snap, a: Snap, s: Snap| {
             let per_conn = (h.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / n as f64;
             json!({
                 "side": name,
                 "rss_kb_before": b.rss_kb,
                 "rss_kb_held": h.rss_kb,
                 "rss_kb_after": a.rss_kb,
+                "rss_kb_settled": s.rss_kb,
                 "bytes_per_connection": per_conn.round(),
                 "fds_before": b.fds,
                 "fds_held": h.fds,
@@ -262,8 +267,8 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
             "closed_in_s": closed_in_s,
             "client_report": report,
             "proxies": [
-                side("outbound (node1 proxy)", before.0, held.0, after.0),
-                side("inbound (node2 proxy)", before.1, held.1, after.1),
+                side("outbound (node1 proxy)", before.0, held.0, after.0, settled.0),
+                side("inbound (node2 proxy)", before.1, held.1, after.1, settled.1),
             ],
         }))
     })();
@@ -276,11 +281,12 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
         result["closed_in_s"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>12} {:>10} {:>9} {:>9} {:>9}",
+        "{:<24} {:>12} {:>12} {:>12} {:>12} {:>10} {:>9} {:>9} {:>9}",
         "proxy",
         "RSS before",
         "RSS held",
         "RSS after",
+        "RSS +12 s",
         "B/conn",
         "fds bef.",
         "fds held",
@@ -289,11 +295,12 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
     for p in result["proxies"].as_array().into_iter().flatten() {
         let u = |k: &str| p[k].as_u64().unwrap_or(0);
         println!(
-            "{:<24} {:>9} kB {:>9} kB {:>9} kB {:>10.0} {:>9} {:>9} {:>9}",
+            "{:<24} {:>9} kB {:>9} kB {:>9} kB {:>9} kB {:>10.0} {:>9} {:>9} {:>9}",
             p["side"].as_str().unwrap_or(""),
             u("rss_kb_before"),
             u("rss_kb_held"),
             u("rss_kb_after"),
+            u("rss_kb_settled"),
             p["bytes_per_connection"].as_f64().unwrap_or(0.0),
             u("fds_before"),
             u("fds_held"),
