@@ -15,7 +15,8 @@
 //! Post-handshake messages: our server sends no TLS 1.3 session tickets (`identity::tls`);
 //! tickets from another peer (ztunnel) are dropped by the kTLS stream, alerts end the stream
 //! (close_notify answered). A TLS 1.3 KeyUpdate cannot be followed by kernels before 6.13:
-//! rustls sends one only near the AES-GCM record limit (2^24.5 records, hundreds of GB).
+//! a rustls peer sends one at 2^24 AES-GCM records, which ends the connection here (an open
+//! gap: docs/architecture.md, "Post-handshake records").
 
 use std::io;
 use std::pin::Pin;
