@@ -33,6 +33,12 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the proxy looks at its heap and returns freed pages to the kernel when more than
 /// 4 MiB are free (`kernel::heap`; docs/operations.md, "Memory after a burst").
 pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+/// A kernel-TLS tunnel is retired (no new tunnels on it; the server sends GOAWAY) once either
+/// direction has carried this many records: half the 2^24 at which a rustls or ztunnel peer
+/// re-keys with a KeyUpdate, which kernels before 6.13 cannot follow (`proxy::hbone::ktls`).
+pub const KTLS_RECORD_LIMIT: u64 = 1 << 23;
+/// How often a kernel-TLS tunnel's record counters are read against [`KTLS_RECORD_LIMIT`].
+pub const KTLS_RECORD_CHECK: Duration = Duration::from_secs(1);
 /// How long a client has to complete the TLS handshake on an HBONE listener (a peer that
 /// stalls mid-handshake is dropped and counted as `reason="handshake"`).
 pub const HBONE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

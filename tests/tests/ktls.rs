@@ -93,6 +93,8 @@ fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
     m.get(k).copied().unwrap_or(0)
 }
 
+const RETIRED_METRIC: &str = "sidenode_hbone_tls_retired_total";
+
 fn tls_count(c: &Cluster, node: &str, direction: &str, path: &str) -> Result<f64> {
     Ok(metric_value(
         &proxy_metrics(c, node)?,
@@ -280,6 +282,47 @@ fn tunnels_use_kernel_tls_and_interoperate_with_userspace_tls() -> Result<()> {
         "node1 (--ktls off): outbound userspace {u_out}, kernel {k_out}"
     );
     ensure!(k_in >= 1.0, "node2: inbound kernel is {k_in}");
+
+    // 4. A low record limit on both sides: each kTLS tunnel connection is retired soon after
+    //    it starts carrying data (client: no new tunnels on it; server: GOAWAY), and the
+    //    traffic after it goes over a new kTLS connection, intact.
+    restart_proxy(&mut c, "node2", &["--ktls-record-limit", "64"])?;
+    restart_proxy(&mut c, "node1", &["--ktls-record-limit", "64"])?;
+    traffic(&c, "record-limit-1")?;
+    let retired = |c: &Cluster| -> Result<f64> {
+        Ok(metric_value(
+            &proxy_metrics(c, "node1")?,
+            RETIRED_METRIC,
+            &[("direction", "outbound"), ("reason", "record_limit")],
+        ) + metric_value(
+            &proxy_metrics(c, "node2")?,
+            RETIRED_METRIC,
+            &[("direction", "inbound"), ("reason", "record_limit")],
+        ))
+    };
+    let mut n = 0.0;
+    let seen = wait_until(Duration::from_secs(10), || {
+        n = retired(&c)?;
+        Ok(n >= 1.0)
+    })?;
+    ensure!(
+        seen,
+        "no kTLS connection retired at a 64-record limit ({RETIRED_METRIC} = {n})"
+    );
+    let out6 = outbound_stat(&c)?;
+    traffic(&c, "record-limit-2")?;
+    let out7 = outbound_stat(&c)?;
+    ensure!(
+        get(&out7, "TlsTxSw") > get(&out6, "TlsTxSw"),
+        "node1: no new kTLS connection after the retirement ({} -> {})",
+        get(&out6, "TlsTxSw"),
+        get(&out7, "TlsTxSw")
+    );
+    ensure!(
+        get(&out7, "TlsDecryptError") == get(&out6, "TlsDecryptError"),
+        "node1: TlsDecryptError rose across the retirement"
+    );
+    eprintln!("record limit: {n} retirement(s) counted; node1 tls_stat {out6:?} -> {out7:?}");
     Ok(())
 }
 

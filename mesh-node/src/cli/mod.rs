@@ -359,6 +359,10 @@ struct ProxyArgs {
     /// kernel has the TLS ULP and the negotiated cipher (else userspace TLS), `off` never.
     #[arg(long, env = "SIDENODE_KTLS", value_enum, default_value_t = crate::proxy::hbone::ktls::Mode::Auto)]
     ktls: crate::proxy::hbone::ktls::Mode,
+    /// Testing knob: retire a kernel-TLS tunnel after this many records in either direction
+    /// (default 2^23, half of where a userspace peer re-keys).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    ktls_record_limit: Option<u64>,
     /// Prometheus metrics address (default: proxy-ip:15020).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
@@ -563,6 +567,9 @@ pub fn main() -> Result<()> {
             };
             crate::policy::set_root_namespace(&p.root_namespace);
             crate::proxy::hbone::ktls::set_mode(p.ktls);
+            if let Some(n) = p.ktls_record_limit {
+                crate::proxy::hbone::ktls::set_record_limit(n);
+            }
             let status = crate::proxy::status::Status::new(&cfg.node, cfg.controller.is_some());
             runtime(Some(p.worker_threads))?.block_on(crate::proxy::run(cfg, status))
         }

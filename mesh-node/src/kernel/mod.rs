@@ -19,6 +19,7 @@ pub mod netns;
 pub mod podns;
 pub mod probe;
 pub mod rlimit;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

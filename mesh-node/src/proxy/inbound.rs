@@ -382,7 +382,8 @@ async fn accept_loop(
                     transport: Some(Transport::H2),
                     tunnel_limits: mesh.tunnel_limits.clone(),
                 });
-                server::serve(tls, conn).await;
+                let key_watch = tls.key_watch();
+                server::serve(tls, conn, key_watch).await;
             }
             .instrument(span),
         );

@@ -15,6 +15,7 @@ pub struct Metrics {
     /// HBONE/TCP tunnel connections by which TLS carries their bytes after the handshake:
     /// `path="kernel"` (kTLS, `proxy::hbone::ktls`) or `path="userspace"` (rustls).
     pub hbone_tls: IntCounterVec,
+    pub hbone_tls_retired: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -58,12 +59,22 @@ pub fn metrics() -> &'static Metrics {
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let _ = registry.register(Box::new(hbone_tls.clone()));
+        let hbone_tls_retired = IntCounterVec::new(
+            Opts::new(
+                "sidenode_hbone_tls_retired_total",
+                "kernel-TLS HBONE connections retired before their peer must re-key, by direction and reason (record_limit)",
+            ),
+            &["direction", "reason"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let _ = registry.register(Box::new(hbone_tls_retired.clone()));
         Metrics {
             registry,
             hbone_refused,
             handovers,
             conns_refused,
             hbone_tls,
+            hbone_tls_retired,
         }
     })
 }
@@ -82,6 +93,14 @@ pub fn count_hbone_tls(direction: &str, path: &str) {
     metrics()
         .hbone_tls
         .with_label_values(&[direction, path])
+        .inc();
+}
+
+/// A kernel-TLS HBONE connection retired (`proxy::hbone::ktls`).
+pub fn count_hbone_tls_retired(direction: &str, reason: &str) {
+    metrics()
+        .hbone_tls_retired
+        .with_label_values(&[direction, reason])
         .inc();
 }
 

@@ -224,6 +224,7 @@ async fn dial(
             reason: Refusal::Handshake,
             source: std::io::Error::other(e),
         })?;
+    let key_watch = tls.key_watch();
     let (h2, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -237,7 +238,18 @@ async fn dial(
     let ping = conn.ping_pong();
     let alive = sender.clone();
     tokio::spawn(async move {
+        // At a kTLS connection's record limit the pool stops placing tunnels on it (the ones
+        // open go on; it closes once idle); the connection task keeps driving it.
+        let retire = async {
+            if let Some(w) = key_watch {
+                let dir = w.limit_reached().await;
+                super::ktls::retired("outbound", dir);
+                alive.set_closed();
+            }
+            std::future::pending::<()>().await
+        };
         tokio::select! {
+            () = retire => {}
             r = conn => if let Err(e) = r {
                 debug!(%addr, error = %e, "HBONE connection ended");
             },

@@ -14,15 +14,18 @@
 //!
 //! Post-handshake messages: our server sends no TLS 1.3 session tickets (`identity::tls`);
 //! tickets from another peer (ztunnel) are dropped by the kTLS stream, alerts end the stream
-//! (close_notify answered). A TLS 1.3 KeyUpdate cannot be followed by kernels before 6.13:
-//! a rustls peer sends one at 2^24 AES-GCM records, which ends the connection here (an open
-//! gap: docs/architecture.md, "Post-handshake records").
+//! (close_notify answered). A TLS 1.3 KeyUpdate cannot be followed by kernels before 6.13
+//! (a rustls peer sends one at 2^24 AES-GCM records), so a kTLS connection is retired at
+//! 2^23 records in either direction ([`KeyWatch`]; docs/architecture.md, "Post-handshake
+//! records").
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
+use crate::kernel::tls::{Direction, record_seq};
 use ktls::{CompatibleCiphers, CorkStream, KtlsStream};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
@@ -48,6 +51,63 @@ pub fn set_mode(mode: Mode) {
 
 fn mode() -> Mode {
     MODE.get().copied().unwrap_or_default()
+}
+
+static RECORD_LIMIT: OnceLock<u64> = OnceLock::new();
+
+/// Sets the record count at which a kTLS tunnel is retired (once, at start; tests lower it).
+pub fn set_record_limit(records: u64) {
+    let _ = RECORD_LIMIT.set(records);
+}
+
+fn record_limit() -> u64 {
+    RECORD_LIMIT
+        .get()
+        .copied()
+        .unwrap_or(crate::defaults::KTLS_RECORD_LIMIT)
+}
+
+/// Watches a kTLS connection's record sequence numbers in both directions. A kernel before
+/// 6.13 cannot follow a TLS 1.3 KeyUpdate, which a userspace peer (rustls, ztunnel) sends when
+/// its AES-GCM write sequence reaches 2^24 records; the connection is retired well before
+/// (half of that by default), so its peer never has to.
+pub struct KeyWatch {
+    fd: RawFd,
+}
+
+impl KeyWatch {
+    /// Returns the direction that reached the record limit, checking every
+    /// [`crate::defaults::KTLS_RECORD_CHECK`]; never returns when the counters cannot be read.
+    /// Must be dropped with the connection (the descriptor is only borrowed).
+    pub async fn limit_reached(self) -> Direction {
+        let limit = record_limit();
+        let mut tick = tokio::time::interval(crate::defaults::KTLS_RECORD_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for dir in [Direction::Tx, Direction::Rx] {
+                match record_seq(self.fd, dir) {
+                    Ok(seq) if seq >= limit => return dir,
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(error = %e, "kTLS record counters unreadable; not watched");
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Counts and logs a tunnel retired for its record limit.
+pub fn retired(direction: &'static str, dir: Direction) {
+    info!(
+        direction,
+        records = dir.as_str(),
+        limit = record_limit(),
+        "kTLS connection retired at its record limit (no new tunnels on it)"
+    );
+    crate::telemetry::metrics::count_hbone_tls_retired(direction, "record_limit");
 }
 
 /// What the kernel supports, probed on first use (`None`: no kTLS at all).
@@ -109,6 +169,14 @@ impl TunnelIo {
         match self {
             TunnelIo::Kernel(_) => "kernel",
             _ => "userspace",
+        }
+    }
+
+    /// The record-limit watch of a kTLS connection (none in userspace: rustls re-keys itself).
+    pub fn key_watch(&self) -> Option<KeyWatch> {
+        match self {
+            TunnelIo::Kernel(k) => Some(KeyWatch { fd: k.as_raw_fd() }),
+            _ => None,
         }
     }
 }

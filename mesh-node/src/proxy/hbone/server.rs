@@ -49,7 +49,7 @@ pub struct Conn {
     pub tunnel_limits: Arc<crate::proxy::connlimit::Limiter>,
 }
 
-pub async fn serve<IO>(io: IO, conn: Arc<Conn>)
+pub async fn serve<IO>(io: IO, conn: Arc<Conn>, key_watch: Option<super::ktls::KeyWatch>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -76,6 +76,14 @@ where
     // (graceful: streams in flight are still served) and opens its next tunnels elsewhere.
     let mut stopping = crate::proxy::handover::stopping();
     let mut goaway = false;
+    // A kTLS connection at its record limit is told GOAWAY too: the client opens its next
+    // tunnels on a new connection before its own KeyUpdate would end this one.
+    let mut key_limit = std::pin::pin!(async move {
+        match key_watch {
+            Some(w) => w.limit_reached().await,
+            None => std::future::pending().await,
+        }
+    });
     loop {
         if !goaway && *stopping.borrow_and_update() {
             h2c.graceful_shutdown();
@@ -85,6 +93,12 @@ where
         let accepted = tokio::select! {
             a = h2c.accept() => a,
             _ = stopping.changed(), if !goaway => continue,
+            dir = &mut key_limit, if !goaway => {
+                super::ktls::retired("inbound", dir);
+                h2c.graceful_shutdown();
+                goaway = true;
+                continue;
+            }
         };
         let Some(accepted) = accepted else { break };
         let (req, respond) = match accepted {
