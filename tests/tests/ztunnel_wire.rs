@@ -588,6 +588,21 @@ fn ztunnel_client_to_sidenode() -> Result<()> {
     if !failed.is_empty() {
         bail!("{} step(s) failed:\n{}", failed.len(), failed.join("\n"));
     }
+    // Which TLS the sidenode side used against the ztunnel-style client (kernel TLS on a
+    // kernel with the TLS ULP, e.g. `cargo xtask kernels --tests ztunnel-wire`).
+    let m = proxy_metrics(&env.c, "node2")?;
+    let path = |p: &str| {
+        metric_value(
+            &m,
+            "sidenode_hbone_tls_connections_total",
+            &[("direction", "inbound"), ("path", p)],
+        )
+    };
+    eprintln!(
+        "node2 inbound HBONE/TCP connections by TLS path: kernel {}, userspace {}",
+        path("kernel"),
+        path("userspace")
+    );
     Ok(())
 }
 
@@ -766,5 +781,18 @@ fn sidenode_client_to_ztunnel() -> Result<()> {
         &["tunnel refused", "reason=\"denied\""],
         Duration::from_secs(5),
     )?;
+    let m = proxy_metrics(&c, "node1")?;
+    let path = |p: &str| {
+        metric_value(
+            &m,
+            "sidenode_hbone_tls_connections_total",
+            &[("direction", "outbound"), ("path", p)],
+        )
+    };
+    eprintln!(
+        "node1 outbound HBONE/TCP connections to the ztunnel-style server by TLS path: kernel {}, userspace {}",
+        path("kernel"),
+        path("userspace")
+    );
     Ok(())
 }

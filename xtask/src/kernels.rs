@@ -126,6 +126,20 @@ pub const TESTS: &[VmTest] = &[
         ci: false,
     },
     VmTest {
+        id: "ztunnel-wire",
+        bin: "ztunnel_wire",
+        filter: "ztunnel_client_to_sidenode",
+        tools: &["openssl", "curl"],
+        ci: false,
+    },
+    VmTest {
+        id: "ztunnel-wire-out",
+        bin: "ztunnel_wire",
+        filter: "sidenode_client_to_ztunnel",
+        tools: &["openssl", "curl"],
+        ci: false,
+    },
+    VmTest {
         id: "hbone-ipv6",
         bin: "hbone",
         filter: "ipv6_destination_of_a_meshed_pod_goes_through_its_tunnel",
@@ -956,6 +970,8 @@ fn common_initramfs(
     for t in tests {
         key.push_str(&format!("{} {} {}\n", t.id, t.bin, t.filter));
     }
+    // Bumped when what is staged besides the binaries changes (e.g. openssl.cnf).
+    key.push_str("layout 2\n");
     let hash = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1043,6 +1059,12 @@ fn common_initramfs(
         "127.0.0.1 localhost\n::1 localhost\n",
     )?;
     std::fs::write(root.join("etc/nsswitch.conf"), "hosts: files\n")?;
+    // `openssl req` (the ztunnel-wire test's certificates) reads its configuration file.
+    let cnf = Path::new("/usr/lib/ssl/openssl.cnf");
+    if cnf.exists() && root.join("usr/bin/openssl").exists() {
+        std::fs::create_dir_all(root.join("usr/lib/ssl"))?;
+        std::fs::copy(cnf, root.join("usr/lib/ssl/openssl.cnf"))?;
+    }
     let init = root.join("init");
     std::fs::write(&init, INIT)?;
     {
