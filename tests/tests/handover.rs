@@ -85,7 +85,7 @@ impl DialLoop {
             .map_err(|_| anyhow::anyhow!("dial loop {} panicked", self.name))??;
         let failed: Vec<&DialResult> = results
             .iter()
-            .filter(|r| r.error.is_some() || !r.echo_ok)
+            .filter(|r| r.error.is_some() || !r.echo_ok || !r.through_proxy())
             .collect();
         if !failed.is_empty() {
             bail!(
@@ -94,21 +94,6 @@ impl DialLoop {
                 failed.len(),
                 results.len(),
                 &failed[..failed.len().min(5)]
-            );
-        }
-        // The destination's proxy keeps the client's address and lets the kernel pick the
-        // port in the destination pod's namespace, which now and then (the ephemeral range has
-        // ~28,000) is the client's own port: the server then sees exactly the client's
-        // address, as for a direct connection. A capture gap would show as a run of them.
-        let direct: Vec<&DialResult> = results.iter().filter(|r| !r.through_proxy()).collect();
-        if direct.len() > 2 {
-            bail!(
-                "{}: {} of {} connections reached the server from the client's own address \
-                 (not through the proxies), e.g. {:?}",
-                self.name,
-                direct.len(),
-                results.len(),
-                &direct[..direct.len().min(5)]
             );
         }
         Ok(results.len())
