@@ -126,6 +126,13 @@ pub const TESTS: &[VmTest] = &[
         ci: false,
     },
     VmTest {
+        id: "sockmap",
+        bin: "splice",
+        filter: "spliced_legs_carry_every_byte_in_order",
+        tools: &[],
+        ci: false,
+    },
+    VmTest {
         id: "ztunnel-wire",
         bin: "ztunnel_wire",
         filter: "ztunnel_client_to_sidenode",
