@@ -569,6 +569,32 @@ impl Cluster {
         format!("{CONTROLLER_IP}:{CONTROLLER_PORT}")
     }
 
+    /// Every panic in the cluster's process logs (`logs/*`): the log's name, the
+    /// `panicked at` line and the message under it.
+    pub fn panics(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("logs")) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in dir.flatten() {
+            let Ok(text) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&text);
+            let mut lines = text.lines();
+            while let Some(line) = lines.next() {
+                if line.contains("panicked at ") {
+                    let message = lines.next().unwrap_or_default();
+                    found.push(format!(
+                        "{}: {line} {message}",
+                        entry.file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        found
+    }
+
     /// `<state>/logs/controller.log`.
     pub fn controller_log_path(&self) -> PathBuf {
         self.state_dir.join("logs").join("controller.log")
@@ -778,12 +804,20 @@ impl Cluster {
     }
 }
 
-/// A cluster torn down when dropped (also when a test panics).
-pub struct TestCluster(pub Cluster);
+/// A cluster torn down when dropped (also when a test panics). Dropping it fails the test
+/// (panics) when a sidenode process of the cluster panicked, unless the owner reported the
+/// panics itself ([`TestCluster::panics_reported`]).
+pub struct TestCluster(pub Cluster, bool);
 
 impl TestCluster {
     pub fn up(opts: ClusterOpts) -> Result<TestCluster> {
-        Ok(TestCluster(Cluster::up(opts)?))
+        Ok(TestCluster(Cluster::up(opts)?, false))
+    }
+
+    /// The owner reports the processes' panics ([`Cluster::panics`]) its own way (the soak's
+    /// report): dropping the cluster no longer panics for them.
+    pub fn panics_reported(&mut self) {
+        self.1 = true;
     }
 }
 
@@ -809,7 +843,17 @@ impl Drop for TestCluster {
             );
             return;
         }
+        let panics = self.0.panics();
         self.0.shutdown();
+        // A sidenode process that panicked has a defect, whatever the test checked: fail the
+        // test (unless it is failing already) with what the logs say.
+        if !panics.is_empty() && !self.1 && !std::thread::panicking() {
+            panic!(
+                "a sidenode process of cluster {} panicked during the test:\n{}",
+                self.0.opts.prefix,
+                panics.join("\n")
+            );
+        }
     }
 }
 

@@ -219,6 +219,59 @@ fn quic_tunnels_are_udp_only_encrypted_and_carry_every_byte() -> Result<()> {
     Ok(())
 }
 
+/// A destination that closes its socket while the client is still sending (iperf3's data
+/// connection, closed by the server at the end of each test) makes the destination proxy's
+/// write towards the pod fail with HTTP/3 data still arriving. The proxy stops the stream and
+/// goes on; it once panicked there (h3-quinn's `stop_sending` while h3 had a read in flight).
+#[test]
+fn a_destination_closing_mid_flow_leaves_the_quic_listener_whole() -> Result<()> {
+    let _turn = serial();
+    let (c, _srv) = mesh_with_server()?;
+    switch_to_quic(&c)?;
+    let mut server = c
+        .pod_command(SERVER_POD, "iperf3")?
+        .args(["-s", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    let server_ip = ip_of(TARGET);
+    let ready = wait_until(Duration::from_secs(10), || {
+        let out = c
+            .pod_command(SERVER_POD, "ss")?
+            .args(["-Htln", "sport = :5201"])
+            .output()
+            .context("running ss")?;
+        Ok(!out.stdout.is_empty())
+    });
+    let mut outcome = ready.and_then(|up| {
+        ensure!(up, "iperf3 -s on {SERVER_POD} never accepted a connection");
+        for round in 0..3 {
+            let out = c
+                .pod_command(CLIENT_POD, "iperf3")?
+                .args(["-c", server_ip, "-p", "5201", "-t", "1", "-J"])
+                .output()
+                .context("running iperf3 -c")?;
+            ensure!(
+                out.status.success(),
+                "iperf3 round {round} through a QUIC tunnel failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(())
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    if outcome.is_ok() {
+        // The listener still carries new tunnels, byte for byte.
+        outcome = transfer(&c, CLIENT_POD, TARGET, 8 * MB, 4);
+    }
+    outcome?;
+    let panics = c.panics();
+    ensure!(panics.is_empty(), "a proxy panicked: {panics:?}");
+    Ok(())
+}
+
 /// Drops UDP to port 15008 in `node`'s namespace (iptables INPUT and FORWARD): its pods'
 /// QUIC listeners never answer.
 fn drop_udp_15008(c: &Cluster, node: &str) -> Result<()> {

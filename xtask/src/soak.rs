@@ -619,7 +619,11 @@ pub fn run(o: Opts) -> Result<()> {
     let kept = out_dir.join("logs");
     let _ = std::fs::remove_dir_all(&kept);
     let _ = Command::new("cp").arg("-r").arg(&logs).arg(&kept).status();
-    let report = result?;
+    let mut report = result?;
+    // A panic in any sidenode process is a defect even when no connection noticed it.
+    let panics = c.panics();
+    c.panics_reported();
+    report["process_panics"] = json!(panics);
     let text = serde_json::to_string_pretty(&report)?;
     let path = out_dir.join("latest.json");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -637,8 +641,11 @@ pub fn run(o: Opts) -> Result<()> {
     );
     let unexpected = report["failures"]["unexpected"].as_u64().unwrap_or(0);
     let corrupted = report["bytes"]["corrupted"].as_u64().unwrap_or(0);
-    if unexpected > 0 || corrupted > 0 {
-        bail!("soak failed: {unexpected} unexpected failures, {corrupted} bytes corrupted");
+    if unexpected > 0 || corrupted > 0 || !panics.is_empty() {
+        bail!(
+            "soak failed: {unexpected} unexpected failures, {corrupted} bytes corrupted, {} process panics: {panics:?}",
+            panics.len()
+        );
     }
     Ok(())
 }
@@ -1181,6 +1188,17 @@ fn table(r: &Value) -> String {
         "failures by kind [meant, unexpected]: {}",
         g("/failures/by_kind_expected_unexpected")
     );
+    let panics = g("/process_panics");
+    let _ = writeln!(
+        s,
+        "sidenode process panics: {}",
+        panics.as_array().map_or(0, Vec::len)
+    );
+    if let Some(list) = panics.as_array().filter(|l| !l.is_empty()) {
+        for p in list {
+            let _ = writeln!(s, "  {}", p.as_str().unwrap_or_default());
+        }
+    }
     if let Some(list) = g("/faults_that_failed")
         .as_array()
         .filter(|l| !l.is_empty())

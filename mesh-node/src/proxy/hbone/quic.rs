@@ -109,7 +109,12 @@ macro_rules! bridge {
                             while b.has_remaining() {
                                 let chunk = b.copy_to_bytes(b.chunk().len());
                                 if wr.write_all(&chunk).await.is_err() {
-                                    recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                                    // The pipe's reader is gone: drop the receiving half,
+                                    // which makes quinn send STOP_SENDING. Not
+                                    // `stop_sending`: h3-quinn 0.0.10 panics there when h3
+                                    // has a read of the stream in flight, which it often
+                                    // has after returning data (hyperium/h3#330).
+                                    drop(recv);
                                     return;
                                 }
                             }
