@@ -542,12 +542,15 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
         orders.push(order.iter().map(|r| r.name()).collect::<Vec<_>>());
         rounds.push(round);
     }
-    // Right after the load.
+    // Right after the load, and once the proxies' heap trim (every 10 s, `kernel::heap`) has
+    // run: what they keep.
     let mem_after = memory(&env);
+    std::thread::sleep(Duration::from_secs(12));
+    let mem_settled = memory(&env);
 
     let lossy = lossy::run(&env).context("lossy scenario")?;
 
-    let report = Report::new(p, &rounds, &mem_idle, &mem_after, &lossy);
+    let report = Report::new(p, &rounds, &mem_idle, &mem_after, &mem_settled, &lossy);
     print!("{}", report.text);
 
     let rounds_json: Vec<Value> = rounds
@@ -619,14 +622,14 @@ fn bench(c: &Cluster, testpod: &Path, envoy_bin: &Path, p: &Params) -> Result<()
             "connlat_cold": "mesh and mesh-quic: before each of connlat_cold_count connections (pinned), POST /pool/forget on node1's proxy admin API (127.0.0.1:15000): the pool holds no tunnel, so the connection dials a new one (TCP + TLS 1.3 + HTTP/2, or QUIC + HTTP/3) before its CONNECT; what was forgotten is checked to be of the path's transport",
             "tunnel_protocol": "the bench writes MeshConfig spec.tunnelProtocol (h2 for every path but mesh-quic) and waits until node1's proxy reports it in /config_dump",
             "proxy_cpu": "utime+stime from /proc/<pid>/stat of the path's proxies before and after the iperf3 run, divided by the bytes iperf3 received",
-            "rss": "VmRSS (and VmHWM as the peak) of each agent, proxy, the controller and both Envoys; idle = after startup before any traffic, after_load = after the last round",
+            "rss": "VmRSS (and VmHWM as the peak) of each agent, proxy, the controller and both Envoys; idle = after startup before any traffic, after_load = after the last round, settled_12s = 12 s later (past the proxies' heap trim); anon_kb = RssAnon (RSS without the binary's shared code pages)",
         },
         "paths": paths,
         "checks": checks,
         "rounds": rounds_json,
         "medians": report.medians,
         "vs_baseline": report.vs_baseline,
-        "memory": {"idle": mem(&mem_idle), "after_load": mem(&mem_after)},
+        "memory": {"idle": mem(&mem_idle), "after_load": mem(&mem_after), "settled_12s": mem(&mem_settled)},
         "targets": report.targets,
         "quic": report.quic,
         "lossy": lossy.json,

@@ -266,6 +266,9 @@ pub struct Mem {
     pub pid: u32,
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// `RssAnon`: the process's own memory (heap, stacks), without the code pages it shares
+    /// with every other process mapping the same binary (`RssFile`).
+    pub anon_kb: u64,
 }
 
 impl Mem {
@@ -281,6 +284,7 @@ impl Mem {
             pid,
             rss_kb: field("VmRSS:")?,
             hwm_kb: field("VmHWM:")?,
+            anon_kb: field("RssAnon:")?,
         })
     }
 
@@ -293,8 +297,12 @@ impl Mem {
         self.hwm_kb as f64 * 1024.0 / 1e6
     }
 
+    pub fn anon_mb(self) -> f64 {
+        self.anon_kb as f64 * 1024.0 / 1e6
+    }
+
     pub fn json(self) -> Value {
-        json!({"pid": self.pid, "rss_kb": self.rss_kb, "hwm_kb": self.hwm_kb})
+        json!({"pid": self.pid, "rss_kb": self.rss_kb, "hwm_kb": self.hwm_kb, "anon_kb": self.anon_kb})
     }
 }
 
