@@ -239,7 +239,7 @@ async fn dial(
     let alive = sender.clone();
     tokio::spawn(async move {
         // At a kTLS connection's record limit the pool stops placing tunnels on it (the ones
-        // open go on; it closes once idle); the connection task keeps driving it.
+        // open go on; it closes once they ended); the connection task keeps driving it.
         let retire = async {
             if let Some(w) = key_watch {
                 let dir = w.limit_reached().await;
@@ -255,6 +255,7 @@ async fn dial(
             },
             why = keepalive(ping) => debug!(%addr, why, "HBONE connection closed"),
             () = alive.idle(idle_timeout) => debug!(%addr, "HBONE connection idle; closed"),
+            () = alive.drained() => debug!(%addr, "HBONE connection retired, its last tunnel ended; closed"),
         }
         alive.set_closed();
     });

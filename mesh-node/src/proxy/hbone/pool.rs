@@ -105,14 +105,20 @@ impl Usage {
 pub struct Sender {
     pub h2: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Wakes the connection's task when the connection is closed to new tunnels.
+    closing: Arc<tokio::sync::Notify>,
     usage: Usage,
 }
+
+/// How often a connection closed to new tunnels looks whether its last one ended.
+const DRAIN_LOOK: Duration = Duration::from_millis(250);
 
 impl Sender {
     pub fn new(h2: h2::client::SendRequest<Bytes>) -> Sender {
         Sender {
             h2,
             closed: Arc::default(),
+            closing: Arc::default(),
             usage: Usage::default(),
         }
     }
@@ -121,9 +127,25 @@ impl Sender {
         self.closed.load(Ordering::Relaxed)
     }
 
-    /// Called by the connection's task when it ends.
+    /// Closes the connection to new tunnels: the pool no longer places any on it, and its
+    /// task closes it once the open ones ended ([`Sender::drained`]). Called when the pool
+    /// forgets it, when the peer says GOAWAY, at kTLS' record limit, and by the task itself
+    /// when the connection ended.
     pub fn set_closed(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        self.closing.notify_one();
+    }
+
+    /// Returns once the connection is closed to new tunnels ([`Sender::set_closed`]) and
+    /// carries none: its task then closes it, rather than keep an unusable connection open
+    /// until the idle timeout.
+    pub async fn drained(&self) {
+        while !self.is_closed() {
+            self.closing.notified().await;
+        }
+        while !self.usage.retire_if_unused() && self.usage.streams() != RETIRED {
+            tokio::time::sleep(DRAIN_LOOK).await;
+        }
     }
 
     /// Takes a place for one more tunnel, if the connection has one.
@@ -209,12 +231,19 @@ impl Pool {
 
     /// Forgets every pooled connection (admin `POST /pool/forget`): the next tunnel to any
     /// destination dials afresh; open tunnels finish on their connection, which closes once
-    /// its last stream ends. Returns how many were pooled.
+    /// its last stream ends. Returns how many connections were pooled.
     pub fn forget_all(&self) -> usize {
-        self.conns
-            .lock()
-            .map(|mut m| m.drain().count())
-            .unwrap_or(0)
+        let Ok(mut m) = self.conns.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in m.drain().flat_map(|(_, list)| list) {
+            if !s.is_closed() {
+                n += 1;
+            }
+            s.set_closed();
+        }
+        n
     }
 
     /// Number of pooled connections that are not closed (for metrics).
