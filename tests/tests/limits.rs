@@ -326,14 +326,21 @@ fn many_tunnels_to_one_destination(c: &TestCluster, transport: &str) -> Result<f
     Ok(pooled)
 }
 
-#[test]
-fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
-    let _turn = serial();
-    let c = limited_cluster(true, &[], &[])?;
-    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
+/// A mesh cluster (proxies run with `proxy_args`) with an echo server on SERVER_POD:8080,
+/// node1's pods 1 and 2 enrolled and the server's HBONE listener open: the pool tests' start.
+fn pool_cluster(proxy_args: &[&str]) -> Result<(TestCluster, Server)> {
+    let c = limited_cluster(true, &[], proxy_args)?;
+    let srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
     wait_enrolled(&c, "node1", "mesh", "node1-pod2")?;
     wait_hbone_listener(&c, SERVER_POD)?;
+    Ok((c, srv))
+}
+
+#[test]
+fn more_tunnels_than_one_connection_carries_are_not_queued() -> Result<()> {
+    let _turn = serial();
+    let (c, _srv) = pool_cluster(&[])?;
     let h2 = many_tunnels_to_one_destination(&c, "h2")?;
     ensure!(h2 >= 2.0, "150 tunnels over {h2} HTTP/2 connections");
 
@@ -378,11 +385,7 @@ fn pooled_h2(c: &TestCluster) -> Result<f64> {
 #[test]
 fn idle_pooled_connections_are_closed_busy_ones_stay() -> Result<()> {
     let _turn = serial();
-    let c = limited_cluster(true, &[], &["--pool-idle-timeout", "2s"])?;
-    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
-    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
-    wait_enrolled(&c, "node1", "mesh", "node1-pod2")?;
-    wait_hbone_listener(&c, SERVER_POD)?;
+    let (c, _srv) = pool_cluster(&["--pool-idle-timeout", "2s"])?;
 
     // A long-lived tunnel from pod1: its connection must stay.
     let mut session = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
@@ -491,11 +494,7 @@ fn tunnels_from(c: &TestCluster, pod: &str) -> Result<usize> {
 #[test]
 fn forgotten_pooled_connections_close_after_their_last_tunnel() -> Result<()> {
     let _turn = serial();
-    let c = limited_cluster(true, &[], &[])?;
-    let _srv = Server::start(&c, &testpod(), SERVER_POD, &[8080])?;
-    wait_enrolled(&c, "node1", "mesh", "node1-pod1")?;
-    wait_enrolled(&c, "node1", "mesh", "node1-pod2")?;
-    wait_hbone_listener(&c, SERVER_POD)?;
+    let (c, _srv) = pool_cluster(&[])?;
 
     // pod1 keeps a tunnel open; pod2's connection carries none once its dial ended.
     let mut session = Session::open(&c, &testpod(), "node1-pod1", TARGET)?;
