@@ -19,10 +19,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec};
 
 use crate::proto;
 use crate::state::NodeState;
+use crate::telemetry::metrics::counter;
 
 /// Istio's default cluster name (`values.global.multiCluster.clusterName` unset).
 pub const CLUSTER: &str = "Kubernetes";
@@ -338,15 +339,6 @@ pub struct Families {
     pub tcp_received: IntCounterVec,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
-}
-
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-    let _ = crate::telemetry::metrics::metrics()
-        .registry
-        .register(Box::new(c.clone()));
-    c
 }
 
 pub fn families() -> &'static Families {

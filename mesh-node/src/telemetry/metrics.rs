@@ -18,56 +18,54 @@ pub struct Metrics {
     pub hbone_tls_retired: IntCounterVec,
 }
 
+/// A counter family registered in `registry` (a static definition: creating it cannot fail).
+fn counter_in(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+    let _ = registry.register(Box::new(c.clone()));
+    c
+}
+
+/// A counter family registered in the proxy's registry ([`metrics`]).
+pub fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    counter_in(&metrics().registry, name, help, labels)
+}
+
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| {
         let registry = Registry::new();
-        let hbone_refused = IntCounterVec::new(
-            Opts::new(
-                "sidenode_hbone_refused_total",
-                "HBONE tunnels refused, by direction, transport (h2, quic, none) and reason",
-            ),
+        let hbone_refused = counter_in(
+            &registry,
+            "sidenode_hbone_refused_total",
+            "HBONE tunnels refused, by direction, transport (h2, quic, none) and reason",
             &["direction", "transport", "reason"],
-        )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = registry.register(Box::new(hbone_refused.clone()));
-        let handovers = IntCounterVec::new(
-            Opts::new(
-                "sidenode_proxy_handovers_total",
-                "Listening-socket hand-overs this proxy took part in, by role (taken)",
-            ),
+        );
+        let handovers = counter_in(
+            &registry,
+            "sidenode_proxy_handovers_total",
+            "Listening-socket hand-overs this proxy took part in, by role (taken)",
             &["role"],
-        )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = registry.register(Box::new(handovers.clone()));
-        let conns_refused = IntCounterVec::new(
-            Opts::new(
-                "sidenode_connections_refused_total",
-                "Connections and tunnels refused by a proxy resource limit, by direction and \
-                 reason (proxy_limit, source_limit, no_orig_dst)",
-            ),
+        );
+        let conns_refused = counter_in(
+            &registry,
+            "sidenode_connections_refused_total",
+            "Connections and tunnels refused by a proxy resource limit, by direction and \
+             reason (proxy_limit, source_limit, no_orig_dst)",
             &["direction", "reason"],
-        )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = registry.register(Box::new(conns_refused.clone()));
-        let hbone_tls = IntCounterVec::new(
-            Opts::new(
-                "sidenode_hbone_tls_connections_total",
-                "HBONE/TCP connections by direction and the TLS path after the handshake (kernel, userspace)",
-            ),
+        );
+        let hbone_tls = counter_in(
+            &registry,
+            "sidenode_hbone_tls_connections_total",
+            "HBONE/TCP connections by direction and the TLS path after the handshake (kernel, userspace)",
             &["direction", "path"],
-        )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = registry.register(Box::new(hbone_tls.clone()));
-        let hbone_tls_retired = IntCounterVec::new(
-            Opts::new(
-                "sidenode_hbone_tls_retired_total",
-                "kernel-TLS HBONE connections retired before their peer must re-key, by direction and reason (record_limit)",
-            ),
+        );
+        let hbone_tls_retired = counter_in(
+            &registry,
+            "sidenode_hbone_tls_retired_total",
+            "kernel-TLS HBONE connections retired before their peer must re-key, by direction and reason (record_limit)",
             &["direction", "reason"],
-        )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = registry.register(Box::new(hbone_tls_retired.clone()));
+        );
         Metrics {
             registry,
             hbone_refused,

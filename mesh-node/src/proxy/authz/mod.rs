@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::IntCounterVec;
 
 use crate::identity::Identity;
 use crate::model::istio::{
@@ -411,18 +411,11 @@ fn ip_matches(block: &str, ip: IpAddr) -> bool {
 fn denied_total() -> &'static IntCounterVec {
     static C: OnceLock<IntCounterVec> = OnceLock::new();
     C.get_or_init(|| {
-        let c = IntCounterVec::new(
-            Opts::new(
-                "sidenode_authz_denied_total",
-                "Connections (layer l4) and requests (l7) refused by AuthorizationPolicy, and open connections closed by a policy change (reason policy_change)",
-            ),
+        crate::telemetry::metrics::counter(
+            "sidenode_authz_denied_total",
+            "Connections (layer l4) and requests (l7) refused by AuthorizationPolicy, and open connections closed by a policy change (reason policy_change)",
             &["direction", "layer", "reason"],
         )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = crate::telemetry::metrics::metrics()
-            .registry
-            .register(Box::new(c.clone()));
-        c
     })
 }
 

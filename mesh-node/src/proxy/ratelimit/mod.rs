@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::IntCounterVec;
 
 use crate::model::ratelimit::{RateLimitPolicySpec, RequestMatch};
 use crate::policy::matching::{HttpRequest, host_matches, string_matches};
@@ -226,18 +226,11 @@ impl Limiter {
 fn limited_total() -> &'static IntCounterVec {
     static C: OnceLock<IntCounterVec> = OnceLock::new();
     C.get_or_init(|| {
-        let c = IntCounterVec::new(
-            Opts::new(
-                "sidenode_rate_limited_total",
-                "Connections (kind connection) and HTTP requests (kind request) refused by a RateLimitPolicy at the destination's node proxy",
-            ),
+        crate::telemetry::metrics::counter(
+            "sidenode_rate_limited_total",
+            "Connections (kind connection) and HTTP requests (kind request) refused by a RateLimitPolicy at the destination's node proxy",
             &["kind", "policy"],
         )
-        .unwrap_or_else(|_| unreachable!("static metric definition"));
-        let _ = crate::telemetry::metrics::metrics()
-            .registry
-            .register(Box::new(c.clone()));
-        c
     })
 }
 
