@@ -19,6 +19,7 @@ mod common;
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::{ClusterOpts, TestCluster, unique_prefix};
+use sidenode_tests::openssl::run_ok;
 use sidenode_tests::workload::{DialReport, Server, Session, mesh_node_path};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -479,13 +480,12 @@ fn idle_pooled_connections_are_closed_busy_ones_stay() -> Result<()> {
 /// HBONE (TCP 15008) connections established from `pod`'s namespace (its tunnels leave from
 /// there).
 fn tunnels_from(c: &TestCluster, pod: &str) -> Result<usize> {
-    let out = c
-        .pod_command(pod, "ss")?
-        .args(["-Htn", "state", "established", "dport = :15008"])
-        .output()
-        .context("running ss")?;
-    ensure!(out.status.success(), "ss in {pod} failed");
-    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    let listed =
+        run_ok(
+            c.pod_command(pod, "ss")?
+                .args(["-Htn", "state", "established", "dport = :15008"]),
+        )?;
+    Ok(listed.lines().count())
 }
 
 /// A connection the pool forgot (admin `POST /pool/forget`) closes as soon as its last tunnel
@@ -509,12 +509,12 @@ fn forgotten_pooled_connections_close_after_their_last_tunnel() -> Result<()> {
         tunnels_from(&c, "node1-pod1")?,
         tunnels_from(&c, "node1-pod2")?
     );
-    let out = c
-        .node_command("node1", "curl")?
-        .args(["-sS", "-X", "POST", "http://127.0.0.1:15000/pool/forget"])
-        .output()
-        .context("running curl")?;
-    let body = String::from_utf8_lossy(&out.stdout);
+    let body = run_ok(c.node_command("node1", "curl")?.args([
+        "-sS",
+        "-X",
+        "POST",
+        "http://127.0.0.1:15000/pool/forget",
+    ]))?;
     let v: serde_json::Value =
         serde_json::from_str(&body).with_context(|| format!("POST /pool/forget: {body}"))?;
     ensure!(

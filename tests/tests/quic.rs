@@ -13,7 +13,7 @@ mod common;
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use sidenode_tests::cluster::Cluster;
-use sidenode_tests::openssl::{new_csr, openssl, sign_with_cluster_ca, write_ext};
+use sidenode_tests::openssl::{new_csr, openssl, run_ok, sign_with_cluster_ca, write_ext};
 use sidenode_tests::workload::{Server, Session};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -237,26 +237,20 @@ fn a_destination_closing_mid_flow_leaves_the_quic_listener_whole() -> Result<()>
         .context("starting iperf3 -s")?;
     let server_ip = ip_of(TARGET);
     let ready = wait_until(Duration::from_secs(10), || {
-        let out = c
-            .pod_command(SERVER_POD, "ss")?
-            .args(["-Htln", "sport = :5201"])
-            .output()
-            .context("running ss")?;
-        Ok(!out.stdout.is_empty())
+        let listening = run_ok(
+            c.pod_command(SERVER_POD, "ss")?
+                .args(["-Htln", "sport = :5201"]),
+        )?;
+        Ok(!listening.is_empty())
     });
     let mut outcome = ready.and_then(|up| {
         ensure!(up, "iperf3 -s on {SERVER_POD} never accepted a connection");
         for round in 0..3 {
-            let out = c
-                .pod_command(CLIENT_POD, "iperf3")?
-                .args(["-c", server_ip, "-p", "5201", "-t", "1", "-J"])
-                .output()
-                .context("running iperf3 -c")?;
-            ensure!(
-                out.status.success(),
-                "iperf3 round {round} through a QUIC tunnel failed: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
+            run_ok(
+                c.pod_command(CLIENT_POD, "iperf3")?
+                    .args(["-c", server_ip, "-p", "5201", "-t", "1", "-J"]),
+            )
+            .with_context(|| format!("iperf3 round {round} through a QUIC tunnel"))?;
         }
         Ok(())
     });

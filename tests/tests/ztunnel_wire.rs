@@ -590,19 +590,7 @@ fn ztunnel_client_to_sidenode() -> Result<()> {
     }
     // Which TLS the sidenode side used against the ztunnel-style client (kernel TLS on a
     // kernel with the TLS ULP, e.g. `cargo xtask kernels --tests ztunnel-wire`).
-    let m = proxy_metrics(&env.c, "node2")?;
-    let path = |p: &str| {
-        metric_value(
-            &m,
-            "sidenode_hbone_tls_connections_total",
-            &[("direction", "inbound"), ("path", p)],
-        )
-    };
-    eprintln!(
-        "node2 inbound HBONE/TCP connections by TLS path: kernel {}, userspace {}",
-        path("kernel"),
-        path("userspace")
-    );
+    print_tls_paths(&env.c, "node2", "inbound", "")?;
     Ok(())
 }
 
@@ -781,16 +769,23 @@ fn sidenode_client_to_ztunnel() -> Result<()> {
         &["tunnel refused", "reason=\"denied\""],
         Duration::from_secs(5),
     )?;
-    let m = proxy_metrics(&c, "node1")?;
+    print_tls_paths(&c, "node1", "outbound", " to the ztunnel-style server")?;
+    Ok(())
+}
+
+/// Prints `node`'s HBONE/TCP connections in `direction` by the TLS path they took after the
+/// handshake (`sidenode_hbone_tls_connections_total`: kernel TLS where the kernel has the ULP).
+fn print_tls_paths(c: &Cluster, node: &str, direction: &str, what: &str) -> Result<()> {
+    let m = proxy_metrics(c, node)?;
     let path = |p: &str| {
         metric_value(
             &m,
             "sidenode_hbone_tls_connections_total",
-            &[("direction", "outbound"), ("path", p)],
+            &[("direction", direction), ("path", p)],
         )
     };
     eprintln!(
-        "node1 outbound HBONE/TCP connections to the ztunnel-style server by TLS path: kernel {}, userspace {}",
+        "{node} {direction} HBONE/TCP connections{what} by TLS path: kernel {}, userspace {}",
         path("kernel"),
         path("userspace")
     );

@@ -306,10 +306,13 @@ impl Report {
         let conn_added =
             g(Route::Mesh, "connlat_pinned_p50_us") - g(Route::Direct, "connlat_pinned_p50_us");
         let local_pct = g(Route::MeshLocal, tp) / g(Route::DirectLocal, tp);
-        let rss: Vec<(&String, &Mem)> = after
-            .iter()
-            .filter(|(n, _)| n.ends_with("-proxy") || n.ends_with("-agent"))
-            .collect();
+        /// The node processes the target is on: agents and proxies.
+        fn node_procs(m: &BTreeMap<String, Mem>) -> Vec<(&String, &Mem)> {
+            m.iter()
+                .filter(|(n, _)| n.ends_with("-proxy") || n.ends_with("-agent"))
+                .collect()
+        }
+        let rss = node_procs(after);
         let rss_max = rss.iter().map(|(_, m)| m.rss_mb()).fold(f64::NAN, f64::max);
         let rss_worst = rss
             .iter()
@@ -319,9 +322,8 @@ impl Report {
             });
         // 12 s later (the heap trimmed) and the peak (VmHWM) are shown beside it; the target is
         // judged on the RSS right after.
-        let settled_worst = settled
-            .iter()
-            .filter(|(n, _)| n.ends_with("-proxy") || n.ends_with("-agent"))
+        let settled_worst = node_procs(settled)
+            .into_iter()
             .max_by(|a, b| a.1.rss_kb.cmp(&b.1.rss_kb))
             .map_or("-".to_string(), |(n, m)| {
                 format!("{:.1} MB ({n}, {:.1} anonymous)", m.rss_mb(), m.anon_mb())
