@@ -197,7 +197,15 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         if route::http::is_http_service_port(st, dst)
             && let Some(mesh) = shared.mesh.clone()
         {
-            super::http::serve(inbound, peer, dst, src, mesh, shared.clone()).await;
+            Box::pin(super::http::serve(
+                inbound,
+                peer,
+                dst,
+                src,
+                mesh,
+                shared.clone(),
+            ))
+            .await;
             return;
         }
         let mut rng = fastrand::Rng::new();
@@ -211,7 +219,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         ) {
             Decision::NotService => {}
             Decision::Endpoint(r) => {
-                to_service(inbound, dst, r, &ctx, started).await;
+                Box::pin(to_service(inbound, dst, r, &ctx, started)).await;
                 return;
             }
             Decision::Passthrough { service } => {
@@ -222,7 +230,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     trace: ctx.trace.clone(),
                     ..ctx
                 };
-                match open_upstream(&direct, dst, shared.connect_timeout).await {
+                match Box::pin(open_upstream(&direct, dst, shared.connect_timeout)).await {
                     Ok(up) => {
                         let m = meta(Some(&up));
                         splice(inbound, up, m, started, &direct.trace, Some(maps)).await
@@ -253,7 +261,11 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             }
         }
     }
-    match open_upstream(&ctx, dst, shared.connect_timeout).await {
+    // Boxed, as the other set-up and L7 paths above: a connection's task is as large as the
+    // largest future it awaits, and it lives as long as the connection; the copy it spends
+    // its life in needs ~2 KiB where opening the upstream needs ~9 KiB (docs/performance.md,
+    // "Memory per connection").
+    match Box::pin(open_upstream(&ctx, dst, shared.connect_timeout)).await {
         Ok(up) => {
             let meta = conn_meta(&ctx, dst, None, Some(&up));
             splice(inbound, up, meta, started, &ctx.trace, Some(maps)).await
@@ -731,9 +743,9 @@ async fn splice(
             } else {
                 Downstream::Socket(inbound, &tracked)
             };
-            let carried = server::carry(down, *admitted, &conn, &none, "local")
-                .instrument(span)
-                .await;
+            let carried =
+                Box::pin(server::carry(down, *admitted, &conn, &none, "local").instrument(span))
+                    .await;
             // Served request by request: the destination's side counted and logged each.
             (carried.unwrap_or(Ok((0, 0))), "local")
         }

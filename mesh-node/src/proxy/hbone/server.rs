@@ -268,14 +268,18 @@ async fn handle(
     let tunnel = H2Stream::new(send, recv);
     if admitted.per_request {
         // Request by request: the tunnel as a byte stream under the L7 layer.
-        carry(
-            Downstream::Stream(tunnel.into_io()),
-            admitted,
-            &conn,
-            &trace,
-            "hbone",
+        // Boxed: this path's state (the L7 layer) is twice the size of the plain copy's, and
+        // a tunnel's task is as large as the largest future it awaits.
+        Box::pin(
+            carry(
+                Downstream::Stream(tunnel.into_io()),
+                admitted,
+                &conn,
+                &trace,
+                "hbone",
+            )
+            .instrument(span),
         )
-        .instrument(span)
         .await;
         return;
     }
