@@ -197,15 +197,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         if route::http::is_http_service_port(st, dst)
             && let Some(mesh) = shared.mesh.clone()
         {
-            Box::pin(super::http::serve(
-                inbound,
-                peer,
-                dst,
-                src,
-                mesh,
-                shared.clone(),
-            ))
-            .await;
+            super::http::serve(inbound, peer, dst, src, mesh, shared.clone()).await;
             return;
         }
         let mut rng = fastrand::Rng::new();
@@ -219,6 +211,8 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         ) {
             Decision::NotService => {}
             Decision::Endpoint(r) => {
+                // Boxed: its state (endpoint retries around the copy) is 1.4 KB more than
+                // the direct copy's below, for every connection's whole life.
                 Box::pin(to_service(inbound, dst, r, &ctx, started)).await;
                 return;
             }
@@ -230,7 +224,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     trace: ctx.trace.clone(),
                     ..ctx
                 };
-                match Box::pin(open_upstream(&direct, dst, shared.connect_timeout)).await {
+                match open_upstream(&direct, dst, shared.connect_timeout).await {
                     Ok(up) => {
                         let m = meta(Some(&up));
                         splice(inbound, up, m, started, &direct.trace, Some(maps)).await
@@ -261,11 +255,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             }
         }
     }
-    // Boxed, as the other set-up and L7 paths above: a connection's task is as large as the
-    // largest future it awaits, and it lives as long as the connection; the copy it spends
-    // its life in needs ~2 KiB where opening the upstream needs ~9 KiB (docs/performance.md,
-    // "Memory per connection").
-    match Box::pin(open_upstream(&ctx, dst, shared.connect_timeout)).await {
+    match open_upstream(&ctx, dst, shared.connect_timeout).await {
         Ok(up) => {
             let meta = conn_meta(&ctx, dst, None, Some(&up));
             splice(inbound, up, meta, started, &ctx.trace, Some(maps)).await
@@ -487,7 +477,20 @@ async fn to_service(inbound: TcpStream, vip: SocketAddr, r: Routed, c: &Ctx<'_>,
 /// Opens the connection to `dst`: an HBONE tunnel when it is a meshed workload or Istio's
 /// (unless its `PeerAuthentication` mode for the port is DISABLE: then plaintext), else a
 /// direct connection (when allowed). Failures are logged here.
-async fn open_upstream(
+///
+/// Boxed, for every caller: a connection's task is as large as the largest future it ever
+/// awaits, for as long as the connection lives, and opening the upstream (~9 KiB of state)
+/// is what made it so; the copy the task spends its life in needs ~2 KiB
+/// (docs/performance.md, "Memory per connection").
+fn open_upstream<'a>(
+    c: &'a Ctx<'_>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::pin::Pin<Box<impl Future<Output = Result<Upstream, Failure>> + Send + 'a>> {
+    Box::pin(open_upstream_inline(c, dst, timeout))
+}
+
+async fn open_upstream_inline(
     c: &Ctx<'_>,
     dst: SocketAddr,
     timeout: Duration,
