@@ -79,6 +79,10 @@ struct Schedule {
     total: Duration,
     agent_kill: Duration,
     proxy_upgrade: [(Duration, &'static str); 2],
+    /// The "minute 5" sample, from which a process's RSS growth is measured (issue 17's
+    /// "between minute 5 and the end"); a sixth of a shorter run. After node2's hand-over, so
+    /// that node2's proxy lives from this sample to the end, through node1's hand-over.
+    steady: Duration,
     ebpf_upgrade: Duration,
     controller_kill: Duration,
     controller_down: Duration,
@@ -94,8 +98,15 @@ impl Schedule {
         let controller_down = at(0.2).min(Duration::from_secs(300));
         Schedule {
             total,
-            agent_kill: at(0.10),
-            proxy_upgrade: [(at(0.20), "node2"), (at(0.85), "node1")],
+            agent_kill: at(0.05),
+            // node2's before the steady sample, node1's late: node2's proxy is then measured
+            // from minute 5 to the end across node1's hand-over, which re-opens every tunnel
+            // into node2 (the case that once grew node2's proxy by a third).
+            proxy_upgrade: [
+                (at(0.10).min(Duration::from_secs(180)), "node2"),
+                (at(0.85), "node1"),
+            ],
+            steady: at(1.0 / 6.0).min(Duration::from_secs(300)),
             ebpf_upgrade: at(0.30),
             controller_kill: at(0.40),
             controller_down,
@@ -690,6 +701,8 @@ fn soak(
 
     let secs = sched.total.as_secs().max(1);
     let mut stats = BTreeMap::new();
+    // When each sample taken during the load was taken (seconds from its start).
+    let mut sampled_at: BTreeMap<&'static str, f64> = BTreeMap::new();
     stats.insert("start", sample(c));
     let mut loads = Vec::new();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -733,6 +746,7 @@ fn soak(
         (false, false, false, false, false, false);
     let mut upgrades_done = [false, false];
     let mut middle_done = false;
+    let mut steady_done = false;
     let mut end_sampled = false;
     let mut pod_kill_ms = 0;
     let mut ctl_kill_at = Instant::now();
@@ -783,6 +797,13 @@ fn soak(
         for (k, (at, node)) in sched.proxy_upgrade.iter().enumerate() {
             if !upgrades_done[k] && now >= *at {
                 upgrades_done[k] = true;
+                let before = if *node == "node1" {
+                    "before_node1_upgrade"
+                } else {
+                    "before_node2_upgrade"
+                };
+                stats.insert(before, sample(c));
+                sampled_at.insert(before, t0.elapsed().as_secs_f64());
                 let started = Instant::now();
                 match upgrade_proxy(c, node, takeover) {
                     Ok(w) => {
@@ -865,18 +886,26 @@ fn soak(
             });
             record(&mut events, format!("{KILLED_POD} replaced"), started);
         }
+        if !steady_done && now >= sched.steady {
+            steady_done = true;
+            stats.insert("minute5", sample(c));
+            sampled_at.insert("minute5", t0.elapsed().as_secs_f64());
+        }
         if !middle_done && now >= sched.total / 2 {
             middle_done = true;
             stats.insert("middle", sample(c));
+            sampled_at.insert("middle", t0.elapsed().as_secs_f64());
         }
         if !end_sampled && now + Duration::from_secs(2) >= sched.total {
             end_sampled = true;
             stats.insert("end", sample(c));
+            sampled_at.insert("end", t0.elapsed().as_secs_f64());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     if !end_sampled {
         stats.insert("end", sample(c));
+        sampled_at.insert("end", t0.elapsed().as_secs_f64());
     }
     if let Some(from_ms) = policy_on.take() {
         windows.push(Window {
@@ -915,6 +944,7 @@ fn soak(
         &windows,
         &events,
         &stats,
+        &sampled_at,
         &faults_failed,
         SummaryCtx {
             o,
@@ -968,6 +998,7 @@ fn summarize(
     windows: &[Window],
     events: &[Event],
     stats: &BTreeMap<&str, Value>,
+    sampled_at: &BTreeMap<&'static str, f64>,
     faults_failed: &[String],
     x: SummaryCtx,
 ) -> Value {
@@ -1086,7 +1117,42 @@ fn summarize(
         "certificate_renewals": x.cert_renewals,
         "processes": stats,
         "rss_growth_middle_to_end_pct": growth,
+        "rss_growth_from_minute5": rss_growth_from_minute5(stats, sampled_at),
     })
+}
+
+/// Each process's RSS growth from the "minute 5" sample to the last sample of the *same*
+/// process (same pid) taken after it: the end of the load, or, for a proxy replaced by a
+/// hand-over later on, the sample just before its hand-over. `{process: {pct, from_s, to,
+/// to_s}}`; a process without a later sample of itself is left out.
+fn rss_growth_from_minute5(
+    stats: &BTreeMap<&str, Value>,
+    sampled_at: &BTreeMap<&'static str, f64>,
+) -> Value {
+    let mut out = serde_json::Map::new();
+    let (Some(from), Some(&from_s)) = (stats.get("minute5"), sampled_at.get("minute5")) else {
+        return Value::Object(out);
+    };
+    for (p, f) in from.as_object().into_iter().flatten() {
+        let later = sampled_at
+            .iter()
+            .filter(|(k, t)| **k != "minute5" && **t > from_s)
+            .filter_map(|(k, t)| {
+                let v = &stats.get(k)?[p.as_str()];
+                (v["pid"] == f["pid"] && !f["pid"].is_null()).then_some((*k, *t, v))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let (Some((to, to_s, v)), Some(a)) = (later, f["rss_kb"].as_f64()) else {
+            continue;
+        };
+        if let Some(b) = v["rss_kb"].as_f64().filter(|_| a > 0.0) {
+            out.insert(
+                p.clone(),
+                json!({"pct": (b - a) / a * 100.0, "from_s": from_s, "to": to, "to_s": to_s}),
+            );
+        }
+    }
+    Value::Object(out)
 }
 
 fn machine() -> String {
@@ -1235,7 +1301,7 @@ fn table(r: &Value) -> String {
     let _ = writeln!(
         s,
         "{:<16} {:>18} {:>18} {:>18} {:>18} {:>18}",
-        "process", "start", "idle open", "middle", "end", "after"
+        "process", "start", "idle open", "minute 5", "end", "after"
     );
     let procs: Vec<String> = g("/processes/start")
         .as_object()
@@ -1259,16 +1325,29 @@ fn table(r: &Value) -> String {
             "{p:<16} {:>18} {:>18} {:>18} {:>18} {:>18}",
             cell("start"),
             cell("idle_open"),
-            cell("middle"),
+            cell("minute5"),
             cell("end"),
             cell("after")
         );
     }
     let _ = writeln!(
         s,
-        "RSS growth middle -> end (same process only): {}",
-        g("/rss_growth_middle_to_end_pct")
+        "RSS growth from minute 5 (same process, to its last sample):"
     );
+    for (p, v) in g("/rss_growth_from_minute5")
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let _ = writeln!(
+            s,
+            "  {p:<16} {:+.1} % ({:.0} s -> {} at {:.0} s)",
+            v["pct"].as_f64().unwrap_or(0.0),
+            v["from_s"].as_f64().unwrap_or(0.0),
+            v["to"].as_str().unwrap_or(""),
+            v["to_s"].as_f64().unwrap_or(0.0)
+        );
+    }
     let _ = writeln!(s, "\nfaults:");
     for f in g("/faults").as_array().cloned().unwrap_or_default() {
         let _ = writeln!(

@@ -452,7 +452,15 @@ fn handle(mut s: TcpStream) -> Result<()> {
         .context("writing HELLO")?;
     let mut buf = [0u8; 16 * 1024];
     loop {
-        let n = s.read(&mut buf).context("reading")?;
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            // This socket has no read timeout, so EAGAIN from a blocking read is the kernel's
+            // spurious wake-up of a socket spliced by sockmap (tcp_bpf_recvmsg returns EAGAIN
+            // when woken without data, e.g. by write space freed for the echo): read again,
+            // as `transfer_one` does. docs/performance.md lists this kernel behaviour.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e).context("reading"),
+        };
         if n == 0 {
             break;
         }
