@@ -20,8 +20,8 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use super::hbone::client::TunnelRequest;
 use super::hbone::dial::{self, Tunnel};
 use super::hbone::server::{self, Downstream};
-use super::hbone::stream;
 use super::hbone::{Refusal, Transport, count_refusal};
+use super::hbone::{h3_stream, stream};
 use super::route::{self, Decision, Outcome, Routed, Source};
 use super::socket::{connect_marked, reset};
 use super::{COPY_BUF, Mesh, Shared, zero_copy};
@@ -700,15 +700,13 @@ async fn splice(
     let tracked = Tracked::open_since(meta, started);
     let (result, protocol) = match upstream {
         Upstream::Hbone {
-            io: Tunnel::Quic(mut io),
+            io: Tunnel::Quic(io),
             ..
         } => {
-            let mut down = tracked.count(inbound);
-            (
-                tokio::io::copy_bidirectional_with_sizes(&mut down, &mut io, COPY_BUF, COPY_BUF)
-                    .await,
-                "hbone",
-            )
+            let (mut received, mut sent) = tracked.meters();
+            let mut inbound = inbound;
+            let r = h3_stream::copy(&mut inbound, *io, &mut received, &mut sent).await;
+            (r, "hbone")
         }
         Upstream::Hbone {
             io: Tunnel::H2(io), ..

@@ -13,10 +13,11 @@
 //! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
 //! identity), `client` (open a tunnel), `server` (accept tunnels for one pod), `stream` (a
 //! tunnel's stream on `h2` and the copy between it and a socket), `quic` (the same over
-//! HTTP/3), `dial` (which of the two a new tunnel takes: the one place that decides).
+//! HTTP/3; `h3_stream` its stream and copy), `dial` (which of the two a new tunnel takes: the one place that decides).
 
 pub mod client;
 pub mod dial;
+pub mod h3_stream;
 pub mod ktls;
 pub mod pool;
 pub mod quic;

@@ -6,9 +6,11 @@
 //! bidirectional stream per tunnelled connection. Client endpoints (UDP sockets) are made per
 //! source pod inside its namespace, or the node's own.
 //!
-//! A tunnel's stream is handed to the proxy's copy loops as a byte stream: a task pumps between
-//! the HTTP/3 stream and one end of an in-memory duplex pipe ([`bridge`]); a finished stream
-//! (FIN) is a half-close both ways.
+//! A whole-connection tunnel's stream is copied straight to and from its socket by
+//! `h3_stream::copy`, as HTTP/2's by `stream::copy`. The paths that need a byte stream (HTTP
+//! routed or authorized per request) get one through an in-memory duplex pipe and a task that
+//! pumps between it and the HTTP/3 stream ([`bridge`]); a finished stream (FIN) is a
+//! half-close both ways.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -23,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::client::TunnelRequest;
+use super::h3_stream::{ClientRecv, ClientSend, H3Stream};
 use super::pool::{PoolKey, StreamSlot};
 use super::server::{self, Conn};
 use super::{Refusal, Transport, refuse_handshake};
@@ -485,14 +488,16 @@ impl Clients {
     }
 }
 
+/// A client's open tunnel stream.
+pub type ClientStream = H3Stream<ClientSend, ClientRecv>;
+
 /// Opens a tunnel over HTTP/3: the pooled QUIC connection for the request's key (dialled
-/// within `connect_timeout` if there is none), then a `CONNECT` stream. The stream is handed
-/// back as a byte stream.
+/// within `connect_timeout` if there is none), then a `CONNECT` stream.
 pub async fn open(
     clients: &Clients,
     req: TunnelRequest<'_>,
     connect_timeout: Duration,
-) -> Result<DuplexStream, QuicError> {
+) -> Result<ClientStream, QuicError> {
     let key = req.pool_key();
     let mut retried = false;
     loop {
@@ -551,7 +556,7 @@ async fn request(
     pooled: &Pooled,
     req: &TunnelRequest<'_>,
     slot: super::pool::StreamSlot,
-) -> Result<DuplexStream, QuicError> {
+) -> Result<ClientStream, QuicError> {
     let connect = super::client::connect_request(req)?;
     let mut send = pooled.send.clone();
     let mut stream = send
@@ -566,7 +571,16 @@ async fn request(
         return Err(QuicError::Status(resp.status()));
     }
     let (send, recv) = stream.split();
-    Ok(bridge!(send, recv, (slot, pooled.send.clone())))
+    Ok(H3Stream {
+        send,
+        recv,
+        hold: Box::new((slot, pooled.send.clone())),
+    })
+}
+
+/// A client's tunnel as a byte stream (the L7 paths): bridged to an in-memory pipe.
+pub fn client_io(t: ClientStream) -> DuplexStream {
+    bridge!(t.send, t.recv, t.hold)
 }
 
 /// Serves HBONE over QUIC on one pod's UDP socket until the task is aborted: each
@@ -762,14 +776,29 @@ async fn handle(
         return;
     }
     let (send, recv) = stream.split();
+    if !admitted.per_request {
+        // A whole connection: the stream copied straight to the pod's socket.
+        let tunnel = server::Whole::H3(Box::new(H3Stream {
+            send,
+            recv,
+            hold: Box::new(()),
+        }));
+        server::carry_whole(tunnel, admitted, &conn, &trace)
+            .instrument(span)
+            .await;
+        return;
+    }
+    // Request by request: the stream as a byte stream under the L7 layer.
     let io = bridge!(send, recv, ());
-    server::carry(
-        server::Downstream::Stream(io),
-        admitted,
-        &conn,
-        &trace,
-        "hbone",
+    Box::pin(
+        server::carry(
+            server::Downstream::Stream(io),
+            admitted,
+            &conn,
+            &trace,
+            "hbone",
+        )
+        .instrument(span),
     )
-    .instrument(span)
     .await;
 }

@@ -11,6 +11,7 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::h3_stream::{self, H3Stream, ServerRecv, ServerSend};
 use super::stream::{self, H2Stream};
 use super::{
     CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_LOCAL_ERROR_RESET_STREAMS,
@@ -283,15 +284,22 @@ async fn handle(
         .await;
         return;
     }
-    carry_h2(tunnel, admitted, &conn, &trace)
+    carry_whole(Whole::H2(tunnel), admitted, &conn, &trace)
         .instrument(span)
         .await
 }
 
-/// [`carry`] for a whole-connection tunnel: the HTTP/2 stream copied straight to the pod's
-/// socket (`stream::copy`, flow-control aware, counted in batches).
-async fn carry_h2(
-    tunnel: H2Stream,
+/// A whole-connection tunnel's stream, of either transport.
+pub enum Whole {
+    H2(H2Stream),
+    /// (Boxed: its halves are ten times the HTTP/2 stream's size.)
+    H3(Box<H3Stream<ServerSend, ServerRecv>>),
+}
+
+/// [`carry`] for a whole-connection tunnel: the stream copied straight to the pod's socket
+/// (`stream::copy` or `h3_stream::copy`, flow-control aware, counted in batches).
+pub async fn carry_whole(
+    tunnel: Whole,
     a: Admitted,
     conn: &Conn,
     trace: &crate::telemetry::trace::Span,
@@ -309,7 +317,12 @@ async fn carry_h2(
     // The downstream side is the tunnel: what comes from it is received.
     let (mut received, mut sent) = tracked.meters();
     let copied = {
-        let copy = stream::copy(&mut upstream, tunnel, &mut sent, &mut received);
+        let copy = async {
+            match tunnel {
+                Whole::H2(t) => stream::copy(&mut upstream, t, &mut sent, &mut received).await,
+                Whole::H3(t) => h3_stream::copy(&mut upstream, *t, &mut sent, &mut received).await,
+            }
+        };
         tokio::select! {
             r = copy => Some(r.map(|(to_tunnel, from_tunnel)| (from_tunnel, to_tunnel))),
             _ = registration.closed() => None,

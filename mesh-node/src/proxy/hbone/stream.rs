@@ -141,52 +141,12 @@ async fn tcp_to_h2(
     mut send: SendStream<Bytes>,
     meter: &mut Meter,
 ) -> io::Result<u64> {
-    let mut size = MIN_BUF;
-    let mut buf = BytesMut::new();
-    let mut total = 0u64;
+    let mut reader = SocketReader::new();
     loop {
-        // An idle tunnel holds no read buffer: when the socket has nothing to read, give the
-        // buffer back and wait for data before taking one. (Holding MIN_BUF per waiting
-        // tunnel cost 16 KiB of heap per idle connection: 160 MB for 10,000, pages that
-        // became resident once the allocator handed them out a second time.) A busy flow
-        // finds the socket readable and keeps its buffer.
-        if r.readable().now_or_never().is_none() {
-            idle(&mut buf, &r, meter).await?;
-        }
-        // Read into what is left of the current buffer while it is worth it. Else a buffer
-        // of `size`: the same allocation again when h2 has written out (and dropped) what was
-        // sent from it, so a steady flow does not allocate (and fault in) new memory per read.
-        if buf.capacity() < size / 2 {
-            buf.reserve(size);
-        }
-        let offered = buf.capacity().saturating_sub(buf.len());
-        // Through `poll_read`, not `try_read_buf`: tokio's `poll_read` takes a read that did
-        // not fill the buffer as proof the socket is drained (epoll is edge-triggered) and
-        // waits for the next edge, where `try_read_buf` would make one more `recvfrom` to
-        // learn it (one wasted system call per read of a chatty connection). Polled once:
-        // a readiness that finds no data (a fresh socket starts readable) waits without the
-        // buffer, as above.
-        let read = {
-            let mut read = std::pin::pin!(r.read_buf(&mut buf));
-            poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
-        };
-        let n = match read {
-            Poll::Ready(n) => n?,
-            Poll::Pending => {
-                idle(&mut buf, &r, meter).await?;
-                continue;
-            }
-        };
-        if n == 0 {
+        let Some(mut data) = reader.next(&mut r, meter).await? else {
             send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-            return Ok(total);
-        }
-        total += n as u64;
-        meter.add(n);
-        if n == offered && size < MAX_BUF {
-            size *= 2;
-        }
-        let mut data = buf.split().freeze();
+            return Ok(reader.total);
+        };
         while !data.is_empty() {
             let cap = capacity(&mut send, data.len()).await?;
             let chunk = data.split_to(cap.min(data.len()));
@@ -195,12 +155,89 @@ async fn tcp_to_h2(
     }
 }
 
-/// The socket has nothing to read: publish the flow's count (it pauses), give back the read
-/// buffer, and wait until the socket is readable.
-async fn idle(buf: &mut BytesMut, r: &ReadHalf<'_>, meter: &mut Meter) -> io::Result<()> {
-    meter.flush();
-    *buf = BytesMut::new();
-    r.readable().await
+/// Reads a tunnel's socket in pieces that grow with the flow (both transports' copies).
+pub(super) struct SocketReader {
+    buf: BytesMut,
+    size: usize,
+    /// Bytes read so far.
+    pub total: u64,
+}
+
+impl SocketReader {
+    pub fn new() -> SocketReader {
+        SocketReader {
+            buf: BytesMut::new(),
+            size: MIN_BUF,
+            total: 0,
+        }
+    }
+
+    /// What the socket has next, counted in `meter`; `None` at its end (FIN).
+    pub async fn next(
+        &mut self,
+        r: &mut ReadHalf<'_>,
+        meter: &mut Meter,
+    ) -> io::Result<Option<Bytes>> {
+        loop {
+            // An idle tunnel holds no read buffer: when the socket has nothing to read, give
+            // the buffer back and wait for data before taking one. (Holding MIN_BUF per
+            // waiting tunnel cost 16 KiB of heap per idle connection: 160 MB for 10,000,
+            // pages that became resident once the allocator handed them out a second time.)
+            // A busy flow finds the socket readable and keeps its buffer.
+            if r.readable().now_or_never().is_none() {
+                self.idle(r, meter).await?;
+            }
+            // Read into what is left of the current buffer while it is worth it. Else a
+            // buffer of `size`: the same allocation again when the transport has written out
+            // (and dropped) what was sent from it, so a steady flow does not allocate (and
+            // fault in) new memory per read.
+            if self.buf.capacity() < self.size / 2 {
+                self.buf.reserve(self.size);
+            }
+            let offered = self.buf.capacity().saturating_sub(self.buf.len());
+            // Through `poll_read`, not `try_read_buf`: tokio's `poll_read` takes a read that
+            // did not fill the buffer as proof the socket is drained (epoll is edge-triggered)
+            // and waits for the next edge, where `try_read_buf` would make one more
+            // `recvfrom` to learn it (one wasted system call per read of a chatty
+            // connection). Polled once: a readiness that finds no data (a fresh socket starts
+            // readable) waits without the buffer, as above.
+            let read = {
+                let mut read = std::pin::pin!(r.read_buf(&mut self.buf));
+                poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+            };
+            let n = match read {
+                Poll::Ready(n) => n?,
+                Poll::Pending => {
+                    self.idle(r, meter).await?;
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            self.total += n as u64;
+            meter.add(n);
+            if n == offered && self.size < MAX_BUF {
+                self.size *= 2;
+            }
+            return Ok(Some(self.buf.split().freeze()));
+        }
+    }
+
+    /// The socket has nothing to read: publish the flow's count (it pauses), give back the
+    /// read buffer, and wait until the socket is readable.
+    ///
+    /// Through `poll_read_ready`, not `readable()`: a read also comes back `Pending` when the
+    /// task has used up its tokio budget (cooperative scheduling), though the socket has data.
+    /// `readable()` does not count against the budget and would answer at once, so the loop
+    /// would read, get `Pending`, wait, and read again without ever giving the worker back:
+    /// a busy loop that starves the other direction of the same task (seen with QUIC, whose
+    /// sends complete at once). `poll_read_ready` is budgeted, so the task yields and resumes.
+    async fn idle(&mut self, r: &ReadHalf<'_>, meter: &mut Meter) -> io::Result<()> {
+        meter.flush();
+        self.buf = BytesMut::new();
+        poll_fn(|cx| r.as_ref().poll_read_ready(cx)).await
+    }
 }
 
 async fn h2_to_tcp(
