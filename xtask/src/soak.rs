@@ -74,6 +74,14 @@ impl Opts {
     }
 }
 
+/// The proxies' `--pool-idle-timeout` (default 5 min): short, so that the pooled connections
+/// the load opened are closed before the "after" sample, and so that pooled connections are
+/// retired and dialled anew all through the run.
+const POOL_IDLE: &str = "20s";
+/// From the end of the load to the "after" sample: past the pool's idle timeout (checked every
+/// quarter of it) and the proxy's heap trim (every 10 s, `kernel::heap`).
+const AFTER_LOAD: Duration = Duration::from_secs(20 + 5 + 12);
+
 /// When each fault happens, as offsets from the start of the load.
 struct Schedule {
     total: Duration,
@@ -620,6 +628,7 @@ pub fn run(o: Opts) -> Result<()> {
         start_agents: true,
         mesh: true,
         cert_ttl: Some(ttl.clone()),
+        proxy_args: vec!["--pool-idle-timeout".into(), POOL_IDLE.into()],
         ..ClusterOpts::default()
     })?;
     let out_dir = crate::workspace_root().join("target").join("soak");
@@ -935,7 +944,9 @@ fn soak(
     }
     // Past the proxy's heap trim (every 10 s, `kernel::heap`): what it keeps, not what it
     // has not returned yet.
-    std::thread::sleep(Duration::from_secs(12));
+    // And past the pool's idle timeout (`POOL_IDLE`): the tunnels' pooled connections are
+    // closed, so open fds are back to the start's unless something leaked.
+    std::thread::sleep(AFTER_LOAD);
     stats.insert("after", sample(c));
     drop(servers);
     drop(killed_server);
@@ -1072,6 +1083,8 @@ fn summarize(
             "streams": x.o.streams,
             "http_rate_per_protocol_per_client": x.o.http_rate,
             "cert_ttl_s": x.sched.cert_ttl.as_secs(),
+            "pool_idle_timeout": POOL_IDLE,
+            "after_sample_s": AFTER_LOAD.as_secs(),
             "controller_down_s": x.sched.controller_down.as_secs(),
             "proxy_upgrade": if x.takeover { "--takeover" } else { "kill + restart (no --takeover in mesh-node proxy)" },
             "rlimit_nofile": x.nofile,
