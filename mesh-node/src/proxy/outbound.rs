@@ -705,7 +705,8 @@ async fn splice(
         } => {
             let (mut received, mut sent) = tracked.meters();
             let mut inbound = inbound;
-            let r = h3_stream::copy(&mut inbound, *io, &mut received, &mut sent).await;
+            // Boxed, as in `server::carry_whole`: kept out of every outbound task's size.
+            let r = Box::pin(h3_stream::copy(&mut inbound, *io, &mut received, &mut sent)).await;
             (r, "hbone")
         }
         Upstream::Hbone {
