@@ -368,6 +368,55 @@ mod tests {
         (H2Stream::new(send, resp.into_body()), server_end)
     }
 
+    /// A read refused only because the task spent its tokio budget must make the task yield
+    /// (and resume with a new budget), not wait on a readiness that is already there: that
+    /// loop never gave the worker back (QUIC tunnels stalled on it, `h3_stream`).
+    #[test]
+    fn a_read_refused_by_the_task_budget_yields_instead_of_spinning() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _g = crate::telemetry::test_lock();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let got = rt.block_on(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let mut app = TcpStream::connect(addr).await.expect("connect");
+                let (mut sock, _) = listener.accept().await.expect("accept");
+                app.write_all(b"hello").await.expect("write");
+                sock.readable().await.expect("readable");
+                let tracked = Tracked::open(meta("budget-test"));
+                let (mut meter, _other) = tracked.meters();
+                // Spend the task's whole budget (each message received costs one unit)
+                // without yielding.
+                let (btx, mut brx) = tokio::sync::mpsc::unbounded_channel();
+                for i in 0..1000 {
+                    btx.send(i).expect("send");
+                }
+                poll_fn(|cx| {
+                    for _ in 0..1000 {
+                        if brx.poll_recv(cx).is_pending() {
+                            break;
+                        }
+                    }
+                    Poll::Ready(())
+                })
+                .await;
+                let (mut r, _w) = sock.split();
+                let mut reader = SocketReader::new();
+                let data = reader.next(&mut r, &mut meter).await.expect("read");
+                data.map(|b| b.to_vec())
+            });
+            let _ = tx.send(got);
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the reader spun without giving its worker back");
+        assert_eq!(got.as_deref(), Some(&b"hello"[..]));
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
