@@ -12,7 +12,7 @@
 //! Stream ends: FIN from the socket finishes the stream; the stream's end shuts the socket's
 //! write side (half-close). A reset or an error in either direction ends both.
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::task::{Context, Poll};
 
@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::WriteHalf;
 
-use super::stream::SocketReader;
+use super::stream::{SocketReader, next_or_pause};
 use crate::telemetry::conn::Meter;
 
 /// The sending half of a tunnel's HTTP/3 stream (the client's or the server's).
@@ -127,14 +127,7 @@ async fn h3_to_tcp<R: H3Recv>(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        let next = match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
-            Poll::Ready(n) => n,
-            Poll::Pending => {
-                // The flow pauses: publish its count first.
-                meter.flush();
-                poll_fn(|cx| recv.poll_data(cx)).await
-            }
-        };
+        let next = next_or_pause(meter, |cx| recv.poll_data(cx)).await;
         // On an error the receiving half is dropped with the copy, which makes quinn send
         // STOP_SENDING (not `stop_sending`: h3-quinn 0.0.10 panics there when h3 has a read
         // in flight, hyperium/h3#330).

@@ -240,6 +240,22 @@ impl SocketReader {
     }
 }
 
+/// What the tunnel's stream has next (`poll` polled until ready). When it has nothing yet the
+/// flow pauses: the meter's count is published first, so counts never wait for the next burst
+/// (both transports' stream → socket copies).
+pub(super) async fn next_or_pause<T>(
+    meter: &mut Meter,
+    mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> T {
+    match poll_fn(|cx| Poll::Ready(poll(cx))).await {
+        Poll::Ready(v) => v,
+        Poll::Pending => {
+            meter.flush();
+            poll_fn(poll).await
+        }
+    }
+}
+
 async fn h2_to_tcp(
     mut recv: RecvStream,
     mut w: WriteHalf<'_>,
@@ -247,13 +263,7 @@ async fn h2_to_tcp(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        let chunk = match poll_fn(|cx| poll_chunk(&mut recv, cx)).now_or_never() {
-            Some(c) => c,
-            None => {
-                meter.flush();
-                poll_fn(|cx| poll_chunk(&mut recv, cx)).await
-            }
-        }?;
+        let chunk = next_or_pause(meter, |cx| poll_chunk(&mut recv, cx)).await?;
         let Some(data) = chunk else {
             w.shutdown().await?;
             return Ok(total);
