@@ -811,8 +811,7 @@ fn soak(
                 } else {
                     "before_node2_upgrade"
                 };
-                stats.insert(before, sample(c));
-                sampled_at.insert(before, t0.elapsed().as_secs_f64());
+                take_sample(c, before, &mut stats, &mut sampled_at, t0);
                 let started = Instant::now();
                 match upgrade_proxy(c, node, takeover) {
                     Ok(w) => {
@@ -897,24 +896,20 @@ fn soak(
         }
         if !steady_done && now >= sched.steady {
             steady_done = true;
-            stats.insert("minute5", sample(c));
-            sampled_at.insert("minute5", t0.elapsed().as_secs_f64());
+            take_sample(c, "minute5", &mut stats, &mut sampled_at, t0);
         }
         if !middle_done && now >= sched.total / 2 {
             middle_done = true;
-            stats.insert("middle", sample(c));
-            sampled_at.insert("middle", t0.elapsed().as_secs_f64());
+            take_sample(c, "middle", &mut stats, &mut sampled_at, t0);
         }
         if !end_sampled && now + Duration::from_secs(2) >= sched.total {
             end_sampled = true;
-            stats.insert("end", sample(c));
-            sampled_at.insert("end", t0.elapsed().as_secs_f64());
+            take_sample(c, "end", &mut stats, &mut sampled_at, t0);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     if !end_sampled {
-        stats.insert("end", sample(c));
-        sampled_at.insert("end", t0.elapsed().as_secs_f64());
+        take_sample(c, "end", &mut stats, &mut sampled_at, t0);
     }
     if let Some(from_ms) = policy_on.take() {
         windows.push(Window {
@@ -1061,12 +1056,7 @@ fn summarize(
     let mut growth = serde_json::Map::new();
     if let (Some(mid), Some(end)) = (stats.get("middle"), stats.get("end")) {
         for (p, e) in end.as_object().into_iter().flatten() {
-            let m = &mid[p.as_str()];
-            let same = m["pid"] == e["pid"] && !m["pid"].is_null();
-            let v = match (m["rss_kb"].as_f64(), e["rss_kb"].as_f64()) {
-                (Some(a), Some(b)) if same && a > 0.0 => json!((b - a) / a * 100.0),
-                _ => Value::Null,
-            };
+            let v = rss_growth_pct(&mid[p.as_str()], e).map_or(Value::Null, |g| json!(g));
             growth.insert(p.clone(), v);
         }
     }
@@ -1134,6 +1124,28 @@ fn summarize(
     })
 }
 
+/// RSS growth (%) of one process between two of its samples; `None` unless both samples are
+/// of the same process (same pid) and have an RSS.
+fn rss_growth_pct(from: &Value, to: &Value) -> Option<f64> {
+    if from["pid"].is_null() || from["pid"] != to["pid"] {
+        return None;
+    }
+    let (a, b) = (from["rss_kb"].as_f64()?, to["rss_kb"].as_f64()?);
+    (a > 0.0).then(|| (b - a) / a * 100.0)
+}
+
+/// A sample taken during the load (`sample`), with when it was taken (seconds from `t0`).
+fn take_sample(
+    c: &Cluster,
+    name: &'static str,
+    stats: &mut BTreeMap<&'static str, Value>,
+    sampled_at: &mut BTreeMap<&'static str, f64>,
+    t0: Instant,
+) {
+    stats.insert(name, sample(c));
+    sampled_at.insert(name, t0.elapsed().as_secs_f64());
+}
+
 /// Each process's RSS growth from the "minute 5" sample to the last sample of the *same*
 /// process (same pid) taken after it: the end of the load, or, for a proxy replaced by a
 /// hand-over later on, the sample just before its hand-over. `{process: {pct, from_s, to,
@@ -1151,17 +1163,14 @@ fn rss_growth_from_minute5(
             .iter()
             .filter(|(k, t)| **k != "minute5" && **t > from_s)
             .filter_map(|(k, t)| {
-                let v = &stats.get(k)?[p.as_str()];
-                (v["pid"] == f["pid"] && !f["pid"].is_null()).then_some((*k, *t, v))
+                let to = &stats.get(k)?[p.as_str()];
+                (to["pid"] == f["pid"]).then(|| (*k, *t, rss_growth_pct(f, to)))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1));
-        let (Some((to, to_s, v)), Some(a)) = (later, f["rss_kb"].as_f64()) else {
-            continue;
-        };
-        if let Some(b) = v["rss_kb"].as_f64().filter(|_| a > 0.0) {
+        if let Some((to, to_s, Some(pct))) = later {
             out.insert(
                 p.clone(),
-                json!({"pct": (b - a) / a * 100.0, "from_s": from_s, "to": to, "to_s": to_s}),
+                json!({"pct": pct, "from_s": from_s, "to": to, "to_s": to_s}),
             );
         }
     }
