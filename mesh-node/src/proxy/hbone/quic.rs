@@ -166,6 +166,10 @@ pub enum QuicError {
     Config(String),
     #[error("HTTP/3: {0}")]
     H3(String),
+    /// The server did not take the `CONNECT`: it sent GOAWAY (its proxy drains) and refused
+    /// the stream, or the client saw the GOAWAY first. Nothing reached the destination.
+    #[error("HTTP/3: the CONNECT was not processed ({0}); the connection goes away")]
+    GoingAway(String),
     #[error("CONNECT answered {0}")]
     Status(StatusCode),
     #[error("building the CONNECT request: {0}")]
@@ -370,6 +374,18 @@ impl Clients {
         self.len() == 0
     }
 
+    /// Takes `conn` out of the pool for `key` (it goes away): no new tunnel is opened on it.
+    fn remove(&self, key: &PoolKey, conn: &quinn::Connection) {
+        if let Ok(mut m) = self.conns.lock()
+            && let Some(list) = m.get_mut(key)
+        {
+            list.retain(|p| p.conn.stable_id() != conn.stable_id());
+            if list.is_empty() {
+                m.remove(key);
+            }
+        }
+    }
+
     /// A live pooled connection for `key` with a free stream (taken), if there is one.
     fn ready(&self, key: &PoolKey) -> Option<(Pooled, StreamSlot)> {
         let mut m = self.conns.lock().ok()?;
@@ -539,9 +555,17 @@ pub async fn open(
             }
         };
         match request(&pooled, &req, slot).await {
-            // The pooled connection was closed under us (the peer's proxy ended its drain
-            // after a hand-over, `proxy::handover`): the stream was never served; open it
-            // on a new connection.
+            // The peer's proxy drains (a hand-over, `proxy::handover`): it sent GOAWAY and
+            // refused the stream. The connection leaves the pool (its open tunnels finish);
+            // the tunnel is opened again on a new connection, which the draining endpoint
+            // refuses (CONNECTION_REFUSED: HTTP/2 to the successor) or the successor takes.
+            Err(QuicError::GoingAway(e)) if !retried => {
+                debug!(addr = %req.tunnel_addr, error = %e, "pooled QUIC connection goes away; opening a new one");
+                clients.remove(&key, &pooled.conn);
+                retried = true;
+            }
+            // The pooled connection was closed under us (the peer's proxy ended its drain):
+            // the stream was never served; open it on a new connection.
             Err(QuicError::H3(e)) if !fresh && !retried && pooled.conn.close_reason().is_some() => {
                 debug!(addr = %req.tunnel_addr, error = %e, "pooled QUIC connection closed; opening a new one");
                 retried = true;
@@ -559,14 +583,8 @@ async fn request(
 ) -> Result<ClientStream, QuicError> {
     let connect = super::client::connect_request(req)?;
     let mut send = pooled.send.clone();
-    let mut stream = send
-        .send_request(connect)
-        .await
-        .map_err(|e| QuicError::H3(e.to_string()))?;
-    let resp = stream
-        .recv_response()
-        .await
-        .map_err(|e| QuicError::H3(e.to_string()))?;
+    let mut stream = send.send_request(connect).await.map_err(stream_error)?;
+    let resp = stream.recv_response().await.map_err(stream_error)?;
     if resp.status() != StatusCode::OK {
         return Err(QuicError::Status(resp.status()));
     }
@@ -576,6 +594,20 @@ async fn request(
         recv,
         hold: Box::new((slot, pooled.send.clone())),
     })
+}
+
+/// An error opening a `CONNECT` stream; "not processed" when the server said so (RFC 9114
+/// 5.2: GOAWAY, then `H3_REQUEST_REJECTED` for streams past it), so it may be sent again.
+fn stream_error(e: h3::error::StreamError) -> QuicError {
+    match &e {
+        h3::error::StreamError::RemoteClosing { .. } => QuicError::GoingAway(e.to_string()),
+        h3::error::StreamError::RemoteTerminate { code, .. }
+            if *code == h3::error::Code::H3_REQUEST_REJECTED =>
+        {
+            QuicError::GoingAway(e.to_string())
+        }
+        _ => QuicError::H3(e.to_string()),
+    }
 }
 
 /// A client's tunnel as a byte stream (the L7 paths): bridged to an in-memory pipe.
@@ -607,20 +639,39 @@ pub async fn serve_pod(
         }
     };
     info!(%pod, addr = ?addr, "HBONE/QUIC listener open");
-    // The proxy's drain is over (`proxy::handover`): close the connections (CONNECTION_CLOSE,
-    // so peers drop them from their pools at once) and free the UDP port for a successor.
+    // The proxy stops accepting (`proxy::handover`): new connections are refused
+    // (CONNECTION_REFUSED, so clients use HTTP/2 towards the successor) while the open ones
+    // finish their tunnels. The drain is over: close them (CONNECTION_CLOSE, so peers drop
+    // them from their pools at once) and free the UDP port for the successor.
+    let mut stopping = crate::proxy::handover::stopping();
     let mut closing = crate::proxy::handover::closing();
+    let mut refusing = false;
     loop {
         let incoming = tokio::select! {
-            i = ep.accept() => i,
+            biased;
             _ = crate::proxy::handover::until(&mut closing) => {
                 ep.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"proxy exiting");
                 let _ = tokio::time::timeout(Duration::from_millis(50), ep.wait_idle()).await;
                 info!(%pod, addr = ?addr, "HBONE/QUIC listener closed");
                 return;
             }
+            _ = crate::proxy::handover::until(&mut stopping), if !refusing => {
+                ep.set_server_config(None);
+                refusing = true;
+                debug!(%pod, "HBONE/QUIC listener refuses new connections (draining)");
+                continue;
+            }
+            i = ep.accept() => i,
         };
         let Some(incoming) = incoming else { break };
+        if refusing {
+            // Queued before the refusal began.
+            incoming.refuse();
+            continue;
+        }
+        // The drain waits for this connection until it has told its client to open no more
+        // tunnels on it (`serve_conn`), so no tunnel can arrive after the drain is over.
+        let held = crate::proxy::handover::tasks().token();
         let peer = incoming.remote_address();
         let (pod, identity, ips, mesh) = (pod.clone(), identity.clone(), ips.clone(), mesh.clone());
         let span = info_span!("hbone", %peer, %pod, transport = "quic");
@@ -691,14 +742,23 @@ pub async fn serve_pod(
                     transport: Some(Transport::Quic),
                     tunnel_limits: mesh.tunnel_limits.clone(),
                 });
-                serve_conn(conn, conn_info).await;
+                serve_conn(conn, conn_info, held).await;
             }
             .instrument(span),
         );
     }
 }
 
-async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
+/// Serves one QUIC connection's tunnels. `held` keeps the proxy's drain waiting until the
+/// connection has sent its GOAWAY: from then on every stream the client opens is refused
+/// (`H3_REQUEST_REJECTED`, which the client retries elsewhere, `open`), so each tunnel is
+/// either tracked by the drain or never started.
+async fn serve_conn(
+    conn: quinn::Connection,
+    info: Arc<Conn>,
+    held: tokio_util::task::task_tracker::TaskTrackerToken,
+) {
+    let rtt = conn.rtt();
     let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
         .max_field_section_size(u64::from(super::MAX_HEADER_LIST))
         .build(h3_quinn::Connection::new(conn))
@@ -710,8 +770,31 @@ async fn serve_conn(conn: quinn::Connection, info: Arc<Conn>) {
             return;
         }
     };
+    let mut stopping = crate::proxy::handover::stopping();
+    let mut held = Some(held);
     loop {
-        let resolver = match h3c.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = crate::proxy::handover::until(&mut stopping), if held.is_some() => {
+                // GOAWAY naming the last stream accepted; later ones are rejected.
+                if let Err(e) = h3c.shutdown(0).await {
+                    debug!(error = %e, "HBONE/QUIC connection ended");
+                    return;
+                }
+                // A first stream sent before the client read the GOAWAY is still accepted
+                // (GOAWAY cannot name "none"): keep the drain waiting for two round trips so
+                // it arrives while the drain still counts it.
+                let wait = (rtt * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                let token = held.take();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    drop(token);
+                });
+                continue;
+            }
+            a = h3c.accept() => a,
+        };
+        let resolver = match accepted {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
