@@ -13,13 +13,33 @@
 //! Off the async workers (a blocking thread), and only when there is something worth
 //! returning, so an idle or steadily loaded proxy pays one `mallinfo2` every interval.
 //!
+//! The process keeps one arena ([`one_arena`]): `malloc_trim` returns the free pages inside an
+//! arena's chunks, but shrinks only the *main* arena's top; the free top of any other arena is
+//! given back only by a `free()` that leaves more than the (dynamic, megabytes after a large
+//! buffer was freed) trim threshold there. A proxy whose tokio worker allocated from its own
+//! arena kept 3.4 MB of freed, untouched-since pages resident after one 5-second HTTP/3 bulk
+//! flow (arena 4: 8.4 MB mapped, 0.4 MB in use, `malloc_stats`); with one arena the same run
+//! settles at 1.7 MB of anonymous memory instead of 5.2–5.4. Each thread's tcache still
+//! serves small blocks without the arena's lock.
+//!
 //! [`defaults::HEAP_TRIM_INTERVAL`]: crate::defaults::HEAP_TRIM_INTERVAL
 
 use std::time::Duration;
 use tracing::debug;
 
 /// Free heap below which a trim is not worth walking the arenas for.
-pub const MIN_FREE: usize = 4 << 20;
+pub const MIN_FREE: usize = 1 << 20;
+
+/// Makes every thread allocate from the main arena (`M_ARENA_MAX` = 1), so that [`trim`]
+/// reaches all free memory. Call before the process starts threads: a thread keeps the arena
+/// of its first allocation.
+pub fn one_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; no thread has allocated yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
 
 /// What the allocator holds: bytes in use and bytes free inside its heaps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
