@@ -27,7 +27,9 @@ use std::task::{Context, Poll};
 
 use crate::kernel::tls::{Direction, record_seq};
 use ktls::{CompatibleCiphers, CorkStream, KtlsStream};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::quiet_buf::QuietBuf;
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
@@ -145,7 +147,7 @@ async fn support() -> Option<&'static CompatibleCiphers> {
 /// The transport a TLS handshake runs over: buffered reads for userspace TLS, or a
 /// [`CorkStream`] when the connection may move to the kernel afterwards.
 pub enum HandshakeIo {
-    Buffered(BufReader<TcpStream>),
+    Buffered(QuietBuf<TcpStream>),
     Corked(CorkStream<TcpStream>),
 }
 
@@ -153,13 +155,13 @@ pub enum HandshakeIo {
 pub async fn handshake_io(tcp: TcpStream, read_buf: usize) -> HandshakeIo {
     match support().await {
         Some(_) => HandshakeIo::Corked(CorkStream::new(tcp)),
-        None => HandshakeIo::Buffered(BufReader::with_capacity(read_buf, tcp)),
+        None => HandshakeIo::Buffered(QuietBuf::new(tcp, read_buf)),
     }
 }
 
 /// An HBONE/TCP connection after its handshake: userspace TLS, or kTLS.
 pub enum TunnelIo {
-    User(Box<tokio_rustls::TlsStream<BufReader<TcpStream>>>),
+    User(Box<tokio_rustls::TlsStream<QuietBuf<TcpStream>>>),
     UserCorked(Box<tokio_rustls::TlsStream<CorkStream<TcpStream>>>),
     Kernel(KtlsStream<TcpStream>),
 }
@@ -188,7 +190,7 @@ pub struct KtlsError(#[from] ktls::Error);
 
 /// A finished handshake on `io` (client or server side).
 pub enum Handshaken {
-    Buffered(tokio_rustls::TlsStream<BufReader<TcpStream>>),
+    Buffered(tokio_rustls::TlsStream<QuietBuf<TcpStream>>),
     Corked(tokio_rustls::TlsStream<CorkStream<TcpStream>>),
 }
 

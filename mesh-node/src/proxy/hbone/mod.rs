@@ -12,7 +12,8 @@
 //!
 //! `pool` (one multiplexed HTTP/2 connection per source identity, destination and destination
 //! identity), `client` (open a tunnel), `server` (accept tunnels for one pod), `stream` (a
-//! tunnel's stream on `h2` and the copy between it and a socket), `quic` (the same over
+//! tunnel's stream on `h2` and the copy between it and a socket), `quiet_buf` (the read buffer
+//! under TLS, given back when a connection goes quiet), `quic` (the same over
 //! HTTP/3; `h3_stream` its stream and copy), `dial` (which of the two a new tunnel takes: the one place that decides).
 
 pub mod client;
@@ -21,6 +22,7 @@ pub mod h3_stream;
 pub mod ktls;
 pub mod pool;
 pub mod quic;
+pub mod quiet_buf;
 pub mod request;
 pub mod server;
 pub mod stream;
