@@ -10,13 +10,7 @@ fn main() {
     use mesh_node::kernel::heap;
 
     fn rss() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-        let pages: usize = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("resident pages");
-        pages * 4096
+        heap::resident_bytes().expect("/proc/self/statm")
     }
 
     if std::env::var_os("ONE_ARENA_OFF").is_none() {

@@ -78,6 +78,13 @@ pub fn trim() -> bool {
     }
 }
 
+/// The process's resident memory (`/proc/self/statm`), if it can be read.
+pub fn resident_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 /// Every `interval`, trims the heap when more than [`MIN_FREE`] of it is free. Runs until the
 /// process ends.
 pub async fn trim_forever(interval: Duration) {
@@ -93,16 +100,19 @@ pub async fn trim_forever(interval: Duration) {
             continue;
         }
         let done = tokio::task::spawn_blocking(move || {
+            let rss_before = resident_bytes();
             let returned = trim();
-            (returned, heap())
+            (returned, heap(), rss_before, resident_bytes())
         })
         .await;
-        if let Ok((returned, after)) = done {
+        if let Ok((returned, after, rss_before, rss_after)) = done {
             debug!(
                 in_use = before.in_use,
                 free_before = before.free,
                 free_after = after.map(|h| h.free),
                 returned,
+                rss_before,
+                rss_after,
                 "heap trimmed"
             );
         }
@@ -114,13 +124,7 @@ mod tests {
     use super::*;
 
     fn rss_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-        let pages: usize = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("resident pages");
-        pages * 4096
+        resident_bytes().expect("/proc/self/statm")
     }
 
     #[test]
