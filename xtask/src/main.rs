@@ -79,7 +79,8 @@ enum Cmd {
         idle: Option<usize>,
         /// Only the HBONE transports: `mesh` (HTTP/2) and `mesh-quic` on the clean link, and the
         /// lossy-link scenario (no Envoy, no direct or same-node paths); JSON to
-        /// target/bench/latest-quic.json.
+        /// target/bench/latest-quic.json. With --idle: the idle connections go over
+        /// HBONE/QUIC.
         #[arg(long, conflicts_with = "gateway")]
         quic_only: bool,
     },
@@ -250,7 +251,7 @@ fn main() -> Result<()> {
                 build(true)?;
             }
             if let Some(n) = idle {
-                return bench::run_idle(n);
+                return bench::run_idle(n, quic_only);
             }
             if gateway {
                 return bench::run_gateway(rounds, quick);

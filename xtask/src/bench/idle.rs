@@ -3,8 +3,9 @@
 //! outbound side, a captured connection and its share of the pooled HBONE connections;
 //! node2's proxy: the inbound side, a tunnel stream and its connection to the pod). Reports
 //! each proxy's RSS and open descriptors before, while the connections are held, and after
-//! they closed, and the bytes per connection ((held − before) / N). Prints a table and writes
-//! `target/bench/idle.json`. See docs/performance.md ("Memory per connection").
+//! they closed, and the bytes per connection ((held − before) / N). With `--quic-only` the
+//! tunnels are HTTP/3 streams over QUIC (`MeshConfig` `tunnelProtocol: quic`). Prints a table
+//! and writes `target/bench/idle.json`. See docs/performance.md ("Memory per connection").
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -158,14 +159,15 @@ fn release(mut child: std::process::Child) -> Result<()> {
     }
 }
 
-pub fn run(n: usize, mesh_node: &Path, testpod: &Path) -> Result<()> {
+pub fn run(n: usize, quic: bool, mesh_node: &Path, testpod: &Path) -> Result<()> {
     if n == 0 {
         bail!("--idle wants at least 1 connection");
     }
     let nofile = raise_nofile(n)?;
     Cluster::down(PREFIX);
+    let protocol = if quic { "quic" } else { "h2" };
     println!(
-        "bench --idle: {n} idle connections {CLIENT} → {SERVER} through the mesh (RLIMIT_NOFILE {nofile})"
+        "bench --idle: {n} idle connections {CLIENT} → {SERVER} through the mesh, HBONE over {protocol} (RLIMIT_NOFILE {nofile})"
     );
     let mut cluster = TestCluster::up(ClusterOpts {
         prefix: PREFIX.into(),
@@ -176,7 +178,7 @@ pub fn run(n: usize, mesh_node: &Path, testpod: &Path) -> Result<()> {
         mesh: true,
         ..Default::default()
     })?;
-    let res = measure(&mut cluster, n, testpod);
+    let res = measure(&mut cluster, n, quic, testpod);
     if let Err(e) = &res {
         eprintln!("\nbench --idle failed: {e:#}\n\nlogs (last lines):");
         dump_logs(&cluster.state_dir.join("logs"));
@@ -185,21 +187,36 @@ pub fn run(n: usize, mesh_node: &Path, testpod: &Path) -> Result<()> {
     res
 }
 
-fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
+fn measure(c: &mut Cluster, n: usize, quic: bool, testpod: &Path) -> Result<()> {
     let target = format!("{}:{PORT}", c.pod(SERVER)?.ip);
+    if quic {
+        c.write_config_file(
+            "meshconfig.yaml",
+            "apiVersion: sidenode.io/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: default\n\
+             spec:\n  tunnelProtocol: quic\n",
+        )?;
+    }
     let mut server = idle_server(c, testpod, SERVER)?;
     let res = (|| -> Result<Value> {
-        // Warm up: until one connection goes through (enrolment, HBONE listener, certificates),
-        // then a round of 100 so every lazily built piece exists before the baseline.
+        // Warm up: until one connection goes through (enrolment, HBONE listener, certificates;
+        // over QUIC once node2's proxy has accepted a QUIC connection), then a round of 100
+        // so every lazily built piece exists before the baseline.
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             let (v, child) = hold(c, testpod, &target, 1, Duration::from_secs(20))?;
             release(child)?;
-            if v["open"] == 1 {
+            let over_quic = || {
+                std::fs::read_to_string(c.log_path("node2", "proxy"))
+                    .is_ok_and(|l| l.contains("HBONE/QUIC connection accepted"))
+            };
+            if v["open"] == 1 && (!quic || over_quic()) {
                 break;
             }
             if Instant::now() > end {
-                bail!("no connection {CLIENT} → {target} within 60 s: {v}");
+                bail!(
+                    "no connection {CLIENT} → {target} within 60 s{}: {v}",
+                    if quic { " over QUIC" } else { "" }
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -263,6 +280,7 @@ fn measure(c: &mut Cluster, n: usize, testpod: &Path) -> Result<()> {
         };
         Ok(json!({
             "connections": n,
+            "tunnel_protocol": if quic { "quic" } else { "h2" },
             "opened_in_s": opened_s,
             "closed_in_s": closed_in_s,
             "client_report": report,

@@ -353,10 +353,10 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
-/// `cargo xtask bench --idle N`: see [`idle`]. The binaries of `target/release`, or of
+/// `cargo xtask bench --idle N` (over HBONE/QUIC with `quic`): see [`idle`]. The binaries of `target/release`, or of
 /// `target/$SIDENODE_BENCH_PROFILE` (e.g. `debug`, with `--no-build`: a quick look, not a
 /// figure to publish).
-pub fn run_idle(n: usize) -> Result<()> {
+pub fn run_idle(n: usize, quic: bool) -> Result<()> {
     let profile = std::env::var("SIDENODE_BENCH_PROFILE").unwrap_or_else(|_| "release".into());
     let release = target_dir().join(profile);
     let (mesh_node, testpod) = (release.join("mesh-node"), release.join("testpod"));
@@ -365,7 +365,7 @@ pub fn run_idle(n: usize) -> Result<()> {
             bail!("{} not found; build with --release first", bin.display());
         }
     }
-    idle::run(n, &mesh_node, &testpod)
+    idle::run(n, quic, &mesh_node, &testpod)
 }
 
 pub use lossy::delay_queue;
