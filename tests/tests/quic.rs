@@ -266,6 +266,63 @@ fn a_destination_closing_mid_flow_leaves_the_quic_listener_whole() -> Result<()>
     Ok(())
 }
 
+/// quinn returns an ended stream's credit to the peer only once an eighth of the stream limit
+/// has ended; with the limit at the pool's 100 tunnels per connection, the tunnels that ended
+/// on a pooled connection could leave its 100th tunnel waiting for another one to end.
+#[test]
+fn a_reused_quic_connection_takes_a_full_set_of_tunnels() -> Result<()> {
+    let _turn = serial();
+    let (c, _srv) = mesh_with_server()?;
+    switch_to_quic(&c)?;
+    // A few tunnels open and end on CLIENT_POD's pooled QUIC connection...
+    for i in 0..10 {
+        let r = dial_one(&c, CLIENT_POD, TARGET)?;
+        ensure!(r.through_proxy() && r.echo_ok, "tunnel {i}: {r:?}");
+    }
+    // ... then as many at once as the pool places on one connection, all held open: each
+    // must get its greeting (`testpod idle` waits 5 s for it), none may wait for another.
+    let mut idle = c
+        .pod_command(CLIENT_POD, testpod())?
+        .args([
+            "idle",
+            "--to",
+            TARGET,
+            "--conns",
+            "100",
+            "--parallel",
+            "100",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting testpod idle")?;
+    let mut line = String::new();
+    let read = idle
+        .stdout
+        .take()
+        .context("testpod idle stdout")
+        .and_then(|out| {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+                .context("reading testpod idle's report")
+        });
+    drop(idle.stdin.take());
+    let _ = idle.wait();
+    read?;
+    let report: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("report {line:?}"))?;
+    ensure!(
+        report["open"] == 100,
+        "100 tunnels at once on a reused QUIC connection: {report}"
+    );
+    let accepted = lines_after(&c, "node2", "proxy", 0, "HBONE/QUIC connection accepted");
+    ensure!(
+        accepted.iter().filter(|l| l.contains(CLIENT_IP)).count() == 1,
+        "CLIENT_POD's tunnels did not share one QUIC connection: {accepted:?}"
+    );
+    Ok(())
+}
+
 /// Drops UDP to port 15008 in `node`'s namespace (iptables INPUT and FORWARD): its pods'
 /// QUIC listeners never answer.
 fn drop_udp_15008(c: &Cluster, node: &str) -> Result<()> {

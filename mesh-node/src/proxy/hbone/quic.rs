@@ -53,6 +53,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// Streams (tunnels) one QUIC connection carries at once, as HTTP/2's `MAX_STREAMS`.
 pub const MAX_STREAMS: u32 = 100;
+/// Bidirectional streams a peer may have open (the `initial_max_streams_bidi` transport
+/// parameter). Above [`MAX_STREAMS`], the tunnels the pool places on a connection, because
+/// quinn hands back the credit of ended streams (`MAX_STREAMS` frames) only once more than an
+/// eighth of this limit has been freed: with the limit at 100, up to 12 ended tunnels' credit
+/// was held back, and the pool's 100th tunnel on a reused connection waited for another
+/// tunnel to end (after 10 tunnels had ended, 10 of the next 100 held at once stalled; test
+/// `a_reused_quic_connection_takes_a_full_set_of_tunnels`). With 128 a peer always has at
+/// least 112 streams to open.
+pub const STREAM_CREDIT: u32 = 128;
+const _: () = assert!(STREAM_CREDIT - STREAM_CREDIT / 8 >= MAX_STREAMS);
 /// Size of the in-memory pipe between an HTTP/3 stream and the proxy's copy loops.
 pub const BRIDGE_BUF: usize = 256 * 1024;
 /// Largest read from the pipe sent as one DATA frame.
@@ -207,7 +217,7 @@ fn transport() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
         .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(SEND_WINDOW)
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(STREAM_CREDIT))
         // HTTP/3 needs three unidirectional streams each way (control, QPACK encoder and decoder).
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(8))
         .keep_alive_interval(Some(KEEPALIVE_INTERVAL));
