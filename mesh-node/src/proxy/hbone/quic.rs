@@ -768,7 +768,7 @@ async fn serve_conn(
     info: Arc<Conn>,
     held: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
-    let rtt = conn.rtt();
+    let quic = conn.clone();
     let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
         .max_field_section_size(u64::from(super::MAX_HEADER_LIST))
         .build(h3_quinn::Connection::new(conn))
@@ -794,7 +794,7 @@ async fn serve_conn(
                 // A first stream sent before the client read the GOAWAY is still accepted
                 // (GOAWAY cannot name "none"): keep the drain waiting for two round trips so
                 // it arrives while the drain still counts it.
-                let wait = (rtt * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                let wait = (quic.rtt() * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                 let token = held.take();
                 tokio::spawn(async move {
                     tokio::time::sleep(wait).await;

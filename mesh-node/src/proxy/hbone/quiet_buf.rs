@@ -58,10 +58,6 @@ impl<T> QuietBuf<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// Whether the buffer is held now (for tests).
     pub fn holds_buffer(&self) -> bool {
         self.buf.capacity() > 0
